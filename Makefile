@@ -1,0 +1,36 @@
+# Quick start: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: pip takes the CPU wheel; a looser pin would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m rlhfkit demo --output-dir runs/demo
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -q
+
+# The inner loop: everything but the slow integration tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" -x
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) bench/bench_vs_trl.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,159 @@
+"""Command line: ``rlhfkit <command> [--config FILE.yaml] [--flags]`` (flags override the file)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, RlhfkitError
+
+logger = logging.getLogger("rlhfkit")
+
+
+def _trainers() -> dict[str, tuple[type, Callable[[Any], dict], str]]:
+    from .trainers.dpo import DPOConfig, run_dpo
+    from .trainers.reward import RewardConfig, run_reward
+    from .trainers.sft import SFTConfig, run_sft
+
+    return {
+        "sft": (SFTConfig, run_sft, "Supervised fine-tuning of a causal LM."),
+        "rm": (RewardConfig, run_reward, "Train a Bradley–Terry reward model on preference or ranked data."),
+        "dpo": (DPOConfig, run_dpo, "Direct preference optimisation (sigmoid, ipo, hinge, robust)."),
+    }
+
+
+def load_yaml_config(path: str, config_cls: type) -> dict[str, Any]:
+    """Read a YAML config; keys may use dashes or underscores; unknown keys are an error."""
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{path}: unknown option '{key}' (see --help for the list)")
+        out[name] = value
+    return out
+
+
+def parse_trainer_args(config_cls: type, argv: Sequence[str], prog: str, description: str):
+    """Build the config dataclass from ``--config FILE`` and flags (flags win)."""
+    from transformers import HfArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(config_cls, prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file of options (flags given on the command line override it).")
+    if known.config:
+        parser.set_defaults(**load_yaml_config(known.config, config_cls))
+    (config,) = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
+    return config
+
+
+def _tiny_model(argv: Sequence[str]) -> int:
+    from .models.tiny import build_tiny_model
+
+    p = argparse.ArgumentParser(prog="rlhfkit tiny-model",
+                                description="Build a tiny random-init model and a locally trained tokenizer "
+                                            "(no network), loadable with from_pretrained.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out_dir")
+    p.add_argument("--reward", action="store_true", help="a sequence-classification reward model (1 output)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary size (upper bound)")
+    p.add_argument("--max-positions", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", help="text file (one document per line) to train the tokenizer on")
+    a = p.parse_args(argv)
+    corpus = None
+    if a.corpus:
+        if not Path(a.corpus).exists():
+            raise ConfigError(f"{a.corpus}: corpus file not found")
+        corpus = Path(a.corpus).read_text(encoding="utf-8", errors="replace").splitlines()
+    out = build_tiny_model(a.out_dir, reward=a.reward, layers=a.layers, hidden=a.hidden, heads=a.heads,
+                           vocab=a.vocab, max_positions=a.max_positions, seed=a.seed, corpus=corpus)
+    print(f"tiny {'reward model' if a.reward else 'causal LM'} written to {out}")
+    return 0
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[rlhfkit] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+USAGE = """usage: rlhfkit <command> [options]
+
+commands:
+  sft          supervised fine-tuning
+  rm           reward model (Bradley–Terry) on preference / ranked data
+  dpo          direct preference optimisation
+  tiny-model   build a tiny offline model + tokenizer
+  demo         a small end-to-end SFT -> RM -> DPO run on a tiny local model
+
+Run 'rlhfkit <command> --help' for the options of a command."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    _setup_logging()
+    try:
+        if command == "tiny-model":
+            return _tiny_model(rest)
+        if command == "demo":
+            from .demo import run_demo
+
+            return run_demo(rest)
+        trainers = _trainers()
+        if command not in trainers:
+            print(f"rlhfkit: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+            return 2
+        config_cls, run, description = trainers[command]
+        config = parse_trainer_args(config_cls, rest, f"rlhfkit {command}", description)
+        summary = run(config)
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)}, indent=2,
+                         default=str))
+        return 0
+    except RlhfkitError as exc:
+        print(f"rlhfkit {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhfkit {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

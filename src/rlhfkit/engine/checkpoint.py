@@ -1,0 +1,96 @@
+"""Crash-safe checkpoints: written to a temporary folder, fsynced, then renamed into place.
+
+A rename is atomic on POSIX file systems, so a folder named ``checkpoint-N`` is always complete; a crash
+leaves at most a ``.tmp`` folder behind, which resume ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)``, make it durable, then rename ``tmp_dir`` to ``final``."""
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): swap, then delete the old one
+        trash = final.parent / f".{final.name}.old"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir`` as (step, path), oldest first."""
+    found = []
+    if Path(output_dir).is_dir():
+        for child in Path(output_dir).iterdir():
+            match = _CHECKPOINT_RE.match(child.name)
+            if match and child.is_dir() and (child / STATE_FILE).exists():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep`` (and stale temp folders)."""
+    found = list_checkpoints(output_dir)
+    for _, path in found[: max(len(found) - max(keep, 1), 0)]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,390 @@
+"""The one training loop every trainer shares.
+
+A trainer supplies a :class:`Task` (how to collate records, how many loss items a batch holds, the loss sum
+of a batch, and an evaluation); the :class:`Engine` owns everything else: data order, gradient
+accumulation with exact normalisation, clipping, the LR schedule, precision, seeding, metrics, progress,
+crash-safe checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import ConfigError
+from .checkpoint import (
+    STATE_FILE,
+    atomic_dir_write,
+    atomic_write_text,
+    fsync_tree,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_state,
+)
+from .config import TrainConfig
+
+logger = logging.getLogger("rlhfkit")
+
+MetricSums = dict[str, tuple[float, float]]  # name -> (sum, count), averaged over a whole optimizer step
+
+
+class Task(Protocol):
+    """What a trainer hands the engine."""
+
+    name: str
+
+    def collate(self, records: Sequence[Any]) -> dict[str, Any]:
+        """Turn records into a model-ready batch (must include ``num_tokens``: useful, non-pad tokens)."""
+
+    def batch_weight(self, batch: dict[str, Any]) -> float:
+        """How many loss items (tokens, pairs, groups) the batch's loss sum is summed over."""
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        """Return the *sum* of the per-item losses and metric sums; the engine divides by the step total."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out metrics (keys without the ``eval_`` prefix); {} when there is no eval data."""
+
+
+_TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def resolve_precision(requested: str) -> tuple[str, str]:
+    """Map ``--precision`` to accelerate's mixed_precision value, with the reason for the log line."""
+    requested = requested.lower()
+    aliases = {"fp32": "no", "float32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
+    if requested == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16", "auto: GPU with bf16 support"
+        return "no", "auto: fp32 (no GPU with bf16; bf16 on a CPU without bf16 units is many times slower)"
+    if requested not in aliases:
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not '{requested}'")
+    if aliases[requested] == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return aliases[requested], "as requested"
+
+
+def _trackers(report_to: str) -> list[str]:
+    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+    for name in names:
+        if name not in _TRACKER_MODULES:
+            raise ConfigError(f"--report-to: unknown tracker '{name}' (choose from tensorboard, wandb, mlflow)")
+        if not any(importlib.util.find_spec(m) for m in _TRACKER_MODULES[name]):
+            raise ConfigError(f"--report-to {name}: the '{name}' package is not installed (pip install {name})")
+    return names
+
+
+class Engine:
+    """Runs a :class:`Task` under accelerate. Create one per training run."""
+
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        if not config.output_dir:
+            raise ConfigError("--output-dir is required")
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
+        mixed_precision, why = resolve_precision(config.precision)
+        self.trackers = _trackers(config.report_to)
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            log_with=self.trackers or None,
+            project_dir=str(self.output_dir),
+        )
+        self.precision_note = f"precision: {'fp32' if mixed_precision == 'no' else mixed_precision} ({why})"
+        if self.is_main:
+            logger.info(self.precision_note)
+        set_seed(config.seed)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def _micro_batches_per_epoch(self, n_records: int) -> int:
+        global_batch = self.config.per_device_batch_size * self.world_size
+        return max(math.ceil(n_records / global_batch), 1)
+
+    def total_steps(self, n_records: int) -> int:
+        if self.config.max_steps > 0:
+            return self.config.max_steps
+        micro = self._micro_batches_per_epoch(n_records)
+        return max(math.ceil(self.config.num_epochs * micro / self.config.gradient_accumulation_steps), 1)
+
+    def _records_for(self, records: Sequence[Any], micro_index: int, cache: dict[int, list[int]]) -> list:
+        """Records of one micro-batch for this rank; the order is a pure function of (seed, epoch)."""
+        b, w = self.config.per_device_batch_size, self.world_size
+        per_epoch = self._micro_batches_per_epoch(len(records))
+        epoch, pos = divmod(micro_index, per_epoch)
+        if epoch not in cache:
+            cache.clear()
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            cache[epoch] = torch.randperm(len(records), generator=gen).tolist()
+        order = cache[epoch]
+        chunk = order[pos * b * w:(pos + 1) * b * w]
+        if len(chunk) < b * w and w > 1:  # every rank needs a slice: wrap around, as DistributedSampler pads
+            chunk = chunk + order[: b * w - len(chunk)]
+        return [records[i] for i in chunk[self.accelerator.process_index::w]]
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def build_optimizer(self, model: torch.nn.Module, total_steps: int):
+        from transformers import get_scheduler
+
+        cfg = self.config
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+        )
+        warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * total_steps)
+        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=total_steps)
+        return optimizer, scheduler
+
+    # ------------------------------------------------------------------ metrics
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        """Append one JSON object to metrics.jsonl (rank 0 only) and to any trackers."""
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+        if self.trackers:
+            numeric = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
+            self.accelerator.log(numeric, step=int(row["step"]))
+
+    def _truncate_metrics(self, step: int) -> None:
+        """After a resume, drop metric rows written after the checkpoint (they will be written again)."""
+        if not self.is_main or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by the crash
+                continue
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int, total_steps: int) -> Path:
+        def write(tmp: Path) -> None:
+            self.accelerator.save_state(str(tmp))
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps,
+                                                      "config": self.config.as_dict()}, default=str))
+
+        path = self.output_dir / f"checkpoint-{step}"
+        if self.is_main:
+            atomic_dir_write(path, write)
+            prune_checkpoints(self.output_dir, self.config.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_final(self, model: torch.nn.Module, tokenizer: Any, extra_files: dict[str, str] | None = None) -> None:
+        """Save a model ``from_pretrained`` loads with no rlhfkit import (LoRA merged) into output_dir."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return
+        unwrapped = self.accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "merge_and_unload"):  # peft: ship the merged weights, keep the adapter too
+            unwrapped.save_pretrained(self.output_dir / "adapter")
+            unwrapped = unwrapped.merge_and_unload()
+
+        # Saved into a temporary folder, made durable, then each file renamed into output_dir: a crash
+        # never leaves a half-written weights file where from_pretrained would find it.
+        staging = self.output_dir / ".final.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        unwrapped.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        fsync_tree(staging)
+        for item in staging.iterdir():
+            os.replace(item, self.output_dir / item.name)
+        staging.rmdir()
+
+    # ------------------------------------------------------------------ the loop
+    def _install_signal_handlers(self) -> dict:
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def evaluate(self, task: Task, model: torch.nn.Module) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            metrics = task.evaluate(model)
+        model.train()
+        return {f"eval_{k}": float(v) for k, v in metrics.items()}
+
+    def train(self, task: Task, model: torch.nn.Module, records: Sequence[Any]) -> dict[str, Any]:
+        """Train ``model`` on ``records``; returns the summary (final train and eval metrics)."""
+        cfg = self.config
+        if not records:
+            raise ConfigError("no training records")
+        accum = max(cfg.gradient_accumulation_steps, 1)
+        total_steps = self.total_steps(len(records))
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        optimizer, scheduler = self.build_optimizer(model, total_steps)
+        # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
+        # per process); it is registered so that checkpoints carry it.
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.accelerator.register_for_checkpointing(scheduler)
+        if self.trackers:
+            self.accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.as_dict().items()})
+
+        start_step = 0
+        if cfg.resume:
+            ckpt = latest_checkpoint(self.output_dir)
+            if ckpt is None:
+                logger.warning("--resume: no complete checkpoint in %s, starting from scratch", self.output_dir)
+            else:
+                self.accelerator.load_state(str(ckpt))
+                start_step = int(read_state(ckpt)["step"])
+                self._truncate_metrics(start_step)
+                if self.is_main:
+                    logger.info("resumed from %s (step %d of %d)", ckpt, start_step, total_steps)
+        elif self.is_main and self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc=task.name, dynamic_ncols=True,
+                   disable=not (cfg.progress_bar and self.is_main))
+        previous_handlers = self._install_signal_handlers()
+        per_epoch = self._micro_batches_per_epoch(len(records))
+        order_cache: dict[int, list[int]] = {}
+        last: dict[str, Any] = {}
+        window_tokens, window_start = 0, time.perf_counter()
+        model.train()
+        try:
+            for step in range(start_step, total_steps):
+                t0 = time.perf_counter()
+                batches = [self._to_device(task.collate(self._records_for(records, step * accum + i,
+                                                                          order_cache)))
+                           for i in range(accum)]
+                local_weight = sum(float(task.batch_weight(b)) for b in batches)
+                total_weight = float(self.accelerator.reduce(
+                    torch.tensor(local_weight, device=self.device), reduction="sum"))
+                total_weight = max(total_weight, 1e-12)
+                loss_total = 0.0
+                sums: dict[str, list[float]] = {}
+                step_tokens = 0
+                for i, batch in enumerate(batches):
+                    sync = i == accum - 1
+                    ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+                    with ctx:
+                        with self.accelerator.autocast():
+                            loss_sum, metric_sums = task.compute_loss(model, batch)
+                        # DDP averages gradients over ranks, so scale by world size to get the global mean.
+                        self.accelerator.backward(loss_sum * (self.world_size / total_weight))
+                    loss_total += float(loss_sum.detach())
+                    step_tokens += int(batch["num_tokens"])
+                    for name, (value, count) in metric_sums.items():
+                        acc = sums.setdefault(name, [0.0, 0.0])
+                        acc[0] += float(value)
+                        acc[1] += float(count)
+                grad_norm = None
+                if cfg.max_grad_norm > 0:
+                    grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                window_tokens += step_tokens
+                bar.update(1)
+
+                if done % max(cfg.logging_steps, 1) == 0 or done == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    row = {
+                        "step": done,
+                        "epoch": round(done * accum / per_epoch, 4),
+                        "loss": loss_total / total_weight if self.world_size == 1 else
+                        float(self.accelerator.reduce(torch.tensor(loss_total, device=self.device),
+                                                      reduction="sum")) / total_weight,
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "tokens_per_s": window_tokens * self.world_size / max(elapsed, 1e-9),
+                        "step_time_s": time.perf_counter() - t0,
+                    }
+                    if grad_norm is not None:
+                        row["grad_norm"] = grad_norm
+                    row.update({name: s / max(c, 1e-12) for name, (s, c) in sums.items()})
+                    self.log_metrics(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    last.update(row)
+                    window_tokens, window_start = 0, time.perf_counter()
+                if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != total_steps:
+                    eval_row = self.evaluate(task, model)
+                    if eval_row:
+                        self.log_metrics({"step": done, **eval_row})
+                if (cfg.save_steps > 0 and done % cfg.save_steps == 0 and done != total_steps) or (
+                        self._stop_signal is not None):
+                    self.save_checkpoint(done, total_steps)
+                if self._stop_signal is not None:
+                    bar.close()
+                    logger.warning("stopped by signal %d at step %d: checkpoint saved; rerun with --resume",
+                                   self._stop_signal, done)
+                    raise SystemExit(128 + self._stop_signal)
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            bar.close()
+
+        eval_row = self.evaluate(task, model)
+        if eval_row:
+            self.log_metrics({"step": total_steps, **eval_row})
+        summary = {"task": task.name, "steps": total_steps, "precision": self.precision_note,
+                   **{f"train_{k}": v for k, v in last.items() if k != "step"}, **eval_row}
+        if self.trackers:
+            self.accelerator.end_training()
+        self.unwrapped_model = self.accelerator.unwrap_model(model)
+        self.trained_model = model
+        return summary
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.is_main:
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))

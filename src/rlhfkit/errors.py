@@ -1,0 +1,32 @@
+"""Errors that the CLI turns into one-line messages instead of tracebacks."""
+
+from __future__ import annotations
+
+
+class RlhfkitError(Exception):
+    """Base class for user-facing errors: the message is one line that says what to fix."""
+
+
+class DataError(RlhfkitError):
+    """Bad input data; the message names the file, the row (1-based line for JSONL) and the field."""
+
+    def __init__(self, message: str, *, source: str | None = None, row: int | None = None,
+                 field: str | None = None):
+        where = []
+        if source is not None:
+            where.append(str(source))
+        if row is not None:
+            where.append(f"row {row}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.source, self.row, self.field = source, row, field
+
+
+class ConfigError(RlhfkitError):
+    """Bad configuration file or flag value."""
+
+
+class ModelError(RlhfkitError):
+    """A model or tokenizer cannot be used as asked (e.g. mismatched tokenizers)."""

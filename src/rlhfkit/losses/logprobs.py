@@ -1,0 +1,122 @@
+"""Token log-probabilities and masked reductions.
+
+Everything here is a pure tensor function, so the engine and every trainer (SFT, reward modelling,
+DPO, PPO/GRPO/RLOO) share one implementation of "log p(token | prefix)" and of the loss normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["masked_mean", "masked_sum", "sequence_logprob_sums", "token_logprobs"]
+
+# Upper bound on the number of logit elements processed at once by `token_logprobs` (2**24 float32
+# elements = 64 MiB). logsumexp needs an exp() temporary of its input's size, and low-precision logits
+# need an upcast copy; chunking over T keeps both bounded instead of growing to a second [B, T, V] tensor.
+_MAX_CHUNK_ELEMENTS = 1 << 24
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Log-probability of each observed token under the model's prediction from the previous position.
+
+    Formula (logits [B, T, V], input_ids [B, T], output [B, T]):
+        out[b, 0] = 0                                   (nothing predicts the first token)
+        out[b, t] = logits[b, t-1, y] - log sum_v exp(logits[b, t-1, v]),   y = input_ids[b, t],  t >= 1
+    i.e. out[b, t] = log_softmax(logits[b, t-1])[input_ids[b, t]].
+
+    Computed as "gathered target logit minus logsumexp over the vocabulary" rather than a full
+    log_softmax, so no second [B, T, V] tensor is materialised. Low-precision logits (bf16/fp16) are upcast
+    to float32 chunk by chunk over T; the result is float32 for them and keeps the dtype otherwise.
+
+    Packed batches (B = 1, several sequences concatenated) work unchanged: position t of a sequence start
+    holds a "prediction" from the previous sequence's last token, which is meaningless — the caller
+    guarantees such positions are never in the loss mask.
+    """
+    if logits.dim() != 3 or input_ids.dim() != 2 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"expected logits [B, T, V] and input_ids [B, T], got {tuple(logits.shape)} and {tuple(input_ids.shape)}"
+        )
+    batch, seq_len, vocab = logits.shape
+    out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    first = logits.new_zeros((batch, 1), dtype=out_dtype)
+    if seq_len < 2:
+        return first
+
+    pred_logits = logits[:, :-1]  # position t-1 predicts token t
+    targets = input_ids[:, 1:].long()
+    steps = seq_len - 1
+    chunk = max(1, min(steps, _MAX_CHUNK_ELEMENTS // max(1, batch * vocab)))
+
+    pieces = [first]
+    for start in range(0, steps, chunk):
+        part = pred_logits[:, start : start + chunk]
+        if part.dtype != out_dtype:
+            part = part.to(out_dtype)  # logsumexp in bf16/fp16 loses several digits; upcast only this chunk
+        tgt = targets[:, start : start + chunk].unsqueeze(-1)
+        target_logit = part.gather(-1, tgt).squeeze(-1)
+        pieces.append(target_logit - torch.logsumexp(part, dim=-1))
+    return torch.cat(pieces, dim=1)
+
+
+def sequence_logprob_sums(
+    token_logps: Tensor,
+    mask: Tensor,
+    sequence_index: Tensor | None = None,
+    num_sequences: int | None = None,
+) -> Tensor:
+    """Sum the masked token log-probabilities of each sequence.
+
+    Padded batch (sequence_index is None), token_logps and mask [B, T]:
+        out[b] = sum_t token_logps[b, t] * mask[b, t]                     -> [B]
+    Packed batch, sequence_index a LongTensor shaped like token_logps with values in 0..S-1:
+        out[s] = sum_{positions p with sequence_index[p] = s} token_logps[p] * mask[p]   -> [S]
+
+    S = num_sequences, or max(sequence_index) + 1 if not given (that costs a device sync). Positions with
+    mask 0 may carry any index (e.g. -1 for padding); they are routed to sequence 0 with weight 0.
+    The packed reduction uses index_add, which is differentiable w.r.t. token_logps.
+    """
+    weighted = token_logps * mask.to(token_logps.dtype)
+    if sequence_index is None:
+        return weighted.sum(-1)
+    if sequence_index.shape != token_logps.shape:
+        raise ValueError(
+            f"sequence_index shape {tuple(sequence_index.shape)} != token_logps shape {tuple(token_logps.shape)}"
+        )
+    index = sequence_index.reshape(-1).long()
+    # Masked-out positions contribute exactly 0, so their index only needs to be a valid one.
+    index = torch.where(mask.reshape(-1) != 0, index, torch.zeros_like(index))
+    if num_sequences is None:
+        num_sequences = int(index.max().item()) + 1 if index.numel() > 0 else 0
+    out = weighted.new_zeros(num_sequences)
+    return out.index_add(0, index, weighted.reshape(-1))
+
+
+def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """Sum of the selected elements: sum_i values[i] * mask[i] (a 0-dim tensor)."""
+    return (values * mask.to(values.dtype)).sum()
+
+
+def masked_mean(values: Tensor, mask: Tensor, num_items: float | Tensor | None = None) -> Tensor:
+    """Masked mean with an explicit denominator.
+
+    Formula:
+        masked_mean = sum_i values[i] * mask[i] / D,
+        D = num_items            if given
+            max(sum_i mask[i], 1) otherwise (the clamp keeps an all-masked batch at 0 instead of NaN)
+
+    Gradient accumulation: with micro-batches k = 1..K (and data-parallel ranks) making up one optimizer
+    step, the large-batch token mean is  sum_k sum_i v_ki m_ki / N,  N = total unmasked tokens of the
+    WHOLE global batch. Passing num_items = N to every micro-batch and summing the (already scaled) losses
+    reproduces that loss, and therefore its gradient, exactly. Averaging per-micro-batch means,
+    (1/K) sum_k (sum_i v_ki m_ki / n_k), instead weights every token by 1/(K n_k): tokens in short
+    micro-batches count more, so the result differs whenever the n_k are unequal (see TRL issue #3021).
+    """
+    total = masked_sum(values, mask)
+    if num_items is None:
+        denom = mask.to(values.dtype).sum().clamp(min=1)
+    elif isinstance(num_items, Tensor):
+        denom = num_items.to(values.dtype)
+    else:
+        denom = float(num_items)
+    return total / denom

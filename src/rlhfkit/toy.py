@@ -1,0 +1,88 @@
+"""A small, learnable preference task generated from a seed (tests and the interim demo use it).
+
+Requests are arithmetic questions and small facts; a good reply answers correctly and politely, a bad
+one is wrong, rude, or refuses. The split between train and held-out data is by question, so held-out
+accuracy measures generalisation, not memorisation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+_COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow",
+           "sea": "blue", "leaf": "green", "milk": "white", "night": "black", "rose": "red", "lemon": "yellow"}
+_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+          "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
+
+
+def _in_split(key: str, split: str) -> bool:
+    """A fixed fifth of all questions is held out; train and eval never share a question."""
+    held_out = sum(map(ord, key)) % 5 == 0
+    return held_out if split == "eval" else not held_out
+
+
+def _questions(rng: random.Random, split: str) -> tuple[str, str, str]:
+    """(prompt, correct answer, wrong answer) for a question of ``split`` (train or eval)."""
+    if rng.random() < 0.5:
+        a, b = rng.choice([(a, b) for a in range(10) for b in range(10) if _in_split(f"{a}+{b}", split)])
+        wrong = (a + b + rng.choice([1, 2, 3, -1, -2])) % 19
+        return f"What is {_WORDS[a]} plus {_WORDS[b]}?", f"{_WORDS[a]} plus {_WORDS[b]} is {_WORDS[a + b]}.", \
+            f"{_WORDS[a]} plus {_WORDS[b]} is {_WORDS[wrong]}."
+    thing = rng.choice([t for t in sorted(_COLORS) if _in_split(t, split)])
+    wrong = rng.choice(sorted({c for c in _COLORS.values() if c != _COLORS[thing]}))
+    return f"What color is the {thing}?", f"The {thing} is {_COLORS[thing]}.", f"The {thing} is {wrong}."
+
+
+_GOOD_OPENERS = ["Sure!", "Happy to help.", "Good question.", "Of course."]
+_BAD_STYLES = ["No. Figure it out yourself.", "I cannot help with that.", "Whatever."]
+
+
+def preference_rows(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """Rows in the explicit-prompt preference layout: prompt / chosen / rejected."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, right, wrong = _questions(rng, split)
+        chosen = f"{rng.choice(_GOOD_OPENERS)} {right}"
+        rejected = rng.choice([f"{rng.choice(_GOOD_OPENERS)} {wrong}", rng.choice(_BAD_STYLES),
+                               f"{rng.choice(_BAD_STYLES)} {wrong}"])
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def ranked_rows(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """Rows in the ranked layout: prompt / responses (best first)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, right, wrong = _questions(rng, split)
+        rows.append({"prompt": prompt, "responses": [f"{rng.choice(_GOOD_OPENERS)} {right}", right,
+                                                      f"{rng.choice(_GOOD_OPENERS)} {wrong}", rng.choice(_BAD_STYLES)]})
+    return rows
+
+
+def sft_rows(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """Rows in the prompt / completion layout with the good reply."""
+    return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in preference_rows(n, seed, split)]
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_toy_task(out_dir: str | Path, n_train: int = 256, n_eval: int = 64, seed: int = 0) -> dict[str, Path]:
+    """Write sft/preference train and eval files; eval rows ask only held-out questions."""
+    out = Path(out_dir)
+    return {
+        "sft_train": write_jsonl(sft_rows(n_train, seed), out / "sft_train.jsonl"),
+        "sft_eval": write_jsonl(sft_rows(n_eval, seed + 1000, "eval"), out / "sft_eval.jsonl"),
+        "pref_train": write_jsonl(preference_rows(n_train, seed + 1), out / "pref_train.jsonl"),
+        "pref_eval": write_jsonl(preference_rows(n_eval, seed + 2000, "eval"), out / "pref_eval.jsonl"),
+    }

@@ -1,0 +1,160 @@
+"""Pieces the thin trainers share: model forwards on packed or padded batches, data loading, set-up."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..data import DataFormat, detect_format, load_rows
+from ..engine import Engine, TrainConfig
+from ..errors import ConfigError
+from ..losses import sequence_logprob_sums, token_logprobs
+from ..models import LoraSettings
+
+logger = logging.getLogger("rlhfkit")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of a batch to ``device`` (other values pass through)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Model kwargs for a packed batch (position ids, no mask) or a padded one (attention mask).
+
+    ``use_cache=False`` matters for packing: transformers only derives the per-sequence (block-diagonal)
+    attention mask from reset position ids when no KV cache is in play.
+    """
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    return kwargs
+
+
+def num_sequences(batch: dict[str, Any]) -> int:
+    return int(batch["last_index"].shape[0])
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Summed log-probabilities of the loss-masked (response) tokens of every sequence: shape [M]."""
+    logits = model(**forward_inputs(batch)).logits
+    token_logps = token_logprobs(logits, batch["input_ids"])
+    return sequence_logprob_sums(token_logps, batch["loss_mask"].to(token_logps.dtype),
+                                 batch.get("sequence_index"), num_sequences(batch))
+
+
+def _reward_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(backbone, score head) of a sequence-classification model, looking through DDP and peft wrappers."""
+    inner = model.module if hasattr(model, "module") and not hasattr(model, "score") else model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    head = getattr(inner, "score", None) or getattr(inner, "classifier", None)
+    backbone = getattr(inner, inner.base_model_prefix, None) if hasattr(inner, "base_model_prefix") else None
+    if head is None or backbone is None:
+        raise ConfigError(f"{type(inner).__name__}: cannot find the backbone and score head of this reward model")
+    return backbone, head
+
+
+def reward_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Scalar reward of every sequence, read at its last token: shape [M].
+
+    We pool ourselves instead of relying on the model's pad-token search, which picks the wrong token when
+    pad == eos and cannot work on packed batches.
+    """
+    backbone, head = _reward_parts(model)
+    hidden = backbone(**forward_inputs(batch)).last_hidden_state  # [B, T, H]
+    last = batch["last_index"]
+    if "position_ids" in batch:  # packed: one row, last_index are positions in the stream
+        picked = hidden[0, last]
+    else:
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return head(picked).squeeze(-1).float()
+
+
+_PACKING_SUPPORT: dict[type, bool] = {}
+
+
+@torch.no_grad()
+def supports_packing(model: torch.nn.Module, forward_hidden: bool = False) -> bool:
+    """Check, once per model class, that packed sequences give the same outputs as separate ones."""
+    base = model
+    key = type(base)
+    if key in _PACKING_SUPPORT:
+        return _PACKING_SUPPORT[key]
+    device = next(base.parameters()).device
+    vocab = base.get_input_embeddings().num_embeddings
+    a = torch.arange(3, 3 + 5, device=device) % vocab
+    b = torch.arange(11, 11 + 4, device=device) % vocab
+    packed = torch.cat([a, b])[None]
+    position_ids = torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
+    was_training = base.training
+    base.eval()
+    try:
+        if forward_hidden:
+            backbone, _ = _reward_parts(base)
+            run = lambda **kw: backbone(**kw).last_hidden_state  # noqa: E731
+        else:
+            run = lambda **kw: base(**kw).logits  # noqa: E731
+        together = run(input_ids=packed, position_ids=position_ids, use_cache=False)[0, 5:]
+        alone = run(input_ids=b[None], use_cache=False)[0]
+        ok = bool(torch.allclose(together.float(), alone.float(), atol=1e-4, rtol=1e-3))
+    except Exception as exc:  # any failure means: fall back to padding
+        logger.info("packing probe failed for %s: %s", key.__name__, exc)
+        ok = False
+    finally:
+        base.train(was_training)
+    _PACKING_SUPPORT[key] = ok
+    return ok
+
+
+def resolve_packing(config: TrainConfig, model: torch.nn.Module, reward: bool = False) -> bool:
+    mode = config.packing.lower()
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"--packing must be auto, on or off, not '{config.packing}'")
+    if mode == "off":
+        return False
+    ok = supports_packing(model, forward_hidden=reward)
+    if not ok:
+        if mode == "on":
+            raise ConfigError(f"--packing on: {type(model).__name__} lets packed sequences attend to each "
+                              "other; use --packing off")
+        logger.info("packing: %s does not isolate packed sequences; using padded batches",
+                    type(model).__name__)
+    return ok
+
+
+def lora_settings(config: TrainConfig) -> LoraSettings:
+    targets = config.lora_target_modules
+    modules: list[str] | str = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    return LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                        target_modules=modules)
+
+
+def require(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        if not getattr(config, name):
+            raise ConfigError(f"--{name.replace('_', '-')} is required")
+
+
+def load_split(source: str, split: str, allowed: tuple[DataFormat, ...]):
+    """Load rows and check that their layout is one this trainer reads."""
+    ds = load_rows(source, split=split)
+    fmt = detect_format(ds.column_names, allowed=allowed, source=source)
+    return ds, fmt
+
+
+def iterate_batches(records: list, batch_size: int):
+    for start in range(0, len(records), batch_size):
+        yield records[start:start + batch_size]
+
+
+def start_run(config: TrainConfig) -> Engine:
+    """Validate the common flags and create the engine (which seeds everything before models load)."""
+    require(config, "model", "dataset", "output_dir")
+    if config.per_device_batch_size < 1 or config.gradient_accumulation_steps < 1:
+        raise ConfigError("--per-device-batch-size and --gradient-accumulation-steps must be >= 1")
+    return Engine(config)

@@ -1,0 +1,92 @@
+"""Supervised fine-tuning: next-token loss on completion tokens (all assistant turns by default)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data import SFT_FORMATS, collate_sequences, prepare_sft
+from ..engine import MetricSums, TrainConfig, arg
+from ..losses import token_logprobs
+from ..models import load_causal_lm, load_tokenizer
+from .common import (forward_inputs, iterate_batches, load_split, lora_settings, resolve_packing, start_run,
+                     to_device)
+
+logger = logging.getLogger("rlhfkit")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    learning_rate: float = arg(2e-5, "Peak learning rate (AdamW).")
+    completion_only_loss: bool = arg(True, "Loss on completion / assistant tokens only; "
+                                     "--no-completion-only-loss trains on every token.")
+
+
+class SFTTask:
+    """Loss = −Σ log p(completion tokens), normalised by the completion-token count of the whole step."""
+
+    name = "sft"
+
+    def __init__(self, pad_token_id: int, packed: bool, eval_records: list, eval_batch_size: int):
+        self.pad_token_id, self.packed = pad_token_id, packed
+        self.eval_records, self.eval_batch_size = eval_records, eval_batch_size
+
+    def collate(self, records) -> dict[str, Any]:
+        return collate_sequences(list(records), self.pad_token_id, self.packed)
+
+    def batch_weight(self, batch) -> float:
+        return float(batch["num_loss_tokens"])
+
+    def _nll_sum(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(**forward_inputs(batch)).logits
+        token_logps = token_logprobs(logits, batch["input_ids"])
+        mask = batch["loss_mask"].to(token_logps.dtype)
+        predicted = logits.argmax(-1)  # next-token accuracy: position t-1 predicts token t
+        correct = ((predicted[:, :-1] == batch["input_ids"][:, 1:]).to(mask.dtype) * mask[:, 1:]).sum()
+        return -(token_logps * mask).sum(), correct
+
+    def compute_loss(self, model, batch) -> tuple[torch.Tensor, MetricSums]:
+        nll, correct = self._nll_sum(model, batch)
+        return nll, {"token_accuracy": (float(correct), float(batch["num_loss_tokens"]))}
+
+    def evaluate(self, model) -> dict[str, float]:
+        if not self.eval_records:
+            return {}
+        nll, correct, tokens = 0.0, 0.0, 0.0
+        for chunk in iterate_batches(self.eval_records, self.eval_batch_size):
+            batch = to_device(self.collate(chunk), next(model.parameters()).device)
+            loss_sum, right = self._nll_sum(model, batch)
+            nll += float(loss_sum)
+            correct += float(right)
+            tokens += float(batch["num_loss_tokens"])
+        loss = nll / max(tokens, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(tokens, 1.0)}
+
+
+def run_sft(config: SFTConfig) -> dict[str, Any]:
+    """Train a causal LM on SFT data; returns the summary written to ``OUTPUT_DIR/summary.json``."""
+    engine = start_run(config)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    train_ds, _ = load_split(config.dataset, config.dataset_split, SFT_FORMATS)
+    records, report = prepare_sft(train_ds, tokenizer, config.max_length, config.completion_only_loss,
+                                  source=config.dataset)
+    report.log(logger, config.dataset)
+    eval_records: list = []
+    if config.eval_dataset:
+        eval_ds, _ = load_split(config.eval_dataset, config.eval_split, SFT_FORMATS)
+        eval_records, eval_report = prepare_sft(eval_ds, tokenizer, config.max_length,
+                                                config.completion_only_loss, source=config.eval_dataset)
+        eval_report.log(logger, config.eval_dataset)
+    model = load_causal_lm(config.model, lora=lora_settings(config), trust_remote_code=config.trust_remote_code)
+    model.to(engine.device)
+    packed = resolve_packing(config, model)
+    task = SFTTask(tokenizer.pad_token_id, packed, eval_records, config.per_device_eval_batch_size)
+    summary = engine.train(task, model, records)
+    summary.update({"train_rows": report.total_rows, "train_examples": len(records), "packing": packed})
+    engine.save_final(engine.trained_model, tokenizer)
+    engine.write_summary(summary)
+    return summary
