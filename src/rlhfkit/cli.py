@@ -65,7 +65,8 @@ def parse_trainer_args(config_cls: type, argv: Sequence[str], prog: str, descrip
     parser.add_argument("--config", help="YAML file of options (flags given on the command line override it).")
     if known.config:
         parser.set_defaults(**load_yaml_config(known.config, config_cls))
-    (config,) = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
+    # the extra --config attribute comes back as a second namespace, which we ignore
+    config = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)[0]
     return config
 
 

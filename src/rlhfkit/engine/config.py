@@ -60,6 +60,7 @@ class TrainConfig:
     # bookkeeping
     logging_steps: int = arg(1, "Write metrics every N optimizer steps.")
     eval_steps: int = arg(0, "Evaluate every N steps (0 = only at the end).")
+    eval_on_start: bool = arg(True, "Evaluate once before training too (step 0), so runs show where they began.")
     save_steps: int = arg(0, "Save a resumable checkpoint every N steps (0 = only the final model).")
     save_total_limit: int = arg(2, "Keep at most this many resumable checkpoints (oldest deleted).")
     resume: bool = arg(False, "Resume from the newest complete checkpoint in --output-dir.")

@@ -68,7 +68,7 @@ def resolve_precision(requested: str) -> tuple[str, str]:
     if requested == "auto":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return "bf16", "auto: GPU with bf16 support"
-        return "no", "auto: fp32 (no GPU with bf16; bf16 on a CPU without bf16 units is many times slower)"
+        return "no", "auto: no GPU with bf16; bf16 on a CPU without bf16 units is many times slower"
     if requested not in aliases:
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not '{requested}'")
     if aliases[requested] == "fp16" and not torch.cuda.is_available():
@@ -291,6 +291,12 @@ class Engine:
         elif self.is_main and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
 
+        initial_eval: dict[str, float] = {}
+        if cfg.eval_on_start and start_step == 0:
+            initial_eval = self.evaluate(task, model)
+            if initial_eval:
+                self.log_metrics({"step": 0, **initial_eval})
+
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=start_step, desc=task.name, dynamic_ncols=True,
@@ -378,7 +384,8 @@ class Engine:
         if eval_row:
             self.log_metrics({"step": total_steps, **eval_row})
         summary = {"task": task.name, "steps": total_steps, "precision": self.precision_note,
-                   **{f"train_{k}": v for k, v in last.items() if k != "step"}, **eval_row}
+                   **{f"train_{k}": v for k, v in last.items() if k != "step"}, **eval_row,
+                   **{f"initial_{k}": v for k, v in initial_eval.items()}}
         if self.trackers:
             self.accelerator.end_training()
         self.unwrapped_model = self.accelerator.unwrap_model(model)

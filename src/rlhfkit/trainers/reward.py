@@ -12,7 +12,15 @@ from ..data import PREFERENCE_FORMATS, collate_groups, prepare_preferences
 from ..engine import MetricSums, TrainConfig, arg
 from ..losses import ranked_bradley_terry_loss
 from ..models import load_reward_model, load_tokenizer
-from .common import iterate_batches, load_split, lora_settings, resolve_packing, reward_scores, start_run, to_device
+from .common import (
+    iterate_batches,
+    load_split,
+    lora_settings,
+    resolve_packing,
+    reward_scores,
+    start_run,
+    to_device,
+)
 
 logger = logging.getLogger("rlhfkit")
 

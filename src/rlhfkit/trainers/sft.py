@@ -13,8 +13,15 @@ from ..data import SFT_FORMATS, collate_sequences, prepare_sft
 from ..engine import MetricSums, TrainConfig, arg
 from ..losses import token_logprobs
 from ..models import load_causal_lm, load_tokenizer
-from .common import (forward_inputs, iterate_batches, load_split, lora_settings, resolve_packing, start_run,
-                     to_device)
+from .common import (
+    forward_inputs,
+    iterate_batches,
+    load_split,
+    lora_settings,
+    resolve_packing,
+    start_run,
+    to_device,
+)
 
 logger = logging.getLogger("rlhfkit")
 

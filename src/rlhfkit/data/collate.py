@@ -1,0 +1,144 @@
+"""Batch token sequences: right-padded [B, T] tensors or one padding-free packed [1, N] stream.
+
+Both layouts share the keys the trainers read: ``input_ids``, ``loss_mask`` (float32, 1.0 = the token is
+scored), ``last_index`` (where each sequence's last real token is), ``num_tokens`` and
+``num_loss_tokens`` (python ints, for loss normalisation across micro-batches). A padded batch adds
+``attention_mask``; a packed batch adds ``position_ids`` and ``sequence_index`` and has no
+``attention_mask`` key at all: transformers only derives the per-sequence (block-diagonal) attention
+from reset position ids when attention_mask is None (callers also pass ``use_cache=False``).
+
+Position 0 of every sequence always gets loss mask 0, whatever the records say: nothing predicts it,
+and in a packed stream its "prediction" would come from the previous sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["collate_groups", "collate_sequences", "pack_batch", "pad_batch"]
+
+
+def _checked(sequences: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[int]]) -> list[list[int]]:
+    if len(sequences) != len(loss_masks):
+        raise ValueError(f"{len(sequences)} sequences but {len(loss_masks)} loss masks")
+    if not sequences:
+        raise ValueError("cannot collate an empty batch")
+    masks = []
+    for i, (seq, mask) in enumerate(zip(sequences, loss_masks)):
+        if len(seq) == 0:
+            raise ValueError(f"sequence {i} is empty")
+        if len(seq) != len(mask):
+            raise ValueError(f"sequence {i} has {len(seq)} tokens but a loss mask of {len(mask)}")
+        mask = [1 if m else 0 for m in mask]
+        mask[0] = 0
+        masks.append(mask)
+    return masks
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]],
+    loss_masks: Sequence[Sequence[int]],
+    pad_token_id: int | None,
+) -> dict[str, Any]:
+    """Right-pad to the longest sequence.
+
+    Returns ``input_ids`` [B, T] long, ``attention_mask`` [B, T] long, ``loss_mask`` [B, T] float32,
+    ``last_index`` [B] long (index of each sequence's last real token), ``num_sequences`` B,
+    ``num_tokens`` and ``num_loss_tokens`` (ints). A tokenizer without a pad token may pass None: padded positions are
+    masked out everywhere, so id 0 is used.
+    """
+    masks = _checked(sequences, loss_masks)
+    pad = 0 if pad_token_id is None else int(pad_token_id)
+    batch, width = len(sequences), max(len(s) for s in sequences)
+    input_ids = torch.full((batch, width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    loss_mask = torch.zeros((batch, width), dtype=torch.float32)
+    for row, (seq, mask) in enumerate(zip(sequences, masks)):
+        n = len(seq)
+        input_ids[row, :n] = torch.as_tensor(list(seq), dtype=torch.long)
+        attention_mask[row, :n] = 1
+        loss_mask[row, :n] = torch.as_tensor(mask, dtype=torch.float32)
+    lengths = [len(s) for s in sequences]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "last_index": torch.as_tensor(lengths, dtype=torch.long) - 1,
+        "num_sequences": batch,
+        "num_tokens": sum(lengths),
+        "num_loss_tokens": sum(sum(m) for m in masks),
+    }
+
+
+def pack_batch(sequences: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Concatenate the sequences into one row without padding.
+
+    Returns ``input_ids`` [1, N] long, ``position_ids`` [1, N] long (restarting at 0 for each sequence),
+    ``loss_mask`` [1, N] float32, ``sequence_index`` [1, N] long (which sequence each token belongs to),
+    ``last_index`` [B] long (each sequence's last token in the stream), ``num_sequences`` B, and
+    ``num_tokens`` / ``num_loss_tokens`` (ints). No ``attention_mask`` (see the module docstring).
+    """
+    masks = _checked(sequences, loss_masks)
+    ids: list[int] = []
+    positions: list[int] = []
+    flat_mask: list[int] = []
+    seq_index: list[int] = []
+    last: list[int] = []
+    for i, (seq, mask) in enumerate(zip(sequences, masks)):
+        ids.extend(int(t) for t in seq)
+        positions.extend(range(len(seq)))
+        flat_mask.extend(mask)
+        seq_index.extend([i] * len(seq))
+        last.append(len(ids) - 1)
+    return {
+        "input_ids": torch.as_tensor(ids, dtype=torch.long)[None],
+        "position_ids": torch.as_tensor(positions, dtype=torch.long)[None],
+        "loss_mask": torch.as_tensor(flat_mask, dtype=torch.float32)[None],
+        "sequence_index": torch.as_tensor(seq_index, dtype=torch.long)[None],
+        "last_index": torch.as_tensor(last, dtype=torch.long),
+        "num_sequences": len(sequences),
+        "num_tokens": len(ids),
+        "num_loss_tokens": sum(flat_mask),
+    }
+
+
+def collate_groups(groups: Sequence[dict[str, Any]], pad_token_id: int | None, packed: bool) -> dict[str, Any]:
+    """Batch response groups (from :func:`prepare_preferences`) as one sequence per response.
+
+    Each sequence is ``prompt_ids + response`` with loss mask 0 on the prompt and 1 on the response. The
+    order is group-major: group 0's responses first, in their stored order. For pairwise groups
+    (``responses = [chosen, rejected]``) chosen sequences are the even rows (0, 2, ...) and rejected
+    sequences the odd rows. Adds ``group_index`` [M] long (the group of each sequence), ``ranks`` [M]
+    float32 (lower = better, ties equal), ``margins`` [num_groups] float32 and ``num_groups``.
+    """
+    sequences: list[list[int]] = []
+    masks: list[list[int]] = []
+    group_index: list[int] = []
+    ranks: list[float] = []
+    margins: list[float] = []
+    for g, group in enumerate(groups):
+        prompt = list(group["prompt_ids"])
+        if len(group["ranks"]) != len(group["responses"]):
+            raise ValueError(f"group {g}: {len(group['ranks'])} ranks for {len(group['responses'])} responses")
+        for response, rank in zip(group["responses"], group["ranks"]):
+            sequences.append(prompt + list(response))
+            masks.append([0] * len(prompt) + [1] * len(response))
+            group_index.append(g)
+            ranks.append(float(rank))
+        margins.append(float(group.get("margin", 0.0) or 0.0))
+    batch = pack_batch(sequences, masks) if packed else pad_batch(sequences, masks, pad_token_id)
+    batch["group_index"] = torch.as_tensor(group_index, dtype=torch.long)
+    batch["ranks"] = torch.as_tensor(ranks, dtype=torch.float32)
+    batch["margins"] = torch.as_tensor(margins, dtype=torch.float32)
+    batch["num_groups"] = len(groups)
+    return batch
+
+
+def collate_sequences(records: Sequence[dict[str, Any]], pad_token_id: int | None, packed: bool) -> dict[str, Any]:
+    """Batch SFT records (``{"input_ids", "loss_mask"}`` from :func:`prepare_sft`), padded or packed."""
+    sequences = [r["input_ids"] for r in records]
+    masks = [r["loss_mask"] for r in records]
+    return pack_batch(sequences, masks) if packed else pad_batch(sequences, masks, pad_token_id)

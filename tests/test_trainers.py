@@ -1,0 +1,150 @@
+"""Trainers learn on held-out data, checkpoints load without rlhfkit, accumulation and packing are exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhfkit.toy import write_toy_task
+from rlhfkit.trainers import DPOConfig, RewardConfig, SFTConfig, run_dpo, run_reward, run_sft
+
+FAST = {"progress_bar": False, "max_length": 64, "num_threads": 2, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_task(tmp_path_factory.mktemp("toy"), n_train=256, n_eval=128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_model_dir, toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    summary = run_sft(SFTConfig(model=str(tiny_model_dir), dataset=str(toy["sft_train"]),
+                                eval_dataset=str(toy["sft_eval"]), output_dir=str(out), max_steps=40,
+                                per_device_batch_size=16, learning_rate=3e-3, **FAST))
+    return out, summary
+
+
+@pytest.mark.slow
+def test_sft_lowers_heldout_completion_loss(sft_run):
+    out, summary = sft_run
+    assert summary["eval_loss"] < 0.6 * summary["initial_eval_loss"], summary
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r and "eval_loss" not in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 41))
+    assert all(r["tokens_per_s"] > 0 for r in train_rows)
+    assert json.loads((out / "summary.json").read_text())["eval_loss"] == pytest.approx(summary["eval_loss"])
+
+
+@pytest.mark.slow
+def test_sft_checkpoint_loads_with_plain_transformers(sft_run, toy):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, summary = sft_run
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    row = json.loads(toy["sft_eval"].read_text().splitlines()[0])
+    prompt = tok(row["prompt"]).input_ids
+    completion = tok(row["completion"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logps = model(ids).logits.log_softmax(-1)[0, len(prompt) - 1:-1].gather(-1, ids[0, len(prompt):, None])
+    # the saved weights fit the held-out completion about as well as the run's own evaluation says
+    assert float(-logps.mean()) < 2.0 * summary["eval_loss"] + 0.5
+
+
+@pytest.mark.slow
+def test_reward_model_beats_chance_on_heldout_pairs(sft_run, toy, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    sft_dir, _ = sft_run
+    out = tmp_path / "rm"
+    summary = run_reward(RewardConfig(model=str(sft_dir), dataset=str(toy["pref_train"]),
+                                      eval_dataset=str(toy["pref_eval"]), output_dir=str(out), max_steps=80,
+                                      per_device_batch_size=16, learning_rate=1e-3, **FAST))
+    # chance is 0.5; a third of the held-out rejected replies differ only by a wrong answer to an unseen
+    # question, so the ceiling is about 0.83. 0.7 on 128 pairs is far outside chance (p < 1e-5).
+    assert summary["eval_accuracy"] >= 0.7, summary
+    assert summary["eval_pairs"] == 128
+    # the same accuracy measured by plain transformers on the saved model, no rlhfkit code involved
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    wins = 0
+    rows = [json.loads(line) for line in toy["pref_eval"].read_text().splitlines()]
+    for row in rows:
+        scores = []
+        for response in (row["chosen"], row["rejected"]):
+            ids = tok(row["prompt"]).input_ids + tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            with torch.no_grad():
+                scores.append(float(model(torch.tensor([ids])).logits[0, 0]))
+        wins += scores[0] > scores[1]
+    assert wins / len(rows) == pytest.approx(summary["eval_accuracy"], abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precompute", [False, True])
+def test_dpo_raises_heldout_margin(sft_run, toy, tmp_path, precompute):
+    sft_dir, _ = sft_run
+    summary = run_dpo(DPOConfig(model=str(sft_dir), dataset=str(toy["pref_train"]),
+                                eval_dataset=str(toy["pref_eval"]), output_dir=str(tmp_path / "dpo"), max_steps=25,
+                                per_device_batch_size=16, learning_rate=5e-4, beta=0.1, precompute_ref=precompute,
+                                **FAST))
+    assert summary["initial_eval_reward_margin"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
+    assert summary["eval_reward_margin"] > 0.5, summary
+    assert summary["eval_reward_accuracy"] > 0.7, summary
+    if precompute:
+        assert (tmp_path / "dpo" / "ref_logps.pt").exists()
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_gradient_accumulation_equals_large_batch(tiny_model_dir, toy, tmp_path):
+    """4 micro-batches of 2 with token-level normalisation over the step == one batch of 8."""
+    runs = {}
+    for name, (batch, accum) in {"large": (8, 1), "accum": (2, 4)}.items():
+        run_sft(SFTConfig(model=str(tiny_model_dir), dataset=str(toy["sft_train"]), output_dir=str(tmp_path / name),
+                          max_steps=3, per_device_batch_size=batch, gradient_accumulation_steps=accum,
+                          learning_rate=1e-3, max_grad_norm=0.0, eval_on_start=False, **FAST))
+        runs[name] = _weights(tmp_path / name)
+    start = _weights(tiny_model_dir)
+    moved = max(float((runs["large"][k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3  # training changed the weights, so equality below means something
+    for key in runs["large"]:
+        torch.testing.assert_close(runs["accum"][key], runs["large"][key], atol=2e-6, rtol=1e-5)
+
+
+def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhfkit.data import collate_groups
+    from rlhfkit.trainers.common import reward_scores, sequence_logps, supports_packing
+
+    tok = tiny_tokenizer
+    groups = []
+    for i, (p, a, b) in enumerate([("What is one plus two?", "Three.", "I will not say it at all."),
+                                   ("Hi", "Hello there, friend of mine!", "Go"),
+                                   ("What color is the sky today and tomorrow?", "Blue", "Red")]):
+        groups.append({"prompt_ids": tok(p).input_ids,
+                       "responses": [tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id],
+                                     tok(b, add_special_tokens=False).input_ids[: 1 + i] + [tok.eos_token_id]],
+                       "ranks": [0, 1], "margin": 0.0})
+    packed = collate_groups(groups, tok.pad_token_id, packed=True)
+    padded = collate_groups(groups, tok.pad_token_id, packed=False)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert supports_packing(lm)
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(lm, packed), sequence_logps(lm, padded), atol=1e-5, rtol=1e-5)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reward_scores(rm, packed), reward_scores(rm, padded), atol=1e-5, rtol=1e-5)
+        # and both equal transformers' own pooling on one unpadded sequence at a time
+        for m, ids in enumerate(padded["input_ids"]):
+            n = int(padded["attention_mask"][m].sum())
+            ref = rm(ids[None, :n]).logits[0, 0]
+            assert float(reward_scores(rm, packed)[m]) == pytest.approx(float(ref), abs=1e-5)
