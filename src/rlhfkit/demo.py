@@ -27,9 +27,9 @@ def run_demo(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sft-steps", type=int, default=150)
-    p.add_argument("--rm-steps", type=int, default=120)
-    p.add_argument("--dpo-steps", type=int, default=80)
+    p.add_argument("--sft-steps", type=int, default=120)
+    p.add_argument("--rm-steps", type=int, default=60)
+    p.add_argument("--dpo-steps", type=int, default=50)
     a = p.parse_args(argv)
     out = Path(a.output_dir)
     common = {"seed": a.seed, "max_length": 64, "per_device_batch_size": 16, "progress_bar": True,
