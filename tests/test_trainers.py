@@ -123,6 +123,7 @@ def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from rlhfkit.data import collate_groups
+    from rlhfkit.models.attention import PACKED_ATTENTION, use_packed_attention
     from rlhfkit.trainers.common import reward_scores, sequence_logps, supports_packing
 
     tok = tiny_tokenizer
@@ -139,8 +140,14 @@ def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert supports_packing(lm)
     with torch.no_grad():
-        torch.testing.assert_close(sequence_logps(lm, packed), sequence_logps(lm, padded), atol=1e-5, rtol=1e-5)
+        padded_logps = sequence_logps(lm, padded)
+        # transformers' block-diagonal mask over the packed row, then rlhfkit's per-sequence attention
+        torch.testing.assert_close(sequence_logps(lm, packed), padded_logps, atol=1e-5, rtol=1e-5)
+        assert use_packed_attention(lm) and lm.config._attn_implementation == PACKED_ATTENTION
+        torch.testing.assert_close(sequence_logps(lm, packed), padded_logps, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sequence_logps(lm, padded), padded_logps, atol=1e-6, rtol=1e-6)
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
+    assert use_packed_attention(rm)
     with torch.no_grad():
         torch.testing.assert_close(reward_scores(rm, packed), reward_scores(rm, padded), atol=1e-5, rtol=1e-5)
         # and both equal transformers' own pooling on one unpadded sequence at a time

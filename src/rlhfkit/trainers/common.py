@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from ..engine import Engine, TrainConfig
 from ..errors import ConfigError
 from ..losses import sequence_logprob_sums, token_logprobs
 from ..models import LoraSettings
+from ..models.attention import use_packed_attention
 
 logger = logging.getLogger("rlhfkit")
 
@@ -30,6 +32,11 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
+        # Sequence boundaries in the flash-attention varlen convention; our packed attention uses them too.
+        ends = batch["last_index"].to(torch.int32) + 1
+        cu = torch.cat([ends.new_zeros(1), ends])
+        longest = int((cu[1:] - cu[:-1]).max())
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
     return kwargs
@@ -99,7 +106,9 @@ def supports_packing(model: torch.nn.Module, forward_hidden: bool = False) -> bo
             run = lambda **kw: backbone(**kw).last_hidden_state  # noqa: E731
         else:
             run = lambda **kw: base(**kw).logits  # noqa: E731
-        together = run(input_ids=packed, position_ids=position_ids, use_cache=False)[0, 5:]
+        cu = torch.tensor([0, 5, 9], dtype=torch.int32, device=device)
+        together = run(input_ids=packed, position_ids=position_ids, use_cache=False, cu_seq_lens_q=cu,
+                       cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)[0, 5:]
         alone = run(input_ids=b[None], use_cache=False)[0]
         ok = bool(torch.allclose(together.float(), alone.float(), atol=1e-4, rtol=1e-3))
     except Exception as exc:  # any failure means: fall back to padding
@@ -117,6 +126,8 @@ def resolve_packing(config: TrainConfig, model: torch.nn.Module, reward: bool = 
         raise ConfigError(f"--packing must be auto, on or off, not '{config.packing}'")
     if mode == "off":
         return False
+    use_packed_attention(model)
+    _PACKING_SUPPORT.pop(type(model), None)
     ok = supports_packing(model, forward_hidden=reward)
     if not ok:
         if mode == "on":
@@ -158,3 +169,31 @@ def start_run(config: TrainConfig) -> Engine:
     if config.per_device_batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ConfigError("--per-device-batch-size and --gradient-accumulation-steps must be >= 1")
     return Engine(config)
+
+
+def prepare_datasets(config: TrainConfig, tokenizer, formats: tuple[DataFormat, ...],
+                     prepare: Callable[..., tuple[list, Any]]) -> tuple[list, list, Any]:
+    """Load, check and tokenise --dataset and --eval-dataset; log one report line for each.
+
+    ``prepare(ds, tokenizer, source=...)`` is one of the ``rlhfkit.data.prepare_*`` functions with its
+    length settings bound. Returns (train records, eval records, train report).
+    """
+    train_ds, _ = load_split(config.dataset, config.dataset_split, formats)
+    records, report = prepare(train_ds, tokenizer, source=config.dataset)
+    report.log(logger, config.dataset)
+    eval_records: list = []
+    if config.eval_dataset:
+        eval_ds, _ = load_split(config.eval_dataset, config.eval_split, formats)
+        eval_records, eval_report = prepare(eval_ds, tokenizer, source=config.eval_dataset)
+        eval_report.log(logger, config.eval_dataset)
+    return records, eval_records, report
+
+
+def finish_run(engine: Engine, task: Any, model: torch.nn.Module, records: list, tokenizer,
+               extra: dict[str, Any]) -> dict[str, Any]:
+    """Train, then save the final model and summary.json; returns the summary."""
+    summary = engine.train(task, model, records)
+    summary.update(extra)
+    engine.save_final(engine.trained_model, tokenizer)
+    engine.write_summary(summary)
+    return summary

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from ..errors import ConfigError
 from ..losses import DPO_LOSS_TYPES, dpo_loss
 from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
 from .common import (
+    finish_run,
     iterate_batches,
-    load_split,
     lora_settings,
+    prepare_datasets,
     resolve_packing,
     sequence_logps,
     start_run,
@@ -146,18 +148,10 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
         raise ConfigError(f"--loss-type must be one of {', '.join(DPO_LOSS_TYPES)}, not '{config.loss_type}'")
     engine = start_run(config)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    train_ds, _ = load_split(config.dataset, config.dataset_split, PREFERENCE_FORMATS)
-    groups, report = prepare_preferences(train_ds, tokenizer, config.max_length, config.max_prompt_length,
-                                         source=config.dataset)
-    report.log(logger, config.dataset)
-    records = expand_to_pairs(groups)
-    eval_records: list = []
-    if config.eval_dataset:
-        eval_ds, _ = load_split(config.eval_dataset, config.eval_split, PREFERENCE_FORMATS)
-        eval_groups, eval_report = prepare_preferences(eval_ds, tokenizer, config.max_length,
-                                                       config.max_prompt_length, source=config.eval_dataset)
-        eval_report.log(logger, config.eval_dataset)
-        eval_records = expand_to_pairs(eval_groups)
+    prepare = partial(prepare_preferences, max_length=config.max_length,
+                      max_prompt_length=config.max_prompt_length)
+    groups, eval_groups, report = prepare_datasets(config, tokenizer, PREFERENCE_FORMATS, prepare)
+    records, eval_records = expand_to_pairs(groups), expand_to_pairs(eval_groups)
 
     lora = lora_settings(config)
     model = load_causal_lm(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
@@ -176,8 +170,5 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
                              config.per_device_eval_batch_size, ref_name, engine.device)
         task.ref_model = None
         del ref_model
-    summary = engine.train(task, model, records)
-    summary.update({"train_rows": report.total_rows, "train_pairs": len(records), "packing": packed})
-    engine.save_final(engine.trained_model, tokenizer)
-    engine.write_summary(summary)
-    return summary
+    return finish_run(engine, task, model, records, tokenizer,
+                      {"train_rows": report.total_rows, "train_pairs": len(records), "packing": packed})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,9 +14,10 @@ from ..engine import MetricSums, TrainConfig, arg
 from ..losses import ranked_bradley_terry_loss
 from ..models import load_reward_model, load_tokenizer
 from .common import (
+    finish_run,
     iterate_batches,
-    load_split,
     lora_settings,
+    prepare_datasets,
     resolve_packing,
     reward_scores,
     start_run,
@@ -87,24 +89,14 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     """Train a scalar reward model on preference or ranked data."""
     engine = start_run(config)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    train_ds, _ = load_split(config.dataset, config.dataset_split, PREFERENCE_FORMATS)
-    records, report = prepare_preferences(train_ds, tokenizer, config.max_length, config.max_prompt_length,
-                                          source=config.dataset)
-    report.log(logger, config.dataset)
-    eval_records: list = []
-    if config.eval_dataset:
-        eval_ds, _ = load_split(config.eval_dataset, config.eval_split, PREFERENCE_FORMATS)
-        eval_records, eval_report = prepare_preferences(eval_ds, tokenizer, config.max_length,
-                                                        config.max_prompt_length, source=config.eval_dataset)
-        eval_report.log(logger, config.eval_dataset)
+    prepare = partial(prepare_preferences, max_length=config.max_length,
+                      max_prompt_length=config.max_prompt_length)
+    records, eval_records, report = prepare_datasets(config, tokenizer, PREFERENCE_FORMATS, prepare)
     model = load_reward_model(config.model, lora=lora_settings(config), trust_remote_code=config.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     model.to(engine.device)
     packed = resolve_packing(config, model, reward=True)
     task = RewardTask(tokenizer.pad_token_id, packed, config.center_rewards_coef, eval_records,
                       config.per_device_eval_batch_size)
-    summary = engine.train(task, model, records)
-    summary.update({"train_rows": report.total_rows, "train_groups": len(records), "packing": packed})
-    engine.save_final(engine.trained_model, tokenizer)
-    engine.write_summary(summary)
-    return summary
+    return finish_run(engine, task, model, records, tokenizer,
+                      {"train_rows": report.total_rows, "train_groups": len(records), "packing": packed})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -14,10 +15,11 @@ from ..engine import MetricSums, TrainConfig, arg
 from ..losses import token_logprobs
 from ..models import load_causal_lm, load_tokenizer
 from .common import (
+    finish_run,
     forward_inputs,
     iterate_batches,
-    load_split,
     lora_settings,
+    prepare_datasets,
     resolve_packing,
     start_run,
     to_device,
@@ -78,22 +80,11 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     """Train a causal LM on SFT data; returns the summary written to ``OUTPUT_DIR/summary.json``."""
     engine = start_run(config)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    train_ds, _ = load_split(config.dataset, config.dataset_split, SFT_FORMATS)
-    records, report = prepare_sft(train_ds, tokenizer, config.max_length, config.completion_only_loss,
-                                  source=config.dataset)
-    report.log(logger, config.dataset)
-    eval_records: list = []
-    if config.eval_dataset:
-        eval_ds, _ = load_split(config.eval_dataset, config.eval_split, SFT_FORMATS)
-        eval_records, eval_report = prepare_sft(eval_ds, tokenizer, config.max_length,
-                                                config.completion_only_loss, source=config.eval_dataset)
-        eval_report.log(logger, config.eval_dataset)
+    prepare = partial(prepare_sft, max_length=config.max_length, completion_only_loss=config.completion_only_loss)
+    records, eval_records, report = prepare_datasets(config, tokenizer, SFT_FORMATS, prepare)
     model = load_causal_lm(config.model, lora=lora_settings(config), trust_remote_code=config.trust_remote_code)
     model.to(engine.device)
     packed = resolve_packing(config, model)
     task = SFTTask(tokenizer.pad_token_id, packed, eval_records, config.per_device_eval_batch_size)
-    summary = engine.train(task, model, records)
-    summary.update({"train_rows": report.total_rows, "train_examples": len(records), "packing": packed})
-    engine.save_final(engine.trained_model, tokenizer)
-    engine.write_summary(summary)
-    return summary
+    return finish_run(engine, task, model, records, tokenizer,
+                      {"train_rows": report.total_rows, "train_examples": len(records), "packing": packed})

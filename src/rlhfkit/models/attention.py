@@ -1,0 +1,54 @@
+"""Per-sequence attention for padding-free packed batches on devices without flash-attention varlen.
+
+transformers isolates packed sequences with a block-diagonal mask over the whole packed row, so attention
+costs O(N²) for N packed tokens. This attention function instead runs causal SDPA on each sequence's
+slice (O(Σ nᵢ²)), using the same ``cu_seq_lens_q`` boundaries that flash-attention's varlen kernel takes.
+Without those boundaries (padded batches, generation) it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+PACKED_ATTENTION = "rlhfkit_packed_sdpa"
+
+
+def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """query/key/value: [1, heads, N, head_dim] -> ([1, N, heads, head_dim], None), as transformers expects."""
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = cu_seq_lens.tolist()
+    p = dropout if module.training else 0.0
+    pieces = [
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p,
+                                       is_causal=True, scale=scaling)
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+
+
+def use_packed_attention(model: torch.nn.Module) -> bool:
+    """Switch an SDPA/eager model to per-sequence packed attention; keep flash-attention as it is."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current not in ("sdpa", "eager", None):
+        return False
+    try:
+        model.set_attn_implementation(PACKED_ATTENTION)
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return True
