@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m rlhfkit demo --output-dir runs/demo
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests $(wildcard bench)
 	$(PY) -m pytest -q
 
 # The inner loop: everything but the slow integration tests.
@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -x
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests $(wildcard bench)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
