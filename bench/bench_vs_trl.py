@@ -501,11 +501,16 @@ def run_one(spec: dict, work: Path, timeout: float) -> dict:
     return result
 
 
-def combine(runs: list[dict]) -> dict:
-    """One row from the repeats of a (stage, library): medians of the timings, the largest peak RSS."""
+def combine(runs: list[dict], quiet_threshold: float) -> dict:
+    """One row from the repeats of a (stage, library): medians of the timings, the largest peak RSS.
+
+    Runs that other processes disturbed are left out when at least one undisturbed run exists.
+    """
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return runs[0]
+    quiet = [r for r in ok if r["other_processes_cores"] <= quiet_threshold]
+    ok = quiet or ok
     ok.sort(key=lambda r: r["tokens_per_s"])
     out = dict(ok[len(ok) // 2])  # the median run (the upper one for an even count) gives the other fields
     out.update(
@@ -700,7 +705,8 @@ def build_table(results: list[dict], data: dict, args, info: dict) -> str:
         "tok/s ratio = rlhfkit / TRL (> 1: rlhfkit faster); RSS ratio = rlhfkit / TRL (< 1: rlhfkit leaner). "
         "pad % = padding share of the token positions the model processed."
         + (
-            f" Timings: median of {args.repeats} runs per (stage, library), library order alternating; "
+            f" Timings: median of {args.repeats} runs per (stage, library) (undisturbed runs only, where "
+            "there are any), library order alternating; "
             "peak RSS: the largest."
             if args.repeats > 1
             else ""
@@ -870,7 +876,7 @@ def main(argv=None) -> int:
                         f"{r['peak_rss_mib']:,.0f} MiB  ({r['process_s']:.0f}s in all)",
                         flush=True,
                     )
-        results.extend(combine(stage_runs[lib]) for lib in args.libraries)
+        results.extend(combine(stage_runs[lib], args.quiet_threshold) for lib in args.libraries)
 
     table = build_table(results, data, args, info)
     print("\n" + table)
