@@ -17,6 +17,7 @@ from ..engine import MetricSums, TrainConfig, arg
 from ..errors import ConfigError
 from ..losses import DPO_LOSS_TYPES, dpo_loss
 from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
+from ..models.attention import use_packed_attention
 from .common import (
     finish_run,
     iterate_batches,
@@ -164,6 +165,8 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
         ref_model = load_causal_lm(ref_name, trust_remote_code=config.trust_remote_code).to(engine.device)
         ref_model.eval().requires_grad_(False)
     packed = resolve_packing(config, model)
+    if packed and ref_model is not None:
+        use_packed_attention(ref_model)  # the reference scores the same packed batches
     task = DPOTask(config, tokenizer.pad_token_id, packed, ref_model, eval_records)
     if config.precompute_ref:
         precompute_reference(task, model, [records, eval_records], engine.output_dir / "ref_logps.pt",
