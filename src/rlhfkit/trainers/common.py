@@ -82,14 +82,15 @@ def reward_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor
     return head(picked).squeeze(-1).float()
 
 
-_PACKING_SUPPORT: dict[type, bool] = {}
+_PACKING_SUPPORT: dict[tuple[type, str | None, bool], bool] = {}
 
 
 @torch.no_grad()
 def supports_packing(model: torch.nn.Module, forward_hidden: bool = False) -> bool:
     """Check, once per model class, that packed sequences give the same outputs as separate ones."""
     base = model
-    key = type(base)
+    # the answer depends on the attention implementation too, which resolve_packing may switch
+    key = (type(base), getattr(base.config, "_attn_implementation", None), forward_hidden)
     if key in _PACKING_SUPPORT:
         return _PACKING_SUPPORT[key]
     device = next(base.parameters()).device
@@ -112,7 +113,7 @@ def supports_packing(model: torch.nn.Module, forward_hidden: bool = False) -> bo
         alone = run(input_ids=b[None], use_cache=False)[0]
         ok = bool(torch.allclose(together.float(), alone.float(), atol=1e-4, rtol=1e-3))
     except Exception as exc:  # any failure means: fall back to padding
-        logger.info("packing probe failed for %s: %s", key.__name__, exc)
+        logger.info("packing probe failed for %s: %s", type(base).__name__, exc)
         ok = False
     finally:
         base.train(was_training)
@@ -127,7 +128,6 @@ def resolve_packing(config: TrainConfig, model: torch.nn.Module, reward: bool = 
     if mode == "off":
         return False
     use_packed_attention(model)
-    _PACKING_SUPPORT.pop(type(model), None)
     ok = supports_packing(model, forward_hidden=reward)
     if not ok:
         if mode == "on":
