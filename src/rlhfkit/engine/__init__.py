@@ -2,12 +2,14 @@
 
 from .checkpoint import atomic_dir_write, atomic_write_text, latest_checkpoint, list_checkpoints
 from .config import TrainConfig, arg
-from .loop import Engine, MetricSums, Task, resolve_precision
+from .loop import Engine, MetricSums, StepResult, Task, TrainingError, resolve_precision
 
 __all__ = [
     "Engine",
     "MetricSums",
+    "StepResult",
     "Task",
+    "TrainingError",
     "TrainConfig",
     "arg",
     "atomic_dir_write",

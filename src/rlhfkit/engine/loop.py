@@ -17,13 +17,14 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RlhfkitError
 from .checkpoint import (
     STATE_FILE,
     atomic_dir_write,
@@ -38,6 +39,35 @@ from .config import TrainConfig
 logger = logging.getLogger("rlhfkit")
 
 MetricSums = dict[str, tuple[float, float]]  # name -> (sum, count), averaged over a whole optimizer step
+
+
+class TrainingError(RlhfkitError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer update measured: the loss and metric sums over all its micro-batches."""
+
+    total_weight: float
+    loss_sum: float = 0.0
+    tokens: int = 0
+    grad_norm: float | None = None
+    sums: dict[str, list[float]] = field(default_factory=dict)
+
+    def row(self) -> dict[str, float]:
+        """Step averages: the loss over the step's weight, every metric over its own count."""
+        out = {"loss": self.loss_sum / self.total_weight}
+        if self.grad_norm is not None:
+            out["grad_norm"] = self.grad_norm
+        out.update({name: s / max(c, 1e-12) for name, (s, c) in self.sums.items()})
+        return out
+
+
+def task_postfix(task: Any, row: dict[str, Any]) -> list[str]:
+    """Keys shown on the progress bar: the task's choice (``progress_keys``) or the loss."""
+    keys = getattr(task, "progress_keys", ("loss",)) + ("tokens_per_s",)
+    return [k for k in keys if isinstance(row.get(k), int | float)]
 
 
 class Task(Protocol):
@@ -112,6 +142,7 @@ class Engine:
             logger.info(self.precision_note)
         set_seed(config.seed)
         self._stop_signal: int | None = None
+        self.step = 0  # the step being run (0-based), for messages
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -261,12 +292,86 @@ class Engine:
         return {f"eval_{k}": float(v) for k, v in metrics.items()}
 
     def train(self, task: Task, model: torch.nn.Module, records: Sequence[Any]) -> dict[str, Any]:
-        """Train ``model`` on ``records``; returns the summary (final train and eval metrics)."""
-        cfg = self.config
+        """Train ``model`` on ``records`` (offline data); returns the summary (final train and eval metrics)."""
         if not records:
             raise ConfigError("no training records")
-        accum = max(cfg.gradient_accumulation_steps, 1)
-        total_steps = self.total_steps(len(records))
+        accum = max(self.config.gradient_accumulation_steps, 1)
+        per_epoch = self._micro_batches_per_epoch(len(records))
+        order_cache: dict[int, list[int]] = {}
+
+        def step_fn(step: int) -> tuple[dict[str, Any], int]:
+            batches = [task.collate(self._records_for(records, step * accum + i, order_cache))
+                       for i in range(accum)]
+            result = self.optimizer_step(task, batches)
+            row = {"epoch": round((step + 1) * accum / per_epoch, 4), **result.row()}
+            return row, result.tokens
+
+        return self.run(task, model, self.total_steps(len(records)), step_fn)
+
+    def optimizer_step(self, task: Task, batches: Sequence[dict[str, Any]]) -> StepResult:
+        """One optimizer update over ``batches`` (micro-batches), normalised by their total weight.
+
+        The loss of every micro-batch is a *sum*; dividing all of them by the weight of the whole step (on
+        every rank) makes accumulation and data parallelism equal one large batch exactly. A non-finite loss
+        stops the run before the update touches the weights.
+        """
+        model, optimizer = self.model, self.optimizer
+        batches = [self._to_device(b) for b in batches]
+        local_weight = sum(float(task.batch_weight(b)) for b in batches)
+        total_weight = float(self.accelerator.reduce(torch.tensor(local_weight, device=self.device),
+                                                     reduction="sum"))
+        total_weight = max(total_weight, 1e-12)
+        result = StepResult(total_weight=total_weight)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+            with ctx:
+                with self.accelerator.autocast():
+                    loss_sum, metric_sums = task.compute_loss(model, batch)
+                loss_value = float(loss_sum.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingError(f"{task.name}: the loss became {loss_value} at step {self.step + 1}"
+                                        f"{self._checkpoint_hint()}")
+                # DDP averages gradients over ranks, so scale by world size to get the global mean.
+                self.accelerator.backward(loss_sum * (self.world_size / total_weight))
+            result.loss_sum += loss_value
+            result.tokens += int(batch["num_tokens"])
+            for name, (value, count) in metric_sums.items():
+                acc = result.sums.setdefault(name, [0.0, 0.0])
+                acc[0] += float(value)
+                acc[1] += float(count)
+        if self.config.max_grad_norm > 0:
+            norm = float(self.accelerator.clip_grad_norm_(model.parameters(), self.config.max_grad_norm))
+            if not math.isfinite(norm):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(f"{task.name}: the gradient norm became {norm} at step {self.step + 1}"
+                                    f"{self._checkpoint_hint()}")
+            result.grad_norm = norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.world_size > 1:
+            result.loss_sum = float(self.accelerator.reduce(torch.tensor(result.loss_sum, device=self.device),
+                                                            reduction="sum"))
+        return result
+
+    def _checkpoint_hint(self) -> str:
+        last = latest_checkpoint(self.output_dir)
+        if last is None:
+            return "; no checkpoint was saved yet (use --save-steps)"
+        return f"; the last good checkpoint is {last} (fix the cause, then rerun with --resume)"
+
+    def run(self, task: Task, model: torch.nn.Module, total_steps: int,
+            step_fn: Callable[[int], tuple[dict[str, Any], int]],
+            checkpoint_objects: Sequence[Any] = (), modules: Sequence[torch.nn.Module] = ()) -> dict[str, Any]:
+        """The loop: ``step_fn(step)`` performs step ``step`` (0-based) with :meth:`optimizer_step` and
+        returns its metrics row and the tokens it processed; the engine owns the optimizer, schedule (stepped
+        once per step), resume, evaluation, metrics, progress, checkpoints and signals.
+
+        ``checkpoint_objects`` (anything with state_dict/load_state_dict, e.g. an adaptive KL controller)
+        are saved in every checkpoint and restored on resume. ``modules`` are frozen helpers moved to the
+        device and wrapped for distributed inference as needed (reference and reward models).
+        """
+        cfg = self.config
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
@@ -275,7 +380,10 @@ class Engine:
         # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
         # per process); it is registered so that checkpoints carry it.
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accelerator.register_for_checkpointing(scheduler)
+        for obj in checkpoint_objects:
+            self.accelerator.register_for_checkpointing(obj)
         if self.trackers:
             self.accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.as_dict().items()})
 
@@ -292,6 +400,7 @@ class Engine:
                     logger.info("resumed from %s (step %d of %d)", ckpt, start_step, total_steps)
         elif self.is_main and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
+        self.step = start_step
 
         initial_eval: dict[str, float] = {}
         if cfg.eval_on_start and start_step == 0:
@@ -304,65 +413,27 @@ class Engine:
         bar = tqdm(total=total_steps, initial=start_step, desc=task.name, dynamic_ncols=True,
                    disable=not (cfg.progress_bar and self.is_main))
         previous_handlers = self._install_signal_handlers()
-        per_epoch = self._micro_batches_per_epoch(len(records))
-        order_cache: dict[int, list[int]] = {}
         last: dict[str, Any] = {}
         window_tokens, window_start = 0, time.perf_counter()
         model.train()
         try:
             for step in range(start_step, total_steps):
+                self.step = step
                 t0 = time.perf_counter()
-                batches = [self._to_device(task.collate(self._records_for(records, step * accum + i,
-                                                                          order_cache)))
-                           for i in range(accum)]
-                local_weight = sum(float(task.batch_weight(b)) for b in batches)
-                total_weight = float(self.accelerator.reduce(
-                    torch.tensor(local_weight, device=self.device), reduction="sum"))
-                total_weight = max(total_weight, 1e-12)
-                loss_total = 0.0
-                sums: dict[str, list[float]] = {}
-                step_tokens = 0
-                for i, batch in enumerate(batches):
-                    sync = i == accum - 1
-                    ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
-                    with ctx:
-                        with self.accelerator.autocast():
-                            loss_sum, metric_sums = task.compute_loss(model, batch)
-                        # DDP averages gradients over ranks, so scale by world size to get the global mean.
-                        self.accelerator.backward(loss_sum * (self.world_size / total_weight))
-                    loss_total += float(loss_sum.detach())
-                    step_tokens += int(batch["num_tokens"])
-                    for name, (value, count) in metric_sums.items():
-                        acc = sums.setdefault(name, [0.0, 0.0])
-                        acc[0] += float(value)
-                        acc[1] += float(count)
-                grad_norm = None
-                if cfg.max_grad_norm > 0:
-                    grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                optimizer.step()
+                step_row, step_tokens = step_fn(step)
+                lr = scheduler.get_last_lr()[0]
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 window_tokens += step_tokens
                 bar.update(1)
 
                 if done % max(cfg.logging_steps, 1) == 0 or done == total_steps:
                     elapsed = time.perf_counter() - window_start
-                    row = {
-                        "step": done,
-                        "epoch": round(done * accum / per_epoch, 4),
-                        "loss": loss_total / total_weight if self.world_size == 1 else
-                        float(self.accelerator.reduce(torch.tensor(loss_total, device=self.device),
-                                                      reduction="sum")) / total_weight,
-                        "learning_rate": scheduler.get_last_lr()[0],
-                        "tokens_per_s": window_tokens * self.world_size / max(elapsed, 1e-9),
-                        "step_time_s": time.perf_counter() - t0,
-                    }
-                    if grad_norm is not None:
-                        row["grad_norm"] = grad_norm
-                    row.update({name: s / max(c, 1e-12) for name, (s, c) in sums.items()})
+                    row = {"step": done, **step_row, "learning_rate": lr,
+                           "tokens_per_s": window_tokens * self.world_size / max(elapsed, 1e-9),
+                           "step_time_s": time.perf_counter() - t0}
                     self.log_metrics(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    bar.set_postfix({k: f"{row[k]:.4g}" for k in task_postfix(task, row)})
                     last.update(row)
                     window_tokens, window_start = 0, time.perf_counter()
                 if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != total_steps:
