@@ -20,12 +20,16 @@ logger = logging.getLogger("rlhfkit")
 def _trainers() -> dict[str, tuple[type, Callable[[Any], dict], str]]:
     from .trainers.dpo import DPOConfig, run_dpo
     from .trainers.reward import RewardConfig, run_reward
+    from .trainers.rl import GRPOConfig, PPOConfig, RLOOConfig, run_rl
     from .trainers.sft import SFTConfig, run_sft
 
     return {
         "sft": (SFTConfig, run_sft, "Supervised fine-tuning of a causal LM."),
         "rm": (RewardConfig, run_reward, "Train a Bradley–Terry reward model on preference or ranked data."),
         "dpo": (DPOConfig, run_dpo, "Direct preference optimisation (sigmoid, ipo, hinge, robust)."),
+        "ppo": (PPOConfig, run_rl, "PPO against a reward source on a KL leash to the reference (actor-critic)."),
+        "grpo": (GRPOConfig, run_rl, "GRPO: group-relative advantages over several samples per prompt."),
+        "rloo": (RLOOConfig, run_rl, "RLOO: REINFORCE with a leave-one-out baseline over the group."),
     }
 
 
@@ -118,6 +122,9 @@ commands:
   sft          supervised fine-tuning
   rm           reward model (Bradley–Terry) on preference / ranked data
   dpo          direct preference optimisation
+  ppo          RLHF with PPO (policy + critic) against a reward model, function or endpoint
+  grpo         RL with group-relative advantages (no critic)
+  rloo         RL with a leave-one-out baseline (no critic)
   tiny-model   build a tiny offline model + tokenizer
   demo         a small end-to-end SFT -> RM -> DPO run on a tiny local model
 

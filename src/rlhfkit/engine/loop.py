@@ -157,8 +157,8 @@ class Engine:
     def world_size(self) -> int:
         return self.accelerator.num_processes
 
-    def _micro_batches_per_epoch(self, n_records: int) -> int:
-        global_batch = self.config.per_device_batch_size * self.world_size
+    def _micro_batches_per_epoch(self, n_records: int, batch_size: int | None = None) -> int:
+        global_batch = (batch_size or self.config.per_device_batch_size) * self.world_size
         return max(math.ceil(n_records / global_batch), 1)
 
     def total_steps(self, n_records: int) -> int:
@@ -167,10 +167,11 @@ class Engine:
         micro = self._micro_batches_per_epoch(n_records)
         return max(math.ceil(self.config.num_epochs * micro / self.config.gradient_accumulation_steps), 1)
 
-    def _records_for(self, records: Sequence[Any], micro_index: int, cache: dict[int, list[int]]) -> list:
+    def _records_for(self, records: Sequence[Any], micro_index: int, cache: dict[int, list[int]],
+                     batch_size: int | None = None) -> list:
         """Records of one micro-batch for this rank; the order is a pure function of (seed, epoch)."""
-        b, w = self.config.per_device_batch_size, self.world_size
-        per_epoch = self._micro_batches_per_epoch(len(records))
+        b, w = batch_size or self.config.per_device_batch_size, self.world_size
+        per_epoch = self._micro_batches_per_epoch(len(records), b)
         epoch, pos = divmod(micro_index, per_epoch)
         if epoch not in cache:
             cache.clear()

@@ -1,0 +1,1 @@
+"""Rollouts: generation backends and reward sources."""

@@ -1,0 +1,180 @@
+"""Sampling responses from a policy: a batched decode loop over a KV cache, behind a backend interface.
+
+HF ``generate`` spends most of a small model's decode step in per-token Python (logits processors,
+stopping criteria, cache bookkeeping). The loop here does only what RLHF rollouts need: one forward per
+new token over the cache, temperature / top-k / top-p sampling from a seeded generator, and the
+log-probability of every sampled token under the temperature-scaled policy. Those log-probs are what
+the trainer scores with (same temperature), so they double as PPO's "old" log-probs: the policy is not
+run a second time over its own rollout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["GenerationBackend", "HFGenerationBackend", "Rollout", "SamplingConfig", "filter_logits"]
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled. ``temperature`` also scales the logits whenever the trainer scores them."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    max_new_tokens: int = 64
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("--temperature must be > 0 for RL rollouts (the policy is scored at the same "
+                              "temperature it samples with)")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("--top-k must be >= 0 and --top-p in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens must be >= 1")
+
+
+@dataclass
+class Rollout:
+    """Sampled responses for a batch of prompts (one row per sample, the samples of a prompt adjacent).
+
+    ``response_ids[i]`` is cut after the first EOS (kept) or after the token that completes a stop string;
+    ``ended[i]`` says whether either happened within max_new_tokens. ``logprobs[i, t]`` is
+    log softmax(logits / temperature)[token] for t < len(response_ids[i]) and 0 after.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    ended: list[bool]
+    logprobs: torch.Tensor  # [N, R] float32
+    decode_steps: int = 0
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.response_ids]
+
+
+class GenerationBackend(Protocol):
+    """What a rollout engine provides (HF decode loop here; vLLM plugs in behind the same call)."""
+
+    def generate(self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], num_samples: int,
+                 sampling: SamplingConfig, generator: torch.Generator) -> Rollout:
+        """Sample ``num_samples`` responses per prompt; rows are prompt-major."""
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the top-k and outside the smallest set with probability >= top_p.
+
+    The most likely token always survives. Operates on [N, V] logits already divided by the temperature.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    ids = tokenizer.eos_token_id
+    ids = list(ids) if isinstance(ids, list | tuple) else [ids]
+    return [int(i) for i in ids if i is not None]
+
+
+class HFGenerationBackend:
+    """Batched sampling with a transformers KV cache, prefilling each prompt once for all its samples."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.eos_ids = _eos_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def _stop_hit(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
+        # Only the tail can complete a stop string that was not there one token earlier.
+        longest = max(len(s) for s in stops)
+        tail = self.tokenizer.decode(tokens[-(longest + 2):], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], num_samples: int,
+                 sampling: SamplingConfig, generator: torch.Generator) -> Rollout:
+        from transformers import DynamicCache
+
+        sampling.check()
+        device = next(model.parameters()).device
+        n_prompts, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+        # Left padding puts every prompt's last token in the same column.
+        ids = torch.full((n_prompts, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n_prompts, width), dtype=torch.long)
+        for row, prompt in enumerate(prompt_ids):
+            ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        padded = bool((mask == 0).any())
+
+        was_training = model.training
+        model.eval()
+        try:
+            cache = DynamicCache(config=getattr(model, "config", None))
+            out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1]
+            if num_samples > 1:  # one prefill per prompt, then the cache is copied for each sample
+                cache.batch_repeat_interleave(num_samples)
+                logits = logits.repeat_interleave(num_samples, dim=0)
+                mask = mask.repeat_interleave(num_samples, dim=0)
+            n, steps = logits.shape[0], sampling.max_new_tokens
+            next_position = mask.sum(-1, keepdim=True)
+            attention = torch.cat([mask, mask.new_ones((n, steps))], dim=1) if padded else None
+            tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
+            logps = torch.zeros((n, steps), dtype=torch.float32, device=device)
+            lengths = torch.full((n,), steps, dtype=torch.long, device=device)
+            done = torch.zeros(n, dtype=torch.bool, device=device)
+            eos = torch.as_tensor(self.eos_ids, device=device)
+            stops = tuple(s for s in sampling.stop_strings if s)
+            step = 0
+            for step in range(steps):
+                scaled = logits.float() / sampling.temperature
+                logp_all = torch.log_softmax(scaled, dim=-1)
+                filtered = filter_logits(scaled, sampling.top_k, sampling.top_p)
+                probs = torch.softmax(filtered, dim=-1)
+                sampled = torch.multinomial(probs.cpu() if probs.device.type != "cpu" else probs, 1,
+                                            generator=generator).to(device).squeeze(-1)
+                sampled = torch.where(done, torch.full_like(sampled, self.pad_id), sampled)
+                tokens[:, step] = sampled
+                logps[:, step] = torch.where(done, 0.0, logp_all.gather(-1, sampled[:, None]).squeeze(-1))
+                finished = ~done & torch.isin(sampled, eos)
+                if stops:
+                    for row in (~done & ~finished).nonzero().flatten().tolist():
+                        if self._stop_hit(tokens[row, :step + 1].tolist(), stops):
+                            finished[row] = True
+                lengths = torch.where(finished, step + 1, lengths)
+                done |= finished
+                if step == steps - 1 or bool(done.all()):
+                    break
+                out = model(input_ids=sampled[:, None],
+                            attention_mask=attention[:, :width + step + 1] if padded else None,
+                            position_ids=next_position + step, past_key_values=cache, use_cache=True)
+                logits = out.logits[:, -1]
+        finally:
+            model.train(was_training)
+
+        lengths_list = lengths.tolist()
+        token_rows = tokens.tolist()
+        responses = [row[:length] for row, length in zip(token_rows, lengths_list)]
+        ended = done.tolist()
+        prompts = [list(p) for p in prompt_ids for _ in range(num_samples)]
+        return Rollout(prompts, responses, ended, logps[:, :max(lengths_list)].float().cpu(), step + 1)

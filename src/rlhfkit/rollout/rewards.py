@@ -1,0 +1,478 @@
+"""Reward sources for RL trainers: a local reward model, a Python function, an HTTP server, or an ensemble.
+
+Every source has a ``name`` (used in messages and logs) and ``score(batch) -> Tensor``: float32 of shape
+[N] on the CPU, one scalar per response, in the batch's order.
+
+Non-finite scores (NaN, +-inf) from a function, a server or a model are returned as they are: the trainer
+checks every reward for NaN/inf and stops with a message that names the source. Ensembles propagate
+them (the mean, min or std of anything with a NaN is NaN).
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import logging
+import math
+import numbers
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ..data.collate import pad_batch
+from ..errors import ConfigError, ModelError, RlhfkitError
+from ..models.loading import load_reward_model, load_tokenizer, tokenizers_match
+
+logger = logging.getLogger("rlhfkit")
+
+__all__ = [
+    "REWARD_ENSEMBLES",
+    "EnsembleReward",
+    "FunctionReward",
+    "HTTPReward",
+    "ModelReward",
+    "RewardSource",
+    "ScoringBatch",
+    "build_reward_source",
+    "load_reward_function",
+]
+
+REWARD_ENSEMBLES = ("mean", "min", "mean_minus_std")
+API_KEY_ENV = "RLHFKIT_REWARD_API_KEY"
+RETRY_AFTER_CAP_S = 60.0
+
+
+@dataclass
+class ScoringBatch:
+    """What a reward source sees of a batch of rollouts (all lists have one entry per response)."""
+
+    prompts: list[str]  # prompt text as the policy saw it (already chat-rendered)
+    responses: list[str]  # decoded response text, special tokens stripped, no padding
+    prompt_ids: list[list[int]]  # policy-tokenizer ids of each prompt
+    response_ids: list[list[int]]  # policy-tokenizer ids of each response; ends with EOS iff the response ended
+    ended: list[bool]  # whether each response produced EOS / a stop string
+
+    def __post_init__(self) -> None:
+        n = len(self.responses)
+        sizes = {"prompts": len(self.prompts), "prompt_ids": len(self.prompt_ids),
+                 "response_ids": len(self.response_ids), "ended": len(self.ended)}
+        wrong = {k: v for k, v in sizes.items() if v != n}
+        if wrong:
+            raise ValueError(f"ScoringBatch: {n} responses but " + ", ".join(f"{v} {k}" for k, v in wrong.items()))
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    name: str
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        """float32 [N] on CPU, one scalar per response."""
+        ...
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
+def _as_scores(values: Any, n: int, who: str) -> torch.Tensor:
+    """Check that ``values`` is a 1-D sequence of ``n`` numbers and return it as float32 [n] on the CPU.
+
+    Accepts a list or tuple of numbers (bools, numpy scalars and one-element tensors included), a numpy
+    array or a tensor. Non-finite values pass through. ``who`` starts every error message.
+    """
+    if torch.is_tensor(values):
+        if values.is_complex():
+            raise RlhfkitError(f"{who} returned a complex tensor; expected real numbers")
+        if values.dim() != 1:
+            raise RlhfkitError(f"{who} returned a tensor of shape {tuple(values.shape)}; expected shape ({n},)")
+        scores = values.detach().to("cpu", torch.float32)
+    elif isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise RlhfkitError(f"{who} returned an array of shape {values.shape}; expected shape ({n},)")
+        if values.dtype.kind == "O":
+            return _as_scores(values.tolist(), n, who)
+        if values.dtype.kind not in "biuf":
+            raise RlhfkitError(f"{who} returned an array of dtype {values.dtype}; expected numbers")
+        scores = torch.from_numpy(values.astype(np.float32))
+    elif isinstance(values, (list, tuple)):
+        floats = []
+        for i, value in enumerate(values):
+            if torch.is_tensor(value) and value.numel() == 1 and not value.is_complex():
+                value = value.item()
+            elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
+                value = value.item()
+            if not isinstance(value, (bool, numbers.Real)):
+                raise RlhfkitError(f"{who} returned a non-number at index {i}: {_one_line(repr(value), 60)} "
+                                   f"({type(value).__name__})")
+            floats.append(float(value))
+        scores = torch.tensor(floats, dtype=torch.float32)
+    else:
+        raise RlhfkitError(f"{who} returned {type(values).__name__}; expected a list, tuple, numpy array or "
+                           f"tensor of {n} numbers")
+    if scores.shape[0] != n:
+        raise RlhfkitError(f"{who} returned {scores.shape[0]} scores for {n} responses")
+    return scores
+
+
+class ModelReward:
+    """A frozen sequence-classification reward model run locally; the score is read at the last token.
+
+    ``model_name_or_path`` is a hub id / folder (loaded with its own tokenizer unless ``tokenizer`` is
+    given) or an already loaded model (its tokenizer is ``tokenizer``, or the policy's when None). The
+    model is put in eval mode with ``requires_grad`` off and moved to ``device``.
+
+    When the reward model's tokenizer matches the policy's, ``prompt_ids + response_ids`` are scored as
+    they are. Otherwise the text is re-tokenised: ``rm_tok(prompt).input_ids`` (with its special tokens;
+    a doubled BOS, from a prompt whose text already starts with the BOS string, is dropped once) +
+    ``rm_tok(response, add_special_tokens=False).input_ids`` + the RM's EOS when the response ended.
+
+    Sequences longer than the model's ``max_position_embeddings`` keep their last tokens (the end of the
+    prompt and the response); ``num_truncated`` counts them and the first one is logged as a warning.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | torch.nn.Module,
+        policy_tokenizer,
+        device: torch.device | str = "cpu",
+        batch_size: int = 16,
+        tokenizer=None,
+        trust_remote_code: bool = False,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"reward model batch size must be >= 1, not {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        if isinstance(model_name_or_path, torch.nn.Module):
+            model = model_name_or_path
+            config = getattr(model, "config", None)
+            self.name = getattr(config, "_name_or_path", "") or type(model).__name__
+            rm_tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
+        else:
+            path = str(model_name_or_path)
+            self.name = path
+            rm_tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
+                path, trust_remote_code=trust_remote_code)
+            model = load_reward_model(path, trust_remote_code=trust_remote_code,
+                                      pad_token_id=rm_tokenizer.pad_token_id)
+            architectures = getattr(model.config, "architectures", None) or []
+            if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+                logger.warning("reward model '%s' is a %s checkpoint: its score head is freshly initialised "
+                               "(random rewards)", path, architectures[0])
+        num_labels = getattr(getattr(model, "config", None), "num_labels", 1)
+        if num_labels != 1:
+            raise ModelError(f"reward model '{self.name}' has {num_labels} outputs; a reward model needs exactly 1")
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model.to(self.device)
+        self.tokenizer = rm_tokenizer
+        self.pad_token_id = rm_tokenizer.pad_token_id
+        self.retokenize = not tokenizers_match(policy_tokenizer, rm_tokenizer)
+        self.max_length: int | None = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.num_truncated = 0
+        self._warned_truncation = False
+        if self.retokenize:
+            logger.info("reward model '%s' uses a different tokenizer than the policy (vocab %d vs %d): "
+                        "re-tokenising prompt and response text for it", self.name, len(rm_tokenizer),
+                        len(policy_tokenizer))
+
+    def _sequences(self, batch: ScoringBatch) -> list[list[int]]:
+        if self.retokenize:
+            tok = self.tokenizer
+            prompts = tok(list(batch.prompts)).input_ids
+            responses = tok(list(batch.responses), add_special_tokens=False).input_ids
+            bos = tok.bos_token_id
+            sequences = []
+            for prompt, response, ended in zip(prompts, responses, batch.ended):
+                prompt = list(prompt)
+                if bos is not None and len(prompt) >= 2 and prompt[0] == prompt[1] == bos:
+                    prompt = prompt[1:]
+                sequences.append(prompt + list(response) + ([tok.eos_token_id] if ended else []))
+        else:
+            sequences = [list(p) + list(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+        for i, seq in enumerate(sequences):
+            if not seq:
+                raise RlhfkitError(f"reward model '{self.name}': response {i} and its prompt are both empty")
+            if self.max_length and len(seq) > self.max_length:
+                if not self._warned_truncation:
+                    logger.warning("reward model '%s': a %d-token sequence exceeds its %d positions; keeping the "
+                                   "last %d tokens (later ones are counted, not logged)", self.name, len(seq),
+                                   self.max_length, self.max_length)
+                    self._warned_truncation = True
+                self.num_truncated += 1
+                sequences[i] = seq[-self.max_length:]
+        return sequences
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        from ..trainers.common import reward_scores, to_device  # lazy: the trainers package imports rollouts
+
+        n = len(batch.responses)
+        out = torch.zeros(n, dtype=torch.float32)
+        if n == 0:
+            return out
+        sequences = self._sequences(batch)
+        order = sorted(range(n), key=lambda i: len(sequences[i]))  # similar lengths together: less padding
+        with torch.no_grad():
+            for start in range(0, n, self.batch_size):
+                rows = order[start:start + self.batch_size]
+                chunk = [sequences[i] for i in rows]
+                padded = pad_batch(chunk, [[0] * len(s) for s in chunk], self.pad_token_id)
+                scores = reward_scores(self.model, to_device(padded, self.device))
+                out[torch.as_tensor(rows)] = scores.detach().to("cpu", torch.float32)
+        return out
+
+
+class FunctionReward:
+    """A Python function ``fn(prompts, responses) -> sequence of numbers`` (one per response).
+
+    The result may be a list, tuple, numpy array or tensor; a wrong length or a non-number raises a
+    one-line RlhfkitError naming the function. Exceptions raised inside ``fn`` propagate unchanged, with
+    their traceback. NaN/inf are returned as they are (the trainer checks for them).
+    """
+
+    def __init__(self, fn: Callable[[list[str], list[str]], Any], name: str):
+        if not callable(fn):
+            raise ConfigError(f"reward function '{name}' is not callable")
+        self.fn = fn
+        self.name = name
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        n = len(batch.responses)
+        if n == 0:
+            return torch.zeros(0, dtype=torch.float32)
+        result = self.fn(list(batch.prompts), list(batch.responses))
+        return _as_scores(result, n, f"reward function '{self.name}'")
+
+
+def load_reward_function(spec: str) -> FunctionReward:
+    """Load ``path/to/file.py:function`` as a FunctionReward named ``spec``.
+
+    The file is imported as a fresh module (its folder is not added to ``sys.path``).
+    """
+    path_text, sep, func_name = spec.strip().rpartition(":")
+    if not sep or not path_text or not func_name.strip():
+        raise ConfigError(f"reward function '{spec}': expected path/to/file.py:function_name")
+    func_name = func_name.strip()
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"reward function file '{path_text}' does not exist")
+    module_name = f"_rlhfkit_reward_fn_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"reward function file '{path_text}' cannot be imported (is it a .py file?)")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # so dataclasses / pickling inside the file work
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ConfigError(f"reward function file '{path_text}' failed to import: {type(exc).__name__}: "
+                          f"{_one_line(exc)}") from exc
+    if not hasattr(module, func_name):
+        raise ConfigError(f"reward function file '{path_text}' has no function '{func_name}'")
+    fn = getattr(module, func_name)
+    if not callable(fn):
+        raise ConfigError(f"'{func_name}' in reward function file '{path_text}' is a {type(fn).__name__}, "
+                          "not a function")
+    return FunctionReward(fn, name=spec.strip())
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds from a numeric Retry-After header, capped at RETRY_AFTER_CAP_S; None when absent/not numeric."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:  # an HTTP date: fall back to exponential back-off
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, RETRY_AFTER_CAP_S)
+
+
+class HTTPReward:
+    """A reward server: POST ``{"prompts": [...], "responses": [...]}`` as JSON, in chunks of ``batch_size``.
+
+    The reply is ``{"scores": [...]}``, ``{"rewards": [...]}`` or a bare JSON list, one number per
+    response. Connection errors, timeouts, HTTP 429 and 5xx are retried up to ``max_retries`` times,
+    waiting ``backoff * 2**k`` seconds (0.5, 1, 2, ...) or, for a 429 with a numeric Retry-After header,
+    that many seconds (at most 60). Any other 4xx fails at once. ``Authorization: Bearer
+    $RLHFKIT_REWARD_API_KEY`` is sent when that variable is set at construction (an Authorization entry
+    in ``headers`` wins). Only the standard library is used.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        batch_size: int = 64,
+        headers: dict[str, str] | None = None,
+        *,
+        backoff: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigError(f"reward URL '{url}' must start with http:// or https://")
+        if timeout <= 0 or max_retries < 0 or batch_size < 1:
+            raise ConfigError(f"reward URL '{url}': need timeout > 0, max_retries >= 0 and batch_size >= 1")
+        self.url = url
+        self.name = url
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.batch_size = int(batch_size)
+        self.backoff = float(backoff)
+        self._sleep = sleep
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(API_KEY_ENV)
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.headers.update(headers or {})
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        n = len(batch.responses)
+        parts = [torch.zeros(0, dtype=torch.float32)]
+        for start in range(0, n, self.batch_size):
+            prompts = list(batch.prompts[start:start + self.batch_size])
+            responses = list(batch.responses[start:start + self.batch_size])
+            parts.append(self._parse(self._post(prompts, responses), len(responses)))
+        return torch.cat(parts)
+
+    def _post(self, prompts: list[str], responses: list[str]) -> bytes:
+        body = json.dumps({"prompts": prompts, "responses": responses}).encode("utf-8")
+        attempts = self.max_retries + 1
+        problem = "no attempt made"
+        for attempt in range(1, attempts + 1):
+            request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+            wait = None
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                    return reply.read()
+            except urllib.error.HTTPError as exc:
+                try:
+                    detail = _one_line(exc.read().decode("utf-8", "replace"), 120)
+                except Exception:  # the body is only for the message
+                    detail = ""
+                finally:
+                    exc.close()
+                problem = f"HTTP {exc.code} {exc.reason}" + (f" ({detail})" if detail else "")
+                if exc.code == 429:
+                    wait = _retry_after(exc.headers)
+                elif exc.code < 500:
+                    raise RlhfkitError(f"reward server {self.url}: {problem}; not retried (attempt {attempt} "
+                                       f"of {attempts})") from None
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, DNS, timeouts
+                problem = self._describe(exc)
+            if attempt < attempts:
+                self._sleep(wait if wait is not None else self.backoff * 2 ** (attempt - 1))
+        raise RlhfkitError(f"reward server {self.url}: {problem}; gave up after {attempts} attempts")
+
+    def _describe(self, exc: BaseException) -> str:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, TimeoutError):
+            return f"timed out after {self.timeout:g} s"
+        text = _one_line(reason, 120)
+        return f"{type(reason).__name__}: {text}" if isinstance(reason, BaseException) else text
+
+    def _parse(self, raw: bytes, n: int) -> torch.Tensor:
+        who = f"reward server {self.url}"
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            text = _one_line(raw.decode("utf-8", "replace"), 80)
+            raise RlhfkitError(f"{who}: reply is not JSON: {text!r}") from None
+        if isinstance(data, dict):
+            key = next((k for k in ("scores", "rewards") if k in data), None)
+            if key is None:
+                raise RlhfkitError(f"{who}: reply has no 'scores' or 'rewards' key (keys: "
+                                   f"{_one_line(', '.join(map(str, data)), 80)})")
+            data = data[key]
+        if not isinstance(data, list):
+            raise RlhfkitError(f"{who}: expected a JSON list of scores, got {type(data).__name__}")
+        return _as_scores(data, n, who)
+
+
+class EnsembleReward:
+    """Combine several sources: ``mean``, elementwise ``min``, or ``mean_minus_std`` = mean - std_coef * std.
+
+    The std is over the sources for each response, with ``unbiased=False`` (divide by the number of
+    sources) so that two sources give half their absolute difference rather than an inflated value.
+    ``last_scores`` holds each source's scores from the latest call (aligned with ``sources``) for logging.
+    """
+
+    def __init__(self, sources: Sequence[RewardSource], reduce: str = "mean", std_coef: float = 1.0):
+        if reduce not in REWARD_ENSEMBLES:
+            raise ConfigError(f"reward ensemble '{reduce}' is not one of: {', '.join(REWARD_ENSEMBLES)}")
+        if not sources:
+            raise ConfigError("a reward ensemble needs at least one source")
+        self.sources = list(sources)
+        self.reduce = reduce
+        self.std_coef = float(std_coef)
+        self.name = f"{reduce}({', '.join(s.name for s in self.sources)})"
+        self.last_scores: list[torch.Tensor] = []
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        n = len(batch.responses)
+        per_source = []
+        for source in self.sources:
+            scores = source.score(batch)
+            if not torch.is_tensor(scores) or tuple(scores.shape) != (n,):
+                shape = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
+                raise RlhfkitError(f"reward source '{source.name}' returned {shape} for {n} responses; "
+                                   f"expected a tensor of shape ({n},)")
+            per_source.append(scores.detach().to("cpu", torch.float32))
+        self.last_scores = per_source
+        stacked = torch.stack(per_source)  # [S, N]
+        if self.reduce == "mean":
+            return stacked.mean(0)
+        if self.reduce == "min":
+            return stacked.min(0).values
+        return stacked.mean(0) - self.std_coef * stacked.std(0, unbiased=False)
+
+
+def build_reward_source(
+    reward_models: Sequence[str] | None,
+    reward_fns: Sequence[str] | None,
+    reward_urls: Sequence[str] | None,
+    policy_tokenizer,
+    device: torch.device | str = "cpu",
+    ensemble: str = "mean",
+    std_coef: float = 1.0,
+    batch_size: int = 16,
+    trust_remote_code: bool = False,
+) -> RewardSource:
+    """One source per --reward-model / --reward-fn / --reward-url; one is returned bare, several ensembled
+    (in that order: models, functions, URLs).
+
+    ``batch_size`` is the reward models' forward batch size (HTTP sources use their own default chunking).
+    """
+    if ensemble not in REWARD_ENSEMBLES:
+        raise ConfigError(f"reward ensemble '{ensemble}' is not one of: {', '.join(REWARD_ENSEMBLES)}")
+    models, fns, urls = list(reward_models or []), list(reward_fns or []), list(reward_urls or [])
+    if not (models or fns or urls):
+        raise ConfigError("give a reward source: --reward-model, --reward-fn or --reward-url")
+    fn_sources = [load_reward_function(spec) for spec in fns]  # cheap checks before any model loads
+    url_sources = [HTTPReward(url) for url in urls]
+    sources: list[RewardSource] = [ModelReward(path, policy_tokenizer, device=device, batch_size=batch_size,
+                                               trust_remote_code=trust_remote_code) for path in models]
+    sources += fn_sources + url_sources
+    if len(sources) == 1:
+        return sources[0]
+    return EnsembleReward(sources, reduce=ensemble, std_coef=std_coef)

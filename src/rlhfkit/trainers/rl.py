@@ -1,0 +1,626 @@
+"""Online RL against a reward source on a KL leash to the reference: PPO, GRPO and RLOO in one trainer.
+
+One step = one rollout + one update phase:
+  1. sample G responses for each of P prompts (KV-cache decode; the sampling log-probs are kept as the
+     "old" log-probs, so the policy never re-scores its own rollout);
+  2. score them (reward model, function, HTTP, ensemble), optionally normalise / clip, penalise missing EOS;
+  3. one reference forward gives per-token KL = estimator(log π − log π_ref);
+  4. advantages: PPO -> GAE over per-token rewards r_t = −β·KL_t (+ score at the last token) with a critic;
+     GRPO / RLOO -> a group baseline over the G samples of each prompt (no critic);
+  5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches, each one optimizer step of the shared engine
+     (micro-batches of ``per_device_batch_size`` sequences, exact normalisation), stopping early when the
+     approximate KL to the rollout policy passes ``approx_kl_stop``;
+  6. the adaptive controller moves β toward ``kl_target``.
+The algorithms differ only in configuration defaults and in step 4: there is one loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..data import PROMPT_FORMATS, pack_batch, pad_batch, prepare_prompts
+from ..engine import Engine, MetricSums, StepResult, TrainConfig, TrainingError, arg
+from ..errors import ConfigError
+from ..losses import (
+    GROUP_ADVANTAGE_TYPES,
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    RunningMoments,
+    approx_kl,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae,
+    group_advantages,
+    kl_penalty,
+    whiten,
+)
+from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
+from ..models.attention import use_packed_attention
+from ..rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
+from ..rollout.rewards import REWARD_ENSEMBLES, ScoringBatch, build_reward_source
+from .common import _reward_parts, forward_inputs, lora_settings, prepare_datasets, resolve_packing, start_run
+
+logger = logging.getLogger("rlhfkit")
+
+ADVANTAGE_TYPES = ("gae",) + GROUP_ADVANTAGE_TYPES
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
+KL_MODES = ("reward", "loss")
+CRITICS = ("value_head", "reward_model")
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """Settings shared by ``rlhfkit ppo``, ``grpo`` and ``rloo`` (they differ in defaults only)."""
+
+    # data and batch shape
+    max_prompt_length: int | None = arg(256, "Longest prompt in tokens (prompts keep their end).")
+    prompts_per_step: int = arg(8, "Prompts sampled per step on each device.")
+    num_generations: int = arg(1, "Responses sampled per prompt (the group size of GRPO / RLOO).")
+    per_device_batch_size: int = arg(8, "Sequences per micro-batch in the update.")
+    num_minibatches: int = arg(1, "Optimizer steps per pass over a rollout (the rollout is split in this many).")
+    ppo_epochs: int = arg(1, "Passes over each rollout.")
+    learning_rate: float = arg(1e-6, "Peak learning rate (AdamW).")
+    lr_scheduler_type: str = arg("constant", "LR schedule after warm-up (stepped once per rollout).")
+    # sampling
+    temperature: float = arg(1.0, "Sampling temperature; the policy is also scored at this temperature.")
+    top_k: int = arg(0, "Sample from the k most likely tokens (0 = off).")
+    top_p: float = arg(1.0, "Nucleus sampling mass (1.0 = off).")
+    max_new_tokens: int = arg(64, "Longest response in tokens.")
+    stop_strings: str = arg("", "Comma-separated strings that end a response (kept, text after cut).")
+    missing_eos_penalty: float = arg(0.0, "Subtracted from the score of a response that did not end (no EOS "
+                                     "or stop string within --max-new-tokens).")
+    # reward
+    reward_model: str | None = arg(None, "Reward model(s): hub id or path, comma-separated for an ensemble.")
+    reward_fn: str | None = arg(None, "Reward function(s) 'path/to/file.py:function', comma-separated; called "
+                                "as function(prompts, responses) -> list of floats.")
+    reward_url: str | None = arg(None, "HTTP reward endpoint(s) (POST {prompts, responses} -> {scores}).")
+    reward_ensemble: str = arg("mean", f"How several reward sources combine: {', '.join(REWARD_ENSEMBLES)}.")
+    reward_std_coef: float = arg(1.0, "k in mean − k·std for --reward-ensemble mean_minus_std.")
+    reward_batch_size: int = arg(16, "Sequences per reward-model forward.")
+    reward_normalize: bool = arg(False, "Normalise scores by a running mean/std (saved in checkpoints).")
+    reward_clip: float = arg(0.0, "Clip (normalised) scores to [−c, c]; 0 = off.")
+    # KL leash
+    ref_model: str | None = arg(None, "Reference model (default: --model). With LoRA the reference is the "
+                                "policy with its adapters disabled.")
+    kl_coef: float = arg(0.05, "β: weight of the KL penalty (initial value when --kl-target is set).")
+    kl_estimator: str = arg("k1", f"Per-token KL estimator: {', '.join(KL_ESTIMATORS)} (k1 = log π − log "
+                            "π_ref, unbiased; k3 = always ≥ 0, lower variance).")
+    kl_mode: str = arg("reward", "Where the KL goes: 'reward' (per-token penalty in the reward, classic "
+                       "RLHF) or 'loss' (β·KL added to the loss, as GRPO does).")
+    kl_target: float | None = arg(None, "Adaptive β (Ziegler et al.): target KL per response; unset = fixed β.")
+    kl_horizon: int = arg(10000, "Adaptive β horizon in samples.")
+    # advantages and losses
+    advantage: str = arg("gae", f"Advantage estimator: {', '.join(ADVANTAGE_TYPES)}.")
+    gamma: float = arg(1.0, "GAE discount γ.")
+    lam: float = arg(0.95, "GAE λ.")
+    whiten_advantages: bool = arg(True, "Whiten advantages over the rollout (mean 0, std 1).")
+    clip_eps: float = arg(0.2, "PPO ratio clip ε.")
+    clip_eps_high: float | None = arg(None, "Upper ratio clip (DAPO clip-higher); default = --clip-eps.")
+    loss_aggregation: str = arg("token_mean", "token_mean (every token of the minibatch equal; DAPO), "
+                                "sequence_mean (mean per response, then over responses; GRPO) or dr_grpo "
+                                "(token sum / max_new_tokens per response).")
+    critic: str = arg("value_head", "PPO critic: value_head (a linear head on the policy's backbone) or "
+                      "reward_model (a separate value model initialised from the first --reward-model).")
+    vf_coef: float = arg(0.1, "Weight of the value loss.")
+    value_clip: float = arg(0.2, "Clip range of the value loss around the rollout's values (0 = off).")
+    entropy_coef: float = arg(0.0, "Entropy bonus weight.")
+    approx_kl_stop: float | None = arg(None, "Stop the PPO epochs of a rollout once the approximate KL to the "
+                                       "rollout policy exceeds this.")
+    # logging
+    sample_steps: int = arg(10, "Write a few samples to OUTPUT_DIR/samples.jsonl every N steps.")
+    num_logged_samples: int = arg(4, "Samples written each time.")
+    eval_num_generations: int = arg(1, "Responses per eval prompt.")
+
+    algorithm = "ppo"
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    ppo_epochs: int = arg(4, "Passes over each rollout.")
+    learning_rate: float = arg(3e-6, "Peak learning rate (AdamW).")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    num_generations: int = arg(8, "Responses sampled per prompt (the group size).")
+    prompts_per_step: int = arg(1, "Prompts sampled per step on each device.")
+    advantage: str = arg("grpo", f"Advantage estimator: {', '.join(ADVANTAGE_TYPES)}.")
+    kl_mode: str = arg("loss", "Where the KL goes: 'loss' (β·KL in the loss, GRPO) or 'reward'.")
+    kl_estimator: str = arg("k3", f"Per-token KL estimator: {', '.join(KL_ESTIMATORS)}.")
+    kl_coef: float = arg(0.04, "β: weight of the KL term.")
+    whiten_advantages: bool = arg(False, "Whiten advantages over the rollout (the group baseline already "
+                                  "centres them).")
+    loss_aggregation: str = arg("sequence_mean", "token_mean (DAPO), sequence_mean (GRPO) or dr_grpo.")
+
+    algorithm = "grpo"
+
+
+@dataclass
+class RLOOConfig(RLConfig):
+    num_generations: int = arg(8, "Responses sampled per prompt (the group size, ≥ 2).")
+    prompts_per_step: int = arg(1, "Prompts sampled per step on each device.")
+    advantage: str = arg("rloo", f"Advantage estimator: {', '.join(ADVANTAGE_TYPES)}.")
+    whiten_advantages: bool = arg(False, "Whiten advantages over the rollout.")
+    loss_aggregation: str = arg("token_mean", "token_mean, sequence_mean or dr_grpo.")
+
+    algorithm = "rloo"
+
+
+def _check(config: RLConfig) -> None:
+    choices = {"kl_estimator": KL_ESTIMATORS, "kl_mode": KL_MODES, "advantage": ADVANTAGE_TYPES,
+               "loss_aggregation": LOSS_AGGREGATIONS, "critic": CRITICS, "reward_ensemble": REWARD_ENSEMBLES}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                              f"not '{getattr(config, name)}'")
+    if config.advantage in ("grpo", "rloo") and config.num_generations < 2:
+        raise ConfigError(f"--advantage {config.advantage} needs --num-generations >= 2 (a group baseline)")
+    for name in ("prompts_per_step", "num_generations", "num_minibatches", "ppo_epochs", "max_new_tokens"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if config.prompts_per_step * config.num_generations < config.num_minibatches:
+        raise ConfigError("--num-minibatches is larger than the number of sequences per rollout")
+    if config.kl_coef < 0:
+        raise ConfigError("--kl-coef must be >= 0")
+
+
+class ActorCritic(torch.nn.Module):
+    """The trained modules: the policy and, for PPO, a critic (value head on the policy, or a value model).
+
+    ``forward`` returns (logits, values-or-None) so distributed wrappers see a single forward call.
+    """
+
+    def __init__(self, policy: torch.nn.Module, critic: str | None, value_model: torch.nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.critic_kind = critic
+        self.value_head = None
+        self.value_model = value_model
+        if critic == "value_head":
+            hidden = policy.get_input_embeddings().embedding_dim
+            self.value_head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.zeros_(self.value_head.weight)  # values start at 0: no random critic noise
+            torch.nn.init.zeros_(self.value_head.bias)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.policy.gradient_checkpointing_enable(**kwargs)
+        if self.value_model is not None:
+            self.value_model.gradient_checkpointing_enable(**kwargs)
+
+    def forward(self, batch: dict[str, Any], with_logits: bool = True) -> tuple[torch.Tensor | None,
+                                                                                  torch.Tensor | None]:
+        inputs = forward_inputs(batch)
+        logits = values = None
+        if with_logits or self.value_head is not None:
+            out = self.policy(**inputs, output_hidden_states=self.value_head is not None)
+            logits = out.logits
+            if self.value_head is not None:
+                values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        if self.value_model is not None:
+            backbone, head = _reward_parts(self.value_model)
+            values = head(backbone(**inputs).last_hidden_state).squeeze(-1)
+        return logits, values
+
+
+def response_positions(batch: dict[str, Any]) -> torch.Tensor:
+    """Boolean [B, T-1]: which "position t-1 predicts token t" slots score a response token."""
+    return batch["loss_mask"][:, 1:] > 0
+
+
+def response_logps(logits: torch.Tensor, batch: dict[str, Any], temperature: float) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """Log-probs of the response tokens at ``temperature``, flat [n] in (sequence, position) order, and the
+    selected predicting logits [n, V] (for the entropy). Prompt positions are never touched."""
+    select = response_positions(batch)
+    picked = logits[:, :-1][select].float()
+    if temperature != 1.0:
+        picked = picked / temperature
+    targets = batch["input_ids"][:, 1:][select]
+    logps = picked.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    return logps, picked
+
+
+def token_sequence_ids(batch: dict[str, Any]) -> torch.Tensor:
+    """Which sequence of the batch each flat response token belongs to: [n] long."""
+    select = response_positions(batch)
+    if "sequence_index" in batch:
+        return batch["sequence_index"][:, 1:][select]
+    rows = torch.arange(select.shape[0], device=select.device)[:, None].expand_as(select)
+    return rows[select]
+
+
+def _split_rows(flat: torch.Tensor, lengths: list[int], width: int) -> torch.Tensor:
+    """Flat per-token values (sequence-major) -> [N, width] response-aligned, zero-padded."""
+    out = flat.new_zeros((len(lengths), width))
+    mask = torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
+    out[mask] = flat
+    return out
+
+
+class RLTask:
+    """The per-minibatch loss for the engine (``Task`` protocol) plus the rollout side of a step."""
+
+    name = "rl"
+    progress_keys = ("reward_mean", "kl", "beta")
+
+    def __init__(self, config: RLConfig, tokenizer: Any, packed: bool, ref_model: torch.nn.Module | None,
+                 reward, backend: HFGenerationBackend, eval_prompts: list[dict]):
+        self.config, self.tokenizer, self.packed = config, tokenizer, packed
+        self.name = config.algorithm
+        self.ref_model = ref_model  # None: policy with adapters disabled
+        self.reward, self.backend, self.eval_prompts = reward, backend, eval_prompts
+        self.sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.max_new_tokens,
+                                       tuple(s for s in config.stop_strings.split(",") if s))
+        self.sampling.check()
+        self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.reward_stats = RunningMoments()
+        self.pad_id = tokenizer.pad_token_id
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, records: list[dict]) -> dict[str, Any]:
+        sequences = [r["prompt_ids"] + r["response_ids"] for r in records]
+        masks = [[0] * len(r["prompt_ids"]) + [1] * len(r["response_ids"]) for r in records]
+        batch = pack_batch(sequences, masks) if self.packed else pad_batch(sequences, masks, self.pad_id)
+        for key in ("old_logps", "ref_logps", "advantages", "returns", "old_values"):
+            if key in records[0]:
+                batch[key] = torch.tensor([v for r in records for v in r[key]], dtype=torch.float32)
+        batch["response_lengths"] = torch.tensor([len(r["response_ids"]) for r in records], dtype=torch.float32)
+        return batch
+
+    def batch_weight(self, batch: dict[str, Any]) -> float:
+        if self.config.loss_aggregation == "token_mean":
+            return float(batch["num_loss_tokens"])
+        return float(batch["num_sequences"])
+
+    def _aggregate(self, per_token: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Sum of the per-item losses for the chosen aggregation (the engine divides by the step's weight)."""
+        how = self.config.loss_aggregation
+        if how == "token_mean":
+            return per_token.sum()
+        if how == "dr_grpo":
+            return per_token.sum() / self.config.max_new_tokens
+        seq = token_sequence_ids(batch)
+        lengths = batch["response_lengths"].to(per_token.device)
+        return (per_token / lengths[seq]).sum()
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        cfg = self.config
+        logits, values = model(batch)
+        logps, picked = response_logps(logits, batch, cfg.temperature)
+        old, adv = batch["old_logps"], batch["advantages"]
+        policy = clipped_policy_loss(logps, old, adv, cfg.clip_eps, cfg.clip_eps_high)
+        per_token = policy.losses
+        if cfg.kl_mode == "loss" and cfg.kl_coef > 0:
+            per_token = per_token + self.kl_controller.beta * kl_penalty(logps, batch["ref_logps"],
+                                                                         cfg.kl_estimator)
+        entropy = entropy_from_logits(picked if cfg.entropy_coef > 0 else picked.detach())
+        if cfg.entropy_coef > 0:
+            per_token = per_token - cfg.entropy_coef * entropy
+        loss = self._aggregate(per_token, batch)
+        n = float(logps.numel())
+        sums: MetricSums = {
+            "policy_loss": (float(policy.losses.detach().sum()), n),
+            "clip_frac": (float(policy.clipped.sum()), n),
+            "approx_kl": (float(approx_kl(logps.detach(), old).sum()), n),
+            "entropy": (float(entropy.detach().sum()), n),
+            "ratio": (float(policy.ratio.detach().sum()), n),
+            "logprob_abs_diff": (float((logps.detach() - old).abs().sum()), n),
+        }
+        if values is not None:
+            select = response_positions(batch)
+            token_values = values[:, :-1][select].float()
+            value = clipped_value_loss(token_values, batch["old_values"], batch["returns"], cfg.value_clip or None)
+            loss = loss + cfg.vf_coef * self._aggregate(value.losses, batch)
+            sums["value_loss"] = (float(value.losses.detach().sum()), n)
+            sums["value_clip_frac"] = (float(value.clipped.sum()), n)
+        return loss, sums
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def _reference_logps(self, model: ActorCritic, batch: dict[str, Any]) -> torch.Tensor:
+        if self.ref_model is not None:
+            logits = self.ref_model(**forward_inputs(batch)).logits
+        else:
+            with model.policy.disable_adapter():
+                logits = model.policy(**forward_inputs(batch)).logits
+        return response_logps(logits, batch, self.config.temperature)[0]
+
+    def _texts(self, rollout: Rollout) -> list[str]:
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.response_ids]
+        for i, text in enumerate(texts):  # cut after the first stop string
+            hits = [text.index(s) + len(s) for s in self.sampling.stop_strings if s in text]
+            if hits:
+                texts[i] = text[:min(hits)]
+        return texts
+
+    def score(self, prompts: list[dict], rollout: Rollout) -> tuple[torch.Tensor, list[str]]:
+        texts = self._texts(rollout)
+        g = len(rollout.response_ids) // len(prompts)
+        prompt_texts = [p["prompt"] for p in prompts for _ in range(g)]
+        # A response cut at a stop string ended too: score it with the EOS a reward model was trained to see.
+        eos = self.backend.eos_ids[0]
+        scored_ids = [ids + [eos] if done and (not ids or ids[-1] not in self.backend.eos_ids) else ids
+                      for ids, done in zip(rollout.response_ids, rollout.ended)]
+        scores = self.reward.score(ScoringBatch(prompt_texts, texts, rollout.prompt_ids, scored_ids,
+                                                rollout.ended)).float()
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise TrainingError(f"reward source '{getattr(self.reward, 'name', 'reward')}' returned "
+                                f"{scores[i].item()} for {len(bad)} response(s), e.g. prompt "
+                                f"{prompt_texts[i][:60]!r} -> response {texts[i][:60]!r}")
+        return scores, texts
+
+    def rollout_step(self, engine: Engine, model: ActorCritic, prompts: list[dict], step: int) -> dict[str, Any]:
+        """Sample, score and build the experience records of one step; returns them and the rollout metrics."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step + 1)
+        policy = engine.accelerator.unwrap_model(model).policy
+        rollout = self.backend.generate(policy, [p["prompt_ids"] for p in prompts], cfg.num_generations,
+                                        self.sampling, generator)
+        rollout_time = time.perf_counter() - t0
+        scores, texts = self.score(prompts, rollout)
+        raw = scores.clone()
+        ended = torch.tensor(rollout.ended)
+        scores = scores - cfg.missing_eos_penalty * (~ended).float()
+        if cfg.reward_normalize:
+            self.reward_stats.update(scores)
+            scores = self.reward_stats.normalize(scores)
+        if cfg.reward_clip > 0:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+
+        records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
+        lengths = rollout.lengths
+        width = max(lengths)
+        mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).float()
+        old_logps = rollout.logprobs[:, :width]
+        ref_flat, value_flat = [], []
+        device = engine.device
+        unwrapped = engine.accelerator.unwrap_model(model)
+        unwrapped.eval()
+        for start in range(0, len(records), cfg.per_device_eval_batch_size):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v
+                     for k, v in self.collate(records[start:start + cfg.per_device_eval_batch_size]).items()}
+            with engine.accelerator.autocast():
+                ref_flat.append(self._reference_logps(unwrapped, batch).float().cpu())
+                if unwrapped.critic_kind is not None:
+                    with torch.no_grad():
+                        _, values = unwrapped(batch, with_logits=False)
+                    value_flat.append(values[:, :-1][response_positions(batch)].float().cpu())
+        unwrapped.train()
+        ref_logps = _split_rows(torch.cat(ref_flat), lengths, width)
+        for name, tensor in (("policy", old_logps), ("reference", ref_logps)):
+            if not torch.isfinite(tensor[mask.bool()]).all():
+                raise TrainingError(f"step {step + 1}: non-finite {name} log-probs in the rollout"
+                                    f"{engine._checkpoint_hint()}")
+        kl_tokens = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask
+        kl_seq = kl_tokens.sum(-1)
+        beta = self.kl_controller.beta
+
+        values = None
+        if cfg.advantage == "gae":
+            rewards = -beta * kl_tokens if cfg.kl_mode == "reward" else torch.zeros_like(kl_tokens)
+            rewards[torch.arange(len(lengths)), torch.as_tensor(lengths) - 1] += scores
+            values = (_split_rows(torch.cat(value_flat), lengths, width) if value_flat
+                      else torch.zeros_like(rewards))
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        else:
+            seq_reward = scores - beta * kl_seq if cfg.kl_mode == "reward" else scores
+            advantages = group_advantages(seq_reward, cfg.num_generations, cfg.advantage)[:, None] * mask
+            returns = None
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        for i, rec in enumerate(records):
+            n = lengths[i]
+            rec["old_logps"] = old_logps[i, :n].tolist()
+            rec["ref_logps"] = ref_logps[i, :n].tolist()
+            rec["advantages"] = advantages[i, :n].tolist()
+            if values is not None and value_flat:
+                rec["old_values"] = values[i, :n].tolist()
+                rec["returns"] = returns[i, :n].tolist()
+
+        tokens = sum(lengths)
+        metrics = {
+            "reward_mean": float(raw.mean()),
+            "reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
+            "score_mean": float(scores.mean()),
+            "kl": float(kl_seq.mean()),
+            "reward_penalized": float((scores - beta * kl_seq).mean()),
+            "beta": beta,
+            "response_length": float(sum(lengths) / len(lengths)),
+            "no_eos_rate": float((~ended).float().mean()),
+            "rollout_tokens_per_s": tokens / max(rollout_time, 1e-9),
+            "rollout_time_s": rollout_time,
+        }
+        if values is not None and value_flat:
+            valid = mask.bool()
+            var_returns = returns[valid].var()
+            metrics["explained_variance"] = float(1 - (returns[valid] - values[valid]).var() / var_returns) \
+                if var_returns > 0 else 0.0
+            metrics["value_mean"] = float(values[valid].mean())
+        samples = [{"prompt": prompts[i // cfg.num_generations]["prompt"], "response": texts[i],
+                    "reward": float(raw[i]), "ended": rollout.ended[i]}
+                   for i in range(min(cfg.num_logged_samples, len(texts)))]
+        return {"records": records, "metrics": metrics, "samples": samples, "kl_seq": kl_seq,
+                "tokens": tokens + sum(len(p) for p in rollout.prompt_ids)}
+
+    # ------------------------------------------------------------------ the step
+    def update(self, engine: Engine, records: list[dict], step: int) -> tuple[dict[str, float], int]:
+        """PPO epochs over minibatches of the rollout; each minibatch is one engine optimizer step."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step + 2)
+        n = len(records)
+        bounds = [round(i * n / cfg.num_minibatches) for i in range(cfg.num_minibatches + 1)]
+        totals: dict[str, list[float]] = {}
+        updates, tokens, mismatch = 0, 0, None
+        t0 = time.perf_counter()
+        epochs_run = 0
+        for _ in range(cfg.ppo_epochs):
+            epochs_run += 1
+            order = torch.randperm(n, generator=generator).tolist()
+            epoch_kl = [0.0, 0.0]
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                chosen = [records[i] for i in order[lo:hi]]
+                micro = [self.collate(chosen[s:s + cfg.per_device_batch_size])
+                         for s in range(0, len(chosen), cfg.per_device_batch_size)]
+                result: StepResult = engine.optimizer_step(self, micro)
+                updates += 1
+                tokens += result.tokens
+                if mismatch is None:  # before any update, the trainer's log-probs should equal the sampler's
+                    mismatch = result.sums["logprob_abs_diff"][0] / max(result.sums["logprob_abs_diff"][1], 1)
+                for name, (s, c) in result.sums.items():
+                    acc = totals.setdefault(name, [0.0, 0.0])
+                    acc[0] += s
+                    acc[1] += c
+                totals.setdefault("loss", [0.0, 0.0])
+                totals["loss"][0] += result.loss_sum / result.total_weight
+                totals["loss"][1] += 1
+                epoch_kl[0] += result.sums["approx_kl"][0]
+                epoch_kl[1] += result.sums["approx_kl"][1]
+            if cfg.approx_kl_stop is not None and epoch_kl[0] / max(epoch_kl[1], 1) > cfg.approx_kl_stop:
+                break
+        row = {name: s / max(c, 1e-12) for name, (s, c) in totals.items()}
+        row.update({"ppo_epochs_run": epochs_run, "optimizer_updates": updates,
+                    "rollout_logprob_mismatch": mismatch or 0.0,
+                    "train_tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)})
+        return row, tokens
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean reward, KL and length of sampled responses on the held-out prompts (a fixed sampling seed)."""
+        if not self.eval_prompts or self._engine is None:
+            return {}
+        cfg = self.config
+        totals: dict[str, float] = {}
+        count = 0
+        for start in range(0, len(self.eval_prompts), cfg.per_device_eval_batch_size):
+            prompts = self.eval_prompts[start:start + cfg.per_device_eval_batch_size]
+            generator = torch.Generator().manual_seed(cfg.seed + 104729 + start)
+            unwrapped = self._engine.accelerator.unwrap_model(model)
+            rollout = self.backend.generate(unwrapped.policy, [p["prompt_ids"] for p in prompts],
+                                            cfg.eval_num_generations, self.sampling, generator)
+            scores, _ = self.score(prompts, rollout)
+            records = [{"prompt_ids": p, "response_ids": r}
+                       for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
+            batch = {k: v.to(self._engine.device) if torch.is_tensor(v) else v
+                     for k, v in self.collate(records).items()}
+            ref = _split_rows(self._reference_logps(unwrapped, batch).float().cpu(), rollout.lengths,
+                              max(rollout.lengths))
+            own = rollout.logprobs[:, :ref.shape[1]]
+            mask = (torch.arange(ref.shape[1])[None, :] < torch.as_tensor(rollout.lengths)[:, None]).float()
+            k = len(rollout.lengths)
+            totals["reward_mean"] = totals.get("reward_mean", 0.0) + float(scores.sum())
+            totals["kl"] = totals.get("kl", 0.0) + float((kl_penalty(own, ref, "k1") * mask).sum())
+            totals["response_length"] = totals.get("response_length", 0.0) + float(sum(rollout.lengths))
+            totals["no_eos_rate"] = totals.get("no_eos_rate", 0.0) + float(k - sum(rollout.ended))
+            count += k
+        return {name: value / max(count, 1) for name, value in totals.items()}
+
+    _engine: Engine | None = None
+
+
+def _write_samples(engine: Engine, step: int, samples: list[dict]) -> None:
+    if not engine.is_main or not samples:
+        return
+    with open(engine.output_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
+        for sample in samples:
+            fh.write(json.dumps({"step": step, **sample}) + "\n")
+
+
+def _truncate_samples(engine: Engine, step: int) -> None:
+    path = engine.output_dir / "samples.jsonl"
+    if not engine.is_main or not path.exists():
+        return
+    if not engine.config.resume:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def run_rl(config: RLConfig) -> dict[str, Any]:
+    """Train a policy online with PPO, GRPO or RLOO (set by the config class); returns the summary."""
+    _check(config)
+    engine = start_run(config)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    prepare = partial(prepare_prompts, max_prompt_length=config.max_prompt_length or config.max_length // 2)
+    prompts, eval_prompts, report = prepare_datasets(config, tokenizer, PROMPT_FORMATS, prepare)
+
+    lora = lora_settings(config)
+    policy = load_causal_lm(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
+    policy.to(engine.device)
+    ref_model = None
+    if not lora.enabled or config.ref_model:
+        ref_name = config.ref_model or config.model
+        if config.ref_model and config.ref_model != config.model:
+            check_same_tokenizer(tokenizer, load_tokenizer(config.ref_model), config.model, config.ref_model)
+        ref_model = load_causal_lm(ref_name, trust_remote_code=config.trust_remote_code).to(engine.device)
+        ref_model.eval().requires_grad_(False)
+
+    reward = build_reward_source(
+        [s for s in (config.reward_model or "").split(",") if s],
+        [s for s in (config.reward_fn or "").split(",") if s],
+        [s for s in (config.reward_url or "").split(",") if s],
+        tokenizer, device=engine.device, ensemble=config.reward_ensemble, std_coef=config.reward_std_coef,
+        batch_size=config.reward_batch_size, trust_remote_code=config.trust_remote_code)
+
+    critic = None
+    value_model = None
+    if config.advantage == "gae":
+        critic = config.critic
+        if critic == "reward_model":
+            if not config.reward_model:
+                raise ConfigError("--critic reward_model needs --reward-model (the value model starts from it)")
+            value_model = load_reward_model(config.reward_model.split(",")[0],
+                                            trust_remote_code=config.trust_remote_code).to(engine.device)
+    model = ActorCritic(policy, critic, value_model)
+    packed = resolve_packing(config, policy) and (value_model is None or resolve_packing(config, value_model,
+                                                                                         reward=True))
+    if packed and ref_model is not None:
+        use_packed_attention(ref_model)
+    task = RLTask(config, tokenizer, packed, ref_model, reward, HFGenerationBackend(tokenizer), eval_prompts)
+    task._engine = engine
+
+    total_steps = config.max_steps if config.max_steps > 0 else max(
+        math.ceil(config.num_epochs * len(prompts) / (config.prompts_per_step * engine.world_size)), 1)
+    order_cache: dict[int, list[int]] = {}
+
+    def step_fn(step: int) -> tuple[dict[str, Any], int]:
+        chosen = engine._records_for(prompts, step, order_cache, batch_size=config.prompts_per_step)
+        rollout = task.rollout_step(engine, engine.model, chosen, step)
+        train_row, train_tokens = task.update(engine, rollout["records"], step)
+        task.kl_controller.update(float(rollout["kl_seq"].mean()), len(rollout["records"]))
+        if config.sample_steps > 0 and (step + 1) % config.sample_steps == 0 or step == 0:
+            _write_samples(engine, step + 1, rollout["samples"])
+        return {**rollout["metrics"], **train_row}, rollout["tokens"]
+
+    start = 0
+    if config.resume:
+        from ..engine import latest_checkpoint
+        from ..engine.checkpoint import read_state
+        ckpt = latest_checkpoint(engine.output_dir)
+        start = int(read_state(ckpt)["step"]) if ckpt is not None else 0
+    _truncate_samples(engine, start)
+    summary = engine.run(task, model, total_steps, step_fn,
+                         checkpoint_objects=[task.kl_controller, task.reward_stats])
+    summary.update({"train_prompts": len(prompts), "prompt_rows": report.total_rows, "packing": packed,
+                    "algorithm": config.algorithm})
+    engine.save_final(engine.unwrapped_model.policy, tokenizer)
+    engine.write_summary(summary)
+    return summary
