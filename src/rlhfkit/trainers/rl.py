@@ -342,7 +342,7 @@ class RLTask:
                 texts[i] = text[:min(hits)]
         return texts
 
-    def score(self, prompts: list[dict], rollout: Rollout) -> tuple[torch.Tensor, list[str]]:
+    def score(self, prompts: list[dict], rollout: Rollout, where: str = "") -> tuple[torch.Tensor, list[str]]:
         texts = self._texts(rollout)
         g = len(rollout.response_ids) // len(prompts)
         prompt_texts = [p["prompt"] for p in prompts for _ in range(g)]
@@ -357,7 +357,7 @@ class RLTask:
             i = bad[0]
             raise TrainingError(f"reward source '{getattr(self.reward, 'name', 'reward')}' returned "
                                 f"{scores[i].item()} for {len(bad)} response(s), e.g. prompt "
-                                f"{prompt_texts[i][:60]!r} -> response {texts[i][:60]!r}")
+                                f"{prompt_texts[i][:60]!r} -> response {texts[i][:60]!r}{where}")
         return scores, texts
 
     def rollout_step(self, engine: Engine, model: ActorCritic, prompts: list[dict], step: int) -> dict[str, Any]:
@@ -369,7 +369,7 @@ class RLTask:
         rollout = self.backend.generate(policy, [p["prompt_ids"] for p in prompts], cfg.num_generations,
                                         self.sampling, generator)
         rollout_time = time.perf_counter() - t0
-        scores, texts = self.score(prompts, rollout)
+        scores, texts = self.score(prompts, rollout, f" (step {step + 1}{engine._checkpoint_hint()})")
         raw = scores.clone()
         ended = torch.tensor(rollout.ended)
         scores = scores - cfg.missing_eos_penalty * (~ended).float()
@@ -562,6 +562,13 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
     prepare = partial(prepare_prompts, max_prompt_length=config.max_prompt_length or config.max_length // 2)
     prompts, eval_prompts, report = prepare_datasets(config, tokenizer, PROMPT_FORMATS, prepare)
 
+    # the reward source first: its configuration errors are cheap to find
+    reward = build_reward_source(
+        [s for s in (config.reward_model or "").split(",") if s],
+        [s for s in (config.reward_fn or "").split(",") if s],
+        [s for s in (config.reward_url or "").split(",") if s],
+        tokenizer, device=engine.device, ensemble=config.reward_ensemble, std_coef=config.reward_std_coef,
+        batch_size=config.reward_batch_size, trust_remote_code=config.trust_remote_code)
     lora = lora_settings(config)
     policy = load_causal_lm(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
     policy.to(engine.device)
@@ -573,12 +580,6 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
         ref_model = load_causal_lm(ref_name, trust_remote_code=config.trust_remote_code).to(engine.device)
         ref_model.eval().requires_grad_(False)
 
-    reward = build_reward_source(
-        [s for s in (config.reward_model or "").split(",") if s],
-        [s for s in (config.reward_fn or "").split(",") if s],
-        [s for s in (config.reward_url or "").split(",") if s],
-        tokenizer, device=engine.device, ensemble=config.reward_ensemble, std_coef=config.reward_std_coef,
-        batch_size=config.reward_batch_size, trust_remote_code=config.trust_remote_code)
 
     critic = None
     value_model = None

@@ -1,0 +1,121 @@
+"""The KV-cache sampler: log-probs equal a full forward's, batching and left padding change nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.rollout.generate import HFGenerationBackend, SamplingConfig, filter_logits
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():  # a sharper-than-random model, so greedy decoding has clear winners
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_tokenizer):
+    texts = ["Tell me about cats.", "Why?", "A much longer prompt about the history of the printing press."]
+    return [tiny_tokenizer(t).input_ids for t in texts]
+
+
+def full_forward_logps(model, prompt, response, temperature):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float() / temperature
+    logps = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return logps[len(prompt) - 1:]
+
+
+def test_sampling_logprobs_equal_full_forward(policy, prompts, tiny_tokenizer):
+    backend = HFGenerationBackend(tiny_tokenizer)
+    sampling = SamplingConfig(temperature=0.7, max_new_tokens=12)
+    rollout = backend.generate(policy, prompts, 2, sampling, torch.Generator().manual_seed(3))
+    assert len(rollout.response_ids) == 6
+    assert rollout.prompt_ids[0] == rollout.prompt_ids[1] == prompts[0]
+    for i, (prompt, response) in enumerate(zip(rollout.prompt_ids, rollout.response_ids)):
+        reference = full_forward_logps(policy, prompt, response, 0.7)
+        got = rollout.logprobs[i, :len(response)]
+        assert torch.allclose(got, reference, atol=2e-5), (i, (got - reference).abs().max())
+        assert (rollout.logprobs[i, len(response):] == 0).all()
+
+
+def test_batched_left_padded_greedy_equals_one_prompt_at_a_time(policy, prompts, tiny_tokenizer):
+    backend = HFGenerationBackend(tiny_tokenizer)
+    greedy = SamplingConfig(top_k=1, max_new_tokens=10)
+    together = backend.generate(policy, prompts, 1, greedy, torch.Generator().manual_seed(0))
+    for i, prompt in enumerate(prompts):
+        alone = backend.generate(policy, [prompt], 1, greedy, torch.Generator().manual_seed(0))
+        assert alone.response_ids[0] == together.response_ids[i]
+        ids = torch.tensor([prompt])
+        with torch.no_grad():  # and it is what argmax decoding gives
+            expected = policy.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=10, pad_token_id=tiny_tokenizer.pad_token_id,
+                                       eos_token_id=tiny_tokenizer.eos_token_id)[0, len(prompt):].tolist()
+        assert together.response_ids[i] == expected[:len(together.response_ids[i])]
+
+
+def test_same_generator_seed_same_samples(policy, prompts, tiny_tokenizer):
+    backend = HFGenerationBackend(tiny_tokenizer)
+    sampling = SamplingConfig(max_new_tokens=8)
+    a = backend.generate(policy, prompts, 3, sampling, torch.Generator().manual_seed(11))
+    b = backend.generate(policy, prompts, 3, sampling, torch.Generator().manual_seed(11))
+    c = backend.generate(policy, prompts, 3, sampling, torch.Generator().manual_seed(12))
+    assert a.response_ids == b.response_ids
+    assert a.response_ids != c.response_ids
+
+
+def test_eos_ends_and_truncates(policy, prompts, tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    with torch.no_grad():
+        policy.lm_head.weight[eos] += 1000.0  # EOS becomes the only likely token
+    try:
+        backend = HFGenerationBackend(tiny_tokenizer)
+        rollout = backend.generate(policy, prompts, 1, SamplingConfig(max_new_tokens=8),
+                                   torch.Generator().manual_seed(0))
+    finally:
+        with torch.no_grad():
+            policy.lm_head.weight[eos] -= 1000.0
+    assert rollout.response_ids == [[eos]] * 3
+    assert rollout.ended == [True] * 3
+    assert rollout.decode_steps == 1  # all done after one token: no wasted decode steps
+
+
+def test_stop_string_ends_response(policy, prompts, tiny_tokenizer):
+    backend = HFGenerationBackend(tiny_tokenizer)
+    free = backend.generate(policy, prompts[:1], 1, SamplingConfig(top_k=1, max_new_tokens=10),
+                            torch.Generator().manual_seed(0))
+    text = tiny_tokenizer.decode(free.response_ids[0], skip_special_tokens=True)
+    stop = text.strip()[:2]  # a string the greedy response is known to produce early
+    assert stop
+    stopped = backend.generate(policy, prompts[:1], 1,
+                               SamplingConfig(top_k=1, max_new_tokens=10, stop_strings=(stop,)),
+                               torch.Generator().manual_seed(0))
+    assert stopped.ended == [True]
+    assert len(stopped.response_ids[0]) < len(free.response_ids[0])
+    assert stop in tiny_tokenizer.decode(stopped.response_ids[0], skip_special_tokens=True)
+    assert free.response_ids[0][:len(stopped.response_ids[0])] == stopped.response_ids[0]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept_k = torch.isfinite(filter_logits(logits, 2, 1.0))
+    assert kept_k.tolist() == [[True, True, False, False]]
+    kept_p = torch.isfinite(filter_logits(logits, 0, 0.75))  # 0.5 + 0.3 reaches 0.75: two tokens
+    assert kept_p.tolist() == [[True, True, False, False]]
+    kept_small = torch.isfinite(filter_logits(logits, 0, 0.1))  # the top token always survives
+    assert kept_small.tolist() == [[True, False, False, False]]
+
+
+def test_sampling_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingConfig(temperature=0).check()
+    with pytest.raises(ConfigError, match="top-p"):
+        SamplingConfig(top_p=0).check()
