@@ -59,12 +59,12 @@ def _mean(rows: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in rows)
 
 
-# (config class, settings of the adaptive-β run, learning rate of the β comparison)
+# (config class, settings of the adaptive-β run): tuned so that the rise and the KL band hold on several seeds
 ALGORITHMS = {
-    "ppo": (PPOConfig, dict(prompts_per_step=16, num_generations=1, ppo_epochs=2, kl_target=6.0, kl_horizon=64,
-                            kl_coef=0.2, learning_rate=5e-3)),
-    "grpo": (GRPOConfig, dict(kl_target=6.0, kl_horizon=16, kl_coef=0.2, learning_rate=1e-2)),
-    "rloo": (RLOOConfig, dict(kl_target=6.0, kl_horizon=16, kl_coef=0.2, learning_rate=1e-2)),
+    "ppo": (PPOConfig, dict(prompts_per_step=16, num_generations=1, ppo_epochs=2, kl_target=4.0, kl_horizon=64,
+                            kl_coef=0.5, learning_rate=3e-3)),
+    "grpo": (GRPOConfig, dict(kl_target=4.0, kl_horizon=32, kl_coef=1.0, learning_rate=5e-3)),
+    "rloo": (RLOOConfig, dict(num_generations=8, kl_target=4.0, kl_horizon=64, kl_coef=0.5, learning_rate=7e-3)),
 }
 
 
@@ -74,23 +74,23 @@ def test_reward_rises_with_kl_near_target_and_large_beta_stays_near_reference(al
                                                                               rl_files, tmp_path):
     cls, adaptive = ALGORITHMS[algorithm]
     out = tmp_path / "adaptive"
-    run_rl(_config(cls, tiny_model_dir, rl_files, out, max_steps=40, **adaptive))
+    run_rl(_config(cls, tiny_model_dir, rl_files, out, max_steps=50, **adaptive))
     rows = _rows(out)
-    first, last = rows[:5], rows[-5:]
-    # reward: +0.3 is > 3x the noise of a 5-step mean (per-response std ~0.5 over >= 40 responses)
-    assert _mean(last, "reward_mean") > _mean(first, "reward_mean") + 0.3, (first, last)
-    assert 0.5 * 6.0 <= _mean(last, "kl") <= 2.5 * 6.0  # the controller holds KL near the 6-nat target
-    assert rows[-1]["beta"] != adaptive["kl_coef"]
+    first, last = rows[:10], rows[-10:]
+    # +0.25 is > 3x the noise of a 10-step mean (per-response std ~0.5 over >= 80 responses)
+    assert _mean(last, "reward_mean") > _mean(first, "reward_mean") + 0.25, (first, last)
+    assert 0.5 * 4.0 <= _mean(last, "kl") <= 2.0 * 4.0  # the controller holds KL near the 4-nat target
+    assert rows[-1]["beta"] < adaptive["kl_coef"]  # it lowered β from a deliberately high start
 
     # The leash: at the same learning rate, β = 2 keeps the policy far closer to the reference than β = 0.
-    common = {**adaptive, "kl_target": None, "learning_rate": 1e-3}
+    common = {**adaptive, "kl_target": None, "learning_rate": 3e-3}
     kls = {}
     for beta in (0.0, 2.0):
         run_out = tmp_path / f"beta{beta}"
-        run_rl(_config(cls, tiny_model_dir, rl_files, run_out, max_steps=20, **{**common, "kl_coef": beta}))
+        run_rl(_config(cls, tiny_model_dir, rl_files, run_out, max_steps=30, **{**common, "kl_coef": beta}))
         kls[beta] = _mean(_rows(run_out)[-5:], "kl")
     assert kls[2.0] < 0.5 * kls[0.0], kls
-    assert kls[2.0] < 0.5, kls
+    assert kls[2.0] < 1.0, kls
 
 
 def test_cli_grpo_logs_every_step_and_writes_samples(tiny_model_dir, rl_files, tmp_path):
