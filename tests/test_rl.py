@@ -185,3 +185,20 @@ def test_bad_rl_settings_are_one_line_errors(tiny_model_dir, rl_files, tmp_path,
     assert main(["ppo", *base, "--reward-fn", f"{rl_files / 'reward.py'}:nope"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "has no function 'nope'" in errors[0]
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_micro_batching_equals_one_batch(aggregation, tiny_model_dir, rl_files, tmp_path):
+    """Splitting the minibatch into uneven micro-batches (3+3+2 sequences) gives the same loss and the same
+    accumulated gradient as one batch of 8: the loss is normalised by the whole step's tokens (or
+    responses), not per micro-batch. (Weights after AdamW are not compared: Adam turns fp32 round-off in
+    near-zero gradients into full-size steps.)"""
+    rows = []
+    for size in (8, 3):
+        out = tmp_path / f"mb{size}"
+        run_rl(_config(GRPOConfig, tiny_model_dir, rl_files, out, max_steps=1, learning_rate=1e-2,
+                       per_device_batch_size=size, loss_aggregation=aggregation, max_grad_norm=1e9))
+        rows.append(_rows(out)[0])
+    assert rows[0]["grad_norm"] > 0
+    for key in ("loss", "grad_norm", "policy_loss", "entropy"):
+        assert rows[0][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-8), key

@@ -483,6 +483,10 @@ class RLTask:
                     acc = totals.setdefault(name, [0.0, 0.0])
                     acc[0] += s
                     acc[1] += c
+                if result.grad_norm is not None:
+                    totals.setdefault("grad_norm", [0.0, 0.0])
+                    totals["grad_norm"][0] += result.grad_norm
+                    totals["grad_norm"][1] += 1
                 totals.setdefault("loss", [0.0, 0.0])
                 totals["loss"][0] += result.loss_sum / result.total_weight
                 totals["loss"][1] += 1
