@@ -222,18 +222,19 @@ class Engine:
             numeric = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
             self.accelerator.log(numeric, step=int(row["step"]))
 
-    def _truncate_metrics(self, step: int) -> None:
-        """After a resume, drop metric rows written after the checkpoint (they will be written again)."""
-        if not self.is_main or not self.metrics_path.exists():
+    def _truncate_log(self, path: Path, step: int) -> None:
+        """After a resume, drop rows of a per-step JSONL log written after the checkpoint (they will be
+        written again)."""
+        if not self.is_main or not path.exists():
             return
         kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
             except json.JSONDecodeError:  # a line cut short by the crash
                 continue
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, total_steps: int) -> Path:
@@ -363,14 +364,15 @@ class Engine:
 
     def run(self, task: Task, model: torch.nn.Module, total_steps: int,
             step_fn: Callable[[int], tuple[dict[str, Any], int]],
-            checkpoint_objects: Sequence[Any] = (), modules: Sequence[torch.nn.Module] = ()) -> dict[str, Any]:
+            checkpoint_objects: Sequence[Any] = (), extra_logs: Sequence[str] = ()) -> dict[str, Any]:
         """The loop: ``step_fn(step)`` performs step ``step`` (0-based) with :meth:`optimizer_step` and
         returns its metrics row and the tokens it processed; the engine owns the optimizer, schedule (stepped
         once per step), resume, evaluation, metrics, progress, checkpoints and signals.
 
         ``checkpoint_objects`` (anything with state_dict/load_state_dict, e.g. an adaptive KL controller)
-        are saved in every checkpoint and restored on resume. ``modules`` are frozen helpers moved to the
-        device and wrapped for distributed inference as needed (reference and reward models).
+        are saved in every checkpoint and restored on resume. ``extra_logs`` are per-step JSONL files in
+        output_dir (rows with a ``step`` key) handled like metrics.jsonl: cut back to the checkpoint on
+        resume, started afresh otherwise.
         """
         cfg = self.config
         if cfg.gradient_checkpointing:
@@ -396,11 +398,13 @@ class Engine:
             else:
                 self.accelerator.load_state(str(ckpt))
                 start_step = int(read_state(ckpt)["step"])
-                self._truncate_metrics(start_step)
+                for log in (self.metrics_path, *(self.output_dir / name for name in extra_logs)):
+                    self._truncate_log(log, start_step)
                 if self.is_main:
                     logger.info("resumed from %s (step %d of %d)", ckpt, start_step, total_steps)
-        elif self.is_main and self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
+        elif self.is_main:  # a fresh run starts fresh logs
+            for log in (self.metrics_path, *(self.output_dir / name for name in extra_logs)):
+                log.unlink(missing_ok=True)
         self.step = start_step
 
         initial_eval: dict[str, float] = {}

@@ -541,23 +541,6 @@ def _write_samples(engine: Engine, step: int, samples: list[dict]) -> None:
             fh.write(json.dumps({"step": step, **sample}) + "\n")
 
 
-def _truncate_samples(engine: Engine, step: int) -> None:
-    path = engine.output_dir / "samples.jsonl"
-    if not engine.is_main or not path.exists():
-        return
-    if not engine.config.resume:
-        path.unlink()
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
 def run_rl(config: RLConfig) -> dict[str, Any]:
     """Train a policy online with PPO, GRPO or RLOO (set by the config class); returns the summary."""
     _check(config)
@@ -615,15 +598,8 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
             _write_samples(engine, step + 1, rollout["samples"])
         return {**rollout["metrics"], **train_row}, rollout["tokens"]
 
-    start = 0
-    if config.resume:
-        from ..engine import latest_checkpoint
-        from ..engine.checkpoint import read_state
-        ckpt = latest_checkpoint(engine.output_dir)
-        start = int(read_state(ckpt)["step"]) if ckpt is not None else 0
-    _truncate_samples(engine, start)
     summary = engine.run(task, model, total_steps, step_fn,
-                         checkpoint_objects=[task.kl_controller, task.reward_stats])
+                         checkpoint_objects=[task.kl_controller, task.reward_stats], extra_logs=["samples.jsonl"])
     summary.update({"train_prompts": len(prompts), "prompt_rows": report.total_rows, "packing": packed,
                     "algorithm": config.algorithm})
     engine.save_final(engine.unwrapped_model.policy, tokenizer)
