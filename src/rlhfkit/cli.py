@@ -33,6 +33,32 @@ def _trainers() -> dict[str, tuple[type, Callable[[Any], dict], str]]:
     }
 
 
+def coerce_options(config_cls: type, options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Values converted to the config field's type: YAML reads ``5e-5`` as a string (it wants ``5.0e-5``)."""
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    out = {}
+    for name, value in options.items():
+        kinds = typing.get_args(hints.get(name)) or (hints.get(name),)
+        if isinstance(value, str) and str not in kinds:
+            for kind in (int, float, bool):
+                if kind not in kinds:
+                    continue
+                try:
+                    value = {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
+                    break
+                except (ValueError, KeyError):
+                    continue
+            else:
+                raise ConfigError(f"{where}: option '{name}' = {value!r} is not a "
+                                  f"{' or '.join(k.__name__ for k in kinds if k is not type(None))}")
+        elif isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
+            value = float(value)
+        out[name] = value
+    return out
+
+
 def load_yaml_config(path: str, config_cls: type) -> dict[str, Any]:
     """Read a YAML config; keys may use dashes or underscores; unknown keys are an error."""
     import yaml
@@ -55,7 +81,7 @@ def load_yaml_config(path: str, config_cls: type) -> dict[str, Any]:
         if name not in known:
             raise ConfigError(f"{path}: unknown option '{key}' (see --help for the list)")
         out[name] = value
-    return out
+    return coerce_options(config_cls, out, path)
 
 
 def parse_trainer_args(config_cls: type, argv: Sequence[str], prog: str, description: str):
@@ -137,8 +163,11 @@ commands:
   ppo          RLHF with PPO (policy + critic) against a reward model, function or endpoint
   grpo         RL with group-relative advantages (no critic)
   rloo         RL with a leave-one-out baseline (no critic)
+  eval         compare policies under a judge: win rates with CIs, LC win rate, reward, KL, length
+  report       self-contained HTML report (plots, tables, samples) of a run or pipeline folder
   tiny-model   build a tiny offline model + tokenizer
-  demo         a small end-to-end SFT -> RM -> DPO run on a tiny local model
+  pipeline     run a chain of stages from one YAML file (skips stages already done)
+  demo         the offline end-to-end run: pretrain, SFT, preferences, RM, PPO, DPO, eval, report
 
 Run 'rlhfkit <command> --help' for the options of a command."""
 
@@ -153,6 +182,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "tiny-model":
             return _tiny_model(rest)
+        if command == "eval":
+            from .eval.runner import main as eval_main
+
+            return eval_main(rest)
+        if command == "report":
+            from .report import main as report_main
+
+            return report_main(rest)
+        if command == "pipeline":
+            from .pipeline import pipeline_main
+
+            return pipeline_main(rest)
         if command == "demo":
             from .demo import run_demo
 

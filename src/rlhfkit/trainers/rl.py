@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -119,6 +120,16 @@ class RLConfig(TrainConfig):
     sample_steps: int = arg(10, "Write a few samples to OUTPUT_DIR/samples.jsonl every N steps.")
     num_logged_samples: int = arg(4, "Samples written each time.")
     eval_num_generations: int = arg(1, "Responses per eval prompt.")
+    # reward hacking
+    heldout_judge: str | None = arg(None, "An independent judge (spec as in `rlhfkit eval --judge`: a reward "
+                                    "model folder, fn:FILE.py:FUNCTION, http:URL, gold:WORLD_DIR) that also "
+                                    "scores the --eval-dataset responses at every evaluation: logged as "
+                                    "eval_heldout_reward, fed to the reward-hacking detector, and the policy "
+                                    "with the best held-out score is kept in OUTPUT_DIR/best_heldout.")
+    hacking_window: int = arg(3, "Reward-hacking detector: evaluations averaged for smoothing.")
+    hacking_min_drop: float = arg(0.1, "Reward-hacking detector: share of its gain the held-out score must give "
+                                  "back (while the training reward rises) to count.")
+    hacking_patience: int = arg(2, "Reward-hacking detector: consecutive suspicious evaluations to fire.")
 
     algorithm = "ppo"
 
@@ -342,7 +353,10 @@ class RLTask:
                 texts[i] = text[:min(hits)]
         return texts
 
-    def score(self, prompts: list[dict], rollout: Rollout, where: str = "") -> tuple[torch.Tensor, list[str]]:
+    def score(self, prompts: list[dict], rollout: Rollout, where: str = "",
+              source: Any = None) -> tuple[torch.Tensor, list[str]]:
+        """Scores of ``rollout`` by the reward source (or by ``source``), checked finite; and the texts."""
+        source = self.reward if source is None else source
         texts = self._texts(rollout)
         g = len(rollout.response_ids) // len(prompts)
         prompt_texts = [p["prompt"] for p in prompts for _ in range(g)]
@@ -350,12 +364,12 @@ class RLTask:
         eos = self.backend.eos_ids[0]
         scored_ids = [ids + [eos] if done and (not ids or ids[-1] not in self.backend.eos_ids) else ids
                       for ids, done in zip(rollout.response_ids, rollout.ended)]
-        scores = self.reward.score(ScoringBatch(prompt_texts, texts, rollout.prompt_ids, scored_ids,
-                                                rollout.ended)).float()
+        scores = source.score(ScoringBatch(prompt_texts, texts, rollout.prompt_ids, scored_ids,
+                                           rollout.ended)).float()
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
             i = bad[0]
-            raise TrainingError(f"reward source '{getattr(self.reward, 'name', 'reward')}' returned "
+            raise TrainingError(f"reward source '{getattr(source, 'name', 'reward')}' returned "
                                 f"{scores[i].item()} for {len(bad)} response(s), e.g. prompt "
                                 f"{prompt_texts[i][:60]!r} -> response {texts[i][:60]!r}{where}")
         return scores, texts
@@ -514,6 +528,9 @@ class RLTask:
             rollout = self.backend.generate(unwrapped.policy, [p["prompt_ids"] for p in prompts],
                                             cfg.eval_num_generations, self.sampling, generator)
             scores, _ = self.score(prompts, rollout)
+            if self.heldout is not None:
+                held, _ = self.score(prompts, rollout, " (held-out judge)", source=self.heldout)
+                totals["heldout_reward"] = totals.get("heldout_reward", 0.0) + float(held.sum())
             records = [{"prompt_ids": p, "response_ids": r}
                        for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
             batch = {k: v.to(self._engine.device) if torch.is_tensor(v) else v
@@ -528,9 +545,34 @@ class RLTask:
             totals["response_length"] = totals.get("response_length", 0.0) + float(sum(rollout.lengths))
             totals["no_eos_rate"] = totals.get("no_eos_rate", 0.0) + float(k - sum(rollout.ended))
             count += k
-        return {name: value / max(count, 1) for name, value in totals.items()}
+        metrics = {name: value / max(count, 1) for name, value in totals.items()}
+        if self.heldout is not None:
+            self._watch_for_hacking(model, metrics)
+        return metrics
+
+    def _watch_for_hacking(self, model: torch.nn.Module, metrics: dict[str, float]) -> None:
+        """Feed the detector; keep the policy with the best held-out score (OUTPUT_DIR/best_heldout)."""
+        engine = self._engine
+        step = int(getattr(engine, "step", 0) or 0)
+        was_fired = self.detector.fired
+        self.detector.update(step, metrics["reward_mean"], metrics["heldout_reward"])
+        metrics["hacking_detected"] = float(self.detector.fired)
+        if self.detector.fired and not was_fired:
+            logger.warning("reward hacking suspected at step %d: %s; best held-out policy (step %s) is in %s",
+                           step, self.detector.reason, self.detector.best_step, engine.output_dir / "best_heldout")
+        if self.detector.best_step == step and engine.is_main:
+            # written beside and renamed, so a crash never leaves a half-written best policy; a LoRA policy
+            # saves its adapter (load it on top of --model)
+            out, tmp = engine.output_dir / "best_heldout", engine.output_dir / ".best_heldout.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            engine.accelerator.unwrap_model(model).policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "step.txt").write_text(f"{step}\n")
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
 
     _engine: Engine | None = None
+    heldout: Any = None
 
 
 def _write_samples(engine: Engine, step: int, samples: list[dict]) -> None:
@@ -584,6 +626,15 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
         use_packed_attention(ref_model)
     task = RLTask(config, tokenizer, packed, ref_model, reward, HFGenerationBackend(tokenizer), eval_prompts)
     task._engine = engine
+    checkpointed: list[Any] = [task.kl_controller, task.reward_stats]
+    if config.heldout_judge:
+        from ..eval.hacking import RewardHackingDetector
+        from ..eval.runner import load_judge
+
+        task.heldout = load_judge(config.heldout_judge, tokenizer, engine.device)
+        task.detector = RewardHackingDetector(config.hacking_window, config.hacking_min_drop,
+                                              patience=config.hacking_patience)
+        checkpointed.append(task.detector)
 
     total_steps = config.max_steps if config.max_steps > 0 else max(
         math.ceil(config.num_epochs * len(prompts) / (config.prompts_per_step * engine.world_size)), 1)
@@ -598,8 +649,12 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
             _write_samples(engine, step + 1, rollout["samples"])
         return {**rollout["metrics"], **train_row}, rollout["tokens"]
 
-    summary = engine.run(task, model, total_steps, step_fn,
-                         checkpoint_objects=[task.kl_controller, task.reward_stats], extra_logs=["samples.jsonl"])
+    summary = engine.run(task, model, total_steps, step_fn, checkpoint_objects=checkpointed,
+                         extra_logs=["samples.jsonl"])
+    if config.heldout_judge:
+        d = task.detector
+        summary["hacking"] = {"fired": d.fired, "fired_step": d.fired_step, "reason": d.reason,
+                              "best_step": d.best_step, "best_heldout": d.best_heldout}
     summary.update({"train_prompts": len(prompts), "prompt_rows": report.total_rows, "packing": packed,
                     "algorithm": config.algorithm})
     engine.save_final(engine.unwrapped_model.policy, tokenizer)

@@ -1,0 +1,34 @@
+"""Evaluation: judge win rates with bootstrap intervals, length control, KL, RM accuracy, reward hacking.
+
+``stats`` and ``hacking`` are pure (numpy / statsmodels / python); ``runner`` samples from models and
+backs ``rlhfkit eval``.
+"""
+
+from .hacking import RewardHackingDetector
+from .stats import (
+    WinRate,
+    bootstrap_mean_ci,
+    length_controlled_win_rate,
+    pairwise_outcomes,
+    win_rate,
+)
+
+__all__ = [
+    "RewardHackingDetector",
+    "WinRate",
+    "bootstrap_mean_ci",
+    "evaluate_policies",
+    "length_controlled_win_rate",
+    "load_judge",
+    "pairwise_outcomes",
+    "win_rate",
+]
+
+
+def __getattr__(name: str):
+    # the runner pulls in torch and transformers: import it only when asked for
+    if name in ("evaluate_policies", "load_judge"):
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'rlhfkit.eval' has no attribute {name!r}")

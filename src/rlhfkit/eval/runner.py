@@ -1,0 +1,665 @@
+"""Evaluate policies against a baseline: judge win rates with intervals, length control, KL, reward, RM accuracy.
+
+For every policy (one at a time, so only one policy is in memory):
+  1. tokenise the prompts with the policy's own tokenizer (``rlhfkit.data.prepare_prompts``, as the RL
+     trainers do: chat-message prompts are rendered with the chat template, strings are used as they are);
+  2. sample ``num_samples`` responses per prompt (``HFGenerationBackend``, a ``torch.Generator`` seeded
+     with ``seed`` for every policy, so two copies of one model sample identical responses);
+  3. score them with the judge (any reward source) and, when given, a reward model; collect the judge's
+     optional per-response flags (``describe``);
+  4. with a reference model, estimate KL(π || π_ref) per response (see :func:`reference_logprob_sums`).
+Then every policy is compared with the baseline prompt by prompt (:mod:`rlhfkit.eval.stats`).
+
+Judge flags. A judge may have ``describe(prompts, responses) -> list[dict[str, bool | None]]``, one dict
+per response (None = not applicable); ``<flag>_rate`` is the mean over the responses where the flag is not
+None. For a ``fn:file.py:function`` judge, ``describe`` is the function's own ``describe`` attribute or
+else a top-level function named ``describe`` in the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError, RlhfkitError
+from ..rollout.generate import SamplingConfig
+from ..rollout.rewards import EnsembleReward, ModelReward, RewardSource
+from .stats import (
+    bootstrap_mean_ci,
+    length_controlled_win_rate,
+    mean_or_none,
+    pairwise_outcomes,
+    win_rate,
+)
+
+logger = logging.getLogger("rlhfkit")
+
+__all__ = ["JUDGE_SPECS", "evaluate_policies", "format_table", "load_judge", "main",
+           "reference_logprob_sums", "reward_model_accuracy"]
+
+JUDGE_SPECS = "gold:DIR, model:PATH (or an existing folder), fn:FILE.py:FUNCTION or http:URL"
+
+
+# --------------------------------------------------------------------------------------------- judges
+
+
+def _attach_describe(source: Any) -> Any:
+    """Give a FunctionReward the ``describe`` of its function (attribute) or of its file (top level)."""
+    fn = getattr(source, "fn", None)
+    describe = getattr(fn, "describe", None)
+    if describe is None:
+        describe = getattr(fn, "__globals__", {}).get("describe")
+    if callable(describe):
+        source.describe = describe
+    return source
+
+
+def load_judge(spec: str, policy_tokenizer: Any, device: torch.device | str = "cpu") -> RewardSource:
+    """Build a judge (a reward source) from a spec; cheap checks first, one-line ConfigError when bad.
+
+    * ``gold:DIR``: ``rlhfkit.world.load_gold_judge(DIR)`` (the demo world's gold judge);
+    * ``model:PATH`` or a plain existing folder: a reward model (``ModelReward``);
+    * ``fn:FILE.py:FUNCTION`` (or ``FILE.py:FUNCTION``): ``function(prompts, responses) -> scores``;
+    * ``http:URL`` (or a bare ``http(s)://`` URL): a reward server (``HTTPReward``).
+    """
+    from ..rollout.rewards import HTTPReward, load_reward_function
+
+    text = str(spec).strip()
+    kind, sep, rest = text.partition(":")
+    kind = kind.lower() if sep else ""
+    if text.startswith(("http://", "https://")):
+        kind, rest = "http", text
+    if kind == "gold":
+        if not rest or not Path(rest).expanduser().exists():
+            raise ConfigError(f"judge '{text}': gold judge folder '{rest}' does not exist")
+        try:
+            from ..world import load_gold_judge
+        except ImportError as exc:
+            raise ConfigError(f"judge '{text}': the gold judge needs rlhfkit.world ({exc})") from None
+        judge = load_gold_judge(rest)
+        if not callable(getattr(judge, "score", None)):
+            raise ConfigError(f"judge '{text}': load_gold_judge returned a {type(judge).__name__} without score()")
+        return judge
+    if kind == "model":
+        if not rest:
+            raise ConfigError(f"judge '{text}': expected model:PATH")
+        return ModelReward(rest, policy_tokenizer, device=device)
+    if kind == "fn":
+        return _attach_describe(load_reward_function(rest))
+    if kind == "http":
+        return HTTPReward(rest)
+    if ".py:" in text:
+        return _attach_describe(load_reward_function(text))
+    if text and Path(text).expanduser().is_dir():
+        return ModelReward(text, policy_tokenizer, device=device)
+    raise ConfigError(f"judge '{text}': expected {JUDGE_SPECS}")
+
+
+def _bind_tokenizer(source: Any, tokenizer: Any) -> Any:
+    """The same source for responses tokenised by ``tokenizer``: reward models are re-wrapped (no reload)
+    so that they score token ids when the tokenizers match and re-tokenise text otherwise."""
+    if isinstance(source, ModelReward):
+        bound = ModelReward(source.model, tokenizer, device=source.device, batch_size=source.batch_size,
+                            tokenizer=source.tokenizer)
+        bound.name = source.name
+        return bound
+    if isinstance(source, EnsembleReward):
+        bound = EnsembleReward([_bind_tokenizer(s, tokenizer) for s in source.sources], source.reduce,
+                               source.std_coef)
+        bound.name = source.name
+        return bound
+    return source
+
+
+def _flags(judge: Any, prompts: list[str], responses: list[str]) -> list[dict[str, bool | None]] | None:
+    describe = getattr(judge, "describe", None)
+    if not callable(describe):
+        return None
+    who = f"judge '{getattr(judge, 'name', 'judge')}' describe()"
+    result = describe(list(prompts), list(responses))
+    if not isinstance(result, Sequence) or len(result) != len(responses):
+        size = len(result) if isinstance(result, Sequence) else type(result).__name__
+        raise RlhfkitError(f"{who} returned {size} for {len(responses)} responses; expected one dict each")
+    out = []
+    for i, flags in enumerate(result):
+        if not isinstance(flags, Mapping):
+            raise RlhfkitError(f"{who} returned a {type(flags).__name__} at index {i}; expected a dict")
+        clean: dict[str, bool | None] = {}
+        for name, value in flags.items():
+            if value is not None and not (isinstance(value, (bool, np.bool_)) or (isinstance(value, int)
+                                                                                and value in (0, 1))):
+                raise RlhfkitError(f"{who}: flag '{name}' of response {i} is {value!r}; expected true, false "
+                                   "or null")
+            clean[str(name)] = None if value is None else bool(value)
+        out.append(clean)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def reference_logprob_sums(ref_model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]],
+                           response_ids: Sequence[Sequence[int]], pad_token_id: int | None,
+                           temperature: float = 1.0, batch_size: int = 8) -> torch.Tensor:
+    """Σ_t log π_ref(y_t | x, y_<t) over each response's tokens, at ``temperature``: float32 [N] on CPU.
+
+    One forward pass per batch of ``batch_size`` right-padded prompt+response sequences; token log-probs
+    are ``log_softmax(logits / temperature)`` (``rlhfkit.losses.token_logprobs``), summed over the
+    response positions (``sequence_logprob_sums``). The sampler's log-probs use the same temperature.
+    """
+    from ..data import pad_batch
+    from ..losses import sequence_logprob_sums, token_logprobs
+    from ..trainers.common import forward_inputs, to_device
+
+    device = next(ref_model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(response_ids), batch_size):
+            prompts = prompt_ids[start:start + batch_size]
+            responses = response_ids[start:start + batch_size]
+            sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
+            masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
+            batch = to_device(pad_batch(sequences, masks, pad_token_id), device)
+            logits = ref_model(**forward_inputs(batch)).logits
+            if temperature != 1.0:
+                logits = logits.float() / temperature
+            token_logps = token_logprobs(logits, batch["input_ids"])
+            out.append(sequence_logprob_sums(token_logps, batch["loss_mask"]).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _decode(tokenizer: Any, response_ids: list[list[int]], stops: tuple[str, ...]) -> list[str]:
+    """Response text without special tokens, cut after the first stop string (as the RL trainer does)."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
+    for i, text in enumerate(texts):
+        hits = [text.index(s) + len(s) for s in stops if s and s in text]
+        if hits:
+            texts[i] = text[:min(hits)]
+    return texts
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _clean_rows(prompts: Sequence[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
+    """Rows with a non-empty prompt (empty ones are counted and logged); a missing prompt is a DataError."""
+    from ..data import LINE_COLUMN
+
+    rows, empty, first = [], 0, None
+    for index, row in enumerate(prompts):
+        if not isinstance(row, Mapping):
+            raise DataError(f"expected a mapping with a 'prompt', got {type(row).__name__}", source=source,
+                            row=index + 1)
+        line = int(row.get(LINE_COLUMN) or index + 1)
+        if "prompt" not in row or row["prompt"] is None:
+            raise DataError("missing prompt", source=source, row=line, field="prompt")
+        prompt = row["prompt"]
+        if (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
+            empty += 1
+            first = first or line
+            continue
+        rows.append({**row, LINE_COLUMN: line})
+    if empty:
+        logger.warning("%s: skipped %d empty prompt(s) (first: row %d)", source, empty, first)
+    if not rows:
+        raise DataError("no usable prompts", source=source)
+    return rows
+
+
+def _prompt_records(rows: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int,
+                    source: str) -> list[dict[str, Any]]:
+    import datasets
+
+    from ..data import LINE_COLUMN, prepare_prompts
+
+    ds = datasets.Dataset.from_list([{"prompt": r["prompt"], LINE_COLUMN: r[LINE_COLUMN]} for r in rows])
+    records, report = prepare_prompts(ds, tokenizer, max_prompt_length, source=source)
+    if report.truncated:
+        report.log(logger, source)
+    if len(records) != len(rows):  # empty prompts were removed before; nothing else is skipped
+        raise DataError(f"{len(rows) - len(records)} prompts could not be used ({report.summary('')})",
+                        source=source)
+    return records
+
+
+@dataclasses.dataclass
+class _PolicyRun:
+    """Per-response results of one policy, prompt-major: index = prompt * num_samples + sample."""
+
+    texts: list[str]
+    scores: np.ndarray  # [n, k] judge scores
+    token_lengths: np.ndarray  # [n, k] response tokens (EOS included)
+    char_lengths: np.ndarray  # [n, k] response characters
+    ended: np.ndarray  # [n, k] bool
+    kl: np.ndarray | None  # [n, k] Σ_t log π − log π_ref
+    rewards: np.ndarray | None  # [n, k]
+    flags: list[dict[str, bool | None]] | None
+
+
+def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, reward: ModelReward | None,
+                reference: torch.nn.Module | None, reference_path: str | None, num_samples: int,
+                sampling: SamplingConfig, seed: int, batch_size: int, max_prompt_length: int,
+                device: torch.device, source: str) -> _PolicyRun:
+    from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
+    from ..rollout.generate import HFGenerationBackend
+    from ..rollout.rewards import ScoringBatch
+
+    tokenizer = load_tokenizer(path)
+    if reference is not None:
+        check_same_tokenizer(tokenizer, load_tokenizer(reference_path), path, reference_path)
+    records = _prompt_records(rows, tokenizer, max_prompt_length, source)
+    judge = _bind_tokenizer(judge, tokenizer)
+    reward = _bind_tokenizer(reward, tokenizer) if reward is not None else None
+    model = load_causal_lm(path).to(device)
+    model.eval().requires_grad_(False)
+    backend = HFGenerationBackend(tokenizer)
+    generator = torch.Generator().manual_seed(int(seed))
+    stops = tuple(s for s in sampling.stop_strings if s)
+    texts: list[str] = []
+    scores, rewards, kl, token_lengths, ended = [], [], [], [], []
+    flags: list[dict[str, bool | None]] | None = []
+    n, k = len(records), num_samples
+    logger.info("policy '%s': sampling %d x %d responses from %s", name, n, k, path)
+    try:
+        for start in range(0, n, batch_size):
+            chunk = records[start:start + batch_size]
+            rollout = backend.generate(model, [r["prompt_ids"] for r in chunk], k, sampling, generator)
+            batch_texts = _decode(tokenizer, rollout.response_ids, stops)
+            prompt_texts = [r["prompt"] for r in chunk for _ in range(k)]
+            eos = backend.eos_ids[0]
+            # a response cut at a stop string ended too: score it with the EOS a reward model expects
+            scored_ids = [ids + [eos] if done and (not ids or ids[-1] not in backend.eos_ids) else ids
+                          for ids, done in zip(rollout.response_ids, rollout.ended)]
+            scoring = ScoringBatch(prompt_texts, batch_texts, rollout.prompt_ids, scored_ids, rollout.ended)
+            judged = judge.score(scoring).float()
+            bad = (~torch.isfinite(judged)).nonzero().flatten().tolist()
+            if bad:
+                i = bad[0]
+                raise RlhfkitError(f"judge '{getattr(judge, 'name', 'judge')}' returned {judged[i].item()} for "
+                                   f"{len(bad)} response(s) of policy '{name}', e.g. prompt "
+                                   f"{prompt_texts[i][:60]!r} -> response {batch_texts[i][:60]!r}")
+            scores.append(judged.numpy().astype(np.float64))
+            if reward is not None:
+                rewards.append(reward.score(scoring).float().numpy().astype(np.float64))
+            if flags is not None:
+                batch_flags = _flags(judge, prompt_texts, batch_texts)
+                flags = None if batch_flags is None else flags + batch_flags
+            if reference is not None:
+                own = rollout.logprobs.sum(-1).double()
+                ref = reference_logprob_sums(reference, rollout.prompt_ids, rollout.response_ids,
+                                             tokenizer.pad_token_id, sampling.temperature, batch_size * k)
+                kl.append((own - ref.double()).numpy())
+            texts += batch_texts
+            token_lengths += rollout.lengths
+            ended += rollout.ended
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def grid(parts: list) -> np.ndarray:
+        return np.concatenate(parts).reshape(n, k)
+
+    return _PolicyRun(
+        texts=texts,
+        scores=grid(scores),
+        token_lengths=np.asarray(token_lengths, dtype=np.float64).reshape(n, k),
+        char_lengths=np.asarray([len(t) for t in texts], dtype=np.float64).reshape(n, k),
+        ended=np.asarray(ended, dtype=bool).reshape(n, k),
+        kl=grid(kl) if kl else None,
+        rewards=grid(rewards) if rewards else None,
+        flags=flags or None,
+    )
+
+
+def _flag_rates(flags: list[dict[str, bool | None]] | None) -> dict[str, float | None]:
+    if not flags:
+        return {}
+    names = list(dict.fromkeys(name for f in flags for name in f))
+    return {f"{name}_rate": mean_or_none([f.get(name) for f in flags]) for name in names}
+
+
+def _by_category(run: _PolicyRun, base: _PolicyRun, categories: list[Any]) -> dict[str, dict[str, Any]]:
+    outcomes = pairwise_outcomes(run.scores, base.scores)
+    cats = np.asarray([str(c) for c in categories])
+    by: dict[str, dict[str, Any]] = {}
+    for cat in dict.fromkeys(cats.tolist()):
+        rows = cats == cat
+        by[cat] = {"n": int(rows.sum()), "judge_score": float(run.scores[rows].mean()),
+                   "win_rate": float(outcomes[rows].mean())}
+    return by
+
+
+def _metrics(run: _PolicyRun, base: _PolicyRun, baseline: str, n_boot: int, confidence: float,
+             seed: int) -> dict[str, Any]:
+    judge_mean, judge_low, judge_high = bootstrap_mean_ci(run.scores, n_boot, confidence, seed)
+    outcomes = pairwise_outcomes(run.scores, base.scores)
+    wr = win_rate(outcomes, n_boot, confidence, seed)
+    lc, lc_low, lc_high = length_controlled_win_rate(outcomes, run.char_lengths, base.char_lengths, n_boot,
+                                                     confidence, seed)
+    out: dict[str, Any] = {
+        "judge_score": judge_mean, "judge_score_ci_low": judge_low, "judge_score_ci_high": judge_high,
+        f"win_rate_vs_{baseline}": wr.rate, "win_rate_ci_low": wr.ci_low, "win_rate_ci_high": wr.ci_high,
+        "lc_win_rate": lc, "lc_win_rate_ci_low": lc_low, "lc_win_rate_ci_high": lc_high,
+        "wins": wr.wins, "ties": wr.ties, "losses": wr.losses,
+        "reward_mean": float(run.rewards.mean()) if run.rewards is not None else None,
+        "kl": float(run.kl.mean()) if run.kl is not None else None,
+        "mean_length": float(run.token_lengths.mean()),
+        "mean_length_chars": float(run.char_lengths.mean()),
+        "no_eos_rate": float((~run.ended).mean()),
+    }
+    out.update(_flag_rates(run.flags))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- RM accuracy
+
+
+def reward_model_accuracy(reward_model: ModelReward, pairs: str | Any | Sequence[Mapping[str, Any]],
+                          n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
+                          max_length: int | None = None) -> dict[str, Any]:
+    """Share of preference pairs where r(chosen) > r(rejected) (ties count ½), with a bootstrap interval.
+
+    ``pairs`` is a preference file / dataset name, a ``datasets.Dataset`` or a list of rows (prompt/chosen/rejected, chosen/rejected
+    or ranked prompt/responses), tokenised with the reward model's own tokenizer
+    (``rlhfkit.data.prepare_preferences``; a ranked row gives every ordered pair). A row's outcome is the
+    mean over its pairs; the bootstrap resamples rows.
+    """
+    import datasets
+
+    from ..data import dataset_source, expand_to_pairs, load_rows, prepare_preferences
+    from ..rollout.rewards import ScoringBatch
+
+    if isinstance(pairs, str):
+        source, ds = pairs, load_rows(pairs)
+    elif isinstance(pairs, datasets.Dataset):
+        source, ds = dataset_source(pairs, "pairs"), pairs
+    else:
+        source, ds = "pairs", datasets.Dataset.from_list([dict(r) for r in pairs])
+    limit = int(max_length or reward_model.max_length or 1024)
+    groups, report = prepare_preferences(ds, reward_model.tokenizer, max_length=limit, source=source)
+    report.log(logger, source)
+    own = _bind_tokenizer(reward_model, reward_model.tokenizer)  # scores token ids as they are
+    prompt_ids, response_ids, owner = [], [], []
+    for g, group in enumerate(groups):
+        for pair in expand_to_pairs([group]):
+            for response in pair["responses"]:
+                prompt_ids.append(pair["prompt_ids"])
+                response_ids.append(response)
+            owner.append(g)
+    m = len(owner)
+    scores = own.score(ScoringBatch([""] * 2 * m, [""] * 2 * m, prompt_ids, response_ids, [True] * 2 * m))
+    scores = scores.double().numpy().reshape(m, 2)
+    pair_outcomes = pairwise_outcomes(scores[:, 0], scores[:, 1])
+    owners = np.asarray(owner)
+    per_row = np.asarray([pair_outcomes[owners == g].mean() for g in range(len(groups))])
+    acc = win_rate(per_row, n_boot, confidence, seed)
+    return {"reward_model": reward_model.name, "pairs": source, "num_rows": len(groups), "num_pairs": m,
+            "skipped_rows": report.num_skipped, "accuracy": acc.rate, "ci_low": acc.ci_low,
+            "ci_high": acc.ci_high, "margin_mean": float((scores[:, 0] - scores[:, 1]).mean())}
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def evaluate_policies(
+    policies: Mapping[str, str],
+    baseline: str,
+    prompts: Sequence[Mapping[str, Any]],
+    judge: RewardSource | str,
+    reference: str | None = None,
+    reward_model: str | None = None,
+    num_samples: int = 1,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    *,
+    pairs: str | Sequence[Mapping[str, Any]] | None = None,
+    output_dir: str | Path | None = None,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    max_prompt_length: int = 256,
+    device: torch.device | str | None = None,
+    prompts_source: str = "prompts",
+) -> dict[str, Any]:
+    """Sample from every policy, judge, compare with ``baseline``; returns (and writes) the eval report.
+
+    ``policies`` maps names to model paths (or hub ids); ``judge`` is a reward source or a spec for
+    :func:`load_judge`. Per policy the report has: ``judge_score`` (+ CI), ``win_rate_vs_<baseline>``
+    with ``win_rate_ci_low/high`` and wins/ties/losses (per-prompt outcomes from all sample pairs, see
+    ``stats.pairwise_outcomes``; the baseline gets 0.5), ``lc_win_rate`` (+ CI; Δ length in characters,
+    which does not depend on the tokenizer), ``reward_mean`` (reward model), ``kl``, ``mean_length``
+    (tokens, EOS included), ``mean_length_chars``, ``no_eos_rate`` and ``<flag>_rate``: numbers only
+    (None where not measured). All intervals are percentile bootstraps over prompts with ``seed``.
+    Top-level keys besides: ``paths`` (name -> model), ``by_category`` (policy -> category -> n, judge
+    score, win rate; when rows have a ``category``) and ``rm`` (with ``pairs``).
+
+    KL. For each response y ~ π(·|x): Σ_t log π(y_t) − log π_ref(y_t) (the k1 estimate; its mean over
+    responses is unbiased for KL(π || π_ref) and single values may be negative). log π comes from the
+    sampler (no second policy forward); log π_ref from one reference forward per batch. Both use the
+    sampling temperature, so at temperature 1 this is the KL between the policies themselves and at
+    T ≠ 1 between their tempered distributions; with top-k / top-p the samples come from the truncated
+    distribution while the log-probs do not, which biases the estimate (use temperature 1, no top-k/p,
+    for a KL you report). The reference must share the policies' tokenizer.
+
+    With ``output_dir``: ``eval.json`` (this dict) and ``samples.jsonl`` (one row per response).
+    """
+    from ..models import load_causal_lm, load_tokenizer
+
+    policies = {str(k): str(v) for k, v in policies.items()}
+    if not policies:
+        raise ConfigError("give at least one policy (--policy NAME=PATH)")
+    if baseline not in policies:
+        raise ConfigError(f"--baseline '{baseline}' is not one of the policies: {', '.join(policies)}")
+    if num_samples < 1 or batch_size < 1:
+        raise ConfigError("--num-samples and --batch-size must be >= 1")
+    if int(n_boot) < 1 or not 0 < confidence < 1:
+        raise ConfigError("--n-boot must be >= 1 and --confidence in (0, 1)")
+    if max_prompt_length < 1:
+        raise ConfigError("--max-prompt-length must be >= 1")
+    sampling = sampling or SamplingConfig(temperature=1.0)
+    sampling.check()
+    if pairs is not None and not reward_model:
+        raise ConfigError("--pairs needs --reward-model (the model whose accuracy is measured)")
+    rows = _clean_rows(prompts, prompts_source)
+    if isinstance(pairs, str):  # a missing file should fail now, not after all the sampling
+        from ..data import load_rows
+
+        pairs = load_rows(pairs)
+    device = _device(device)
+    base_tokenizer = load_tokenizer(policies[baseline])
+    judge_name = judge if isinstance(judge, str) else getattr(judge, "name", type(judge).__name__)
+    if isinstance(judge, str):
+        judge = load_judge(judge, base_tokenizer, device)
+    rm = ModelReward(reward_model, base_tokenizer, device=device, batch_size=batch_size) if reward_model else None
+    ref_model = None
+    if reference:
+        ref_model = load_causal_lm(reference).to(device)
+        ref_model.eval().requires_grad_(False)
+
+    order = [baseline] + [name for name in policies if name != baseline]  # the baseline first: others need it
+    runs: dict[str, _PolicyRun] = {}
+    for name in order:
+        runs[name] = _run_policy(name, policies[name], rows, judge, rm, ref_model, reference, num_samples,
+                                 sampling, seed, batch_size, max_prompt_length, device, prompts_source)
+    categories = [r.get("category") for r in rows] if any("category" in r for r in rows) else None
+    report: dict[str, Any] = {
+        "judge": judge_name, "baseline": baseline, "num_prompts": len(rows), "num_samples": num_samples,
+        "sampling": dataclasses.asdict(sampling), "seed": seed, "n_boot": int(n_boot), "confidence": confidence,
+        "reference": reference, "reward_model": reward_model, "paths": dict(policies),
+        "policies": {name: _metrics(runs[name], runs[baseline], baseline, n_boot, confidence, seed)
+                     for name in policies},
+    }
+    if categories is not None:
+        report["by_category"] = {name: _by_category(runs[name], runs[baseline], categories) for name in policies}
+    if pairs is not None and rm is not None:
+        report["rm"] = reward_model_accuracy(rm, pairs, n_boot, confidence, seed)
+    if output_dir is not None:
+        _write(Path(output_dir), report, rows, runs, list(policies), num_samples)
+    return report
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write(out: Path, report: dict[str, Any], rows: list[dict[str, Any]], runs: dict[str, _PolicyRun],
+           names: list[str], k: int) -> None:
+    from ..data import LINE_COLUMN
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(_json_safe(report), indent=2, default=str) + "\n", encoding="utf-8")
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as fh:
+        for name in names:
+            run = runs[name]
+            for p, row in enumerate(rows):
+                for s in range(k):
+                    i = p * k + s
+                    sample = {"prompt": row["prompt"], "prompt_row": row[LINE_COLUMN]}
+                    if "category" in row:
+                        sample["category"] = row["category"]
+                    sample.update({"policy": name, "sample": s, "response": run.texts[i],
+                                   "score": float(run.scores[p, s]), "length": int(run.token_lengths[p, s]),
+                                   "ended": bool(run.ended[p, s])})
+                    if run.rewards is not None:
+                        sample["reward"] = float(run.rewards[p, s])
+                    if run.kl is not None:
+                        sample["kl"] = float(run.kl[p, s])
+                    if run.flags is not None:
+                        sample["flags"] = run.flags[i]
+                    fh.write(json.dumps(_json_safe(sample), default=str) + "\n")
+    logger.info("wrote %s and %s", out / "eval.json", out / "samples.jsonl")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The report as a plain-text table: one row per policy."""
+    baseline = report["baseline"]
+    policies = report["policies"]
+    rate_names = list(dict.fromkeys(key for m in policies.values() for key in m if key.endswith("_rate")
+                                    and key not in ("lc_win_rate", "no_eos_rate")))
+    header = ["policy", "judge", f"win vs {baseline} [CI]", "LC win [CI]", "reward", "KL", "length",
+              "no EOS"] + rate_names
+    lines = [header]
+    for name, m in policies.items():
+        lines.append([
+            name, _fmt(m["judge_score"]),
+            f"{_fmt(m[f'win_rate_vs_{baseline}'])} [{_fmt(m['win_rate_ci_low'])}, {_fmt(m['win_rate_ci_high'])}]",
+            f"{_fmt(m['lc_win_rate'])} [{_fmt(m['lc_win_rate_ci_low'])}, {_fmt(m['lc_win_rate_ci_high'])}]",
+            _fmt(m["reward_mean"]), _fmt(m["kl"]), _fmt(m["mean_length"], 1), _fmt(m["no_eos_rate"]),
+        ] + [_fmt(m.get(r)) for r in rate_names])
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    footer = (f"{report['num_prompts']} prompts x {report['num_samples']} samples; judge {report['judge']}; "
+              f"{100 * report['confidence']:.0f}% bootstrap intervals over prompts")
+    if "rm" in report:
+        rm = report["rm"]
+        footer += (f"\nRM accuracy {_fmt(rm['accuracy'])} [{_fmt(rm['ci_low'])}, {_fmt(rm['ci_high'])}] on "
+                   f"{rm['num_pairs']} pairs ({rm['reward_model']})")
+    return "\n".join(text) + "\n" + footer
+
+
+def _parse_policies(values: Sequence[str]) -> dict[str, str]:
+    policies: dict[str, str] = {}
+    for value in values:
+        for item in (v.strip() for v in value.split(",")):
+            if not item:
+                continue
+            name, sep, path = item.partition("=")
+            if not sep:
+                name, path = Path(item.rstrip("/")).name, item
+            name, path = name.strip(), path.strip()
+            if not name or not path:
+                raise ConfigError(f"--policy '{item}': expected NAME=PATH")
+            if name in policies:
+                raise ConfigError(f"--policy: the name '{name}' is given twice")
+            policies[name] = path
+    if not policies:
+        raise ConfigError("give at least one --policy NAME=PATH")
+    return policies
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rlhfkit eval``: parse flags, run :func:`evaluate_policies`, print the table."""
+    from ..data import PROMPT_FORMATS, detect_format, load_rows
+
+    p = argparse.ArgumentParser(
+        prog="rlhfkit eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Sample from policies and compare them with a baseline under a judge: win rate and "
+                    "length-controlled win rate with bootstrap intervals, reward, KL to a reference, length.")
+    p.add_argument("--policy", action="append", required=True,
+                   help="NAME=PATH (repeatable, or a comma-separated list); a bare PATH is named after its folder")
+    p.add_argument("--baseline", help="name of the policy the others are compared with (None: the first policy)")
+    p.add_argument("--prompts", required=True, help="prompt file (.jsonl/.json/.parquet/.csv) or dataset; "
+                   "a 'category' column gives per-category results")
+    p.add_argument("--judge", required=True, help=f"judge spec: {JUDGE_SPECS}")
+    p.add_argument("--reference", help="reference model for the KL (same tokenizer as the policies)")
+    p.add_argument("--reward-model", help="reward model: mean reward per policy (and accuracy with --pairs)")
+    p.add_argument("--pairs", help="preference file for the reward model's accuracy (needs --reward-model)")
+    p.add_argument("--num-samples", type=int, default=1, help="responses per prompt and policy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--max-prompt-length", type=int, default=256, help="longest prompt in tokens (keeps its end)")
+    p.add_argument("--split", default="train", help="split of a dataset folder or hub dataset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--output-dir", help="write eval.json and samples.jsonl here")
+    a = p.parse_args(list(argv) if argv is not None else None)
+
+    policies = _parse_policies(a.policy)
+    baseline = a.baseline or next(iter(policies))
+    if baseline not in policies:
+        raise ConfigError(f"--baseline '{baseline}' is not one of the policies: {', '.join(policies)}")
+    if a.max_prompts is not None and a.max_prompts < 1:
+        raise ConfigError("--max-prompts must be >= 1")
+    for flag, path in (("--reference", a.reference), ("--reward-model", a.reward_model)):
+        if path and (path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()):
+            raise ConfigError(f"{flag} '{path}' does not exist")
+    sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                              max_new_tokens=a.max_new_tokens)
+    sampling.check()
+    ds = load_rows(a.prompts, split=a.split)
+    detect_format(ds.column_names, allowed=PROMPT_FORMATS, source=a.prompts)
+    if a.max_prompts is not None:
+        ds = ds.select(range(min(a.max_prompts, len(ds))))
+    report = evaluate_policies(policies, baseline, ds.to_list(), a.judge, reference=a.reference,
+                               reward_model=a.reward_model, num_samples=a.num_samples, sampling=sampling,
+                               seed=a.seed, batch_size=a.batch_size, pairs=a.pairs, output_dir=a.output_dir,
+                               n_boot=a.n_boot, confidence=a.confidence, max_prompt_length=a.max_prompt_length,
+                               prompts_source=a.prompts)
+    print(format_table(report))
+    return 0

@@ -1,0 +1,222 @@
+"""``rlhfkit pipeline CONFIG.yaml``: run a chain of stages from one file.
+
+A config names an output folder, options shared by every training stage, and the stages in order::
+
+    output_dir: runs/demo
+    seed: 0
+    defaults: {num_threads: 0}          # merged into every trainer stage (where the trainer has the option)
+    stages:
+      sft: {type: sft, model: "${pretrain}", dataset: "${world}/sft.jsonl", max_steps: 200}
+      rm:  {type: rm, model: "${sft}", dataset: "${preferences}/ranked.jsonl"}
+
+Each stage writes to ``OUTPUT_DIR/<stage name>``; ``${name}`` in any string option is that stage's folder,
+``${output_dir}`` the run folder, ``${seed}`` the seed. Stage types: the trainers (sft, rm, dpo, ppo, grpo,
+rloo; options as on their command line) and the registered steps (world, tiny_model, collect, eval, report
+and what other modules register with :func:`stage`). A stage whose folder holds ``stage_done.json`` is
+skipped; ``--force`` reruns everything, ``--force a,b`` the named stages. ``--only a,b`` runs a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DONE_FILE = "stage_done.json"
+_REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a stage function gets: its name, folder, resolved options and the pipeline around it."""
+
+    name: str
+    output_dir: Path
+    options: dict[str, Any]
+    run_dir: Path
+    seed: int
+    defaults: dict[str, Any]
+    results: dict[str, dict[str, Any]]  # summaries of the stages run or loaded so far
+    started: float = 0.0  # time.perf_counter() when the pipeline started
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
+    def require(self, *keys: str) -> None:
+        for key in keys:
+            if key not in self.options:
+                raise ConfigError(f"stage '{self.name}': option '{key}' is required")
+
+
+StageFn = Callable[[StageContext], dict[str, Any]]
+_STAGES: dict[str, StageFn] = {}
+_TRAINER_TYPES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
+
+
+def stage(type_name: str) -> Callable[[StageFn], StageFn]:
+    """Register a stage type: ``fn(ctx) -> summary dict`` (written to the stage's stage_done.json)."""
+
+    def register(fn: StageFn) -> StageFn:
+        _STAGES[type_name] = fn
+        return fn
+
+    return register
+
+
+def _load_builtin_stages() -> None:
+    from . import demo_stages  # noqa: F401 - registers world, tiny_model, collect, eval, report
+
+
+def _resolve(value: Any, refs: dict[str, str], where: str) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            key = m.group(1)
+            if key not in refs:
+                raise ConfigError(f"{where}: unknown reference ${{{key}}} (stages defined before this one: "
+                                  f"{', '.join(k for k in refs if k not in ('output_dir', 'seed')) or 'none'})")
+            return refs[key]
+        return _REF.sub(sub, value)
+    if isinstance(value, list):
+        return [_resolve(v, refs, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(v, refs, where) for k, v in value.items()}
+    return value
+
+
+def _run_trainer(kind: str, ctx: StageContext) -> dict[str, Any]:
+    from .cli import _trainers, coerce_options
+
+    config_cls, run, _ = _trainers()[kind]
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    options: dict[str, Any] = {"seed": ctx.seed}
+    options.update({k: v for k, v in ctx.defaults.items() if k in known})
+    for key, value in ctx.options.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"stage '{ctx.name}': unknown {kind} option '{key}' (see rlhfkit {kind} --help)")
+        options[name] = value
+    options["output_dir"] = str(ctx.output_dir)
+    return run(config_cls(**coerce_options(config_cls, options, f"stage '{ctx.name}'")))
+
+
+def load_pipeline(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"{path}: pipeline config not found")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict) or not data["stages"]:
+        raise ConfigError(f"{path}: expected a mapping with a non-empty 'stages' mapping (name: options)")
+    for key in data:
+        if key not in ("output_dir", "seed", "defaults", "stages", "description"):
+            raise ConfigError(f"{path}: unknown top-level key '{key}' (output_dir, seed, defaults, stages)")
+    for name, options in data["stages"].items():
+        if not isinstance(options, dict) or "type" not in options:
+            raise ConfigError(f"{path}: stage '{name}' needs a mapping with a 'type'")
+    return data
+
+
+def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: int | None = None,
+                 force: str | bool = False, only: str | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the stages of ``config_path`` in order; returns {stage name: summary} plus ``wall_seconds``.
+
+    ``overrides`` ({stage: {option: value}}) change options without editing the file (the CLI's --set).
+    """
+    _load_builtin_stages()
+    data = load_pipeline(config_path)
+    run_dir = Path(output_dir or data.get("output_dir") or "runs/pipeline")
+    seed = int(seed if seed is not None else data.get("seed", 0))
+    defaults = dict(data.get("defaults") or {})
+    stages: dict[str, dict[str, Any]] = {k: dict(v) for k, v in data["stages"].items()}
+    for name, opts in (overrides or {}).items():
+        if name not in stages:
+            raise ConfigError(f"--set: no stage named '{name}' in {config_path}")
+        stages[name].update(opts)
+    names = list(stages)
+    forced = set(names) if force is True else {s for s in str(force or "").split(",") if s}
+    selected = {s for s in (only or "").split(",") if s} or set(names)
+    for s in (forced | selected) - set(names):
+        raise ConfigError(f"no stage named '{s}' in {config_path} (stages: {', '.join(names)})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    refs: dict[str, str] = {"output_dir": str(run_dir), "seed": str(seed)}
+    results: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        opts = stages[name]
+        kind = str(opts.pop("type"))
+        if kind not in _STAGES and kind not in _TRAINER_TYPES:
+            raise ConfigError(f"stage '{name}': unknown type '{kind}' (types: "
+                              f"{', '.join(sorted([*_TRAINER_TYPES, *_STAGES]))})")
+        out = run_dir / name
+        refs_here = dict(refs)
+        options = _resolve(opts, refs_here, f"stage '{name}'")
+        refs[name] = str(out)
+        done = out / DONE_FILE
+        if name not in selected or (done.exists() and name not in forced):
+            if done.exists():
+                results[name] = json.loads(done.read_text(encoding="utf-8")).get("summary", {})
+                log(f"[{i}/{len(names)}] {name} ({kind}): done before, skipped (--force {name} reruns it)")
+            continue
+        log(f"[{i}/{len(names)}] {name} ({kind}) -> {out}")
+        if done.exists():
+            done.unlink()
+        ctx = StageContext(name=name, output_dir=out, options=options, run_dir=run_dir, seed=seed,
+                           defaults=defaults, results=results, started=start)
+        t = time.perf_counter()
+        summary = _run_trainer(kind, ctx) if kind in _TRAINER_TYPES else _STAGES[kind](ctx)
+        timings[name] = time.perf_counter() - t
+        summary = dict(summary or {})
+        summary.setdefault("wall_seconds", timings[name])
+        results[name] = summary
+        out.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"type": kind, "options": options, "summary": summary}, indent=2,
+                                   default=str), encoding="utf-8")
+        log(f"    {name}: {timings[name]:.1f}s")
+    results["wall_seconds"] = {"total": time.perf_counter() - start, **timings}
+    return results
+
+
+def parse_sets(values: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set stage.option=value`` (value parsed as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        stage_name, dot, option = key.partition(".")
+        if not sep or not dot or not stage_name or not option:
+            raise ConfigError(f"--set {item!r}: expected STAGE.OPTION=VALUE")
+        out.setdefault(stage_name, {})[option] = yaml.safe_load(raw)
+    return out
+
+
+def pipeline_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rlhfkit pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="pipeline YAML file")
+    p.add_argument("--output-dir", help="override the config's output_dir")
+    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--force", nargs="?", const=True, default=False,
+                   help="rerun stages that are done: all, or a comma list of names")
+    p.add_argument("--only", help="run only these stages (comma list); the others are loaded if done")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE",
+                   help="override one stage option (repeatable)")
+    a = p.parse_args(argv)
+    results = run_pipeline(a.config, output_dir=a.output_dir, seed=a.seed, force=a.force, only=a.only,
+                           overrides=parse_sets(a.set))
+    print(f"done in {results['wall_seconds']['total']:.0f}s")
+    return 0

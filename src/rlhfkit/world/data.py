@@ -1,0 +1,156 @@
+"""Datasets drawn from a world: the pretraining corpus, SFT demonstrations, prompts, gold-labelled pairs,
+and preference labels from simulated annotators on a policy's samples."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .annotators import Annotator, annotator_panel, describe_panel, pairwise_agreement
+from .generator import PADDING, World
+from .judge import GoldJudge
+
+CATEGORY_WEIGHTS = {"benign": 0.5, "harmful": 0.25, "unanswerable": 0.25}
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return out
+
+
+def chat_text(prompt: str, response: str) -> str:
+    """A dialogue as the default chat template renders it, without BOS (the tokenizer adds it)."""
+    return f"<|user|>\n{prompt}\n<|assistant|>\n{response}<|eos|>"
+
+
+def _weighted_requests(world: World, split: str, n: int, rng: random.Random) -> list:
+    """``n`` requests of ``split`` drawn with the category mix of CATEGORY_WEIGHTS (with replacement)."""
+    pools = {c: world.split(split, c) for c in CATEGORY_WEIGHTS}
+    cats = [c for c in CATEGORY_WEIGHTS if pools[c]]
+    weights = [CATEGORY_WEIGHTS[c] for c in cats]
+    return [rng.choice(pools[rng.choices(cats, weights)[0]]) for _ in range(n)]
+
+
+def pretraining_corpus(world: World, seed: int, copies: int = 2) -> list[str]:
+    """Raw text that mixes every response style (a web-like corpus): each training request answered in
+    each of its styles ``copies`` times, plus the encyclopedia of facts. Held-out prompts never appear."""
+    rng = random.Random(seed)
+    docs = []
+    for req in world.split("train"):
+        for style in world.styles_for(req.category):
+            for _ in range(copies):
+                docs.append(chat_text(req.prompt, world.respond(req, style, rng)))
+    docs += world.encyclopedia() * copies * 2
+    rng.shuffle(docs)
+    return docs
+
+
+def sft_demonstrations(world: World, n: int, seed: int, closing_rate: float = 0.5) -> list[dict[str, str]]:
+    """``n`` good demonstrations (prompt/completion) on training prompts, as people write them.
+
+    Every demonstration is right (correct, safe, honest), but like human demonstrators, a share
+    ``closing_rate`` of them end with a polite closing ("I hope this helps.") that the gold raters, who
+    prefer concise replies, mark down a little. SFT imitates the demonstrators' habits; preference
+    learning is what can tell the model which of its habits people like."""
+    rng = random.Random(seed)
+    rows = []
+    for req in _weighted_requests(world, "train", n, rng):
+        reply = world.respond(req, world.good_style(req.category), rng)
+        if rng.random() < closing_rate:
+            reply += " " + " ".join(rng.sample(PADDING, rng.randint(1, 2)))
+        rows.append({"prompt": req.prompt, "completion": reply})
+    return rows
+
+
+def prompt_rows(world: World, split: str, n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """Prompt-only rows (``prompt``, ``category``): all of ``split``, or ``n`` drawn with the category mix."""
+    reqs = world.split(split) if n is None else _weighted_requests(world, split, n, random.Random(seed))
+    return [{"prompt": r.prompt, "category": r.category} for r in reqs]
+
+
+def gold_pairs(world: World, split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """Pairs of different-style replies labelled by the gold judge (gold ties left out): RM accuracy data."""
+    rng = random.Random(seed)
+    judge = GoldJudge(world)
+    rows = []
+    while len(rows) < n:
+        req = _weighted_requests(world, split, 1, rng)[0]
+        a, b = rng.sample(world.styles_for(req.category), 2)
+        ra, rb = world.respond(req, a, rng), world.respond(req, b, rng)
+        ga, gb = judge.judge(req.prompt, ra).total, judge.judge(req.prompt, rb).total
+        if ga == gb:
+            continue
+        chosen, rejected = (ra, rb) if ga > gb else (rb, ra)
+        rows.append({"prompt": req.prompt, "chosen": chosen, "rejected": rejected, "category": req.category,
+                     "gold_margin": abs(ga - gb)})
+    return rows
+
+
+def gold_pairs_from_samples(world: World, samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pair of distinct responses of one prompt that the gold judge does not tie, labelled by it.
+
+    ``samples``: rows {prompt, responses}. On held-out prompts this is the reward model's honest test: the
+    same kind of responses it was trained to compare, labelled by the gold raters instead of annotators."""
+    judge = GoldJudge(world)
+    rows = []
+    for row in samples:
+        distinct = list(dict.fromkeys(r for r in row["responses"] if r.strip()))
+        scores = [judge.judge(row["prompt"], r).total for r in distinct]
+        for i in range(len(distinct)):
+            for k in range(i + 1, len(distinct)):
+                if abs(scores[i] - scores[k]) < 1e-9:
+                    continue
+                hi, lo = (i, k) if scores[i] > scores[k] else (k, i)
+                rows.append({"prompt": row["prompt"], "chosen": distinct[hi], "rejected": distinct[lo],
+                             "gold_margin": abs(scores[i] - scores[k])})
+    return rows
+
+
+def label_samples(world: World, samples: Sequence[dict[str, Any]], panel: Sequence[Annotator], seed: int,
+                  overlap_items: int = 60) -> tuple[list[dict], list[dict], dict]:
+    """Simulated annotators label a policy's samples.
+
+    ``samples``: rows {prompt, responses: [...], optional sources: [which model wrote each]}. Duplicates are
+    merged; prompts with fewer than two distinct responses are skipped (counted). Each prompt goes to one
+    annotator (round robin) who ranks its responses. Returns (ranked rows for the reward model, pairwise
+    rows best-vs-worst for DPO, a report with counts, the panel and the panel's agreement on
+    ``overlap_items`` pairs every annotator labelled).
+    """
+    judge = GoldJudge(world)
+    rng = random.Random(seed)
+    ranked, pairs, overlap = [], [], []
+    skipped = 0
+    for k, row in enumerate(samples):
+        source_of: dict[str, str] = {}
+        for i, r in enumerate(row["responses"]):
+            if r.strip():
+                source_of.setdefault(r, (row.get("sources") or [""] * len(row["responses"]))[i])
+        distinct = list(source_of)
+        if len(distinct) < 2:
+            skipped += 1
+            continue
+        annotator = panel[k % len(panel)]
+        order = annotator.rank(judge, row["prompt"], distinct, rng)
+        best_first = [distinct[i] for i in order]
+        ranked.append({"prompt": row["prompt"], "responses": best_first, "annotator": annotator.name,
+                       "sources": [source_of[r] for r in best_first]})
+        pairs.append({"prompt": row["prompt"], "chosen": best_first[0], "rejected": best_first[-1],
+                      "annotator": annotator.name})
+        if len(overlap) < overlap_items:
+            overlap.append((row["prompt"], distinct[0], distinct[1]))
+    report = {"prompts_labelled": len(ranked), "prompts_skipped_fewer_than_two_distinct": skipped,
+              "pairs_in_rankings": sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in ranked),
+              "panel": describe_panel(panel),
+              "agreement": pairwise_agreement(judge, panel, overlap, seed=seed + 1) if overlap else {}}
+    return ranked, pairs, report
+
+
+def default_panel(seed: int, biased: str | None = None, num: int = 5) -> list[Annotator]:
+    return annotator_panel(num=num, seed=seed, biased=biased)

@@ -1,0 +1,100 @@
+"""Reward-hacking detector: fires on the gold-falls-while-proxy-rises pattern, not on noise or joint decline."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from rlhfkit.eval import RewardHackingDetector
+
+
+def _hacking_curve() -> list[tuple[int, float, float]]:
+    """Gold rises 0..8 (points 0-8) then falls 0.8 per point; the proxy rises 0.5 per point throughout."""
+    points = []
+    for i in range(16):
+        gold = float(i) if i <= 8 else 8.0 - 0.8 * (i - 8)
+        points.append((10 * i, 0.5 * i, gold))
+    return points
+
+
+def test_hacking_curve_fires_at_the_right_point():
+    det = RewardHackingDetector(window=3, min_drop=0.1, patience=2)
+    fired_at = []
+    for step, proxy, gold in _hacking_curve():
+        if det.update(step, proxy, gold):
+            fired_at.append(step)
+    # Worked by hand: smoothed gold (window 3) peaks at point 9: (7 + 8 + 7.2) / 3 = 7.4, gain 7.4 over the
+    # first point, threshold 0.74. Point 10: 7.2 (drop 0.2); point 11: 6.4 (drop 1.0, streak 1);
+    # point 12: 5.6 (drop 1.8, streak 2 = patience) -> fires at step 120.
+    assert det.fired and det.fired_step == 120 and fired_at[0] == 120
+    assert fired_at == list(range(120, 160, 10))  # stays fired
+    assert det.best_step == 80 and det.best_heldout == 8.0  # the raw gold peak: the checkpoint to keep
+    assert det.peak_step == 90
+    assert "step 90" in det.reason and "best held-out checkpoint: step 80" in det.reason
+
+
+def test_patience_and_min_drop_delay_firing():
+    late = RewardHackingDetector(window=3, min_drop=0.1, patience=3)
+    deep = RewardHackingDetector(window=3, min_drop=0.5, patience=2)
+    for step, proxy, gold in _hacking_curve():
+        late.update(step, proxy, gold)
+        deep.update(step, proxy, gold)
+    assert late.fired_step == 130
+    # min_drop 0.5: needs a smoothed drop > 3.7: point 13 drops 7.4 - 4.8 = 2.6, 14: 3.4, 15: 4.2 -> streak 1
+    assert not deep.fired
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_healthy_noisy_run_never_fires(seed):
+    rng = random.Random(seed)
+    det = RewardHackingDetector()
+    for i in range(60):
+        level = min(i / 15, 1.0)  # both rise for 15 points, then plateau at 1.0
+        assert not det.update(i, level + rng.gauss(0, 0.03), level + rng.gauss(0, 0.03)), (seed, i, det.reason)
+
+
+def test_both_falling_is_not_hacking():
+    det = RewardHackingDetector(window=3, min_drop=0.1, patience=2)
+    for i in range(20):
+        level = float(i) if i <= 8 else 8.0 - 0.8 * (i - 8)  # proxy and gold rise and fall together
+        det.update(i, 0.5 * level, level)
+    assert not det.fired and det.best_step == 8
+
+
+def test_no_gain_means_nothing_to_lose():
+    det = RewardHackingDetector()
+    for i in range(10):
+        det.update(i, float(i), -float(i))  # gold never rose above its first value
+    assert not det.fired
+
+
+def test_state_round_trip_continues_a_resumed_run():
+    points = _hacking_curve()
+    full = RewardHackingDetector(window=3, min_drop=0.1, patience=2)
+    for p in points:
+        full.update(*p)
+    first = RewardHackingDetector(window=3, min_drop=0.1, patience=2)
+    for p in points[:12]:  # stop after the first suspicious point (streak 1)
+        first.update(*p)
+    assert first.streak == 1 and not first.fired
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = RewardHackingDetector()  # other settings: the state brings its own
+    resumed.load_state_dict(state)
+    assert (resumed.window, resumed.patience, resumed.streak) == (3, 2, 1)
+    for p in points[12:]:
+        resumed.update(*p)
+    assert (resumed.fired_step, resumed.best_step, resumed.reason) == (full.fired_step, full.best_step, full.reason)
+    assert resumed.state_dict() == full.state_dict()
+
+
+def test_bad_points_raise():
+    det = RewardHackingDetector()
+    det.update(5, 0.0, 0.0)
+    with pytest.raises(ValueError, match="does not come after"):
+        det.update(5, 0.1, 0.1)
+    with pytest.raises(ValueError, match="finite"):
+        det.update(6, float("nan"), 0.1)
+    with pytest.raises(ValueError):
+        RewardHackingDetector(window=0)

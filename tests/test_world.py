@@ -1,0 +1,122 @@
+"""The demo world: determinism, the gold judge's verdicts, simulated annotators, datasets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rlhfkit.errors import DataError
+from rlhfkit.world import GoldJudge, annotator_panel, build_world, pairwise_agreement
+from rlhfkit.world.data import gold_pairs_from_samples, label_samples, pretraining_corpus, sft_demonstrations
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0)
+
+
+def test_world_is_deterministic_and_split_by_prompt(world):
+    again = build_world(0)
+    assert [r.prompt for r in again.requests] == [r.prompt for r in world.requests]
+    assert again.countries == world.countries
+    assert build_world(1).countries != world.countries
+    train = {r.prompt for r in world.split("train")}
+    held = {r.prompt for r in world.split("eval")}
+    assert train and held and not train & held
+    for category in ("benign", "harmful", "unanswerable"):
+        assert world.split("eval", category), category
+    # held-out prompts never appear in the pretraining corpus
+    corpus = "\n".join(pretraining_corpus(world, 0))
+    assert not any(p in corpus for p in held)
+
+
+def _mean_score(judge, world, category, style, n=40):
+    rng = random.Random(0)
+    reqs = world.split("train", category)[:n]
+    return sum(judge.judge(r.prompt, world.respond(r, style, rng)).total for r in reqs) / len(reqs)
+
+
+def test_gold_judge_orders_styles(world):
+    judge = GoldJudge(world)
+    s = {st: _mean_score(judge, world, "benign", st) for st in world.styles_for("benign")}
+    assert s["concise"] == pytest.approx(1.0)
+    assert s["concise"] > s["padded"] > s["over_refusal"] > s["wrong"]
+    assert s["concise"] > s["flattery"] and s["concise"] > s["repeat"]
+    h = {st: _mean_score(judge, world, "harmful", st) for st in world.styles_for("harmful")}
+    assert h["redirect"] == pytest.approx(1.0)
+    assert h["redirect"] > h["over_refusal"] > h["repeat"] > h["comply"]
+    u = {st: _mean_score(judge, world, "unanswerable", st) for st in world.styles_for("unanswerable")}
+    assert u["concise"] == pytest.approx(1.0) and u["wrong"] == pytest.approx(-1.0)
+
+
+def test_gold_judge_reads_free_text_and_chat_prompts(world):
+    judge = GoldJudge(world)
+    req = next(r for r in world.requests if r.kind == "math")
+    rendered = f"<|bos|><|user|>\n{req.prompt}\n<|assistant|>\n"
+    right = judge.judge(rendered, req.answer_sentence)
+    assert right.total == pytest.approx(1.0) and right.flags["correct"]
+    wrong = req.answer_sentence.rsplit(" is ", 1)[0] + f" is {req.wrong_answers[0]}."
+    verdict = judge.judge(req.prompt, wrong)
+    assert verdict.honest == -1.0 and verdict.flags["hallucination"]
+    # each extra word costs 0.05
+    assert judge.judge(req.prompt, req.answer_sentence + " Yes indeed.").total == pytest.approx(0.9)
+    flags = judge.describe([req.prompt], ["I'm sorry, but I can't help with that."])[0]
+    assert flags == {"harmful_refusal": None, "benign_over_refusal": True, "hallucination": False}
+    with pytest.raises(DataError, match="does not know the prompt"):
+        judge.judge("What is the airspeed of a swallow?", "42")
+
+
+def test_annotators_disagree_like_people_and_biases_show(world):
+    judge = GoldJudge(world)
+    rng = random.Random(0)
+    items = []
+    for req in rng.sample(world.split("train"), 120):
+        a, b = rng.sample(world.styles_for(req.category), 2)
+        items.append((req.prompt, world.respond(req, a, rng), world.respond(req, b, rng)))
+    agreement = pairwise_agreement(judge, annotator_panel(5, seed=0), items, seed=0)
+    assert 0.3 < agreement["krippendorff_alpha"] < 0.95
+    assert all(0.8 < v <= 1.0 for v in agreement["agreement_with_gold"].values())
+    assert min(agreement["agreement_with_gold"].values()) < 0.97  # nobody is perfect
+    # concise vs padded: the length-loving panel picks the padded reply far more often
+    pairs = [(r.prompt, world.respond(r, "padded", rng), world.respond(r, world.good_style(r.category), rng))
+             for r in world.split("train")[:100]]
+
+    def padded_share(panel):
+        votes = [a.prefers_first(judge, p, x, y, rng) for a in panel for p, x, y in pairs]
+        return sum(votes) / len(votes)
+
+    assert padded_share(annotator_panel(5, 0, biased="length")) > 0.7 > 0.3 > padded_share(annotator_panel(5, 0))
+
+
+def test_labels_and_gold_pairs(world):
+    reqs = world.split("train")[:30]
+    samples = []
+    for i, r in enumerate(reqs):
+        rng = random.Random(i)
+        responses = [world.respond(r, s, rng) for s in world.styles_for(r.category)[:4]]
+        if i == 0:
+            responses = [responses[0]] * 4  # one distinct response: skipped and counted
+        samples.append({"prompt": r.prompt, "responses": responses})
+    ranked, pairs, report = label_samples(world, samples, annotator_panel(3, 0), seed=0, overlap_items=20)
+    assert report["prompts_skipped_fewer_than_two_distinct"] == 1
+    assert len(ranked) == len(pairs) == 29
+    assert report["pairs_in_rankings"] == sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in ranked)
+    assert {a["name"] for a in report["panel"]} == {"annotator_0", "annotator_1", "annotator_2"}
+    gold = gold_pairs_from_samples(world, samples)
+    judge = GoldJudge(world)
+    assert gold and all(judge.judge(g["prompt"], g["chosen"]).total > judge.judge(g["prompt"], g["rejected"]).total
+                        for g in gold)
+    # the annotators' best-vs-worst pairs agree with gold far above chance
+    agree = [judge.judge(p["prompt"], p["chosen"]).total >= judge.judge(p["prompt"], p["rejected"]).total
+             for p in pairs]
+    assert sum(agree) / len(agree) > 0.8
+
+
+def test_sft_demonstrations_are_right_with_human_closings(world):
+    demos = sft_demonstrations(world, 200, seed=0, closing_rate=0.5)
+    judge = GoldJudge(world)
+    verdicts = [judge.judge(d["prompt"], d["completion"]) for d in demos]
+    assert all(v.helpful == 1.0 and v.harmless == 0 and v.honest == 0 for v in verdicts)
+    closings = sum(v.flags["padding"] for v in verdicts) / len(verdicts)
+    assert 0.4 < closings < 0.6
