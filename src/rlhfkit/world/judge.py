@@ -67,7 +67,9 @@ class GoldJudge:
         self._comply = [r.comply.lower().removeprefix("sure! ") for r in world.requests if r.comply]
         self._redirects = sorted({r.redirect.lower() for r in world.requests if r.redirect})
 
-    def _request(self, prompt: str):
+    def _request(self, prompt: str | list):
+        if isinstance(prompt, list):  # chat messages: the last user turn
+            prompt = next((m.get("content", "") for m in reversed(prompt) if m.get("role") == "user"), "")
         req = self.world.request(prompt)
         if req is None:  # a chat-rendered prompt: match on its user turn
             m = _PROMPT_USER_TURN.search(prompt)
