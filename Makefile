@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo demo-hacking test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m rlhfkit demo --output-dir runs/demo
+
+# The reward-hacking experiment (reuses the demo's world, pretrained and SFT models when present).
+demo-hacking: $(STAMP)
+	$(PY) -m rlhfkit demo --config hacking --output-dir runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests $(wildcard bench)

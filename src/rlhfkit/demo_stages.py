@@ -230,10 +230,8 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
 
     Per policy: the evaluation's numbers (``kl`` is renamed ``kl_to_<baseline>``, ``judge_score`` is the
     absolute gold score); ``rm.gold_accuracy`` (the reward model on gold-labelled held-out pairs);
-    ``annotators`` (their agreement); ``wall_seconds`` (this invocation) and ``stage_seconds``.
+    ``annotators`` (their agreement); ``stage_seconds`` and ``wall_seconds`` (their sum).
     """
-    import time
-
     ctx.require("eval")
     eval_file = Path(ctx.option("eval")) / "eval.json"
     if not eval_file.exists():
@@ -255,8 +253,10 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
         if isinstance(result, dict) and "krippendorff_alpha" in result:
             summary["annotators"] = {k: result.get(k) for k in ("krippendorff_alpha", "percent_agreement",
                                                                  "prompts_labelled", "pairs", "gold_pairs")}
-    summary["stage_seconds"] = {n: r.get("wall_seconds") for n, r in ctx.results.items() if isinstance(r, dict)}
-    summary["wall_seconds"] = time.perf_counter() - ctx.started if ctx.started else None
+    stage_seconds = {n: r.get("wall_seconds") for n, r in ctx.results.items() if isinstance(r, dict)}
+    summary["stage_seconds"] = stage_seconds
+    # the stages' own wall times: the same whether the run went in one go or resumed over several
+    summary["wall_seconds"] = sum(float(v) for v in stage_seconds.values() if isinstance(v, int | float))
     (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return {"summary": str(ctx.run_dir / "summary.json")}
 
