@@ -25,3 +25,14 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A run with --num-threads N sets torch's thread count for the whole process: restore it, so that a
+    test's numbers do not depend on which tests ran before it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
