@@ -59,19 +59,24 @@ def coerce_options(config_cls: type, options: dict[str, Any], where: str) -> dic
     return out
 
 
-def load_yaml_config(path: str, config_cls: type) -> dict[str, Any]:
-    """Read a YAML config; keys may use dashes or underscores; unknown keys are an error."""
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file's contents ({} when empty); a missing file or bad YAML is a one-line ConfigError."""
     import yaml
 
     file = Path(path)
     if not file.exists():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def load_yaml_config(path: str, config_cls: type) -> dict[str, Any]:
+    """Read a YAML config; keys may use dashes or underscores; unknown keys are an error."""
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value")
     known = {f.name for f in dataclasses.fields(config_cls)}

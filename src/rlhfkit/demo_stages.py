@@ -112,7 +112,7 @@ def sample_responses(model_path: str, prompts: list[str], num_samples: int, temp
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         rollout = backend.generate(model, [r["prompt_ids"] for r in chunk], num_samples, sampling, generator)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in rollout.response_ids]
+        texts = [t.strip() for t in backend.decode(rollout)]
         out += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
     return out
 

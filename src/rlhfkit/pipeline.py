@@ -44,7 +44,6 @@ class StageContext:
     seed: int
     defaults: dict[str, Any]
     results: dict[str, dict[str, Any]]  # summaries of the stages run or loaded so far
-    started: float = 0.0  # time.perf_counter() when the pipeline started
 
     def option(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
@@ -107,15 +106,9 @@ def _run_trainer(kind: str, ctx: StageContext) -> dict[str, Any]:
 
 
 def load_pipeline(path: str | Path) -> dict[str, Any]:
-    import yaml
+    from .cli import read_yaml
 
-    file = Path(path)
-    if not file.exists():
-        raise ConfigError(f"{path}: pipeline config not found")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
+    data = read_yaml(path, "pipeline config")
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict) or not data["stages"]:
         raise ConfigError(f"{path}: expected a mapping with a non-empty 'stages' mapping (name: options)")
     for key in data:
@@ -175,7 +168,7 @@ def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: i
         if done.exists():
             done.unlink()
         ctx = StageContext(name=name, output_dir=out, options=options, run_dir=run_dir, seed=seed,
-                           defaults=defaults, results=results, started=start)
+                           defaults=defaults, results=results)
         t = time.perf_counter()
         summary = _run_trainer(kind, ctx) if kind in _TRAINER_TYPES else _STAGES[kind](ctx)
         timings[name] = time.perf_counter() - t

@@ -178,16 +178,6 @@ def reference_logprob_sums(ref_model: torch.nn.Module, prompt_ids: Sequence[Sequ
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _decode(tokenizer: Any, response_ids: list[list[int]], stops: tuple[str, ...]) -> list[str]:
-    """Response text without special tokens, cut after the first stop string (as the RL trainer does)."""
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
-    for i, text in enumerate(texts):
-        hits = [text.index(s) + len(s) for s in stops if s and s in text]
-        if hits:
-            texts[i] = text[:min(hits)]
-    return texts
-
-
 def _device(device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -255,7 +245,7 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
                 device: torch.device, source: str) -> _PolicyRun:
     from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
     from ..rollout.generate import HFGenerationBackend
-    from ..rollout.rewards import ScoringBatch
+    from ..rollout.rewards import ScoringBatch, checked_scores
 
     tokenizer = load_tokenizer(path)
     if reference is not None:
@@ -277,20 +267,11 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
         for start in range(0, n, batch_size):
             chunk = records[start:start + batch_size]
             rollout = backend.generate(model, [r["prompt_ids"] for r in chunk], k, sampling, generator)
-            batch_texts = _decode(tokenizer, rollout.response_ids, stops)
+            batch_texts = backend.decode(rollout, stops)
             prompt_texts = [r["prompt"] for r in chunk for _ in range(k)]
-            eos = backend.eos_ids[0]
-            # a response cut at a stop string ended too: score it with the EOS a reward model expects
-            scored_ids = [ids + [eos] if done and (not ids or ids[-1] not in backend.eos_ids) else ids
-                          for ids, done in zip(rollout.response_ids, rollout.ended)]
-            scoring = ScoringBatch(prompt_texts, batch_texts, rollout.prompt_ids, scored_ids, rollout.ended)
-            judged = judge.score(scoring).float()
-            bad = (~torch.isfinite(judged)).nonzero().flatten().tolist()
-            if bad:
-                i = bad[0]
-                raise RlhfkitError(f"judge '{getattr(judge, 'name', 'judge')}' returned {judged[i].item()} for "
-                                   f"{len(bad)} response(s) of policy '{name}', e.g. prompt "
-                                   f"{prompt_texts[i][:60]!r} -> response {batch_texts[i][:60]!r}")
+            scoring = ScoringBatch(prompt_texts, batch_texts, rollout.prompt_ids, backend.scored_ids(rollout),
+                                   rollout.ended)
+            judged = checked_scores(judge, scoring, RlhfkitError, f" of policy '{name}'", role="judge")
             scores.append(judged.numpy().astype(np.float64))
             if reward is not None:
                 rewards.append(reward.score(scoring).float().numpy().astype(np.float64))

@@ -114,6 +114,22 @@ class HFGenerationBackend:
         self.eos_ids = _eos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
+    def decode(self, rollout: Rollout, stop_strings: Sequence[str] = ()) -> list[str]:
+        """Response texts without special tokens, each cut after its first stop string."""
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.response_ids]
+        for i, text in enumerate(texts):
+            hits = [text.index(s) + len(s) for s in stop_strings if s and s in text]
+            if hits:
+                texts[i] = text[:min(hits)]
+        return texts
+
+    def scored_ids(self, rollout: Rollout) -> list[list[int]]:
+        """Response ids as a reward model should see them: a response cut at a stop string ended too, so it
+        gets the EOS a reward model was trained to see."""
+        eos = self.eos_ids[0]
+        return [ids + [eos] if done and (not ids or ids[-1] not in self.eos_ids) else ids
+                for ids, done in zip(rollout.response_ids, rollout.ended)]
+
     def _stop_hit(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
         # Only the tail can complete a stop string that was not there one token earlier.
         longest = max(len(s) for s in stops)

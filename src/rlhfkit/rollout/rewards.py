@@ -84,6 +84,19 @@ class RewardSource(Protocol):
         ...
 
 
+def checked_scores(source: RewardSource, batch: ScoringBatch, error: type[RlhfkitError] = RlhfkitError,
+                   context: str = "", role: str = "reward source") -> torch.Tensor:
+    """``source.score(batch)`` as float32; a NaN or infinite score raises ``error`` naming an example."""
+    scores = source.score(batch).float()
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise error(f"{role} '{getattr(source, 'name', 'reward')}' returned {scores[i].item()} for "
+                    f"{len(bad)} response(s){context}, e.g. prompt {batch.prompts[i][:60]!r} -> response "
+                    f"{batch.responses[i][:60]!r}")
+    return scores
+
+
 def _one_line(text: Any, limit: int = 200) -> str:
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[:limit - 3] + "..."

@@ -47,7 +47,7 @@ from ..losses import (
 from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ..models.attention import use_packed_attention
 from ..rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
-from ..rollout.rewards import REWARD_ENSEMBLES, ScoringBatch, build_reward_source
+from ..rollout.rewards import REWARD_ENSEMBLES, ScoringBatch, build_reward_source, checked_scores
 from .common import _reward_parts, forward_inputs, lora_settings, prepare_datasets, resolve_packing, start_run
 
 logger = logging.getLogger("rlhfkit")
@@ -345,34 +345,15 @@ class RLTask:
                 logits = model.policy(**forward_inputs(batch)).logits
         return response_logps(logits, batch, self.config.temperature)[0]
 
-    def _texts(self, rollout: Rollout) -> list[str]:
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.response_ids]
-        for i, text in enumerate(texts):  # cut after the first stop string
-            hits = [text.index(s) + len(s) for s in self.sampling.stop_strings if s in text]
-            if hits:
-                texts[i] = text[:min(hits)]
-        return texts
-
     def score(self, prompts: list[dict], rollout: Rollout, where: str = "",
               source: Any = None) -> tuple[torch.Tensor, list[str]]:
         """Scores of ``rollout`` by the reward source (or by ``source``), checked finite; and the texts."""
-        source = self.reward if source is None else source
-        texts = self._texts(rollout)
+        texts = self.backend.decode(rollout, self.sampling.stop_strings)
         g = len(rollout.response_ids) // len(prompts)
         prompt_texts = [p["prompt"] for p in prompts for _ in range(g)]
-        # A response cut at a stop string ended too: score it with the EOS a reward model was trained to see.
-        eos = self.backend.eos_ids[0]
-        scored_ids = [ids + [eos] if done and (not ids or ids[-1] not in self.backend.eos_ids) else ids
-                      for ids, done in zip(rollout.response_ids, rollout.ended)]
-        scores = source.score(ScoringBatch(prompt_texts, texts, rollout.prompt_ids, scored_ids,
-                                           rollout.ended)).float()
-        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-        if bad:
-            i = bad[0]
-            raise TrainingError(f"reward source '{getattr(source, 'name', 'reward')}' returned "
-                                f"{scores[i].item()} for {len(bad)} response(s), e.g. prompt "
-                                f"{prompt_texts[i][:60]!r} -> response {texts[i][:60]!r}{where}")
-        return scores, texts
+        batch = ScoringBatch(prompt_texts, texts, rollout.prompt_ids, self.backend.scored_ids(rollout),
+                             rollout.ended)
+        return checked_scores(self.reward if source is None else source, batch, TrainingError, where), texts
 
     def rollout_step(self, engine: Engine, model: ActorCritic, prompts: list[dict], step: int) -> dict[str, Any]:
         """Sample, score and build the experience records of one step; returns them and the rollout metrics."""
