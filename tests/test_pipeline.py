@@ -101,3 +101,21 @@ def test_pipeline_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert main(["pipeline", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pipeline config not found" in err
+
+
+def test_bundled_configs_share_their_common_stages():
+    """The hacking config reuses the demo's folder: a stage both define must be defined the same way, or
+    whichever config ran first would silently decide the other's world / models."""
+    from importlib.resources import files
+
+    from rlhfkit.cli import read_yaml
+
+    configs = files("rlhfkit") / "configs"
+    demo = read_yaml(str(configs / "demo.yaml"))
+    hacking = read_yaml(str(configs / "hacking.yaml"))
+    assert demo["output_dir"] == hacking["output_dir"] and demo["seed"] == hacking["seed"]
+    shared = set(demo["stages"]) & set(hacking["stages"]) - {"report"}
+    assert {"world", "base", "pretrain", "sft"} <= shared
+    for name in shared:
+        assert demo["stages"][name] == hacking["stages"][name], name
+    assert demo["defaults"] == hacking["defaults"]

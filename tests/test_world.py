@@ -29,6 +29,12 @@ def test_world_is_deterministic_and_split_by_prompt(world):
     # held-out prompts never appear in the pretraining corpus
     corpus = "\n".join(pretraining_corpus(world, 0))
     assert not any(p in corpus for p in held)
+    # every held-out benign request asks for a fact some training prompt also asks for
+    for seed in (0, 1, 2):
+        w = build_world(seed)
+        trained = {r.answer_sentence for r in w.split("train", "benign")}
+        assert {r.answer_sentence for r in w.split("eval", "benign")} <= trained
+        assert 0.15 < len(w.split("eval")) / len(w.requests) < 0.4
 
 
 def _mean_score(judge, world, category, style, n=40):

@@ -269,4 +269,14 @@ def build_world(seed: int = 0, num_countries: int = 12, eval_fraction: float = 0
             requests.append(Request(prompt=template.format(**fill), category="unanswerable", kind="unknowable"))
     for r in requests:
         r.split = "eval" if _stable_fraction(r.prompt, seed) < eval_fraction else "train"
+    # Held-out prompts are new phrasings, not new knowledge: every fact keeps at least one training prompt
+    # (the one least likely to be held out), so the held-out set tests generalisation to unseen requests,
+    # not recall of a sum or a capital no preference or demonstration ever asked about.
+    by_fact: dict[str, list[Request]] = {}
+    for r in requests:
+        if r.category == "benign":
+            by_fact.setdefault(r.answer_sentence, []).append(r)
+    for group in by_fact.values():
+        if all(r.split == "eval" for r in group):
+            max(group, key=lambda r: _stable_fraction(r.prompt, seed)).split = "train"
     return World(seed=seed, countries=countries, requests=requests, eval_fraction=eval_fraction)
