@@ -170,6 +170,7 @@ commands:
   rloo         RL with a leave-one-out baseline (no critic)
   eval         compare policies under a judge: win rates with CIs, LC win rate, reward, KL, length
   report       self-contained HTML report (plots, tables, samples) of a run or pipeline folder
+  label        human-feedback labelling web app: serve, import, generate, labellers, agreement, export
   tiny-model   build a tiny offline model + tokenizer
   pipeline     run a chain of stages from one YAML file (skips stages already done)
   demo         the offline end-to-end run: pretrain, SFT, preferences, RM, PPO, DPO, eval, report
@@ -195,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .report import main as report_main
 
             return report_main(rest)
+        if command == "label":
+            from .label.cli import main as label_main
+
+            return label_main(rest)
         if command == "pipeline":
             from .pipeline import pipeline_main
 

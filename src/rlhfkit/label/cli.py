@@ -1,0 +1,216 @@
+"""``rlhfkit label <command>``: init, add-labeller, import, generate, serve, agreement, export, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ConfigError, DataError
+
+logger = logging.getLogger("rlhfkit")
+
+USAGE = """usage: rlhfkit label <command> --db DB [options]
+
+commands:
+  init           create / migrate the database and an admin; prints the admin's token (once)
+  add-labeller   create a labeller (or --admin) and print their token (once)
+  import         add items from a JSONL file (prompt, responses [2..16], optional gold = index of the best)
+  generate       sample candidate responses from a policy checkpoint and add them as items
+  serve          run the web app (FastAPI + uvicorn)
+  agreement      print agreement statistics (Krippendorff, Cohen, Fleiss, % agreement) as JSON
+  export         write preference pairs (for rlhfkit rm / dpo), SFT rows from rewrites, or raw labels
+  migrate        bring the database schema up to date (serve and every command also do this)
+
+--db takes a SQLite file path (created when missing) or a SQLAlchemy URL (postgresql+psycopg://...)."""
+
+
+def _project_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated task types: pairwise, ranking, binary, likert, critique (new project: "
+                        "pairwise)")
+    p.add_argument("--overlap", type=int, default=None, help="labellers per item, R (new project: 3)")
+    p.add_argument("--guidelines", default=None, help="Markdown file of labelling guidelines")
+
+
+def _project_args(a) -> dict:
+    guidelines = None
+    if a.guidelines:
+        if not Path(a.guidelines).exists():
+            raise ConfigError(f"{a.guidelines}: guidelines file not found")
+        guidelines = Path(a.guidelines).read_text(encoding="utf-8")
+    tasks = a.tasks.split(",") if a.tasks else None
+    return {"tasks": tasks, "overlap": a.overlap, "guidelines": guidelines}
+
+
+def _read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.exists():
+        raise DataError("file not found", source=path)
+    prompts = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg})", source=path, row=n) from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError("expected a non-empty string", source=path, row=n, field="prompt")
+        prompts.append(prompt)
+    if not prompts:
+        raise DataError("no prompts", source=path)
+    return prompts
+
+
+def generate_items(model: str, prompts: list[str], num_samples: int, temperature: float, max_new_tokens: int,
+                   seed: int) -> tuple[list[dict], dict[str, int]]:
+    """Candidates from a policy (rlhfkit's own HF generation); duplicates and empty responses dropped and
+    counted, prompts left with fewer than two distinct responses skipped and counted."""
+    from ..demo_stages import sample_responses
+
+    samples = sample_responses(model, prompts, num_samples, temperature, max_new_tokens, seed)
+    items, counts = [], {"dropped_empty_or_duplicate": 0, "skipped_prompts": 0}
+    for prompt, responses in zip(prompts, samples):
+        distinct = list(dict.fromkeys(r for r in responses if r.strip()))
+        counts["dropped_empty_or_duplicate"] += len(responses) - len(distinct)
+        if len(distinct) < 2:
+            counts["skipped_prompts"] += 1
+            continue
+        items.append({"prompt": prompt, "responses": distinct, "gold": None,
+                      "meta": {"source": "generate", "model": str(model)}})
+    return items, counts
+
+
+def main(argv: Sequence[str]) -> int:
+    from .service import LabelError
+
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    p = argparse.ArgumentParser(prog=f"rlhfkit label {command}",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--db", default="labels.db", help="SQLite file or SQLAlchemy URL")
+    if command == "init":
+        p.add_argument("--admin", default="admin", help="name of the admin to create")
+    elif command == "add-labeller":
+        p.add_argument("name")
+        p.add_argument("--admin", action="store_true", help="create an admin instead")
+    elif command == "import":
+        p.add_argument("file", help="JSONL: prompt, responses (2..16 strings), optional gold (index of the best)")
+        p.add_argument("--project", required=True)
+        _project_opts(p)
+    elif command == "generate":
+        p.add_argument("--project", required=True)
+        p.add_argument("--model", required=True, help="policy checkpoint (folder or hub id)")
+        p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' string per row")
+        p.add_argument("--num-samples", type=int, default=4)
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--max-new-tokens", type=int, default=48)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default=None, help="also write the items as JSONL here")
+        _project_opts(p)
+    elif command == "serve":
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
+        p.add_argument("--max-import", type=int, default=20 * 1024 * 1024, help="import request limit in bytes")
+        p.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (behind HTTPS)")
+        p.add_argument("--log-level", default="warning")
+        p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
+                       help="SQLite: NORMAL survives a server crash / kill; FULL also power loss (slower)")
+    elif command == "agreement":
+        p.add_argument("--project", required=True)
+        p.add_argument("--min-agreement", type=float, default=0.5)
+        p.add_argument("--min-gold-accuracy", type=float, default=0.6)
+    elif command == "export":
+        p.add_argument("--project", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--kind", choices=["pairs", "sft", "labels"], default="pairs")
+        p.add_argument("--aggregate", choices=["majority", "soft"], default="majority")
+        p.add_argument("--ties", choices=["drop", "keep"], default="drop")
+        p.add_argument("--tasks", default="pairwise,ranking",
+                       help="label types that give preference votes: pairwise, ranking, likert, binary")
+        p.add_argument("--exclude-gold", action="store_true", help="leave gold items out of the pairs")
+    elif command == "migrate":
+        pass
+    else:
+        print(f"rlhfkit label: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    a = p.parse_args(rest)
+    try:
+        return _run(command, a)
+    except LabelError as exc:
+        raise ConfigError(exc.detail) from None
+
+
+def _run(command: str, a) -> int:
+    from . import service
+    from .db import Database
+
+    db = Database(a.db, synchronous=getattr(a, "synchronous", "NORMAL"))
+    if command == "migrate":
+        from .db import schema_version
+
+        print(f"schema version {schema_version(db.engine)}")
+    elif command in ("init", "add-labeller"):
+        role = "admin" if command == "init" or a.admin else "labeller"
+        name = a.admin if command == "init" else a.name
+        user, token = service.create_user(db, name, role)
+        print(f"{role} '{user.name}' created; token (shown once, stored hashed):\n{token}")
+    elif command == "import":
+        items = service.read_items(a.file)
+        project, added = service.upsert_project(db, a.project, items, **_project_args(a))
+        print(f"project '{project.name}' (id {project.id}): {added} items added "
+              f"({sum(it['gold'] is not None for it in items)} gold)")
+    elif command == "generate":
+        prompts = _read_prompts(a.prompts)
+        items, counts = generate_items(a.model, prompts, a.num_samples, a.temperature, a.max_new_tokens, a.seed)
+        if not items:
+            raise DataError("no prompt got two distinct non-empty responses", source=a.prompts)
+        if a.out:
+            from .export import write_jsonl
+
+            write_jsonl(({"prompt": it["prompt"], "responses": it["responses"]} for it in items), a.out)
+        project, added = service.upsert_project(db, a.project, items, **_project_args(a))
+        print(f"project '{project.name}' (id {project.id}): {added} items added from {len(prompts)} prompts; "
+              f"{counts['dropped_empty_or_duplicate']} empty/duplicate responses dropped, "
+              f"{counts['skipped_prompts']} prompts skipped (<2 distinct responses)")
+    elif command == "serve":
+        import uvicorn
+
+        from .web import create_app
+
+        app = create_app(db, max_body=a.max_body, max_import=a.max_import, secure_cookies=a.secure_cookies)
+        print(f"rlhfkit label: serving {a.db} on http://{a.host}:{a.port}", flush=True)
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+    elif command == "agreement":
+        from .agreement import project_agreement
+        from .export import stored_labels
+
+        with db.session() as s:
+            project = service.project_by_name(s, a.project)
+        result = project_agreement(stored_labels(db, project.id), a.min_agreement, a.min_gold_accuracy)
+        result["labellers"] = {str(k): v for k, v in result["labellers"].items()}
+        print(json.dumps(result, indent=2, default=str))
+    elif command == "export":
+        from . import export
+
+        with db.session() as s:
+            project = service.project_by_name(s, a.project)
+        if a.kind == "pairs":
+            rows = export.preference_rows(db, project.id, a.aggregate, a.ties, a.tasks.split(","),
+                                          include_gold=not a.exclude_gold)
+        elif a.kind == "sft":
+            rows = export.sft_rows(db, project.id)
+        else:
+            rows = export.stored_labels(db, project.id)
+        n = export.write_jsonl(rows, a.out)
+        print(f"{n} {a.kind} rows written to {a.out}")
+    return 0

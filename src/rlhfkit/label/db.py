@@ -1,0 +1,247 @@
+"""Storage of the labelling app: SQLAlchemy 2 models, engine set-up and ordered schema migrations.
+
+A SQLite file is the default (WAL journal, ``synchronous=FULL``, write transactions opened with
+``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing); any SQLAlchemy URL works
+(``postgresql+psycopg://...``). The app logic uses only portable SQL: uniqueness rules (one slot per item
+and replica, one assignment per item and labeller, one label per idempotency key) are unique constraints,
+so they hold on every backend.
+
+Migrations: ``schema_version`` holds the version; :data:`MIGRATIONS` are applied in order, each in its own
+transaction, and never drop data. Migration 1 creates the version-1 tables from frozen definitions (so a
+new column added later is a new migration, not a silent change of migration 1).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from ..errors import ConfigError
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    guidelines: Mapped[str] = mapped_column(sa.Text, default="")
+    tasks: Mapped[list] = mapped_column(sa.JSON)  # e.g. ["pairwise", "likert"]
+    overlap: Mapped[int] = mapped_column(default=3)  # labellers per (non-gold) item
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (sa.UniqueConstraint("project_id", "position"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id"), index=True)
+    position: Mapped[int]  # order of import
+    prompt: Mapped[str] = mapped_column(sa.Text)
+    responses: Mapped[list] = mapped_column(sa.JSON)
+    gold: Mapped[int | None] = mapped_column(default=None)  # original index of the best response
+    meta: Mapped[dict | None] = mapped_column(sa.JSON, default=None)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(100), unique=True)
+    role: Mapped[str] = mapped_column(sa.String(20))  # admin | labeller
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (sa.UniqueConstraint("item_id", "user_id"), sa.UniqueConstraint("item_id", "slot"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey("items.id"), index=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id"), index=True)
+    slot: Mapped[int | None] = mapped_column(default=None)  # 0..overlap-1; NULL for gold items
+    order: Mapped[list] = mapped_column("display_order", sa.JSON)  # display position -> original index
+    done: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Label(Base):
+    __tablename__ = "labels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(sa.ForeignKey("assignments.id"), unique=True)
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey("items.id"), index=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id"), index=True)
+    idempotency_key: Mapped[str] = mapped_column(sa.String(100), unique=True)
+    answers: Mapped[dict] = mapped_column(sa.JSON)  # per task, in original response indices
+    gold_correct: Mapped[float | None] = mapped_column(default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[int | None] = mapped_column(default=None)  # added by migration 2
+
+
+class Setting(Base):
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(sa.String(50), primary_key=True)
+    value: Mapped[str] = mapped_column(sa.Text)
+
+
+# ---- migrations -------------------------------------------------------------------------------------
+
+
+def _v1_tables(md: sa.MetaData) -> None:
+    """The version-1 schema, frozen (do not edit: add a migration instead)."""
+    sa.Table("projects", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("name", sa.String(200), unique=True, nullable=False),
+             sa.Column("guidelines", sa.Text, nullable=False), sa.Column("tasks", sa.JSON, nullable=False),
+             sa.Column("overlap", sa.Integer, nullable=False), sa.Column("created_at", sa.DateTime, nullable=False))
+    sa.Table("items", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("project_id", sa.ForeignKey("projects.id"), nullable=False, index=True),
+             sa.Column("position", sa.Integer, nullable=False), sa.Column("prompt", sa.Text, nullable=False),
+             sa.Column("responses", sa.JSON, nullable=False), sa.Column("gold", sa.Integer),
+             sa.Column("meta", sa.JSON), sa.UniqueConstraint("project_id", "position"))
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("name", sa.String(100), unique=True, nullable=False),
+             sa.Column("role", sa.String(20), nullable=False),
+             sa.Column("token_hash", sa.String(64), unique=True, nullable=False),
+             sa.Column("active", sa.Boolean, nullable=False), sa.Column("created_at", sa.DateTime, nullable=False))
+    sa.Table("assignments", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("item_id", sa.ForeignKey("items.id"), nullable=False, index=True),
+             sa.Column("user_id", sa.ForeignKey("users.id"), nullable=False, index=True),
+             sa.Column("project_id", sa.ForeignKey("projects.id"), nullable=False, index=True),
+             sa.Column("slot", sa.Integer), sa.Column("display_order", sa.JSON, nullable=False),
+             sa.Column("done", sa.Boolean, nullable=False), sa.Column("created_at", sa.DateTime, nullable=False),
+             sa.UniqueConstraint("item_id", "user_id"), sa.UniqueConstraint("item_id", "slot"))
+    sa.Table("labels", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("assignment_id", sa.ForeignKey("assignments.id"), unique=True, nullable=False),
+             sa.Column("item_id", sa.ForeignKey("items.id"), nullable=False, index=True),
+             sa.Column("user_id", sa.ForeignKey("users.id"), nullable=False, index=True),
+             sa.Column("project_id", sa.ForeignKey("projects.id"), nullable=False, index=True),
+             sa.Column("idempotency_key", sa.String(100), unique=True, nullable=False),
+             sa.Column("answers", sa.JSON, nullable=False), sa.Column("gold_correct", sa.Float),
+             sa.Column("created_at", sa.DateTime, nullable=False))
+    sa.Table("settings", md, sa.Column("key", sa.String(50), primary_key=True),
+             sa.Column("value", sa.Text, nullable=False))
+
+
+def _migration_1(conn: Connection) -> None:
+    md = sa.MetaData()
+    _v1_tables(md)
+    md.create_all(conn)
+    conn.execute(sa.text("INSERT INTO settings (key, value) VALUES ('secret', :v)"),
+                 {"v": secrets.token_hex(32)})
+
+
+def _migration_2(conn: Connection) -> None:
+    """Time spent on an item (ms, as measured by the browser): portable ALTER TABLE, existing rows NULL."""
+    conn.execute(sa.text("ALTER TABLE labels ADD COLUMN duration_ms INTEGER"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(engine: Engine) -> int:
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("schema_version"):
+            return 0
+        return int(conn.execute(sa.text("SELECT version FROM schema_version")).scalar_one_or_none() or 0)
+
+
+def migrate(engine: Engine, target: int | None = None) -> int:
+    """Apply the pending migrations up to ``target`` (default: all); returns the resulting version."""
+    target = SCHEMA_VERSION if target is None else target
+    with engine.begin() as conn:
+        if not sa.inspect(conn).has_table("schema_version"):
+            conn.execute(sa.text("CREATE TABLE schema_version (version INTEGER NOT NULL)"))
+            conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (0)"))
+    current = schema_version(engine)
+    if current > SCHEMA_VERSION:
+        raise ConfigError(f"database schema version {current} is newer than this rlhfkit ({SCHEMA_VERSION}); "
+                          "upgrade rlhfkit")
+    for version in range(current + 1, target + 1):
+        with engine.begin() as conn:
+            MIGRATIONS[version - 1](conn)
+            conn.execute(sa.text("UPDATE schema_version SET version = :v"), {"v": version})
+    return max(current, target)
+
+
+# ---- engine -----------------------------------------------------------------------------------------
+
+
+def db_url(db: str) -> str:
+    """A SQLAlchemy URL from ``--db``: a URL as is, otherwise a SQLite file path."""
+    if "://" in db:
+        return db
+    return f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
+def make_engine(db: str, synchronous: str = "NORMAL") -> Engine:
+    """``synchronous`` (SQLite): NORMAL keeps every committed transaction through a crash or kill of the
+    server process (WAL); FULL also through power loss / OS crash, at one fsync per commit."""
+    if synchronous.upper() not in ("NORMAL", "FULL"):
+        raise ConfigError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+    url = db_url(db)
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+                                  pool_size=20, max_overflow=40)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            # take the write lock up front: a deferred transaction that later writes can fail with
+            # SQLITE_BUSY_SNAPSHOT under concurrency instead of waiting its turn
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=40)
+    return engine
+
+
+class Database:
+    """An engine (migrated to the current schema) and a session factory."""
+
+    def __init__(self, db: str, migrate_schema: bool = True, synchronous: str = "NORMAL"):
+        try:
+            self.engine = make_engine(db, synchronous)
+            if migrate_schema:
+                migrate(self.engine)
+        except sa.exc.SQLAlchemyError as exc:
+            raise ConfigError(f"{db}: cannot open the database ({exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0]})") from None
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        with self.sessions() as session, session.begin():
+            yield session
+
+    def secret(self) -> bytes:
+        with self.session() as s:
+            return bytes.fromhex(s.get(Setting, "secret").value)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

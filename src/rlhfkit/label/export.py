@@ -1,0 +1,139 @@
+"""Labels -> training data that ``rlhfkit rm`` / ``rlhfkit dpo`` / ``rlhfkit sft`` read unchanged.
+
+Preference export (``prompt``, ``chosen``, ``rejected`` + extra columns the trainers ignore): every label is
+turned into pairwise votes (a ranking gives all its K(K-1)/2 pairs; a pairwise choice one vote or a tie;
+optionally Likert ratings and accept/reject too), votes are pooled per item and response pair, then:
+
+* ``majority``: the side with more votes is chosen; equal votes are a tie.
+* ``soft``: as majority, plus ``label`` = the chosen side's vote share (a tie counts half to each side) and
+  ``margin`` = 2·share − 1 (0 for a split vote, 1 for unanimity), which the Bradley–Terry loss reads.
+
+Ties are dropped (default) or kept: a kept tie is written as both orientations (A over B and B over A,
+``tie: true``, ``label`` 0.5), whose Bradley–Terry losses together pull the two rewards together rather than
+teaching a preference. Extra columns: ``item_id``, ``votes`` {chosen, rejected, tie}, ``labellers``,
+``timestamps`` (ISO 8601, UTC), ``gold``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .db import Assignment, Database, Item, Label, User
+from .service import LabelError
+
+VOTE_TASKS = ("pairwise", "ranking", "likert", "binary")
+
+
+def stored_labels(db: Database, project_id: int) -> list[dict[str, Any]]:
+    """Every label of a project with its labeller's name, in commit order."""
+    with db.session() as s:
+        rows = s.execute(sa.select(Label, User.name, Assignment.order)
+                         .join(User, User.id == Label.user_id)
+                         .join(Assignment, Assignment.id == Label.assignment_id)
+                         .where(Label.project_id == project_id).order_by(Label.id)).all()
+        return [{"label_id": lab.id, "idempotency_key": lab.idempotency_key, "item_id": lab.item_id,
+                 "coder": name, "answers": lab.answers, "gold_correct": lab.gold_correct,
+                 "display_order": order, "duration_ms": lab.duration_ms,
+                 "created_at": lab.created_at.isoformat() + "Z"} for lab, name, order in rows]
+
+
+def _votes(answers: dict[str, Any], tasks: Iterable[str]) -> list[tuple[int, int, int | None]]:
+    """(lo, hi, winner or None for a tie) votes from one label, in original indices."""
+    out = []
+    if "pairwise" in tasks and "pairwise" in answers:
+        a = answers["pairwise"]
+        lo, hi = sorted(a["pair"])
+        out.append((lo, hi, a["winner"]))
+    if "ranking" in tasks and "ranking" in answers:
+        ranking = answers["ranking"]["ranking"]
+        for i, j in itertools.combinations(range(len(ranking)), 2):
+            better, worse = ranking[i], ranking[j]
+            out.append((min(better, worse), max(better, worse), better))
+    for task, key in (("likert", "ratings"), ("binary", "accept")):
+        if task in tasks and task in answers:
+            scores = [float(x) for x in answers[task][key]]
+            for i, j in itertools.combinations(range(len(scores)), 2):
+                out.append((i, j, None if scores[i] == scores[j] else (i if scores[i] > scores[j] else j)))
+    return out
+
+
+def preference_rows(db: Database, project_id: int, aggregate: str = "majority", ties: str = "drop",
+                    tasks: Iterable[str] = ("pairwise", "ranking"), include_gold: bool = True) -> list[dict]:
+    if aggregate not in ("majority", "soft"):
+        raise LabelError(422, f"aggregate must be majority or soft, got {aggregate!r}")
+    if ties not in ("drop", "keep"):
+        raise LabelError(422, f"ties must be drop or keep, got {ties!r}")
+    tasks = tuple(tasks)
+    bad = [t for t in tasks if t not in VOTE_TASKS]
+    if bad:
+        raise LabelError(422, f"tasks {bad} give no preferences; choose from {', '.join(VOTE_TASKS)}")
+    labels = stored_labels(db, project_id)
+    with db.session() as s:
+        items = {it.id: it for it in s.scalars(sa.select(Item).where(Item.project_id == project_id))}
+    pooled: dict[tuple[int, int, int], list[tuple[int | None, str, str]]] = defaultdict(list)
+    for lab in labels:
+        for lo, hi, winner in _votes(lab["answers"], tasks):
+            pooled[(lab["item_id"], lo, hi)].append((winner, lab["coder"], lab["created_at"]))
+    rows = []
+    for (item_id, lo, hi), votes in sorted(pooled.items()):
+        item = items[item_id]
+        if item.gold is not None and not include_gold:
+            continue
+        n_lo = sum(w == lo for w, _, _ in votes)
+        n_hi = sum(w == hi for w, _, _ in votes)
+        n_tie = len(votes) - n_lo - n_hi
+        extra = {"item_id": item_id, "labellers": [c for _, c, _ in votes],
+                 "timestamps": [t for _, _, t in votes], "gold": item.gold is not None}
+        share = (max(n_lo, n_hi) + 0.5 * n_tie) / len(votes)
+        if n_lo == n_hi:
+            if ties == "drop":
+                continue
+            for a, b in ((lo, hi), (hi, lo)):
+                rows.append({"prompt": item.prompt, "chosen": item.responses[a], "rejected": item.responses[b],
+                             "margin": 0.0, "label": 0.5, "tie": True,
+                             "votes": {"chosen": n_lo, "rejected": n_hi, "tie": n_tie}, **extra})
+            continue
+        chosen, rejected = (lo, hi) if n_lo > n_hi else (hi, lo)
+        n_c, n_r = max(n_lo, n_hi), min(n_lo, n_hi)
+        rows.append({"prompt": item.prompt, "chosen": item.responses[chosen],
+                     "rejected": item.responses[rejected],
+                     "margin": round(2 * share - 1, 6) if aggregate == "soft" else 0.0,
+                     "label": round(share, 6) if aggregate == "soft" else 1.0, "tie": False,
+                     "votes": {"chosen": n_c, "rejected": n_r, "tie": n_tie}, **extra})
+    return rows
+
+
+def sft_rows(db: Database, project_id: int) -> list[dict]:
+    """Critiques with a rewrite -> ``prompt`` / ``completion`` (the rewrite), critique and provenance kept."""
+    labels = stored_labels(db, project_id)
+    with db.session() as s:
+        items = {it.id: it for it in s.scalars(sa.select(Item).where(Item.project_id == project_id))}
+    rows = []
+    for lab in labels:
+        c = lab["answers"].get("critique")
+        if c and c.get("rewrite"):
+            item = items[lab["item_id"]]
+            rows.append({"prompt": item.prompt, "completion": c["rewrite"], "critique": c["critique"],
+                         "original": item.responses[c["response"]], "item_id": item.id,
+                         "labeller": lab["coder"], "timestamp": lab["created_at"]})
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n

@@ -1,0 +1,291 @@
+"""Server-rendered pages (Jinja2, autoescape on), one small vanilla script and a stylesheet: no CDN, no build.
+
+Kept as strings so they ship inside the wheel without package-data configuration.
+"""
+
+from __future__ import annotations
+
+BASE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{% block title %}rlhfkit label{% endblock %}</title>
+<link rel="stylesheet" href="/static/app.css">
+<script src="/static/app.js" defer></script>
+</head><body>
+<header><strong>rlhfkit label</strong>
+{% if user %}<span class="who">{{ user.name }} ({{ user.role }})</span>
+<form method="post" action="/logout" class="inline"><input type="hidden" name="csrf" value="{{ csrf }}">
+<button type="submit" class="link">log out</button></form>{% endif %}
+</header>
+<main>{% block body %}{% endblock %}</main>
+</body></html>
+"""
+
+LOGIN = """{% extends "base.html" %}{% block title %}Log in · rlhfkit label{% endblock %}{% block body %}
+<section class="card narrow"><h1>Log in</h1>
+{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
+<form method="post" action="/login">
+<input type="hidden" name="csrf" value="{{ login_csrf }}">
+<label for="token">Access token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<button type="submit" id="login">Log in</button>
+</form></section>
+{% endblock %}
+"""
+
+PROJECTS = """{% extends "base.html" %}{% block body %}
+<section class="card"><h1>Projects</h1>
+{% if not projects %}<p>No projects yet.</p>{% endif %}
+<ul class="projects">{% for p in projects %}
+<li><a href="/label?project={{ p.id }}">{{ p.name }}</a> · {{ p.done }} done · {{ p.remaining }} remaining</li>
+{% endfor %}</ul></section>
+{% endblock %}
+"""
+
+LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfkit label{% endblock %}
+{% block body %}
+<div class="layout">
+<aside class="guidelines card" id="guidelines"><details open><summary>Guidelines</summary>
+<div class="md">{{ guidelines_html | safe }}</div></details>
+<details><summary>Keyboard shortcuts</summary><ul class="keys">
+<li><kbd>j</kbd>/<kbd>k</kbd> next / previous response</li>
+{% if 'pairwise' in project.tasks %}<li><kbd>a</kbd> A better · <kbd>b</kbd> B better · <kbd>t</kbd> tie ·
+<kbd>s</kbd> strength 1→2→3</li>{% endif %}
+{% if 'ranking' in project.tasks %}<li><kbd>u</kbd>/<kbd>d</kbd> move the current response up / down the ranking</li>{% endif %}
+{% if 'binary' in project.tasks %}<li><kbd>y</kbd> accept · <kbd>n</kbd> reject the current response</li>{% endif %}
+{% if 'likert' in project.tasks %}<li><kbd>1</kbd>–<kbd>5</kbd> rate the current response</li>{% endif %}
+{% if 'critique' in project.tasks %}<li><kbd>c</kbd> write a critique · <kbd>r</kbd> write a rewrite · <kbd>Esc</kbd> leave the text box</li>{% endif %}
+<li><kbd>Enter</kbd> submit (<kbd>Ctrl</kbd>+<kbd>Enter</kbd> inside a text box)</li>
+</ul></details></aside>
+<section class="work">
+<p class="progress" id="progress">{{ project.name }} · <b id="done">{{ progress.done }}</b> done ·
+<b id="remaining">{{ progress.remaining }}</b> remaining</p>
+{% if error %}<p class="error" role="alert" id="error">{{ error }}</p>{% endif %}
+{% if not view %}
+<div class="card"><h2>All done</h2><p>Nothing left for you in this project. Thank you!</p></div>
+{% else %}
+<form method="post" action="/label/{{ view.assignment_id }}" id="label-form" data-k="{{ view.responses|length }}">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<input type="hidden" name="idempotency_key" value="{{ idem_key }}">
+<input type="hidden" name="duration_ms" id="duration_ms" value="">
+<div class="card prompt"><h2>Prompt</h2><div class="text" id="prompt">{{ view.prompt }}</div></div>
+<div class="responses">
+{% for r in view.responses %}{% set p = loop.index0 %}
+<div class="card response" id="resp-{{ p }}" data-pos="{{ p }}" tabindex="-1">
+<h3>Response {{ letters[p] }}</h3><div class="text">{{ r }}</div>
+{% if 'binary' in project.tasks %}<fieldset class="row"><legend>Acceptable?</legend>
+<label><input type="radio" name="binary_{{ p }}" value="accept" required> accept</label>
+<label><input type="radio" name="binary_{{ p }}" value="reject"> reject</label></fieldset>{% endif %}
+{% if 'likert' in project.tasks %}<fieldset class="row"><legend>Quality 1–5</legend>
+{% for v in range(1, 6) %}<label><input type="radio" name="likert_{{ p }}" value="{{ v }}" required> {{ v }}</label>
+{% endfor %}</fieldset>{% endif %}
+</div>{% endfor %}
+</div>
+{% if 'pairwise' in project.tasks %}
+<fieldset class="card task" id="task-pairwise"><legend>Which is better: A or B?</legend>
+<div class="row">
+<label><input type="radio" name="pairwise_choice" value="A" required> A is better</label>
+<label><input type="radio" name="pairwise_choice" value="B"> B is better</label>
+<label><input type="radio" name="pairwise_choice" value="tie"> tie</label></div>
+<div class="row">Strength:
+<label><input type="radio" name="pairwise_strength" value="1" checked> slightly</label>
+<label><input type="radio" name="pairwise_strength" value="2"> clearly</label>
+<label><input type="radio" name="pairwise_strength" value="3"> much</label></div>
+</fieldset>{% endif %}
+{% if 'ranking' in project.tasks %}
+<fieldset class="card task" id="task-ranking"><legend>Rank best (top) to worst: drag, or use the buttons / keys</legend>
+<ol id="ranking">{% for r in view.responses %}
+<li draggable="true" data-pos="{{ loop.index0 }}"><span class="handle" aria-hidden="true">☰</span>
+<b>{{ letters[loop.index0] }}</b> <span class="snippet">{{ r[:80] }}</span>
+<button type="button" class="up" aria-label="move {{ letters[loop.index0] }} up">▲</button>
+<button type="button" class="down" aria-label="move {{ letters[loop.index0] }} down">▼</button></li>
+{% endfor %}</ol>
+<input type="hidden" name="ranking_order" id="ranking_order" value="{{ range(view.responses|length)|join(',') }}">
+</fieldset>{% endif %}
+{% if 'critique' in project.tasks %}
+<fieldset class="card task" id="task-critique"><legend>Critique</legend>
+<label>Response <select name="critique_target" id="critique_target">{% for r in view.responses %}
+<option value="{{ loop.index0 }}">{{ letters[loop.index0] }}</option>{% endfor %}</select></label>
+<label for="critique_text">What is wrong or could be better?</label>
+<textarea name="critique_text" id="critique_text" rows="3" maxlength="50000"></textarea>
+<label for="critique_rewrite">Rewrite (optional: a better response)</label>
+<textarea name="critique_rewrite" id="critique_rewrite" rows="3" maxlength="50000"></textarea>
+</fieldset>{% endif %}
+<button type="submit" id="submit" class="primary">Submit <kbd>Enter</kbd></button>
+</form>
+{% endif %}
+</section></div>
+{% endblock %}
+"""
+
+ADMIN = """{% extends "base.html" %}{% block title %}Admin · rlhfkit label{% endblock %}{% block body %}
+<section class="card"><h1>Admin</h1>
+{% if new_token %}<p class="notice" id="new-token">Token for <b>{{ new_token.name }}</b> (shown once):
+<code>{{ new_token.token }}</code></p>{% endif %}
+{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
+<h2>Labellers</h2>
+<table><tr><th>name</th><th>role</th><th>labels</th></tr>
+{% for u in users %}<tr><td>{{ u.name }}</td><td>{{ u.role }}</td><td>{{ u.labels }}</td></tr>{% endfor %}</table>
+<form method="post" action="/admin/labellers" class="row">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<label>New labeller <input name="name" required maxlength="100"></label>
+<button type="submit" id="add-labeller">Create + token</button></form>
+</section>
+{% for p in projects %}
+<section class="card project" id="project-{{ p.id }}"><h2>{{ p.name }}</h2>
+<p>{{ p["items"] }} items ({{ p.gold }} gold) · tasks: {{ p.tasks|join(', ') }} · overlap {{ p.overlap }} ·
+{{ p.labels }} labels</p>
+<h3>Agreement</h3>
+<div class="scroll"><table class="agreement"><tr><th>measure</th><th>ratings</th><th>units (≥2 ratings)</th>
+<th>α nominal</th><th>α ordinal</th><th>Fleiss κ (units)</th><th>Cohen κ (mean of pairs)</th><th>% agreement</th></tr>
+{% for name, m in p.agreement.project.items() %}<tr><td>{{ name }}</td><td>{{ m.ratings }}</td>
+<td>{{ m.units }} ({{ m.units_multiply_rated }})</td><td>{{ fmt(m.krippendorff_alpha_nominal) }}</td>
+<td>{{ fmt(m.krippendorff_alpha_ordinal) }}</td><td>{{ fmt(m.fleiss_kappa) }} ({{ m.fleiss_units }})</td>
+<td>{{ fmt(m.cohen_kappa_mean) }}</td><td>{{ fmt(m.percent_agreement) }}</td></tr>
+{% else %}<tr><td colspan="8">no labels yet</td></tr>{% endfor %}</table></div>
+<h3>Labellers</h3>
+<div class="scroll"><table><tr><th>labeller</th><th>labels</th><th>agreement with others</th><th>gold accuracy (items)</th>
+<th>flag</th></tr>
+{% for name, r in p.agreement.labellers.items() %}<tr class="{{ 'flagged' if r.flag else '' }}"><td>{{ name }}</td>
+<td>{{ r.labels }}</td><td>{{ fmt(r.agreement_with_others) }}</td><td>{{ fmt(r.gold_accuracy) }} ({{ r.gold_items }})</td>
+<td>{{ r.flag or '' }}</td></tr>{% endfor %}</table></div>
+<h3>Low-agreement items</h3>
+{% if p.agreement.flagged_items %}<ul class="flagged-items">{% for it in p.agreement.flagged_items[:50] %}
+<li>item {{ it.item_id }}: agreement {{ fmt(it.agreement) }} over {{ it.rating_pairs }} rating pairs —
+<span class="snippet">{{ p.prompts[it.item_id][:100] }}</span></li>{% endfor %}</ul>
+{% else %}<p>None below {{ p.agreement.thresholds.min_agreement }}.</p>{% endif %}
+<h3>Export</h3><p class="row">
+<a class="button" id="export-{{ p.id }}-majority" href="/admin/projects/{{ p.id }}/export.jsonl?kind=pairs&amp;aggregate=majority&amp;ties=drop">pairs (majority, ties dropped)</a>
+<a class="button" href="/admin/projects/{{ p.id }}/export.jsonl?kind=pairs&amp;aggregate=soft&amp;ties=keep">pairs (soft, ties kept)</a>
+<a class="button" href="/admin/projects/{{ p.id }}/export.jsonl?kind=sft">SFT from rewrites</a>
+<a class="button" href="/admin/projects/{{ p.id }}/export.jsonl?kind=labels">raw labels</a></p>
+</section>{% endfor %}
+{% endblock %}
+"""
+
+CSS = """
+*{box-sizing:border-box}body{margin:0;font:16px/1.45 system-ui,sans-serif;color:#1b1b1b;background:#f4f5f7}
+header{display:flex;gap:1em;align-items:center;padding:.5em 1em;background:#22313f;color:#fff;flex-wrap:wrap}
+header .who{margin-left:auto}header button.link{color:#cde;background:none;border:0;text-decoration:underline;
+cursor:pointer;font:inherit}
+main{padding:.75em;max-width:1400px;margin:auto}.card{background:#fff;border:1px solid #d8dbe0;border-radius:8px;
+padding:.75em 1em;margin:0 0 .75em}.narrow{max-width:420px;margin:2em auto}
+.layout{display:flex;gap:.75em;align-items:flex-start}.guidelines{flex:0 0 300px;position:sticky;top:.5em;
+max-height:95vh;overflow:auto}.work{flex:1;min-width:0;max-width:100%}
+.responses{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(260px,100%),1fr));gap:.75em}
+.response.current{outline:3px solid #3a7bd5}.text{white-space:pre-wrap;overflow-wrap:anywhere}
+fieldset{border:1px solid #d8dbe0;border-radius:6px;min-width:0}.row{display:flex;flex-wrap:wrap;gap:.4em 1em;
+align-items:center}label{cursor:pointer}input[type=radio]{transform:scale(1.2);margin-right:.3em}
+textarea,input[name=token],input[name=name]{width:100%;font:inherit;padding:.4em}
+#ranking{padding-left:1.5em}#ranking li{background:#eef2f7;margin:.25em 0;padding:.35em .5em;border-radius:5px;
+display:flex;gap:.5em;align-items:center;cursor:grab}#ranking li.current{outline:2px solid #3a7bd5}
+#ranking .snippet{flex:1;min-width:0;overflow:hidden;white-space:nowrap;text-overflow:ellipsis}
+button,.button{font:inherit;padding:.45em .9em;border-radius:6px;border:1px solid #9aa5b1;background:#fff;
+cursor:pointer;text-decoration:none;color:inherit;display:inline-block}button.primary{background:#2d6cdf;color:#fff;
+border-color:#2d6cdf;width:100%;padding:.7em;font-size:1.1em}
+.progress{font-size:1.05em}.error{color:#a30000;background:#fdecec;padding:.5em;border-radius:6px}
+.notice{background:#eaf7ea;padding:.5em;border-radius:6px;overflow-wrap:anywhere}
+table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e1e4e8;padding:.3em .5em;text-align:left}
+tr.flagged{background:#fff3cd}.scroll{overflow-x:auto}kbd{border:1px solid #bbb;border-radius:3px;padding:0 .25em;
+font-size:.85em;background:#fafafa}button.primary kbd{background:transparent;color:inherit;border-color:#fff9}.inline{display:inline}
+@media (max-width:760px){.layout{flex-direction:column;align-items:stretch}.guidelines{position:static;flex:none;width:100%;
+max-height:none}main{padding:.4em}.work{width:100%}}
+"""
+
+JS = r"""
+(function () {
+  'use strict';
+  var form = document.getElementById('label-form');
+  if (!form) return;
+  var started = Date.now();
+  var k = parseInt(form.dataset.k, 10);
+  var current = 0;
+  var responses = Array.prototype.slice.call(document.querySelectorAll('.response'));
+  var list = document.getElementById('ranking');
+  var orderInput = document.getElementById('ranking_order');
+
+  function setCurrent(p) {
+    current = (p + k) % k;
+    responses.forEach(function (el, i) { el.classList.toggle('current', i === current); });
+    if (list) Array.prototype.forEach.call(list.children, function (li) {
+      li.classList.toggle('current', parseInt(li.dataset.pos, 10) === current);
+    });
+    if (responses[current]) responses[current].scrollIntoView({block: 'nearest'});
+  }
+  function syncOrder() {
+    if (!list) return;
+    orderInput.value = Array.prototype.map.call(list.children, function (li) { return li.dataset.pos; }).join(',');
+  }
+  function move(pos, delta) {
+    var li = list.querySelector('li[data-pos="' + pos + '"]');
+    if (!li) return;
+    if (delta < 0 && li.previousElementSibling) list.insertBefore(li, li.previousElementSibling);
+    if (delta > 0 && li.nextElementSibling) list.insertBefore(li.nextElementSibling, li);
+    syncOrder();
+  }
+  function check(name, value) {
+    var el = form.querySelector('input[name="' + name + '"][value="' + value + '"]');
+    if (el) { el.checked = true; el.dispatchEvent(new Event('change', {bubbles: true})); }
+  }
+  if (list) {
+    var dragged = null;
+    list.addEventListener('dragstart', function (e) {
+      dragged = e.target.closest('li'); e.dataTransfer.effectAllowed = 'move';
+      e.dataTransfer.setData('text/plain', dragged.dataset.pos);
+    });
+    list.addEventListener('dragover', function (e) {
+      e.preventDefault();
+      var over = e.target.closest('li');
+      if (!dragged || !over || over === dragged) return;
+      var rect = over.getBoundingClientRect();
+      list.insertBefore(dragged, (e.clientY - rect.top) > rect.height / 2 ? over.nextSibling : over);
+    });
+    list.addEventListener('drop', function (e) { e.preventDefault(); syncOrder(); });
+    list.addEventListener('dragend', function () { dragged = null; syncOrder(); });
+    list.addEventListener('click', function (e) {
+      var b = e.target.closest('button'); if (!b) return;
+      move(parseInt(b.closest('li').dataset.pos, 10), b.classList.contains('up') ? -1 : 1);
+    });
+  }
+  responses.forEach(function (el, i) { el.addEventListener('click', function () { setCurrent(i); }); });
+  form.addEventListener('submit', function () {
+    syncOrder();
+    document.getElementById('duration_ms').value = String(Date.now() - started);
+    var btn = document.getElementById('submit'); if (btn) btn.disabled = true;  // the key makes a resend safe
+  });
+  document.addEventListener('keydown', function (e) {
+    var tag = (e.target.tagName || '').toLowerCase();
+    var typing = tag === 'textarea' || (tag === 'input' && e.target.type === 'text') || tag === 'select';
+    if (typing) {
+      if (e.key === 'Escape') { e.target.blur(); e.preventDefault(); }
+      if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); form.requestSubmit(); }
+      return;
+    }
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    var key = e.key, handled = true;
+    if (key === 'j') setCurrent(current + 1);
+    else if (key === 'k') setCurrent(current - 1);
+    else if (key === 'a') check('pairwise_choice', 'A');
+    else if (key === 'b') check('pairwise_choice', 'B');
+    else if (key === 't') check('pairwise_choice', 'tie');
+    else if (key === 's') {
+      var cur = form.querySelector('input[name="pairwise_strength"]:checked');
+      check('pairwise_strength', cur ? (parseInt(cur.value, 10) % 3) + 1 : 1);
+    }
+    else if (key === 'u' && list) move(current, -1);
+    else if (key === 'd' && list) move(current, 1);
+    else if (key === 'y') check('binary_' + current, 'accept');
+    else if (key === 'n') check('binary_' + current, 'reject');
+    else if (/^[1-5]$/.test(key)) check('likert_' + current, key);
+    else if (key === 'c' && document.getElementById('critique_text')) {
+      var sel = document.getElementById('critique_target'); if (sel) sel.value = String(current);
+      document.getElementById('critique_text').focus();
+    }
+    else if (key === 'r' && document.getElementById('critique_rewrite')) document.getElementById('critique_rewrite').focus();
+    else if (key === 'Enter') form.requestSubmit();
+    else handled = false;
+    if (handled) e.preventDefault();
+  });
+  setCurrent(0);
+})();
+"""

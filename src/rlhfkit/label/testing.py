@@ -1,0 +1,151 @@
+"""Helpers for tests and the load benchmark: a real server subprocess and scripted answers."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(db: str | Path, port: int | None = None, log: str | Path | None = None,
+                 timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """``rlhfkit label serve`` in a subprocess on loopback; returns (process, base URL) once it answers."""
+    import httpx
+
+    port = port or free_port()
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit", "label", "serve", "--db", str(db), "--host",
+                             "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} (log: {log})")
+        try:
+            if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start in time")
+
+
+def random_answers(tasks: list[str], k: int, rng: random.Random) -> dict[str, Any]:
+    """Valid answers (display positions) for every task type."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        if task == "pairwise":
+            out[task] = {"choice": rng.choice(["A", "B", "tie"]), "strength": rng.randint(1, 3)}
+        elif task == "ranking":
+            order = list(range(k))
+            rng.shuffle(order)
+            out[task] = {"order": order}
+        elif task == "binary":
+            out[task] = {"accept": [rng.random() < 0.5 for _ in range(k)]}
+        elif task == "likert":
+            out[task] = {"ratings": [rng.randint(1, 5) for _ in range(k)]}
+        elif task == "critique":
+            out[task] = {"critique": "too short", "rewrite": "a better answer", "target": 0}
+    return out
+
+
+def seed_load_db(db_path: str | Path, labellers: int, items: int, overlap: int,
+                 tasks: tuple[str, ...] = ("pairwise",)) -> tuple[list[str], int]:
+    """A database with ``items`` two-response items and ``labellers`` labellers; returns (tokens, project)."""
+    from . import service
+    from .db import Database
+
+    db = Database(str(db_path))
+    tokens = [service.create_user(db, f"load{i}")[1] for i in range(labellers)]
+    rows = [{"prompt": f"load prompt {i}", "responses": [f"answer {i}a", f"answer {i}b"], "gold": None}
+            for i in range(items)]
+    project, _ = service.upsert_project(db, "load", rows, list(tasks), overlap=overlap)
+    db.dispose()
+    return tokens, project.id
+
+
+def run_load(url_of, tokens: list[str], project_id: int, per_labeller: int, deadline_s: float = 120.0,
+             on_ack=None) -> dict[str, Any]:
+    """Each token labels ``per_labeller`` items concurrently (one thread each) through the JSON API.
+
+    ``url_of()`` gives the current base URL; connection failures and 5xx are retried with the same
+    idempotency key until ``deadline_s``. Returns acknowledged keys, duplicates seen and latencies (s).
+    """
+    import threading
+
+    import httpx
+
+    acked: list[str] = []
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + deadline_s
+
+    def call(client, method, path, **kw):
+        while time.monotonic() < stop_at:
+            try:
+                r = client.request(method, url_of() + path, **kw)
+                if r.status_code < 500:
+                    return r
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(path)
+
+    def worker(i: int, token: str):
+        rng = random.Random(i)
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(headers=headers, timeout=30.0) as client:
+            try:
+                for n in range(per_labeller):
+                    r = call(client, "POST", f"/api/projects/{project_id}/next")
+                    view = r.json()["assignment"]
+                    if view is None:
+                        with lock:
+                            errors.append(f"labeller {i}: nothing left after {n}")
+                        return
+                    key = f"load-{i}-{n}-{view['assignment_id']}"
+                    body = {"idempotency_key": key,
+                            "answers": random_answers(view["tasks"], len(view["responses"]), rng)}
+                    t0 = time.perf_counter()
+                    r = call(client, "POST", f"/api/assignments/{view['assignment_id']}/label", json=body)
+                    dt = time.perf_counter() - t0
+                    if r.status_code not in (200, 201):
+                        with lock:
+                            errors.append(f"labeller {i}: {r.status_code} {r.text[:200]}")
+                        return
+                    with lock:
+                        acked.append(key)
+                        latencies.append(dt)
+                    if on_ack:
+                        on_ack(len(acked))
+            except TimeoutError as exc:
+                with lock:
+                    errors.append(f"labeller {i}: timed out on {exc}")
+
+    threads = [threading.Thread(target=worker, args=(i, t), daemon=True) for i, t in enumerate(tokens)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+
+    def q(p):
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+    return {"acked": acked, "errors": errors, "wall_s": wall, "p50_ms": 1000 * q(0.5), "p95_ms": 1000 * q(0.95),
+            "max_ms": 1000 * (lat[-1] if lat else float("nan")), "submissions": len(acked)}

@@ -1,0 +1,456 @@
+"""The FastAPI app: a JSON API (``/api``, bearer token or session cookie) and server-rendered pages.
+
+Security model: every route but ``/login``, ``/healthz`` and the static files needs a user; tokens are stored
+as SHA-256 hashes; the browser session is the token in an HttpOnly, SameSite=Strict cookie; a
+state-changing request authenticated by that cookie must carry the per-session CSRF token (form field
+``csrf`` or header ``X-CSRF-Token``: an HMAC of the session under the database's secret); bearer requests
+need none (a browser never adds that header by itself). Labellers reach only their own assignments (other
+ids are 404) and no ``/admin`` or ``/api/admin`` route (403). Pages are Jinja2 with autoescape, guidelines
+are Markdown rendered with raw HTML disabled, and a Content-Security-Policy forbids inline script. Request
+bodies above ``max_body`` (imports: ``max_import``) are refused with 413.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import secrets
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from jinja2 import DictLoader, Environment, select_autoescape
+from pydantic import BaseModel, Field
+
+from ..errors import DataError
+from . import agreement as agreement_mod
+from . import export as export_mod
+from . import service, templates
+from .db import Database, Item, Label, Project, User
+
+SESSION_COOKIE = "rlk_session"
+LOGIN_CSRF_COOKIE = "rlk_login_csrf"
+LETTERS = "ABCDEFGHIJKLMNOP"
+Id = Annotated[int, Path(ge=1, le=2**31 - 1)]  # path ids: out-of-range ints are a 422, not a DB overflow
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
+       "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over the limit (by Content-Length or as it streams in)."""
+
+    def __init__(self, app, max_body: int, max_import: int):
+        self.app, self.max_body, self.max_import = app, max_body, max_import
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_import if scope["path"] == "/api/admin/projects" else self.max_body
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await self._refuse(send, limit)
+        seen, started, refused = 0, False, False
+
+        async def limited_receive():
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit and not started:
+                    # answer 413 now; the app sees a disconnected client and its reply is dropped
+                    refused = True
+                    await self._refuse(send, limit)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except Exception:
+            if not refused:
+                raise
+
+    @staticmethod
+    async def _refuse(send, limit: int):
+        response = JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+def _jinja() -> Environment:
+    env = Environment(loader=DictLoader({"base.html": templates.BASE, "login.html": templates.LOGIN,
+                                         "projects.html": templates.PROJECTS, "label.html": templates.LABEL,
+                                         "admin.html": templates.ADMIN}),
+                      autoescape=select_autoescape(default=True, default_for_string=True))
+    env.globals["letters"] = LETTERS
+    env.globals["fmt"] = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+    return env
+
+
+def render_markdown(text: str) -> str:
+    """Markdown to HTML with raw HTML disabled (escaped) and unsafe link schemes refused."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False, "linkify": False}).render(text or "")
+
+
+class SubmitBody(BaseModel):
+    idempotency_key: str = Field(min_length=8, max_length=100)
+    answers: dict[str, Any]
+    duration_ms: int | None = Field(default=None, ge=0, le=10**9)
+
+
+class NewUser(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    role: str = Field(default="labeller", pattern="^(admin|labeller)$")
+
+
+class NewProject(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    tasks: list[str] | None = None
+    overlap: int | None = Field(default=None, ge=1, le=100)
+    guidelines: str | None = Field(default=None, max_length=200_000)
+    items: list[dict[str, Any]] = Field(default_factory=list, max_length=100_000)
+
+
+def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int = 20 * 1024 * 1024,
+               secure_cookies: bool = False):
+    if isinstance(db, str):
+        db = Database(db)
+    secret = db.secret()
+    env = _jinja()
+    app = FastAPI(title="rlhfkit label", version="1",
+                  description="Human-feedback labelling API. Authenticate with `Authorization: Bearer <token>`.")
+    app.state.db = db
+
+    def csrf_for(user: User) -> str:
+        return hmac.new(secret, ("csrf:" + user.token_hash).encode(), "sha256").hexdigest()[:40]
+
+    def page(name: str, status: int = 200, **ctx) -> HTMLResponse:
+        return HTMLResponse(env.get_template(name).render(**ctx), status_code=status)
+
+    @app.exception_handler(service.LabelError)
+    async def _label_error(request: Request, exc: service.LabelError):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    # ---- authentication ------------------------------------------------------------------------------
+
+    def current_user(request: Request) -> tuple[User | None, bool]:
+        """(user, via_cookie)."""
+        auth = request.headers.get("authorization", "")
+        with db.session() as s:
+            if auth:
+                scheme, _, token = auth.partition(" ")
+                if scheme.lower() != "bearer":
+                    return None, False
+                return service.authenticate(s, token.strip()), False
+            token = request.cookies.get(SESSION_COOKIE)
+            return (service.authenticate(s, token), True) if token else (None, False)
+
+    async def require_user(request: Request) -> User:
+        user, via_cookie = current_user(request)
+        if user is None:
+            raise HTTPException(401, "authentication required: send 'Authorization: Bearer <token>' or log in",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if via_cookie and request.method not in ("GET", "HEAD", "OPTIONS"):
+            sent = request.headers.get("x-csrf-token")
+            if sent is None and request.headers.get("content-type", "").startswith(
+                    ("application/x-www-form-urlencoded", "multipart/form-data")):
+                sent = (await request.form()).get("csrf")
+            if not isinstance(sent, str) or not hmac.compare_digest(sent, csrf_for(user)):
+                raise HTTPException(403, "CSRF token missing or wrong")
+        return user
+
+    async def require_admin(user: User = Depends(require_user)) -> User:
+        if user.role != "admin":
+            raise HTTPException(403, "admin only")
+        return user
+
+    # ---- API -----------------------------------------------------------------------------------------
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz():
+        return {"ok": True}
+
+    @app.get("/api/me")
+    def me(user: User = Depends(require_user)):
+        return {"id": user.id, "name": user.name, "role": user.role}
+
+    @app.get("/api/projects")
+    def projects(user: User = Depends(require_user)):
+        with db.session() as s:
+            return [{"id": p.id, "name": p.name, "tasks": p.tasks, "guidelines": p.guidelines,
+                     **service.progress(s, user, p)} for p in s.scalars(sa.select(Project).order_by(Project.id))]
+
+    @app.post("/api/projects/{project_id}/next")
+    def next_item(project_id: Id, user: User = Depends(require_user)):
+        assignment = service.next_assignment(db, user, project_id)
+        if assignment is None:
+            return {"assignment": None}
+        with db.session() as s:
+            return {"assignment": service.assignment_view(s, assignment)}
+
+    @app.get("/api/assignments/{assignment_id}")
+    def get_assignment(assignment_id: Id, user: User = Depends(require_user)):
+        with db.session() as s:
+            return service.assignment_view(s, service.own_assignment(s, user, assignment_id))
+
+    @app.post("/api/assignments/{assignment_id}/label", status_code=201)
+    def post_label(assignment_id: Id, body: SubmitBody, response: Response,
+                   user: User = Depends(require_user)):
+        label, created = service.submit(db, user, assignment_id, body.idempotency_key, body.answers,
+                                        body.duration_ms)
+        if not created:
+            response.status_code = 200
+        return {"label_id": label.id, "assignment_id": assignment_id, "duplicate": not created}
+
+    @app.get("/api/admin/labellers")
+    def list_users(admin: User = Depends(require_admin)):
+        with db.session() as s:
+            counts = dict(s.execute(sa.select(Label.user_id, sa.func.count(Label.id)).group_by(Label.user_id)).all())
+            return [{"id": u.id, "name": u.name, "role": u.role, "labels": counts.get(u.id, 0)}
+                    for u in s.scalars(sa.select(User).order_by(User.id))]
+
+    @app.post("/api/admin/labellers", status_code=201)
+    def add_user(body: NewUser, admin: User = Depends(require_admin)):
+        user, token = service.create_user(db, body.name, body.role)
+        return {"id": user.id, "name": user.name, "role": user.role, "token": token}
+
+    @app.post("/api/admin/projects", status_code=201)
+    def add_project(body: NewProject, admin: User = Depends(require_admin)):
+        items = [service.check_item(row, "request", n) for n, row in enumerate(body.items, start=1)]
+        project, added = service.upsert_project(db, body.name, items, body.tasks, body.overlap, body.guidelines)
+        return {"id": project.id, "name": project.name, "items_added": added}
+
+    def agreement_of(project_id: int) -> dict:
+        with db.session() as s:
+            service.get_project(s, project_id)
+        return agreement_mod.project_agreement(export_mod.stored_labels(db, project_id))
+
+    @app.get("/api/admin/projects/{project_id}/agreement")
+    def get_agreement(project_id: Id, admin: User = Depends(require_admin)):
+        result = agreement_of(project_id)
+        result["labellers"] = {str(k): v for k, v in result["labellers"].items()}
+        return result
+
+    def export_rows(project_id: int, kind: str, aggregate: str, ties: str, tasks: str) -> list[dict]:
+        with db.session() as s:
+            service.get_project(s, project_id)
+        if kind == "pairs":
+            return export_mod.preference_rows(db, project_id, aggregate, ties,
+                                              [t.strip() for t in tasks.split(",") if t.strip()])
+        if kind == "sft":
+            return export_mod.sft_rows(db, project_id)
+        if kind == "labels":
+            return export_mod.stored_labels(db, project_id)
+        raise service.LabelError(422, f"kind must be pairs, sft or labels, got {kind!r}")
+
+    @app.get("/api/admin/projects/{project_id}/export")
+    def get_export(project_id: Id, kind: str = Query("pairs", max_length=20),
+                   aggregate: str = Query("majority", max_length=20), ties: str = Query("drop", max_length=20),
+                   tasks: str = Query("pairwise,ranking", max_length=100), admin: User = Depends(require_admin)):
+        return export_rows(project_id, kind, aggregate, ties, tasks)
+
+    # ---- pages ---------------------------------------------------------------------------------------
+
+    @app.get("/static/app.js", include_in_schema=False)
+    def static_js():
+        return Response(templates.JS, media_type="text/javascript", headers={"Cache-Control": "max-age=300"})
+
+    @app.get("/static/app.css", include_in_schema=False)
+    def static_css():
+        return Response(templates.CSS, media_type="text/css", headers={"Cache-Control": "max-age=300"})
+
+    @app.get("/login", include_in_schema=False)
+    def login_page(request: Request):
+        token = secrets.token_urlsafe(24)
+        response = page("login.html", login_csrf=token, user=None)
+        response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies)
+        return response
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request):
+        form = await request.form()
+        sent, cookie = form.get("csrf"), request.cookies.get(LOGIN_CSRF_COOKIE)
+        if not isinstance(sent, str) or not cookie or not hmac.compare_digest(sent, cookie):
+            return PlainTextResponse("CSRF token missing or wrong; reload the login page", status_code=403)
+        token = form.get("token")
+        with db.session() as s:
+            user = service.authenticate(s, token if isinstance(token, str) else None)
+        if user is None:
+            fresh = secrets.token_urlsafe(24)
+            response = page("login.html", 401, login_csrf=fresh, user=None, error="Unknown or disabled token.")
+            response.set_cookie(LOGIN_CSRF_COOKIE, fresh, httponly=True, samesite="strict", secure=secure_cookies)
+            return response
+        response = RedirectResponse("/admin" if user.role == "admin" else "/", status_code=303)
+        response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies,
+                            max_age=30 * 24 * 3600)
+        response.delete_cookie(LOGIN_CSRF_COOKIE)
+        return response
+
+    def page_user(request: Request) -> User | None:
+        user, via_cookie = current_user(request)
+        return user
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(user: User = Depends(require_user)):
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    @app.get("/", include_in_schema=False)
+    def home(request: Request):
+        user = page_user(request)
+        if user is None:
+            return RedirectResponse("/login", status_code=303)
+        with db.session() as s:
+            rows = [{"id": p.id, "name": p.name, **service.progress(s, user, p)}
+                    for p in s.scalars(sa.select(Project).order_by(Project.id))]
+        if len(rows) == 1:
+            return RedirectResponse(f"/label?project={rows[0]['id']}", status_code=303)
+        return page("projects.html", user=user, csrf=csrf_for(user), projects=rows)
+
+    def label_page(user: User, project_id: int, error: str | None = None, status: int = 200) -> HTMLResponse:
+        assignment = service.next_assignment(db, user, project_id)
+        with db.session() as s:
+            project = service.get_project(s, project_id)
+            view = service.assignment_view(s, assignment) if assignment else None
+            prog = service.progress(s, user, project)
+            return page("label.html", status, user=user, csrf=csrf_for(user), project=project, view=view,
+                        progress=prog, guidelines_html=render_markdown(project.guidelines), error=error,
+                        idem_key=secrets.token_urlsafe(18))
+
+    @app.get("/label", include_in_schema=False)
+    def label_get(request: Request, project: int = Query(..., ge=1, le=2**31)):
+        user = page_user(request)
+        if user is None:
+            return RedirectResponse("/login", status_code=303)
+        return label_page(user, project)
+
+    @app.post("/label/{assignment_id}", include_in_schema=False)
+    async def label_post(assignment_id: Id, request: Request, user: User = Depends(require_user)):
+        form = await request.form()
+        with db.session() as s:
+            assignment = service.own_assignment(s, user, assignment_id)
+            project = s.get(Project, assignment.project_id)
+            tasks, k = list(project.tasks), len(assignment.order)
+        try:
+            answers = form_answers(form, tasks, k)
+            duration = form.get("duration_ms")
+            duration = int(duration) if isinstance(duration, str) and duration.isdigit() else None
+            service.submit(db, user, assignment_id, str(form.get("idempotency_key", "")), answers, duration)
+        except service.LabelError as exc:
+            if exc.status == 404:
+                raise
+            return label_page(user, project.id, error=exc.detail, status=exc.status)
+        return RedirectResponse(f"/label?project={project.id}", status_code=303)
+
+    @app.get("/admin", include_in_schema=False)
+    def admin_page(request: Request):
+        user = page_user(request)
+        if user is None:
+            return RedirectResponse("/login", status_code=303)
+        if user.role != "admin":
+            raise HTTPException(403, "admin only")
+        return render_admin(user, None, None)
+
+    def render_admin(user: User, new_token: dict | None, error: str | None, status: int = 200) -> HTMLResponse:
+        with db.session() as s:
+            counts = dict(s.execute(sa.select(Label.user_id, sa.func.count(Label.id)).group_by(Label.user_id)).all())
+            users = [{"name": u.name, "role": u.role, "labels": counts.get(u.id, 0)}
+                     for u in s.scalars(sa.select(User).order_by(User.id))]
+            projects = []
+            for p in s.scalars(sa.select(Project).order_by(Project.id)):
+                items = list(s.execute(sa.select(Item.id, Item.prompt, Item.gold).where(Item.project_id == p.id)))
+                n_labels = s.scalar(sa.select(sa.func.count(Label.id)).where(Label.project_id == p.id))
+                projects.append({"id": p.id, "name": p.name, "tasks": p.tasks, "overlap": p.overlap,
+                                 "items": len(items), "gold": sum(g is not None for _, _, g in items),
+                                 "labels": n_labels, "prompts": {i: pr for i, pr, _ in items}})
+        for p in projects:
+            p["agreement"] = agreement_of(p["id"])
+        return page("admin.html", status, user=user, csrf=csrf_for(user), users=users, projects=projects,
+                    new_token=new_token, error=error)
+
+    @app.post("/admin/labellers", include_in_schema=False)
+    async def admin_add_user(request: Request, admin: User = Depends(require_admin)):
+        form = await request.form()
+        try:
+            user, token = service.create_user(db, str(form.get("name", "")), "labeller")
+        except service.LabelError as exc:
+            return render_admin(admin, None, exc.detail, exc.status)
+        return render_admin(admin, {"name": user.name, "token": token}, None)
+
+    @app.get("/admin/projects/{project_id}/export.jsonl", include_in_schema=False)
+    def admin_export(project_id: Id, kind: str = "pairs", aggregate: str = "majority", ties: str = "drop",
+                     tasks: str = "pairwise,ranking", admin: User = Depends(require_admin)):
+        import json
+
+        rows = export_rows(project_id, kind, aggregate, ties, tasks)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        return Response(text, media_type="application/x-ndjson",
+                        headers={"Content-Disposition": f'attachment; filename="project{project_id}_{kind}.jsonl"'})
+
+    app.add_middleware(BodyLimit, max_body=max_body, max_import=max_import)
+    return app
+
+
+def form_answers(form, tasks: list[str], k: int) -> dict[str, Any]:
+    """The label form's fields -> the API's answers (display positions); missing fields are a 422."""
+    def field(name: str) -> str:
+        value = form.get(name)
+        if not isinstance(value, str) or value == "":
+            raise service.LabelError(422, f"please answer every question (missing: {name})")
+        return value
+
+    def as_int(name: str) -> int:
+        value = field(name)
+        if not value.lstrip("-").isdigit():
+            raise service.LabelError(422, f"{name} must be a number")
+        return int(value)
+
+    answers: dict[str, Any] = {}
+    if "pairwise" in tasks:
+        answers["pairwise"] = {"choice": field("pairwise_choice"), "strength": as_int("pairwise_strength")}
+    if "ranking" in tasks:
+        parts = field("ranking_order").split(",")
+        if not all(p.strip().isdigit() for p in parts):
+            raise service.LabelError(422, "ranking_order must be comma-separated positions")
+        answers["ranking"] = {"order": [int(p) for p in parts]}
+    if "binary" in tasks:
+        answers["binary"] = {"accept": [field(f"binary_{p}") == "accept" for p in range(k)]}
+    if "likert" in tasks:
+        answers["likert"] = {"ratings": [as_int(f"likert_{p}") for p in range(k)]}
+    if "critique" in tasks:
+        rewrite = form.get("critique_rewrite")
+        answers["critique"] = {"critique": str(form.get("critique_text", "")),
+                               "rewrite": rewrite if isinstance(rewrite, str) and rewrite.strip() else None,
+                               "target": as_int("critique_target")}
+    return answers
