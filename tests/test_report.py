@@ -309,3 +309,12 @@ def test_hacking_verdict_comes_from_the_summary_or_else_the_metrics_rows():
 
 if __name__ == "__main__":  # write the fixture pipeline to a folder to look at its report by hand
     print(write_pipeline(Path(sys.argv[1])))
+
+
+def test_chat_prompts_show_as_role_lines():
+    from rlhfkit.report.build import _prompt_text
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<b>Hi</b>"}]
+    assert _prompt_text(chat) == "system: Be brief.\nuser: <b>Hi</b>"
+    assert _prompt_text("plain prompt") == "plain prompt"
+    assert _prompt_text([1, 2]) == "[1, 2]"

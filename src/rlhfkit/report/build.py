@@ -112,7 +112,7 @@ def _eval_samples(evaluation: Evaluation) -> str:
     order = list(evaluation.policies)
     by_prompt: dict[str, list[dict[str, Any]]] = {}
     for sample in samples:
-        by_prompt.setdefault(str(sample.get("prompt", "")), []).append(sample)
+        by_prompt.setdefault(_prompt_text(sample.get("prompt", "")), []).append(sample)
     shown = list(by_prompt.items())[:MAX_EVAL_PROMPTS]
     extra: list[str] = []
     for sample in samples:
@@ -131,6 +131,13 @@ def _eval_samples(evaluation: Evaluation) -> str:
         parts.append(f'<details class="prompt"{opened}><summary>Prompt {index + 1}{tag}</summary>'
                      f"<pre>{esc(prompt)}</pre>{body}</details>")
     return "".join(parts)
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A chat prompt (list of messages) as "role: content" lines; any other prompt as its text."""
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return "\n".join(f"{m.get('role', '?')}: {m['content']}" for m in prompt)
+    return str(prompt)
 
 
 def _text(value: Any) -> Any:
