@@ -55,6 +55,26 @@ def test_healthy_noisy_run_never_fires(seed):
         assert not det.update(i, level + rng.gauss(0, 0.03), level + rng.gauss(0, 0.03)), (seed, i, det.reason)
 
 
+def test_noise_floor_from_standard_errors():
+    """A small held-out gain that wanders within its evaluation noise (held-out means over 100 prompts,
+    SE 0.1) fires the gain-relative rule alone but not once the standard errors are given; a real fall of
+    several standard errors still fires."""
+    proxy = [1.0, 1.35, 1.5, 1.6, 1.45, 1.5, 1.6, 1.6, 1.5, 1.6]
+    wander = [0.05, 0.26, 0.23, 0.04, 0.18, 0.08, 0.06, 0.02, 0.23, 0.10]
+    fall = [0.05, 0.26, 0.23, 0.10, -0.20, -0.40, -0.50, -0.60, -0.60, -0.70]
+    for heldout, with_se, fires in ((wander, False, True), (wander, True, False), (fall, True, True)):
+        det = RewardHackingDetector(window=3, min_drop=0.1, patience=2, z=2.0)
+        for i, (p, h) in enumerate(zip(proxy, heldout)):
+            det.update(10 * i, p, h, 0.1 if with_se else None)
+        assert det.fired == fires, (heldout, with_se, det.reason)
+    # worked by hand for the fall: smoothed peak (0.05+0.26+0.23)/3 = 0.18 at point 2; noise floor
+    # 2·sqrt(2·0.01/3) = 0.163; point 4: (0.23+0.10-0.20)/3 = 0.043, drop 0.137 (below the floor);
+    # point 5: -0.167, drop 0.347 (streak 1); point 6: -0.367 (streak 2) -> fires at step 60
+    assert det.fired_step == 60 and "noise floor 0.163" in det.reason
+    with pytest.raises(ValueError, match="heldout_se"):
+        RewardHackingDetector().update(0, 1.0, 1.0, -0.1)
+
+
 def test_both_falling_is_not_hacking():
     det = RewardHackingDetector(window=3, min_drop=0.1, patience=2)
     for i in range(20):

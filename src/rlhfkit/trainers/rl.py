@@ -130,6 +130,9 @@ class RLConfig(TrainConfig):
     hacking_min_drop: float = arg(0.1, "Reward-hacking detector: share of its gain the held-out score must give "
                                   "back (while the training reward rises) to count.")
     hacking_patience: int = arg(2, "Reward-hacking detector: consecutive suspicious evaluations to fire.")
+    hacking_z: float = arg(2.0, "Reward-hacking detector: the held-out drop must also exceed this many standard "
+                           "errors (of the difference of the smoothed held-out means), so evaluation noise "
+                           "alone does not fire it.")
 
     algorithm = "ppo"
 
@@ -512,6 +515,7 @@ class RLTask:
             if self.heldout is not None:
                 held, _ = self.score(prompts, rollout, " (held-out judge)", source=self.heldout)
                 totals["heldout_reward"] = totals.get("heldout_reward", 0.0) + float(held.sum())
+                totals["heldout_reward_sq"] = totals.get("heldout_reward_sq", 0.0) + float(held.double().square().sum())
             records = [{"prompt_ids": p, "response_ids": r}
                        for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
             batch = {k: v.to(self._engine.device) if torch.is_tensor(v) else v
@@ -527,6 +531,9 @@ class RLTask:
             totals["no_eos_rate"] = totals.get("no_eos_rate", 0.0) + float(k - sum(rollout.ended))
             count += k
         metrics = {name: value / max(count, 1) for name, value in totals.items()}
+        if "heldout_reward_sq" in metrics:  # standard error of the held-out mean: the detector's noise floor
+            variance = max(metrics.pop("heldout_reward_sq") - metrics["heldout_reward"] ** 2, 0.0)
+            metrics["heldout_reward_se"] = math.sqrt(variance / max(count - 1, 1))
         if self.heldout is not None:
             self._watch_for_hacking(model, metrics)
         return metrics
@@ -536,7 +543,7 @@ class RLTask:
         engine = self._engine
         step = int(getattr(engine, "step", 0) or 0)
         was_fired = self.detector.fired
-        self.detector.update(step, metrics["reward_mean"], metrics["heldout_reward"])
+        self.detector.update(step, metrics["reward_mean"], metrics["heldout_reward"], metrics.get("heldout_reward_se"))
         metrics["hacking_detected"] = float(self.detector.fired)
         if self.detector.fired and not was_fired:
             logger.warning("reward hacking suspected at step %d: %s; best held-out policy (step %s) is in %s",
@@ -614,7 +621,7 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
 
         task.heldout = load_judge(config.heldout_judge, tokenizer, engine.device)
         task.detector = RewardHackingDetector(config.hacking_window, config.hacking_min_drop,
-                                              patience=config.hacking_patience)
+                                              patience=config.hacking_patience, z=config.hacking_z)
         checkpointed.append(task.detector)
 
     total_steps = config.max_steps if config.max_steps > 0 else max(
