@@ -66,6 +66,8 @@ def test_pipeline_runs_every_stage_and_writes_a_stable_summary(tiny_pipeline):
     ppo_rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     held = [r["eval_heldout_reward"] for r in ppo_rows if "eval_heldout_reward" in r]
     assert len(held) >= 2 and all(math.isfinite(h) for h in held)
+    # its standard error (the detector's noise floor): positive, below the gold judge's score range
+    assert all(0 < r["eval_heldout_reward_se"] < 1.6 for r in ppo_rows if "eval_heldout_reward" in r)
     assert (run / "ppo" / "best_heldout" / "config.json").exists()
     assert "hacking" in json.loads((run / "ppo" / "summary.json").read_text())
     assert (run / "report.html").stat().st_size > 10_000

@@ -171,6 +171,8 @@ commands:
   eval         compare policies under a judge: win rates with CIs, LC win rate, reward, KL, length
   report       self-contained HTML report (plots, tables, samples) of a run or pipeline folder
   label        human-feedback labelling web app: serve, import, generate, labellers, agreement, export
+  judge        label candidate responses with an AI judge into preference pairs (resumable)
+  cai          Constitutional AI: critique -> revision against a constitution; SFT data and pairs
   tiny-model   build a tiny offline model + tokenizer
   pipeline     run a chain of stages from one YAML file (skips stages already done)
   demo         the offline end-to-end run: pretrain, SFT, preferences, RM, PPO, DPO, eval, report
@@ -200,6 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .label.cli import main as label_main
 
             return label_main(rest)
+        if command == "judge":
+            from .judges.label import main as judge_main
+
+            return judge_main(rest)
+        if command == "cai":
+            from .cai import main as cai_main
+
+            return cai_main(rest)
         if command == "pipeline":
             from .pipeline import pipeline_main
 

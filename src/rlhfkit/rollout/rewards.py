@@ -319,6 +319,55 @@ def _retry_after(headers) -> float | None:
     return min(seconds, RETRY_AFTER_CAP_S)
 
 
+def describe_request_error(exc: BaseException, timeout: float) -> str:
+    """One line for a failed HTTP request (connection refused, reset, DNS, timeout)."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    text = _one_line(reason, 120)
+    return f"{type(reason).__name__}: {text}" if isinstance(reason, BaseException) else text
+
+
+def post_with_retries(url: str, body: bytes, headers: dict[str, str], *, timeout: float, max_retries: int,
+                      backoff: float = 0.5, sleep: Callable[[float], None] = time.sleep,
+                      who: str | None = None, before_attempt: Callable[[], None] | None = None) -> bytes:
+    """POST ``body`` to ``url`` and return the reply body; the retry policy of :class:`HTTPReward`.
+
+    Connection errors, timeouts, HTTP 429 and 5xx are retried up to ``max_retries`` times, waiting
+    ``backoff * 2**k`` seconds or, for a 429 with a numeric Retry-After header, that many seconds (at most
+    RETRY_AFTER_CAP_S). Any other 4xx fails at once. Errors are one-line RlhfkitErrors starting with
+    ``who``. ``before_attempt`` (e.g. a rate limiter) is called before every attempt.
+    """
+    who = who or url
+    attempts = max_retries + 1
+    problem = "no attempt made"
+    for attempt in range(1, attempts + 1):
+        if before_attempt is not None:
+            before_attempt()
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        wait = None
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return reply.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = _one_line(exc.read().decode("utf-8", "replace"), 120)
+            except Exception:  # the body is only for the message
+                detail = ""
+            finally:
+                exc.close()
+            problem = f"HTTP {exc.code} {exc.reason}" + (f" ({detail})" if detail else "")
+            if exc.code == 429:
+                wait = _retry_after(exc.headers)
+            elif exc.code < 500:
+                raise RlhfkitError(f"{who}: {problem}; not retried (attempt {attempt} of {attempts})") from None
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, DNS, timeouts
+            problem = describe_request_error(exc, timeout)
+        if attempt < attempts:
+            sleep(wait if wait is not None else backoff * 2 ** (attempt - 1))
+    raise RlhfkitError(f"{who}: {problem}; gave up after {attempts} attempts")
+
+
 class HTTPReward:
     """A reward server: POST ``{"prompts": [...], "responses": [...]}`` as JSON, in chunks of ``batch_size``.
 
@@ -370,39 +419,8 @@ class HTTPReward:
 
     def _post(self, prompts: list[str], responses: list[str]) -> bytes:
         body = json.dumps({"prompts": prompts, "responses": responses}).encode("utf-8")
-        attempts = self.max_retries + 1
-        problem = "no attempt made"
-        for attempt in range(1, attempts + 1):
-            request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-            wait = None
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                    return reply.read()
-            except urllib.error.HTTPError as exc:
-                try:
-                    detail = _one_line(exc.read().decode("utf-8", "replace"), 120)
-                except Exception:  # the body is only for the message
-                    detail = ""
-                finally:
-                    exc.close()
-                problem = f"HTTP {exc.code} {exc.reason}" + (f" ({detail})" if detail else "")
-                if exc.code == 429:
-                    wait = _retry_after(exc.headers)
-                elif exc.code < 500:
-                    raise RlhfkitError(f"reward server {self.url}: {problem}; not retried (attempt {attempt} "
-                                       f"of {attempts})") from None
-            except (OSError, http.client.HTTPException) as exc:  # refused, reset, DNS, timeouts
-                problem = self._describe(exc)
-            if attempt < attempts:
-                self._sleep(wait if wait is not None else self.backoff * 2 ** (attempt - 1))
-        raise RlhfkitError(f"reward server {self.url}: {problem}; gave up after {attempts} attempts")
-
-    def _describe(self, exc: BaseException) -> str:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        if isinstance(reason, TimeoutError):
-            return f"timed out after {self.timeout:g} s"
-        text = _one_line(reason, 120)
-        return f"{type(reason).__name__}: {text}" if isinstance(reason, BaseException) else text
+        return post_with_retries(self.url, body, self.headers, timeout=self.timeout, max_retries=self.max_retries,
+                                 backoff=self.backoff, sleep=self._sleep, who=f"reward server {self.url}")
 
     def _parse(self, raw: bytes, n: int) -> torch.Tensor:
         who = f"reward server {self.url}"
