@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -180,6 +181,18 @@ commands:
 Run 'rlhfkit <command> --help' for the options of a command."""
 
 
+# command -> (module, function(argv) -> exit code) of the commands that are not trainers
+SUBCOMMANDS = {
+    "eval": (".eval.runner", "main"),
+    "report": (".report", "main"),
+    "label": (".label.cli", "main"),
+    "judge": (".judges.label", "main"),
+    "cai": (".cai", "main"),
+    "pipeline": (".pipeline", "pipeline_main"),
+    "demo": (".demo", "run_demo"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -190,34 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "tiny-model":
             return _tiny_model(rest)
-        if command == "eval":
-            from .eval.runner import main as eval_main
-
-            return eval_main(rest)
-        if command == "report":
-            from .report import main as report_main
-
-            return report_main(rest)
-        if command == "label":
-            from .label.cli import main as label_main
-
-            return label_main(rest)
-        if command == "judge":
-            from .judges.label import main as judge_main
-
-            return judge_main(rest)
-        if command == "cai":
-            from .cai import main as cai_main
-
-            return cai_main(rest)
-        if command == "pipeline":
-            from .pipeline import pipeline_main
-
-            return pipeline_main(rest)
-        if command == "demo":
-            from .demo import run_demo
-
-            return run_demo(rest)
+        if command in SUBCOMMANDS:  # imported on use: `rlhfkit sft` need not load FastAPI or plotly
+            module_name, function_name = SUBCOMMANDS[command]
+            return getattr(importlib.import_module(module_name, __package__), function_name)(rest)
         trainers = _trainers()
         if command not in trainers:
             print(f"rlhfkit: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
