@@ -114,12 +114,13 @@ def test_order_randomised_recorded_and_mapped_back(setup):
         assert a["binary"]["accept"][order[0]] is True and sum(a["binary"]["accept"]) == 1
         assert a["likert"]["ratings"][order[0]] == 5 and a["likert"]["ratings"][order[1]] == 1
         assert a["critique"]["response"] == order[1]
-    # 6 permutations: two labellers share one with p = 1/6; the assignment is from SystemRandom, so only
-    # check the structure here and the spread statistically below
-    perms = set()
-    for _ in range(60):
-        perms.add(tuple(random.SystemRandom().sample(range(3), 3)))
-    assert len(perms) > 1
+    # the service draws every assignment's order afresh: over 40 three-response items one labeller sees
+    # more than one permutation, and position 0 holds each original response sometimes (p(fail) = 3·(2/3)^40 < 1e-6)
+    items = [{"prompt": f"spread {i}", "responses": ["x", "y", "z"], "gold": None} for i in range(40)]
+    spread, _ = service.upsert_project(db, "spread", items, ["pairwise"], overlap=1)
+    shown = label_all(client, tokens["cat"], spread.id, random.Random(2))
+    firsts = {v["responses"][0] for v in shown}
+    assert len(shown) == 40 and len({tuple(v["responses"]) for v in shown}) > 1 and firsts == {"x", "y", "z"}
 
 
 def test_idempotent_retry_counted_once(setup):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
 from playwright import sync_api as playwright_api  # noqa: E402
 
-from rlhfkit.label import service  # noqa: E402
+from rlhfkit.label import export, service  # noqa: E402
 from rlhfkit.label.db import Database  # noqa: E402
 from rlhfkit.label.testing import start_server  # noqa: E402
 
@@ -106,7 +107,22 @@ def test_two_labellers_and_admin_in_chromium(server, tmp_path):
         with page.expect_download() as download:
             page.click("#export-1-majority")
         rows = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
-        assert rows and all({"prompt", "chosen", "rejected", "labellers"} <= set(r) for r in rows)
+        assert all({"prompt", "chosen", "rejected", "labellers"} <= set(r) for r in rows)
+        # Orders are shuffled per labeller with SystemRandom, so which items the two agree on is random: the
+        # mouse always picked shown slot A, the keyboard shown slot B. Expected majority export from the orders.
+        db = Database(str(tmp_path / "b.db"))
+        picks: dict[int, dict[str, int]] = {}
+        for lab in export.stored_labels(db, 1):
+            slot = 0 if lab["coder"] == "mouse" else 1
+            picks.setdefault(lab["item_id"], {})[lab["coder"]] = lab["display_order"][slot]
+        assert rows == export.preference_rows(db, 1, "majority", "drop")
+        db.dispose()
+        with sqlite3.connect(tmp_path / "b.db") as con:
+            responses = {i: json.loads(r) for i, r in con.execute("SELECT id, responses FROM items")}
+        agreed = {i: p["mouse"] for i, p in picks.items() if p["mouse"] == p["keys"]}
+        assert len(picks) == 3 and all(len(p) == 2 for p in picks.values())
+        assert sorted((r["item_id"], r["chosen"]) for r in rows) == \
+            sorted((i, responses[i][w]) for i, w in agreed.items())
         assert page.evaluate("window.__xss") is None
         ctx.close()
         browser.close()
