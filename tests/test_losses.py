@@ -17,6 +17,7 @@ from rlhfkit.losses import (
     preference_probability,
     ranked_bradley_terry_loss,
     reward_margin_for_probability,
+    selected_token_logprobs,
     sequence_logprob_sums,
     token_logprobs,
 )
@@ -117,6 +118,24 @@ def test_token_logprobs_single_token_and_gradcheck() -> None:
     ref = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     (grad_ref,) = torch.autograd.grad((ref * w[:, 1:]).sum(), logits)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selected_token_logprobs_matches_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(1, 10, 11, generator=g, dtype=torch.float64) * 3).to(dtype)
+    ids = torch.randint(0, 11, (1, 11), generator=g)
+    # row n predicts ids[n + 1]: the full-tensor reference from positions 1..10 of a [1, 11] sequence
+    full = torch.cat([logits, logits[:, :1]], dim=1)
+    expected = _ref_token_logprobs(full.double(), ids)[0][1:]
+    _assert_matches(selected_token_logprobs(logits[0], ids[0, 1:]), expected, dtype)
+    tempered = _ref_token_logprobs(full.double() / 0.5, ids)[0][1:]
+    _assert_matches(selected_token_logprobs(logits[0], ids[0, 1:], temperature=0.5), tempered, dtype)
+    monkeypatch.setattr(logprobs_mod, "_MAX_CHUNK_ELEMENTS", 23)  # chunks of 2 rows give the same values
+    _assert_matches(selected_token_logprobs(logits[0], ids[0, 1:]), expected, dtype)
+    assert selected_token_logprobs(logits[0, :0], ids[0, :0]).shape == (0,)
+    with pytest.raises(ValueError):
+        selected_token_logprobs(logits, ids)
 
 
 def test_token_logprobs_rejects_bad_shapes() -> None:

@@ -119,6 +119,38 @@ def test_gradient_accumulation_equals_large_batch(tiny_model_dir, toy, tmp_path)
         torch.testing.assert_close(runs["accum"][key], runs["large"][key], atol=2e-6, rtol=1e-5)
 
 
+def test_logits_only_at_loss_positions_equal_the_full_forward(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """The LM head at response positions only (logits_to_keep mask) gives the full forward's log-probs and
+    gradients; a model without mask support falls back to full logits with the same result."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.data import collate_sequences, prepare_sft
+    from rlhfkit.losses import sequence_logprob_sums, token_logprobs
+    from rlhfkit.trainers import common
+
+    rows = [{"prompt": "what is the sea", "completion": "blue water"}, {"prompt": "hi", "completion": "hello"},
+            {"prompt": "a longer question about the sky", "completion": "x"}]
+    records, _ = prepare_sft(Dataset.from_list(rows), tiny_tokenizer, 64)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert common.supports_logits_mask(lm)
+    for packed in (False, True):
+        batch = collate_sequences(records, tiny_tokenizer.pad_token_id, packed)
+        logits = lm(**common.forward_inputs(batch)).logits
+        reference = sequence_logprob_sums(token_logprobs(logits.double() / 0.7, batch["input_ids"]),
+                                          batch["loss_mask"], batch.get("sequence_index"), 3)
+        (ref_grad,) = torch.autograd.grad(reference.sum(), lm.lm_head.weight)
+        fast = common.sequence_logps(lm, batch, temperature=0.7)
+        (fast_grad,) = torch.autograd.grad(fast.sum(), lm.lm_head.weight)
+        torch.testing.assert_close(fast.double(), reference, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(fast_grad, ref_grad, atol=1e-5, rtol=1e-5)
+        kept, _ = common.loss_logits(lm, batch)
+        assert kept.shape == (int(batch["num_loss_tokens"]), lm.config.vocab_size)
+        monkeypatch.setitem(common._LOGITS_MASK_SUPPORT, type(lm), False)  # the fallback: same numbers
+        torch.testing.assert_close(common.sequence_logps(lm, batch, temperature=0.7), fast, atol=1e-6, rtol=0)
+        monkeypatch.setitem(common._LOGITS_MASK_SUPPORT, type(lm), True)
+
+
 def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

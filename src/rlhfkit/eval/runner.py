@@ -154,12 +154,11 @@ def reference_logprob_sums(ref_model: torch.nn.Module, prompt_ids: Sequence[Sequ
     """Σ_t log π_ref(y_t | x, y_<t) over each response's tokens, at ``temperature``: float32 [N] on CPU.
 
     One forward pass per batch of ``batch_size`` right-padded prompt+response sequences; token log-probs
-    are ``log_softmax(logits / temperature)`` (``rlhfkit.losses.token_logprobs``), summed over the
-    response positions (``sequence_logprob_sums``). The sampler's log-probs use the same temperature.
+    are ``log_softmax(logits / temperature)`` at the response positions only
+    (``rlhfkit.trainers.common.sequence_logps``), summed per sequence. The sampler's log-probs use the same temperature.
     """
     from ..data import pad_batch
-    from ..losses import sequence_logprob_sums, token_logprobs
-    from ..trainers.common import forward_inputs, to_device
+    from ..trainers.common import sequence_logps, to_device
 
     device = next(ref_model.parameters()).device
     out = []
@@ -170,11 +169,7 @@ def reference_logprob_sums(ref_model: torch.nn.Module, prompt_ids: Sequence[Sequ
             sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
             masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
             batch = to_device(pad_batch(sequences, masks, pad_token_id), device)
-            logits = ref_model(**forward_inputs(batch)).logits
-            if temperature != 1.0:
-                logits = logits.float() / temperature
-            token_logps = token_logprobs(logits, batch["input_ids"])
-            out.append(sequence_logprob_sums(token_logps, batch["loss_mask"]).float().cpu())
+            out.append(sequence_logps(ref_model, batch, temperature).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

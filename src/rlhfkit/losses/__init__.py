@@ -1,7 +1,13 @@
 """Pure tensor loss functions shared by the rlhfkit engine and trainers."""
 
 from rlhfkit.losses.dpo import DPO_LOSS_TYPES, DPOLossOutput, dpo_loss
-from rlhfkit.losses.logprobs import masked_mean, masked_sum, sequence_logprob_sums, token_logprobs
+from rlhfkit.losses.logprobs import (
+    masked_mean,
+    masked_sum,
+    selected_token_logprobs,
+    sequence_logprob_sums,
+    token_logprobs,
+)
 from rlhfkit.losses.reward import (
     bradley_terry_loss,
     preference_probability,
@@ -49,6 +55,7 @@ __all__ = [
     "ranked_bradley_terry_loss",
     "reward_margin_for_probability",
     "sequence_logprob_sums",
+    "selected_token_logprobs",
     "token_logprobs",
     "whiten",
 ]

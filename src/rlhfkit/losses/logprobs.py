@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["masked_mean", "masked_sum", "sequence_logprob_sums", "token_logprobs"]
+__all__ = ["masked_mean", "masked_sum", "selected_token_logprobs", "sequence_logprob_sums", "token_logprobs"]
 
 # Upper bound on the number of logit elements processed at once by `token_logprobs` (2**24 float32
 # elements = 64 MiB). logsumexp needs an exp() temporary of its input's size, and low-precision logits
@@ -57,6 +57,33 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
         target_logit = part.gather(-1, tgt).squeeze(-1)
         pieces.append(target_logit - torch.logsumexp(part, dim=-1))
     return torch.cat(pieces, dim=1)
+
+
+def selected_token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each target under its own row of predicting logits.
+
+    Formula (logits [N, V], targets [N], output [N]):
+        out[n] = z[n, y_n] - log sum_v exp(z[n, v]),   z = logits / temperature,  y_n = targets[n]
+    i.e. log_softmax(logits[n] / temperature)[targets[n]].
+
+    The rows are the positions that predict a loss token, already picked out (the trainers ask the model
+    for logits at those positions only); ``token_logprobs`` is the same formula on a full [B, T, V] tensor.
+    Low-precision logits are upcast to float32 chunk by chunk (result float32); float64 stays float64.
+    """
+    if logits.dim() != 2 or targets.dim() != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    rows, vocab = logits.shape
+    out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, vocab))
+    pieces = [logits.new_zeros(0, dtype=out_dtype)]
+    for start in range(0, rows, chunk):
+        part = logits[start:start + chunk].to(out_dtype)
+        if temperature != 1.0:
+            part = part / temperature
+        target_logit = part.gather(-1, targets[start:start + chunk, None].long()).squeeze(-1)
+        pieces.append(target_logit - torch.logsumexp(part, dim=-1))
+    return torch.cat(pieces)
 
 
 def sequence_logprob_sums(

@@ -11,7 +11,7 @@ import torch
 from ..data import DataFormat, detect_format, load_rows
 from ..engine import Engine, TrainConfig
 from ..errors import ConfigError
-from ..losses import sequence_logprob_sums, token_logprobs
+from ..losses import selected_token_logprobs
 from ..models import LoraSettings
 from ..models.attention import use_packed_attention
 
@@ -46,12 +46,73 @@ def num_sequences(batch: dict[str, Any]) -> int:
     return int(batch["last_index"].shape[0])
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def loss_positions(batch: dict[str, Any]) -> torch.Tensor:
+    """Boolean [B, T]: position t is kept when the token it predicts (t + 1) is in the loss mask."""
+    scored = batch["loss_mask"] > 0
+    return torch.cat([scored[:, 1:], scored.new_zeros(scored.shape[0], 1)], dim=1)
+
+
+def loss_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """The loss tokens, flat [n] in (row, position) order: the targets of ``loss_logits``."""
+    return batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:] > 0]
+
+
+def loss_sequence_ids(batch: dict[str, Any]) -> torch.Tensor:
+    """Which sequence of the batch each flat loss token belongs to: [n] long (packed or padded)."""
+    select = batch["loss_mask"][:, 1:] > 0
+    if "sequence_index" in batch:
+        return batch["sequence_index"][:, 1:][select]
+    rows = torch.arange(select.shape[0], device=select.device)[:, None].expand_as(select)
+    return rows[select]
+
+
+_LOGITS_MASK_SUPPORT: dict[type, bool] = {}
+
+
+@torch.no_grad()
+def supports_logits_mask(model: torch.nn.Module) -> bool:
+    """Check, once per model class, that ``logits_to_keep=<bool [B, T]>`` returns exactly the kept rows."""
+    inner = model.module if hasattr(model, "module") else model
+    key = type(inner)
+    if key not in _LOGITS_MASK_SUPPORT:
+        device = next(inner.parameters()).device
+        ids = (torch.arange(3, 8, device=device) % inner.get_input_embeddings().num_embeddings)[None]
+        keep = torch.tensor([[False, True, False, True, True]], device=device)
+        was_training = inner.training
+        inner.eval()
+        try:
+            full = inner(input_ids=ids, use_cache=False).logits[keep]
+            kept = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+            ok = kept.shape == full.shape and bool(torch.allclose(kept.float(), full.float(), atol=1e-5))
+        except Exception as exc:  # an older or custom model: compute every logit and select afterwards
+            logger.info("logits_to_keep mask not supported by %s: %s", key.__name__, exc)
+            ok = False
+        finally:
+            inner.train(was_training)
+        _LOGITS_MASK_SUPPORT[key] = ok
+    return _LOGITS_MASK_SUPPORT[key]
+
+
+def loss_logits(model: torch.nn.Module, batch: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """Logits [n, V] at the positions that predict a loss token (``loss_positions``), and the model output.
+
+    The LM head runs only at those positions when the model takes a boolean ``logits_to_keep`` (prompt
+    tokens need no [V]-wide projection, log-softmax or gradient); otherwise all logits are computed and the
+    same rows selected.
+    """
+    keep = loss_positions(batch)
+    if supports_logits_mask(model):
+        out = model(**forward_inputs(batch), logits_to_keep=keep, **kwargs)
+        return out.logits, out
+    out = model(**forward_inputs(batch), **kwargs)
+    return out.logits[keep], out
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], temperature: float = 1.0) -> torch.Tensor:
     """Summed log-probabilities of the loss-masked (response) tokens of every sequence: shape [M]."""
-    logits = model(**forward_inputs(batch)).logits
-    token_logps = token_logprobs(logits, batch["input_ids"])
-    return sequence_logprob_sums(token_logps, batch["loss_mask"].to(token_logps.dtype),
-                                 batch.get("sequence_index"), num_sequences(batch))
+    logits, _ = loss_logits(model, batch)
+    token_logps = selected_token_logprobs(logits, loss_targets(batch), temperature)
+    return token_logps.new_zeros(num_sequences(batch)).index_add(0, loss_sequence_ids(batch), token_logps)
 
 
 def _reward_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

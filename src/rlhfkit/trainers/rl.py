@@ -42,13 +42,25 @@ from ..losses import (
     gae,
     group_advantages,
     kl_penalty,
+    selected_token_logprobs,
     whiten,
 )
 from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ..models.attention import use_packed_attention
 from ..rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
 from ..rollout.rewards import REWARD_ENSEMBLES, ScoringBatch, build_reward_source, checked_scores
-from .common import _reward_parts, forward_inputs, lora_settings, prepare_datasets, resolve_packing, start_run
+from .common import (
+    _reward_parts,
+    forward_inputs,
+    lora_settings,
+    loss_logits,
+    loss_positions,
+    loss_sequence_ids,
+    loss_targets,
+    prepare_datasets,
+    resolve_packing,
+    start_run,
+)
 
 logger = logging.getLogger("rlhfkit")
 
@@ -212,44 +224,25 @@ class ActorCritic(torch.nn.Module):
 
     def forward(self, batch: dict[str, Any], with_logits: bool = True) -> tuple[torch.Tensor | None,
                                                                                   torch.Tensor | None]:
-        inputs = forward_inputs(batch)
         logits = values = None
         if with_logits or self.value_head is not None:
-            out = self.policy(**inputs, output_hidden_states=self.value_head is not None)
-            logits = out.logits
+            logits, out = loss_logits(self.policy, batch, output_hidden_states=self.value_head is not None)
             if self.value_head is not None:
                 values = self.value_head(out.hidden_states[-1]).squeeze(-1)
         if self.value_model is not None:
             backbone, head = _reward_parts(self.value_model)
-            values = head(backbone(**inputs).last_hidden_state).squeeze(-1)
+            values = head(backbone(**forward_inputs(batch)).last_hidden_state).squeeze(-1)
         return logits, values
-
-
-def response_positions(batch: dict[str, Any]) -> torch.Tensor:
-    """Boolean [B, T-1]: which "position t-1 predicts token t" slots score a response token."""
-    return batch["loss_mask"][:, 1:] > 0
 
 
 def response_logps(logits: torch.Tensor, batch: dict[str, Any], temperature: float) -> tuple[torch.Tensor,
                                                                                             torch.Tensor]:
-    """Log-probs of the response tokens at ``temperature``, flat [n] in (sequence, position) order, and the
-    selected predicting logits [n, V] (for the entropy). Prompt positions are never touched."""
-    select = response_positions(batch)
-    picked = logits[:, :-1][select].float()
+    """Log-probs of the response tokens at ``temperature``, flat [n] in (sequence, position) order, from the
+    predicting logits [n, V] of ``loss_logits``; and those logits (float32, tempered) for the entropy."""
+    picked = logits.float()
     if temperature != 1.0:
         picked = picked / temperature
-    targets = batch["input_ids"][:, 1:][select]
-    logps = picked.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
-    return logps, picked
-
-
-def token_sequence_ids(batch: dict[str, Any]) -> torch.Tensor:
-    """Which sequence of the batch each flat response token belongs to: [n] long."""
-    select = response_positions(batch)
-    if "sequence_index" in batch:
-        return batch["sequence_index"][:, 1:][select]
-    rows = torch.arange(select.shape[0], device=select.device)[:, None].expand_as(select)
-    return rows[select]
+    return selected_token_logprobs(picked, loss_targets(batch)), picked
 
 
 def _split_rows(flat: torch.Tensor, lengths: list[int], width: int) -> torch.Tensor:
@@ -302,7 +295,7 @@ class RLTask:
             return per_token.sum()
         if how == "dr_grpo":
             return per_token.sum() / self.config.max_new_tokens
-        seq = token_sequence_ids(batch)
+        seq = loss_sequence_ids(batch)
         lengths = batch["response_lengths"].to(per_token.device)
         return (per_token / lengths[seq]).sum()
 
@@ -330,8 +323,7 @@ class RLTask:
             "logprob_abs_diff": (float((logps.detach() - old).abs().sum()), n),
         }
         if values is not None:
-            select = response_positions(batch)
-            token_values = values[:, :-1][select].float()
+            token_values = values[loss_positions(batch)].float()
             value = clipped_value_loss(token_values, batch["old_values"], batch["returns"], cfg.value_clip or None)
             loss = loss + cfg.vf_coef * self._aggregate(value.losses, batch)
             sums["value_loss"] = (float(value.losses.detach().sum()), n)
@@ -342,10 +334,10 @@ class RLTask:
     @torch.no_grad()
     def _reference_logps(self, model: ActorCritic, batch: dict[str, Any]) -> torch.Tensor:
         if self.ref_model is not None:
-            logits = self.ref_model(**forward_inputs(batch)).logits
+            logits, _ = loss_logits(self.ref_model, batch)
         else:
             with model.policy.disable_adapter():
-                logits = model.policy(**forward_inputs(batch)).logits
+                logits, _ = loss_logits(model.policy, batch)
         return response_logps(logits, batch, self.config.temperature)[0]
 
     def score(self, prompts: list[dict], rollout: Rollout, where: str = "",
@@ -394,7 +386,7 @@ class RLTask:
                 if unwrapped.critic_kind is not None:
                     with torch.no_grad():
                         _, values = unwrapped(batch, with_logits=False)
-                    value_flat.append(values[:, :-1][response_positions(batch)].float().cpu())
+                    value_flat.append(values[loss_positions(batch)].float().cpu())
         unwrapped.train()
         ref_logps = _split_rows(torch.cat(ref_flat), lengths, width)
         for name, tensor in (("policy", old_logps), ("reference", ref_logps)):

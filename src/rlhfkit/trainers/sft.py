@@ -12,13 +12,14 @@ import torch
 
 from ..data import SFT_FORMATS, collate_sequences, prepare_sft
 from ..engine import MetricSums, TrainConfig, arg
-from ..losses import token_logprobs
+from ..losses import selected_token_logprobs
 from ..models import load_causal_lm, load_tokenizer
 from .common import (
     finish_run,
-    forward_inputs,
     iterate_batches,
     lora_settings,
+    loss_logits,
+    loss_targets,
     prepare_datasets,
     resolve_packing,
     start_run,
@@ -51,12 +52,10 @@ class SFTTask:
         return float(batch["num_loss_tokens"])
 
     def _nll_sum(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(**forward_inputs(batch)).logits
-        token_logps = token_logprobs(logits, batch["input_ids"])
-        mask = batch["loss_mask"].to(token_logps.dtype)
-        predicted = logits.argmax(-1)  # next-token accuracy: position t-1 predicts token t
-        correct = ((predicted[:, :-1] == batch["input_ids"][:, 1:]).to(mask.dtype) * mask[:, 1:]).sum()
-        return -(token_logps * mask).sum(), correct
+        logits, _ = loss_logits(model, batch)  # only the positions that predict a completion token
+        targets = loss_targets(batch)
+        correct = (logits.detach().argmax(-1) == targets).sum()
+        return -selected_token_logprobs(logits, targets).sum(), correct
 
     def compute_loss(self, model, batch) -> tuple[torch.Tensor, MetricSums]:
         nll, correct = self._nll_sum(model, batch)
