@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -119,3 +121,55 @@ def test_sampling_config_rejects_bad_values():
         SamplingConfig(temperature=0).check()
     with pytest.raises(ConfigError, match="top-p"):
         SamplingConfig(top_p=0).check()
+
+
+def _random_decoder(kind: str, vocab: int):
+    """A small random decoder of another Llama-layout family: GQA, biases (Qwen2), a sliding window."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = Qwen2Config(**common) if kind == "qwen2" else MistralConfig(**common, sliding_window=8)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+        for layer in getattr(model.model, "layers", []):
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)  # Qwen2's q/k/v biases start at zero: make them count
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral_window"])
+def test_fast_decode_equals_the_transformers_loop(kind, policy, prompts, tiny_tokenizer):
+    """The lean decode step (in-place KV buffer, RoPE table) gives the transformers loop's tokens and
+    log-probs, with left padding and several samples per prompt; a sliding window shorter than the
+    rollout falls back to transformers."""
+    from rlhfkit.rollout.fast_decode import fast_decoder
+
+    model = policy if kind == "llama" else _random_decoder(kind.split("_")[0], len(tiny_tokenizer))
+    decoder = fast_decoder(model)
+    assert decoder is not None
+    sampling = SamplingConfig(temperature=0.8, max_new_tokens=14)
+    rollouts = [HFGenerationBackend(tiny_tokenizer, fast_decode=fast).generate(
+        model, prompts, 2, sampling, torch.Generator().manual_seed(5)) for fast in (True, False)]
+    assert rollouts[0].response_ids == rollouts[1].response_ids
+    torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs, atol=1e-5, rtol=0)
+    assert decoder.fits(30) is (kind != "mistral_window")
+    if kind == "qwen2":  # and the rows equal a full forward (prompt + response in one pass)
+        for i, (prompt, response) in enumerate(zip(rollouts[0].prompt_ids, rollouts[0].response_ids)):
+            reference = full_forward_logps(model, prompt, response, 0.8)
+            assert torch.allclose(rollouts[0].logprobs[i, :len(response)], reference, atol=2e-5)
+
+
+def test_fast_decode_declines_lora_and_unknown_layouts(policy):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from rlhfkit.rollout.fast_decode import fast_decoder
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert fast_decoder(gpt2) is None
+    lora = get_peft_model(copy.deepcopy(policy), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert fast_decoder(lora) is None and fast_decoder(lora.get_base_model()) is None  # LoRA layers inside

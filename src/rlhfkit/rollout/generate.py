@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ConfigError
+from .fast_decode import fast_decoder
 
 __all__ = ["GenerationBackend", "HFGenerationBackend", "Rollout", "SamplingConfig", "filter_logits"]
 
@@ -109,8 +110,9 @@ def _eos_ids(tokenizer: Any) -> list[int]:
 class HFGenerationBackend:
     """Batched sampling with a transformers KV cache, prefilling each prompt once for all its samples."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, fast_decode: bool = True):
         self.tokenizer = tokenizer
+        self.fast_decode = fast_decode  # rlhfkit.rollout.fast_decode where the architecture allows
         self.eos_ids = _eos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -167,7 +169,12 @@ class HFGenerationBackend:
                 mask = mask.repeat_interleave(num_samples, dim=0)
             n, steps = logits.shape[0], sampling.max_new_tokens
             next_position = mask.sum(-1, keepdim=True)
-            attention = torch.cat([mask, mask.new_ones((n, steps))], dim=1) if padded else None
+            attention = torch.cat([mask, mask.new_ones((n, steps))], dim=1)
+            fast = fast_decoder(model) if self.fast_decode else None
+            if fast is not None and fast.fits(width + steps):
+                fast.start(cache, attention, width + steps)
+            else:
+                fast = None
             tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
             logps = torch.zeros((n, steps), dtype=torch.float32, device=device)
             lengths = torch.full((n,), steps, dtype=torch.long, device=device)
@@ -192,6 +199,9 @@ class HFGenerationBackend:
                 done |= finished
                 if step == steps - 1 or bool(done.all()):
                     break
+                if fast is not None:
+                    logits = fast.step(sampled, next_position[:, 0] + step)
+                    continue
                 out = model(input_ids=sampled[:, None],
                             attention_mask=attention[:, :width + step + 1] if padded else None,
                             position_ids=next_position + step, past_key_values=cache, use_cache=True)

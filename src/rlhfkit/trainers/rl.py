@@ -89,6 +89,8 @@ class RLConfig(TrainConfig):
     top_p: float = arg(1.0, "Nucleus sampling mass (1.0 = off).")
     max_new_tokens: int = arg(64, "Longest response in tokens.")
     stop_strings: str = arg("", "Comma-separated strings that end a response (kept, text after cut).")
+    fast_decode: bool = arg(True, "Decode Llama/Mistral/Qwen2 policies with rlhfkit's lean step (in-place KV "
+                            "buffer; same tokens and log-probs); --no-fast-decode keeps the transformers loop.")
     missing_eos_penalty: float = arg(0.0, "Subtracted from the score of a response that did not end (no EOS "
                                      "or stop string within --max-new-tokens).")
     # reward
@@ -604,7 +606,8 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
                                                                                          reward=True))
     if packed and ref_model is not None:
         use_packed_attention(ref_model)
-    task = RLTask(config, tokenizer, packed, ref_model, reward, HFGenerationBackend(tokenizer), eval_prompts)
+    task = RLTask(config, tokenizer, packed, ref_model, reward, HFGenerationBackend(tokenizer, config.fast_decode),
+                  eval_prompts)
     task._engine = engine
     checkpointed: list[Any] = [task.kl_controller, task.reward_stats]
     if config.heldout_judge:
