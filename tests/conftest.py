@@ -36,3 +36,25 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def postgres_databases():
+    """One throwaway PostgreSQL cluster for the session (started only if a test asks for it); yields
+    ``new_database()`` -> SQLAlchemy URL of a fresh empty database. Missing binaries fail, never skip."""
+    from rlhfkit.label.testing import postgres_missing, temporary_postgres
+
+    problem = postgres_missing()
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    with temporary_postgres() as new_database:
+        yield new_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def label_db(request, tmp_path) -> str:
+    """A fresh labelling database as ``--db`` takes it: a SQLite file (the default backend) or a new
+    database in the session's PostgreSQL cluster, so one test body covers both backends."""
+    if request.param == "sqlite":
+        return str(tmp_path / "labels.db")
+    return request.getfixturevalue("postgres_databases")()

@@ -52,7 +52,7 @@ def test_cohen_pairs_match_sklearn_on_shared_units():
     assert agreement.cohen_pairs(two)[("a", "b")][0] == pytest.approx(0.4)
 
 
-def test_fleiss_matches_statsmodels_wikipedia_example():
+def test_fleiss_matches_statsmodels_on_equal_counts():
     # Fleiss (1971) as on Wikipedia: 10 subjects, 14 raters, 5 categories; kappa = 0.210
     table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
@@ -67,11 +67,30 @@ def test_fleiss_matches_statsmodels_wikipedia_example():
     assert units == 10
     assert kappa == pytest.approx(0.2099, abs=1e-4)
     assert kappa == pytest.approx(fleiss_kappa(np.array(table)))
-    # with missing ratings: units not rated by the modal number of coders are left out, as documented
-    kappa_k, units_k = agreement.fleiss(records(KRIPP))
+    # random complete designs: the generalisation reduces to statsmodels' Fleiss whenever counts are equal
+    rng = np.random.default_rng(0)
+    for raters in (2, 3, 5):
+        m = rng.integers(0, 4, size=(30, raters))
+        recs = [(u, c, v) for u, row in enumerate(m) for c, v in enumerate(row)]
+        assert agreement.fleiss(recs)[0] == pytest.approx(fleiss_kappa(aggregate_raters(m)[0]))
+
+
+def test_fleiss_unequal_rating_counts_textbook():
+    # Krippendorff's 4 coders x 12 units with missing ratings, Gwet (2014) / irrCAC's raw_4raters example:
+    # Fleiss' generalised kappa 0.76117 (p_a 0.81818, p_e 0.23872); every unit with >= 2 ratings counts (11)
+    kappa, units = agreement.fleiss(records(KRIPP))
+    assert units == 11
+    assert kappa == pytest.approx(0.76117, abs=5e-6)
+    # nothing dropped: the units rated by all 4 coders alone give statsmodels' (different) value
     full = [u for u in range(12) if sum(not math.isnan(r[u]) for r in KRIPP) == 4]
-    ref_table, _ = aggregate_raters(np.array([[r[u] for r in KRIPP] for u in full]))
-    assert units_k == len(full) and kappa_k == pytest.approx(fleiss_kappa(ref_table))
+    subset = fleiss_kappa(aggregate_raters(np.array([[r[u] for r in KRIPP] for u in full]))[0])
+    assert abs(kappa - subset) > 0.01
+    # by hand: units [1,1,1], [1,2], [2,2,2,1]: p_a = (1 + 0 + 1/2)/3 = 1/2; pi = (7/12, 5/12),
+    # p_e = 74/144 = 37/72; kappa = (36/72 - 37/72) / (35/72) = -1/35
+    hand = [("a", c, 1) for c in range(3)] + [("b", 0, 1), ("b", 1, 2)] + [("c", c, 2) for c in range(3)] + [("c", 3, 1)]
+    assert agreement.fleiss(hand) == (pytest.approx(-1 / 35), 3)
+    assert agreement.fleiss([("a", 0, 1), ("b", 0, 2)]) == (None, 0)  # nothing rated twice
+    assert agreement.fleiss([("a", 0, 1), ("a", 1, 1)]) == (None, 1)  # one category: 0/0
 
 
 def test_percent_agreement_with_missing():

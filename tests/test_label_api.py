@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 import re
@@ -10,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient  # noqa: E402
 
 from rlhfkit.label import service  # noqa: E402
-from rlhfkit.label.db import Database, migrate, schema_version  # noqa: E402
+from rlhfkit.label.db import Database, Item, migrate, schema_version  # noqa: E402
 from rlhfkit.label.testing import random_answers  # noqa: E402
 from rlhfkit.label.web import create_app  # noqa: E402
 
@@ -19,8 +20,8 @@ TASKS = ["pairwise", "ranking", "binary", "likert", "critique"]
 
 
 @pytest.fixture
-def setup(tmp_path):
-    db = Database(str(tmp_path / "labels.db"))
+def setup(label_db):
+    db = Database(label_db)
     _, admin = service.create_user(db, "admin", "admin")
     tokens = {name: service.create_user(db, name)[1] for name in ("ann", "bob", "cat")}
     items = [{"prompt": f"question {i}", "responses": [f"r{i}-{j}" for j in range(3)], "gold": None}
@@ -29,7 +30,8 @@ def setup(tmp_path):
     items.append({"prompt": "xss " + XSS, "responses": ["plain", XSS], "gold": None})
     project, _ = service.upsert_project(db, "proj", items, TASKS, overlap=2, guidelines="# Be *fair*\n" + XSS)
     client = TestClient(create_app(db))
-    return db, client, admin, tokens, project.id
+    yield db, client, admin, tokens, project.id
+    db.dispose()  # the PostgreSQL cluster is shared by the session: give its connections back
 
 
 def auth(token):
@@ -123,6 +125,102 @@ def test_order_randomised_recorded_and_mapped_back(setup):
     assert len(shown) == 40 and len({tuple(v["responses"]) for v in shown}) > 1 and firsts == {"x", "y", "z"}
 
 
+def test_concurrent_requests_fill_exactly_the_free_slots(label_db):
+    """24 labellers ask at once for the 24 slots of 8 items (R = 3): each gets one (none is told "nothing
+    left" while another holds an item's lock) and every item gets exactly R; one labeller asking 4 times
+    at once gets a single open assignment."""
+    import threading
+    from collections import Counter
+
+    db = Database(label_db)
+    users = [service.create_user(db, f"c{i}")[0] for i in range(25)]
+    items = [{"prompt": f"race {i}", "responses": ["a", "b", "c"], "gold": None} for i in range(8)]
+    full, _ = service.upsert_project(db, "race", items, ["pairwise"], overlap=3)
+    spare, _ = service.upsert_project(db, "spare", items, ["pairwise"], overlap=3)
+
+    def at_once(calls):
+        out, barrier = [None] * len(calls), threading.Barrier(len(calls))
+
+        def work(i):
+            barrier.wait()
+            out[i] = calls[i]()
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    got = at_once([lambda u=u: service.next_assignment(db, u, full.id) for u in users[:24]])
+    assert all(a is not None for a in got)
+    assert sorted(Counter(a.item_id for a in got).values()) == [3] * 8
+    assert service.next_assignment(db, users[24], full.id) is None  # and then it is full
+    same = at_once([lambda: service.next_assignment(db, users[24], spare.id)] * 4)
+    assert len({a.id for a in same}) == 1
+    db.dispose()
+
+
+def test_pairwise_k3_asks_every_pair_maps_back_and_exports(label_db):
+    """K = 3, pairwise only: an item's 6 labellers are spread over its 3 pairs (twice each) and see just
+    that pair; the stored pair and winner are the original indices of the texts shown and chosen, whatever
+    the shuffled order; the export turns them into the right chosen / rejected rows."""
+    from collections import Counter
+
+    from rlhfkit.label.export import preference_rows, stored_labels
+
+    db = Database(label_db)
+    names = [f"p{i}" for i in range(6)]
+    tokens = {n: service.create_user(db, n)[1] for n in names}
+    items = [{"prompt": f"k3 {i}", "responses": [f"item{i} resp{j}" for j in range(3)], "gold": None}
+             for i in range(4)]
+    project, _ = service.upsert_project(db, "k3", items, ["pairwise"], overlap=6)
+    client = TestClient(create_app(db))
+    page_client = TestClient(client.app)
+    login(page_client, tokens["p0"])
+    page = page_client.get(f"/label?project={project.id}").text
+    assert 'id="resp-1"' in page and 'id="resp-2"' not in page  # exactly the compared pair on the page
+    shown, chosen = {}, {}  # assignment id -> texts shown (A, B); -> text chosen (None: tie)
+
+    def answer(view):
+        a, b = view["responses"]
+        shown[view["assignment_id"]] = (a, b)
+        if who == "p5":  # one labeller always says tie
+            chosen[view["assignment_id"]] = None
+            return {"pairwise": {"choice": "tie"}}
+        chosen[view["assignment_id"]] = min(a, b)  # the others prefer the lower original index
+        return {"pairwise": {"choice": "A" if a < b else "B", "strength": 2}}
+
+    for who in names:
+        assert len(label_all(client, tokens[who], project.id, random.Random(0), answer)) == 4
+    with db.session() as sess:
+        texts = {item.id: item.responses for item in sess.query(Item).filter_by(project_id=project.id)}
+    asked = {item: Counter() for item in texts}
+    orientations = set()
+    for lab in stored_labels(db, project.id):
+        responses, pairwise = texts[lab["item_id"]], lab["answers"]["pairwise"]
+        pair, winner = pairwise["pair"], pairwise["winner"]
+        assert pair == lab["display_order"][:2]  # the assignment's pair, recorded in original indices
+        assert (responses[pair[0]], responses[pair[1]]) == shown[lab["assignment_id"]]  # mapped back
+        assert (None if winner is None else responses[winner]) == chosen[lab["assignment_id"]]
+        asked[lab["item_id"]][tuple(sorted(pair))] += 1
+        orientations.add(pair[0] < pair[1])
+    assert all(c == {(0, 1): 2, (0, 2): 2, (1, 2): 2} for c in asked.values())  # every pair, evenly
+    assert orientations == {True, False}  # shuffled: p(one orientation in all 24) ~ 1e-7
+    rows = preference_rows(db, project.id, aggregate="soft", ties="drop")
+    assert len(rows) == 12  # 4 items x 3 pairs, none tied: each pair had one or two "lower index" votes
+    for row in rows:
+        lo, hi = sorted(t for t in texts[row["item_id"]] if t in (row["chosen"], row["rejected"]))
+        votes = [chosen[a] for a, pair in shown.items() if set(pair) == {lo, hi}]
+        assert (row["chosen"], row["rejected"]) == (lo, hi)
+        assert row["votes"] == {"chosen": votes.count(lo), "rejected": 0, "tie": votes.count(None)}
+        assert row["label"] == pytest.approx((votes.count(lo) + 0.5 * votes.count(None)) / 2)
+    assert sum(r["votes"]["tie"] for r in rows) == 4  # p5's four ties, one per item
+    # K = 4: the next labeller gets the pair disjoint from the one already asked
+    assert service.pick_pair(4, [[1, 0]]) == (2, 3)
+    db.dispose()
+
+
 def test_idempotent_retry_counted_once(setup):
     db, client, admin, tokens, pid = setup
     view = client.post(f"/api/projects/{pid}/next", headers=auth(tokens["ann"])).json()["assignment"]
@@ -174,6 +272,9 @@ def test_other_labellers_assignment_is_404(setup):
                     json={"idempotency_key": "bob-steals-1", "answers": random_answers(TASKS, 3, random.Random())})
     assert r.status_code == 404
     assert client.get(f"/api/assignments/{aid}", headers=auth(tokens["ann"])).status_code == 200
+    # ids past a 32-bit INTEGER column are a 422 up front (PostgreSQL would fail the query: a 500)
+    assert client.get(f"/api/assignments/{2**31}", headers=auth(tokens["ann"])).status_code == 422
+    assert client.get(f"/label?project={2**31}", headers=auth(tokens["ann"])).status_code == 422
 
 
 def test_admin_routes_are_403_for_labellers(setup):
@@ -266,29 +367,43 @@ def test_tokens_stored_hashed(setup):
 # ---- storage and CLI ---------------------------------------------------------------------------------
 
 
-def test_migration_keeps_existing_labels(tmp_path):
+def test_migration_keeps_existing_labels(label_db):
     import sqlalchemy as sa
 
-    from rlhfkit.label.db import make_engine
+    from rlhfkit.label.db import MIGRATIONS, _v1_tables, make_engine
 
-    path = str(tmp_path / "old.db")
-    engine = make_engine(path)
+    engine = make_engine(label_db)
     assert migrate(engine, target=1) == 1
+    v1 = sa.MetaData()
+    _v1_tables(v1)  # rows written through the frozen version-1 tables: typed, so portable to every backend
+    t = v1.tables
+    when = dt.datetime(2024, 1, 1)
     with engine.begin() as c:
-        c.execute(sa.text("INSERT INTO projects VALUES (1, 'p', '', '[\"pairwise\"]', 2, '2024-01-01')"))
-        c.execute(sa.text("INSERT INTO items VALUES (1, 1, 0, 'q', '[\"a\", \"b\"]', NULL, NULL)"))
-        c.execute(sa.text("INSERT INTO users VALUES (1, 'ann', 'labeller', 'h', 1, '2024-01-01')"))
-        c.execute(sa.text("INSERT INTO assignments VALUES (1, 1, 1, 1, 0, '[1, 0]', 1, '2024-01-01')"))
-        c.execute(sa.text("INSERT INTO labels VALUES (1, 1, 1, 1, 1, 'key-old-1', "
-                          "'{\"pairwise\": {\"pair\": [1, 0], \"winner\": 1, \"strength\": 1}}', NULL, '2024-01-01')"))
-    engine.dispose()
-    db = Database(path)  # opening migrates to the current version
-    assert schema_version(db.engine) == len(__import__("rlhfkit.label.db", fromlist=["x"]).MIGRATIONS)
-    from rlhfkit.label.export import stored_labels
+        def add(table, **row):
+            return c.execute(t[table].insert().values(**row)).inserted_primary_key[0]
 
-    labels = stored_labels(db, 1)
-    assert len(labels) == 1 and labels[0]["answers"]["pairwise"]["winner"] == 1
-    assert labels[0]["duration_ms"] is None
+        pid = add("projects", name="p", guidelines="", tasks=["pairwise"], overlap=2, created_at=when)
+        item = add("items", project_id=pid, position=0, prompt="q", responses=["a", "b"])
+        uid = add("users", name="ann", role="labeller", token_hash="h", active=True, created_at=when)
+        aid = add("assignments", item_id=item, user_id=uid, project_id=pid, slot=0, display_order=[1, 0],
+                  done=True, created_at=when)
+        add("labels", assignment_id=aid, item_id=item, user_id=uid, project_id=pid, idempotency_key="key-old-1",
+            answers={"pairwise": {"pair": [1, 0], "winner": 1, "strength": 1}}, created_at=when)
+    engine.dispose()
+    db = Database(label_db)  # opening migrates to the current version
+    try:
+        assert schema_version(db.engine) == len(MIGRATIONS)
+        from rlhfkit.label.export import stored_labels
+
+        labels = stored_labels(db, pid)
+        assert len(labels) == 1 and labels[0]["answers"]["pairwise"]["winner"] == 1
+        assert labels[0]["duration_ms"] is None and labels[0]["created_at"] == "2024-01-01T00:00:00Z"
+        # the upgraded database keeps working: new rows get fresh ids next to the old ones
+        user, token = service.create_user(db, "bob")
+        assert user.id != uid
+        assert service.next_assignment(db, user, pid).item_id == item
+    finally:
+        db.dispose()
 
 
 def test_cli_errors_name_file_row_field(tmp_path, capsys):

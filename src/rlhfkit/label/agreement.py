@@ -1,9 +1,9 @@
-"""Inter-annotator agreement from maintained packages: Krippendorff's alpha (``krippendorff``), Cohen's kappa
-(scikit-learn), Fleiss' kappa (statsmodels); only percent agreement (a plain share) is computed here.
+"""Inter-annotator agreement: Krippendorff's alpha (``krippendorff``), Cohen's kappa (scikit-learn) and Fleiss'
+kappa, generalised to units with unequal numbers of ratings (Gwet's formula, written out in :func:`fleiss`
+because statsmodels' ``fleiss_kappa`` needs the same count per unit); percent agreement is a plain share.
 
 Ratings are records ``(unit, coder, value)``; a unit a coder did not rate is missing (NaN in the
-reliability matrix), which alpha handles natively. Fleiss' kappa needs the same number of ratings per
-unit, so it uses the units with the most common number of ratings (``fleiss_units`` says how many).
+reliability matrix), which alpha handles natively and Fleiss' generalisation by per-unit counts.
 """
 
 from __future__ import annotations
@@ -46,21 +46,42 @@ def krippendorff_alpha(records: Iterable[Record], level: str = "nominal") -> flo
 
 
 def fleiss(records: Iterable[Record]) -> tuple[float | None, int]:
-    """Fleiss' kappa over the units with the modal number (>= 2) of ratings; returns (kappa, units used)."""
-    from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
+    """Fleiss' kappa over every unit, whatever its number of ratings; returns (kappa, units with >= 2 ratings).
 
+    Gwet (2014), *Handbook of Inter-Rater Reliability*, 4th ed., Fleiss' generalised kappa for missing
+    ratings (as in the R package irrCAC's ``fleiss.kappa.raw``). With r_ik ratings of unit i in category k,
+    r_i = sum_k r_ik, over the n units rated at least once, n2 of them at least twice:
+
+        p_a  = 1/n2 * sum_{i: r_i >= 2} sum_k r_ik (r_ik - 1) / (r_i (r_i - 1))   (observed agreement)
+        pi_k = 1/n  * sum_i r_ik / r_i                                            (category shares)
+        p_e  = sum_k pi_k^2                                                       (chance agreement)
+        kappa = (p_a - p_e) / (1 - p_e)
+
+    Each unit's agreement uses its own r_i, so no unit is dropped. With the same r for every unit this is
+    exactly Fleiss (1971), i.e. statsmodels' ``fleiss_kappa``, which asserts equal counts and so cannot take
+    unequal ones; the Python port of irrCAC pins ``scipy==1.12``, so the formula is written out here and
+    tested against both (the unequal-count textbook example gives Gwet's 0.76117).
+    """
     by_unit: dict[Hashable, list[float]] = defaultdict(list)
     for u, _, v in records:
         by_unit[u].append(float(v))
-    counts = [len(v) for v in by_unit.values() if len(v) >= 2]
-    if not counts:
+    if not by_unit:
         return None, 0
-    n = max(set(counts), key=lambda c: (counts.count(c), c))
-    rows = [vals for vals in by_unit.values() if len(vals) == n]
-    table, _ = aggregate_raters(np.asarray(rows))
-    if table.shape[1] < 2:
-        return None, len(rows)
-    return _clean(fleiss_kappa(table, method="fleiss")), len(rows)
+    col = {c: j for j, c in enumerate(sorted({v for vals in by_unit.values() for v in vals}))}
+    table = np.zeros((len(by_unit), len(col)))
+    for i, vals in enumerate(by_unit.values()):
+        for v in vals:
+            table[i, col[v]] += 1
+    r = table.sum(axis=1)
+    multi = r >= 2
+    if not multi.any():
+        return None, 0
+    p_a = ((table * (table - 1)).sum(axis=1)[multi] / (r * (r - 1))[multi]).mean()
+    pi = (table / r[:, None]).mean(axis=0)
+    p_e = float((pi**2).sum())
+    if p_e >= 1.0:
+        return None, int(multi.sum())  # one category only: kappa is 0/0
+    return _clean((p_a - p_e) / (1 - p_e)), int(multi.sum())
 
 
 def cohen_pairs(records: Iterable[Record]) -> dict[tuple, tuple[float | None, int]]:

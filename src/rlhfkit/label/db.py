@@ -1,10 +1,11 @@
 """Storage of the labelling app: SQLAlchemy 2 models, engine set-up and ordered schema migrations.
 
 A SQLite file is the default (WAL journal, ``synchronous=FULL``, write transactions opened with
-``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing); any SQLAlchemy URL works
-(``postgresql+psycopg://...``). The app logic uses only portable SQL: uniqueness rules (one slot per item
-and replica, one assignment per item and labeller, one label per idempotency key) are unique constraints,
-so they hold on every backend.
+``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing); PostgreSQL by URL
+(``postgresql+psycopg://...``; the tests run against a real server). The app logic uses only portable SQL:
+uniqueness rules (one slot per item and replica, one assignment per item and labeller, one label per
+idempotency key) are unique constraints, so they hold on every backend; row locks (``FOR UPDATE``) are
+rendered where the backend has them and left out on SQLite, whose writers are serialised anyway.
 
 Migrations: ``schema_version`` holds the version; :data:`MIGRATIONS` are applied in order, each in its own
 transaction, and never drop data. Migration 1 creates the version-1 tables from frozen definitions (so a
@@ -216,7 +217,11 @@ def make_engine(db: str, synchronous: str = "NORMAL") -> Engine:
             # SQLITE_BUSY_SNAPSHOT under concurrency instead of waiting its turn
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     else:
-        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=40)
+        try:
+            engine = sa.create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=40)
+        except ModuleNotFoundError as exc:  # the driver is imported here: name it instead of a traceback
+            raise ConfigError(f"the database driver {exc.name!r} for {url.split(':', 1)[0]} is not installed "
+                              "(PostgreSQL: pip install 'rlhfkit[app]', which brings psycopg)") from None
     return engine
 
 

@@ -38,7 +38,8 @@ def stored_labels(db: Database, project_id: int) -> list[dict[str, Any]]:
                          .join(User, User.id == Label.user_id)
                          .join(Assignment, Assignment.id == Label.assignment_id)
                          .where(Label.project_id == project_id).order_by(Label.id)).all()
-        return [{"label_id": lab.id, "idempotency_key": lab.idempotency_key, "item_id": lab.item_id,
+        return [{"label_id": lab.id, "idempotency_key": lab.idempotency_key, "assignment_id": lab.assignment_id,
+                 "item_id": lab.item_id,
                  "coder": name, "answers": lab.answers, "gold_correct": lab.gold_correct,
                  "display_order": order, "duration_ms": lab.duration_ms,
                  "created_at": lab.created_at.isoformat() + "Z"} for lab, name, order in rows]

@@ -3,14 +3,23 @@
 Response order: every assignment stores a random permutation ``order`` (display position -> original
 index). Clients answer in display positions; :func:`submit` maps the answers back to original indices
 before storing them, so every stored label, agreement figure and export uses original indices.
+
+Pairwise choice compares the first two responses shown (A and B). For an item with K > 2 responses the
+assignment picks that pair (:func:`pick_pair`: the pair asked least often so far among the item's
+assignments, so its R labellers spread over the K(K-1)/2 pairs) and puts it first in ``order`` in a
+random orientation; the label stores ``pair`` in original indices. A project whose only task is pairwise
+shows just the pair.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import secrets
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,33 +212,75 @@ def _available(project: Project, user_id: int):
             sa.or_(Item.gold.is_not(None), taken < project.overlap))
 
 
+def pick_pair(k: int, asked: Sequence[Sequence[int]], rng: random.Random = _rng) -> tuple[int, int]:
+    """The pair (original indices) to ask next about an item with ``k`` responses, given the pairs already
+    ``asked`` of it: one asked least often; among those, one whose responses were compared least often
+    (so R labellers of K = 4 see disjoint pairs before repeating a response), then at random."""
+    times = Counter(frozenset(p) for p in asked)
+    shown = Counter(i for p in asked for i in p)
+
+    def load(p: tuple[int, int]) -> tuple[int, int]:
+        return times[frozenset(p)], shown[p[0]] + shown[p[1]]
+
+    pairs = list(itertools.combinations(range(k), 2))
+    least = min(map(load, pairs))
+    return rng.choice([p for p in pairs if load(p) == least])
+
+
+def display_order(k: int, pair: Sequence[int] | None = None, rng: random.Random = _rng) -> list[int]:
+    """A random display order (display position -> original index); with ``pair``, those two come first
+    (the pairwise A and B) in a random orientation, the others shuffled after them."""
+    first = list(pair or [])
+    rest = [i for i in range(k) if i not in first]
+    rng.shuffle(first)
+    rng.shuffle(rest)
+    return first + rest
+
+
+def shown_order(tasks: Sequence[str], order: Sequence[int]) -> list[int]:
+    """The original indices shown, in display order: all, or only the compared pair when pairwise is the
+    project's only task (the others would be read for nothing)."""
+    return list(order) if set(tasks) - {"pairwise"} else list(order[:2])
+
+
 def next_assignment(db: Database, user: User, project_id: int) -> Assignment | None:
     """The user's open assignment in the project, or a new one (None when nothing is left for them).
 
-    A new assignment takes the lowest free slot of its item; the unique constraints (item, slot) and
-    (item, user) make a concurrent double assignment impossible, and a lost race is retried.
+    A new assignment takes the lowest free slot of its item. SQLite serialises write transactions
+    (``BEGIN IMMEDIATE``). On PostgreSQL the labeller's row is locked first (two tabs asking at once still get
+    one open assignment) and the item is taken with ``SELECT ... FOR UPDATE SKIP LOCKED``, so concurrent
+    labellers take different items instead of racing for one slot; ``with_for_update`` renders nothing on
+    SQLite. The unique constraints (item, slot) and (item, user) back this up on every backend, and a lost
+    race is retried.
     """
     for _ in range(20):
         try:
             with db.session() as s:
                 project = get_project(s, project_id)
+                s.execute(sa.select(User.id).where(User.id == user.id).with_for_update())
                 open_one = s.scalar(sa.select(Assignment).where(
                     Assignment.user_id == user.id, Assignment.project_id == project_id,
                     Assignment.done.is_(False)).order_by(Assignment.id).limit(1))
                 if open_one is not None:
                     return open_one
-                item = s.scalar(sa.select(Item).where(*_available(project, user.id))
-                                .order_by(Item.position).limit(1))
-                if item is None:
-                    return None
+                query = sa.select(Item).where(*_available(project, user.id)).order_by(Item.position).limit(1)
+                item = s.scalar(query.with_for_update(of=Item, skip_locked=True))
+                if item is None:  # what is left may be locked by others filling it: wait for them, then decide
+                    item = s.scalar(query.with_for_update(of=Item))
+                    if item is None:
+                        return None
+                taken = s.execute(sa.select(Assignment.slot, Assignment.order)
+                                  .where(Assignment.item_id == item.id)).all()
                 slot = None
                 if item.gold is None:
-                    used = set(s.scalars(sa.select(Assignment.slot).where(Assignment.item_id == item.id)))
-                    slot = min(set(range(project.overlap)) - used)
-                order = list(range(len(item.responses)))
-                _rng.shuffle(order)
+                    free = set(range(project.overlap)) - {used for used, _ in taken}
+                    if not free:
+                        continue  # filled while we waited for its lock: look again
+                    slot = min(free)
+                k = len(item.responses)
+                pair = pick_pair(k, [order[:2] for _, order in taken]) if "pairwise" in project.tasks else None
                 assignment = Assignment(item_id=item.id, user_id=user.id, project_id=project_id, slot=slot,
-                                        order=order)
+                                        order=display_order(k, pair))
                 s.add(assignment)
                 s.flush()
                 return assignment
@@ -256,12 +307,14 @@ def own_assignment(s: Session, user: User, assignment_id: int) -> Assignment:
 
 
 def assignment_view(s: Session, assignment: Assignment) -> dict[str, Any]:
-    """What the labeller sees: prompt and responses in their display order (no original indices)."""
+    """What the labeller sees: prompt and responses in their display order (no original indices); the
+    pairwise question is about the first two."""
     item = s.get(Item, assignment.item_id)
     project = s.get(Project, assignment.project_id)
     return {"assignment_id": assignment.id, "project_id": project.id, "project": project.name,
             "tasks": list(project.tasks), "guidelines": project.guidelines, "prompt": item.prompt,
-            "responses": [item.responses[i] for i in assignment.order], "done": assignment.done}
+            "responses": [item.responses[i] for i in shown_order(project.tasks, assignment.order)],
+            "done": assignment.done}
 
 
 # ---- submission -------------------------------------------------------------------------------------
@@ -279,6 +332,7 @@ def _int_in(value: Any, lo: int, hi: int) -> bool:
 def map_answers(tasks: list[str], order: list[int], answers: Any) -> dict[str, Any]:
     """Validate answers given in display positions and return them in original response indices."""
     _need(isinstance(answers, dict), "answers must be an object keyed by task type")
+    order = shown_order(tasks, order)
     k = len(order)
     out: dict[str, Any] = {}
     missing = [t for t in tasks if t not in answers]
@@ -293,7 +347,7 @@ def map_answers(tasks: list[str], order: list[int], answers: Any) -> dict[str, A
             _need(choice in ("A", "B", "tie"), "pairwise.choice must be 'A', 'B' or 'tie'")
             strength = a.get("strength", 1)
             _need(_int_in(strength, 1, 3), "pairwise.strength must be 1, 2 or 3")
-            pair = [order[0], order[1]]
+            pair = [order[0], order[1]]  # the assignment's pair, as shown (A, B)
             winner = None if choice == "tie" else pair[0 if choice == "A" else 1]
             out[task] = {"pair": pair, "winner": winner, "strength": strength if winner is not None else 0}
         elif task == "ranking":

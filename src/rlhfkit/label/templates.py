@@ -71,8 +71,9 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 <div class="card prompt"><h2>Prompt</h2><div class="text" id="prompt">{{ view.prompt }}</div></div>
 <div class="responses">
 {% for r in view.responses %}{% set p = loop.index0 %}
-<div class="card response" id="resp-{{ p }}" data-pos="{{ p }}" tabindex="-1">
-<h3>Response {{ letters[p] }}</h3><div class="text">{{ r }}</div>
+{% set in_pair = 'pairwise' in project.tasks and p < 2 and view.responses|length > 2 %}
+<div class="card response{{ ' in-pair' if in_pair else '' }}" id="resp-{{ p }}" data-pos="{{ p }}" tabindex="-1">
+<h3>Response {{ letters[p] }}{% if in_pair %} <span class="badge">A/B question</span>{% endif %}</h3><div class="text">{{ r }}</div>
 {% if 'binary' in project.tasks %}<fieldset class="row"><legend>Acceptable?</legend>
 <label><input type="radio" name="binary_{{ p }}" value="accept" required> accept</label>
 <label><input type="radio" name="binary_{{ p }}" value="reject"> reject</label></fieldset>{% endif %}
@@ -82,7 +83,8 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 </div>{% endfor %}
 </div>
 {% if 'pairwise' in project.tasks %}
-<fieldset class="card task" id="task-pairwise"><legend>Which is better: A or B?</legend>
+<fieldset class="card task" id="task-pairwise"><legend>Which is better: A or B?{% if view.responses|length > 2 %}
+(compare these two only; the other responses are for the other questions){% endif %}</legend>
 <div class="row">
 <label><input type="radio" name="pairwise_choice" value="A" required> A is better</label>
 <label><input type="radio" name="pairwise_choice" value="B"> B is better</label>
@@ -173,7 +175,8 @@ padding:.75em 1em;margin:0 0 .75em}.narrow{max-width:420px;margin:2em auto}
 .layout{display:flex;gap:.75em;align-items:flex-start}.guidelines{flex:0 0 300px;position:sticky;top:.5em;
 max-height:95vh;overflow:auto}.work{flex:1;min-width:0;max-width:100%}
 .responses{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(260px,100%),1fr));gap:.75em}
-.response.current{outline:3px solid #3a7bd5}.text{white-space:pre-wrap;overflow-wrap:anywhere}
+.response.current{outline:3px solid #3a7bd5}.response.in-pair{border-color:#2d6cdf}
+.badge{font-size:.7em;font-weight:normal;background:#e3ecfb;border-radius:4px;padding:0 .35em;vertical-align:middle}.text{white-space:pre-wrap;overflow-wrap:anywhere}
 fieldset{border:1px solid #d8dbe0;border-radius:6px;min-width:0}.row{display:flex;flex-wrap:wrap;gap:.4em 1em;
 align-items:center}label{cursor:pointer}input[type=radio]{transform:scale(1.2);margin-right:.3em}
 textarea,input[name=token],input[name=name]{width:100%;font:inherit;padding:.4em}

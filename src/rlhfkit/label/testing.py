@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,88 @@ def start_server(db: str | Path, port: int | None = None, log: str | Path | None
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("server did not start in time")
+
+
+def postgres_bindir() -> Path | None:
+    """The newest Debian PostgreSQL ``bin`` folder (``/usr/lib/postgresql/N/bin``, not on PATH), else PATH's."""
+    debian = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/pg_ctl") if p.parent.parent.name.isdigit()]
+    if debian:
+        return max(debian, key=lambda b: int(b.parent.name))
+    found = shutil.which("pg_ctl")
+    return Path(found).resolve().parent if found else None
+
+
+def postgres_missing() -> str | None:
+    """Why :func:`temporary_postgres` cannot run here (one line), or None."""
+    bindir = postgres_bindir()
+    if bindir is None or not (bindir / "initdb").exists():
+        return "PostgreSQL server binaries (initdb, pg_ctl) not found: install the Debian package `postgresql` " \
+               "(.ci/run does)"
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root but there is no `postgres` user to run the server as: install the Debian " \
+                   "package `postgresql` (.ci/run does)"
+    return None
+
+
+@contextmanager
+def temporary_postgres(max_connections: int = 200) -> Iterator[Callable[[], str]]:
+    """A throwaway PostgreSQL cluster in a temporary folder, reachable only on a unix socket there.
+
+    Yields ``new_database()``, which creates an empty database and returns its SQLAlchemy URL
+    (``postgresql+psycopg://postgres@/NAME?host=DIR``); on exit the cluster is stopped and deleted.
+    Durability is switched off (``fsync=off``): it only serves tests. The server refuses to run as root,
+    so under root the binaries run as the ``postgres`` user that Debian's package creates.
+    """
+    problem = postgres_missing()
+    if problem:
+        raise RuntimeError(problem)
+    bindir = postgres_bindir()
+    as_user: list[str] = []
+    root = tempfile.mkdtemp(prefix="rlk_pg_")  # short: a unix socket path is limited to ~100 bytes
+    if os.geteuid() == 0:
+        import pwd
+
+        pg = pwd.getpwnam("postgres")
+        os.chown(root, pg.pw_uid, pg.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, log = os.path.join(root, "data"), os.path.join(root, "server.log")
+
+    def run(*cmd: str) -> None:
+        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True)
+        if done.returncode != 0:
+            server_log = Path(log).read_text(errors="replace") if os.path.exists(log) else ""
+            tail = ((done.stderr or done.stdout).strip().splitlines() + server_log.strip().splitlines())[-4:]
+            raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}): {' / '.join(tail)}")
+
+    started = False
+    try:
+        run(str(bindir / "initdb"), "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C",
+            "--no-sync")
+        options = (f"-c listen_addresses='' -k {root} -p 5432 -c max_connections={max_connections} "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        run(str(bindir / "pg_ctl"), "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start")
+        started = True
+        counter = itertools.count(1)
+
+        def new_database() -> str:
+            import psycopg
+
+            name = f"rlk_{os.getpid()}_{next(counter)}"
+            with psycopg.connect(host=root, port=5432, user="postgres", dbname="postgres",
+                                 autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}"')
+            return f"postgresql+psycopg://postgres@/{name}?host={root}&port=5432"
+
+        yield new_database
+    finally:
+        if started:
+            run(str(bindir / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def random_answers(tasks: list[str], k: int, rng: random.Random) -> dict[str, Any]:

@@ -349,7 +349,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
                         idem_key=secrets.token_urlsafe(18))
 
     @app.get("/label", include_in_schema=False)
-    def label_get(request: Request, project: int = Query(..., ge=1, le=2**31)):
+    def label_get(request: Request, project: int = Query(..., ge=1, le=2**31 - 1)):
         user = page_user(request)
         if user is None:
             return RedirectResponse("/login", status_code=303)
@@ -361,7 +361,8 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         with db.session() as s:
             assignment = service.own_assignment(s, user, assignment_id)
             project = s.get(Project, assignment.project_id)
-            tasks, k = list(project.tasks), len(assignment.order)
+            tasks = list(project.tasks)
+            k = len(service.shown_order(tasks, assignment.order))
         try:
             answers = form_answers(form, tasks, k)
             duration = form.get("duration_ms")
