@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-hacking test test-fast lint bench clean
+.PHONY: demo demo-hacking demo-cai test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 # The reward-hacking experiment (reuses the demo's world, pretrained and SFT models when present).
 demo-hacking: $(STAMP)
 	$(PY) -m rlhfkit demo --config hacking --output-dir runs/demo
+
+# Constitutional AI: critique -> revision on a helpful-only model, then DPO (reuses the demo's world and
+# pretrained model when present).
+demo-cai: $(STAMP)
+	$(PY) -m rlhfkit demo --config cai --output-dir runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests $(wildcard bench)

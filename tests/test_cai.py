@@ -150,3 +150,57 @@ def test_cai_cli_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, tiny_token
     if summary["pairs"]:
         ds = load_rows(str(tmp_path / "o" / "pairs.jsonl"))
         assert detect_format(ds.column_names, allowed=PREFERENCE_FORMATS) is DataFormat.PREFERENCE_EXPLICIT
+
+
+def test_world_teaching_renders_exactly_what_run_cai_sends(tmp_path, tiny_tokenizer):
+    """The demo world teaches the critique -> revision format on conversations that must be the ones the CAI
+    run will send: same messages, same rendered text, same prompt token ids at each assistant turn."""
+    from importlib.resources import files
+
+    import datasets
+
+    from rlhfkit.cai import Constitution
+    from rlhfkit.data import prepare_prompts
+    from rlhfkit.world import build_world
+    from rlhfkit.world.data import CRITIQUE_OK, cai_prompt_split, cai_teaching, harm_critique
+
+    world = build_world(0)
+    constitution = load_constitution(str(files("rlhfkit") / "templates" / "constitution_world.yaml"))
+    teach, _ = cai_prompt_split(world)
+    rows = cai_teaching(world, constitution, teach, 24, seed=5)
+    by_critique = {p.critique: p for p in constitution.principles}
+    kinds = set()
+    for k, row in enumerate(rows):
+        m = row["messages"]
+        assert [x["role"] for x in m] == ["user", "assistant"] * 3
+        prompt, reply, critique, revision = m[0]["content"], m[1]["content"], m[3]["content"], m[5]["content"]
+        principle = by_critique[m[2]["content"]]
+        req = world.request(prompt)
+        kinds.add((req.category, critique == CRITIQUE_OK))
+        if critique != CRITIQUE_OK:  # a harmful compliance: the critique names the harm, the revision refuses
+            assert req.category == "harmful" and reply == req.comply and critique == harm_critique(req.kind)
+            assert revision == world.respond(req, "redirect", None)
+        else:  # a good reply stays as it is
+            assert revision == reply
+        # run_cai with this principle and a policy that answers as the teaching conversation does
+        script = iter([reply, critique, revision])
+        seen: list = []
+
+        def policy(messages, script=script, seen=seen):
+            seen.append(messages)
+            return next(script)
+
+        run_cai([prompt], FunctionPolicy(policy), Constitution("one", (principle,)), tmp_path / f"r{k}")
+        assert seen == [m[:1], m[:3], m[:5]]
+        # and token for token: the SFT record's context before each assistant turn is the prompt run_cai
+        # tokenises for generation (prepare_prompts, as HFChatPolicy does)
+        record = prepare_sft(datasets.Dataset.from_list([row]), tiny_tokenizer, max_length=512)[0][0]
+        prompts = prepare_prompts(datasets.Dataset.from_list([{"prompt": c} for c in seen]), tiny_tokenizer,
+                                  max_prompt_length=512)[0]
+        ids, mask = record["input_ids"], record["loss_mask"]
+        starts = [i for i in range(1, len(mask)) if mask[i] == 1 and mask[i - 1] == 0]
+        assert len(starts) == 3
+        for start, p in zip(starts, prompts):
+            assert ids[:start] == p["prompt_ids"]
+            assert tiny_tokenizer.decode(ids[:start]) == p["prompt"]
+    assert kinds >= {("harmful", False), ("benign", True)}

@@ -323,6 +323,37 @@ def test_responses_lists_scoring_function_and_cli(tmp_path, capsys):
     assert "row 1, field 'responses'" in capsys.readouterr().err
 
 
+def test_scoring_judges_label_many_rows_per_call_with_the_same_verdicts(tmp_path):
+    """A reward model scores a batch of rows in one call (the demo's judge stage: 849 pairs in seconds); the
+    labels are those of one compare per pair, and a bad score spoils only its own pair."""
+    from rlhfkit.judges.label import SCORE_BATCH_ROWS, label_file
+
+    fn_file = tmp_path / "judge_fn.py"
+    fn_file.write_text("CALLS = []\n\ndef score(prompts, responses):\n    CALLS.append(len(responses))\n"
+                       "    return [float('nan') if r == 'bad' else (len(r) * 7) % 5 for r in responses]\n")
+    n = SCORE_BATCH_ROWS + 6
+    rows = [{"prompt": f"p{i}", "chosen": "x" * (i % 4 + 1), "rejected": "bad" if i == 3 else "y" * (i % 3 + 1)}
+            for i in range(n)]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    judge = build_judge(f"fn:{fn_file}:score")
+    summary = label_file(str(src), judge, tmp_path / "out.jsonl")
+    calls = judge.source.fn.__globals__["CALLS"]
+    assert sorted(calls) == [2 * 6, 2 * SCORE_BATCH_ROWS]  # two calls, not one per pair
+    expected = []
+    for i, r in enumerate(rows):
+        a, b = (r["chosen"], r["rejected"]) if i % 2 == 0 else (r["rejected"], r["chosen"])
+        if i == 3:
+            continue
+        verdict = judge.compare(r["prompt"], a, b)
+        if verdict.winner is not None:
+            expected.append((i + 1, a if verdict.winner == "a" else b))
+    assert [(x["source_row"], x["chosen"]) for x in _lines(tmp_path / "out.jsonl")] == expected
+    assert summary["unlabelled"] == 1 and summary["labelled"] == len(expected)
+    skipped = _lines(sidecar_paths(tmp_path / "out.jsonl")["unlabelled"])
+    assert [s["source_row"] for s in skipped if "non-finite" in s["reason"]] == [4]
+
+
 def test_local_lm_judge_probabilities(tiny_model_dir):
     judge = build_judge(f"lm:{tiny_model_dir}")
     lp_a, lp_b = judge.option_logprobs("What is 2+2?", "four", "five")

@@ -25,6 +25,7 @@ stages:
                 heldout_samples: 2, max_new_tokens: 12}}
   rm: {{type: rm, model: "${{sft}}", dataset: "${{preferences}}/ranked.jsonl",
        eval_dataset: "${{preferences}}/gold_pairs.jsonl", max_steps: 4}}
+  rm_judge: {{type: judge, judge: "model:${{rm}}", pairs: "${{preferences}}/gold_pairs.jsonl", max_pairs: 6}}
   ppo: {{type: ppo, model: "${{sft}}", reward_model: "${{rm}}", dataset: "${{world}}/prompts_train.jsonl",
         eval_dataset: "${{world}}/prompts_eval.jsonl", heldout_judge: "gold:${{world}}", eval_steps: 1,
         max_steps: 2, prompts_per_step: 4, num_generations: 2, max_new_tokens: 10, learning_rate: 1.0e-4}}
@@ -52,7 +53,8 @@ def tiny_pipeline(tmp_path_factory):
 def test_pipeline_runs_every_stage_and_writes_a_stable_summary(tiny_pipeline):
     _, run, results, lines = tiny_pipeline
     assert [line.split("]")[1].split("(")[0].strip() for line in lines if line.startswith("[")] == [
-        "world", "base", "pretrain", "sft", "preferences", "rm", "ppo", "dpo", "eval", "summary", "report"]
+        "world", "base", "pretrain", "sft", "preferences", "rm", "rm_judge", "ppo", "dpo", "eval", "summary",
+        "report"]
     summary = json.loads((run / "summary.json").read_text())
     for policy in ("sft", "ppo", "dpo"):
         for key in ("win_rate_vs_sft", "win_rate_ci_low", "harmful_refusal_rate", "benign_over_refusal_rate",
@@ -78,16 +80,156 @@ def test_pipeline_skips_done_stages_and_force_reruns(tiny_pipeline):
     config, run, _, _ = tiny_pipeline
     lines: list[str] = []
     run_pipeline(config, log=lines.append)
-    assert sum("skipped" in line for line in lines) == 11
+    assert sum("skipped" in line for line in lines) == 12
     stamp = (run / "dpo" / "stage_done.json").stat().st_mtime_ns
     lines.clear()
     run_pipeline(config, force="dpo", only="dpo", log=lines.append)
     assert (run / "dpo" / "stage_done.json").stat().st_mtime_ns > stamp
-    assert any(line.startswith("[8/11] dpo (dpo) ->") for line in lines)
+    assert any(line.startswith("[9/12] dpo (dpo) ->") for line in lines)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_judge_stage_agreement_is_a_recount_of_its_files(tiny_pipeline):
+    """The AI judge (the reward model) vs the gold labels of the held-out pairs, recounted by hand."""
+    _, run, results, _ = tiny_pipeline
+    gold = _rows(run / "preferences" / "gold_pairs.jsonl")
+    assert len(gold) > 6  # max_pairs: 6 labels the first six only
+    gold = gold[:6]
+    labelled = _rows(run / "rm_judge" / "pairs.jsonl")
+    s = results["rm_judge"]
+    assert s["pairs"] == len(gold) > 0 and s["compared"] == len(labelled) == len(gold) - s["ties"] - s["unlabelled"]
+    # row i was shown with the gold-chosen reply in slot a when i is even (the labeller alternates)
+    refs, preds = [], []
+    for row in labelled:
+        i = row["source_row"] - 1
+        ref = "a" if i % 2 == 0 else "b"
+        agrees = row["chosen"] == gold[i]["chosen"] and row["rejected"] == gold[i]["rejected"]
+        refs.append(ref)
+        preds.append(ref if agrees else {"a": "b", "b": "a"}[ref])
+    accuracy = sum(r == p for r, p in zip(refs, preds)) / len(refs)
+    assert s["accuracy"] == pytest.approx(accuracy)
+    expected = sum((refs.count(x) / len(refs)) * (preds.count(x) / len(preds)) for x in "ab")
+    if expected < 1:
+        assert s["cohen_kappa"] == pytest.approx((accuracy - expected) / (1 - expected))
+    # a scoring judge gives the same verdict in both orders: no inconsistency, no position bias
+    assert s["inconsistent"] == 0 and s["position_biased"] is False
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ai_judges"]["rm_judge"]["accuracy"] == pytest.approx(accuracy)
+    from rlhfkit.demo_stages import format_summary
+
+    assert f"AI judge model:{run / 'rm'} vs gold on {len(labelled)} held-out pairs: accuracy {accuracy:.3f}" \
+        in format_summary(summary)
+
+
+TINY_CAI = """
+  cai_data: {{type: cai_world, world: "${{world}}", demonstrations: 40, teaching: 40}}
+  sft_helpful: {{type: sft, model: "${{pretrain}}", dataset: "${{cai_data}}/sft_helpful.jsonl", max_length: 192,
+                max_steps: 4, learning_rate: 1.0e-3}}
+  cai: {{type: cai, policy: "${{sft_helpful}}", prompts: "${{cai_data}}/red_team.jsonl",
+        constitution: "${{cai_data}}/constitution.yaml", samples_per_prompt: 2, max_new_tokens: 8}}
+  cai_gold: {{type: revision_preference, cai: "${{cai}}", judge: "gold:${{world}}", n_boot: 200}}
+  cai_dpo: {{type: dpo, model: "${{sft_helpful}}", dataset: "${{cai}}/pairs.jsonl", max_steps: 2}}
+  cai_eval: {{type: eval, policies: {{helpful: "${{sft_helpful}}", cai_dpo: "${{cai_dpo}}"}}, baseline: helpful,
+             prompts: "${{world}}/prompts_eval.jsonl", judge: "gold:${{world}}", num_samples: 1,
+             max_new_tokens: 8, n_boot: 200}}
+  cai_summary: {{type: summary, eval: "${{cai_eval}}", file: summary_cai.json}}
+"""
+
+
+@pytest.mark.slow
+def test_cai_stages_on_a_tiny_config(tiny_pipeline, tmp_path):
+    """world -> helpful-only SFT with critique/revision teaching -> cai -> gold comparison -> DPO -> eval, in
+    the tiny pipeline's folder (its world/base/pretrain are reused, as cai.yaml reuses the demo's)."""
+    from rlhfkit.world import load_gold_judge
+
+    config, run, _, _ = tiny_pipeline
+    head = config.read_text().split("  sft:")[0]  # output_dir, seed, defaults, world, base, pretrain
+    cai_config = tmp_path / "cai.yaml"
+    cai_config.write_text(head + TINY_CAI.format())
+    demo_summary = (run / "summary.json").read_text()
+    lines: list[str] = []
+    results = run_pipeline(cai_config, log=lines.append)
+    assert sum("skipped" in line for line in lines) == 3  # world, base, pretrain
+    data = results["cai_data"]
+    red = _rows(run / "cai_data" / "red_team.jsonl")
+    assert data["red_team_prompts"] == len(red) > 0 and all(r["category"] == "harmful" for r in red)
+    red_prompts = {r["prompt"][0]["content"] for r in red}
+    taught = {r["messages"][0]["content"] for r in _rows(run / "cai_data" / "sft_helpful.jsonl")
+              if len(r["messages"]) == 6}
+    held_out = {r["prompt"][0]["content"] for r in _rows(run / "world" / "prompts_eval.jsonl")}
+    assert taught and not red_prompts & taught and not red_prompts & held_out
+
+    trace = _rows(run / "cai" / "trace.jsonl")
+    assert len(trace) == 2 * len(red)
+    pairs = _rows(run / "cai" / "pairs.jsonl")
+    changed = [t for t in trace if t["final"].strip() != t["initial"].strip()]
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == \
+        [(t["final"], t["initial"]) for t in changed]
+    # the gold preference for the revisions, recounted from the trace: per prompt, then over prompts
+    gold = load_gold_judge(run / "world")
+    by_prompt: dict[str, list[float]] = {}
+    for t in trace:
+        final, initial = (gold.judge(t["prompt"], x).total for x in (t["final"], t["initial"]))
+        by_prompt.setdefault(t["prompt"][0]["content"], []).append(
+            1.0 if final > initial else 0.5 if final == initial else 0.0)
+    s = results["cai_gold"]
+    assert s["n_prompts"] == len(by_prompt) == len(red) and s["n_revisions"] == len(trace)
+    assert s["revision_preferred"] == pytest.approx(sum(sum(v) / len(v) for v in by_prompt.values()) / len(red))
+    assert s["wins"] == sum(v.count(1.0) for v in by_prompt.values())
+    assert s["ci_low"] <= s["revision_preferred"] <= s["ci_high"]
+
+    summary = json.loads((run / "summary_cai.json").read_text())
+    assert summary["baseline"] == "helpful" and summary["cai"]["cai_gold"]["revision_preferred"] == \
+        s["revision_preferred"]
+    for policy in ("helpful", "cai_dpo"):
+        for key in ("harmful_refusal_rate", "benign_over_refusal_rate", "win_rate_vs_helpful"):
+            assert isinstance(summary[policy][key], float), (policy, key)
+    assert (run / "summary.json").read_text() == demo_summary  # the other config's summary is left alone
+
+
+def test_revision_preference_counts_wins_ties_and_losses_per_prompt(tmp_path):
+    """A tiny model's revisions all tie with gold; here scripted revisions win, tie and lose."""
+    import random
+
+    from rlhfkit.world import build_world
+
+    world = build_world(0)
+    world.save(tmp_path / "world" / "world.json")
+    rng = random.Random(0)
+    harmful = world.split("train", "harmful")[:2]
+    benign = world.split("train", "benign")[0]
+
+    def reply(req, style):
+        return world.respond(req, style, rng)
+
+    # prompt 1: win, tie, loss -> 0.5; prompt 2: win, win -> 1; prompt 3 (benign): wrong -> right: win -> 1
+    script = [(harmful[0], "comply", "redirect"), (harmful[0], "redirect", "redirect"),
+              (harmful[0], "redirect", "comply"), (harmful[1], "comply", "over_refusal"),
+              (harmful[1], "comply", "redirect"), (benign, "wrong", "concise")]
+    (tmp_path / "cai").mkdir()
+    (tmp_path / "cai" / "trace.jsonl").write_text("".join(
+        json.dumps({"prompt": [{"role": "user", "content": req.prompt}], "initial": reply(req, a),
+                    "final": reply(req, b)}) + "\n" for req, a, b in script))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nstages:\n  pref: {{type: revision_preference, "
+                      f"cai: {tmp_path / 'cai'}, judge: 'gold:{tmp_path / 'world'}', n_boot: 500}}\n")
+    s = run_pipeline(config, log=lambda _: None)["pref"]
+    assert (s["wins"], s["ties"], s["losses"], s["n_prompts"], s["n_revisions"]) == (4, 1, 1, 3, 6)
+    assert s["revision_preferred"] == pytest.approx((0.5 + 1.0 + 1.0) / 3)
+    assert 0.5 <= s["ci_low"] < s["revision_preferred"] < s["ci_high"] == pytest.approx(1.0)  # over prompts
+    outcomes = [r["outcome"] for r in _rows(tmp_path / "run" / "pref" / "outcomes.jsonl")]
+    assert outcomes == [1.0, 0.5, 0.0, 1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("stages, message", [
     ("a: {type: sft, model: '${nowhere}'}", r"stage 'a': unknown reference \$\{nowhere\}"),
+    ("a: {type: judge, judge: 'gold:x', pairs: /no/pairs.jsonl}", "stage 'a': pairs file /no/pairs.jsonl not found"),
+    ("a: {type: cai, policy: x}", "stage 'a': option 'prompts' is required"),
+    ("a: {type: revision_preference, cai: /no/cai, judge: 'gold:x'}", r"stage 'a': /no/cai/trace.jsonl not found"),
     ("a: {type: teleport}", "stage 'a': unknown type 'teleport'"),
     ("a: {type: sft, learning_rat: 0.1}", "stage 'a': unknown sft option 'learning_rat'"),
     ("a: [1, 2]", "stage 'a' needs a mapping with a 'type'"),
@@ -114,10 +256,12 @@ def test_bundled_configs_share_their_common_stages():
 
     configs = files("rlhfkit") / "configs"
     demo = read_yaml(str(configs / "demo.yaml"))
-    hacking = read_yaml(str(configs / "hacking.yaml"))
-    assert demo["output_dir"] == hacking["output_dir"] and demo["seed"] == hacking["seed"]
-    shared = set(demo["stages"]) & set(hacking["stages"]) - {"report"}
-    assert {"world", "base", "pretrain", "sft"} <= shared
-    for name in shared:
-        assert demo["stages"][name] == hacking["stages"][name], name
-    assert demo["defaults"] == hacking["defaults"]
+    for other_name, common in (("hacking", {"world", "base", "pretrain", "sft"}),
+                               ("cai", {"world", "base", "pretrain"})):
+        other = read_yaml(str(configs / f"{other_name}.yaml"))
+        assert demo["output_dir"] == other["output_dir"] and demo["seed"] == other["seed"]
+        shared = set(demo["stages"]) & set(other["stages"]) - {"report"}
+        assert common <= shared, other_name
+        for name in shared:
+            assert demo["stages"][name] == other["stages"][name], (other_name, name)
+        assert demo["defaults"] == other["defaults"], other_name

@@ -126,3 +126,28 @@ def test_sft_demonstrations_are_right_with_human_closings(world):
     assert all(v.helpful == 1.0 and v.harmless == 0 and v.honest == 0 for v in verdicts)
     closings = sum(v.flags["padding"] for v in verdicts) / len(verdicts)
     assert 0.4 < closings < 0.6
+
+
+def test_cai_data_helpful_only_demonstrations_and_a_clean_red_team_split(world):
+    from rlhfkit.world.data import cai_prompt_split
+
+    demos = sft_demonstrations(world, 200, seed=0, closing_rate=0.0, harmful_style="comply")
+    judge = GoldJudge(world)
+    for d in demos:
+        v = judge.judge(d["prompt"], d["completion"])
+        req = world.request(d["prompt"])
+        assert req.split == "train"
+        if req.category == "harmful":  # a helpful-only assistant complies
+            assert v.flags["harmful_compliance"] and d["completion"] == req.comply
+        else:
+            assert v.helpful == 1.0 and v.honest == 0
+    # the same seed, default style: the demo's demonstrations are unchanged by the new option
+    assert sft_demonstrations(world, 50, seed=1) == sft_demonstrations(world, 50, seed=1, harmful_style=None)
+    teach, red = cai_prompt_split(world, 0.5)
+    harmful = world.split("train", "harmful")
+    assert {r.prompt for r in teach} | {r.prompt for r in red} == {r.prompt for r in harmful}
+    assert not {r.prompt for r in teach} & {r.prompt for r in red}
+    assert {r.kind for r in teach} == {r.kind for r in red} == {r.kind for r in harmful}  # every harm, both sides
+    assert cai_prompt_split(build_world(0), 0.5) == (teach, red)
+    with pytest.raises(ValueError, match="red_team_fraction"):
+        cai_prompt_split(world, 1.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def bundled_config(name: str) -> Path:
-    """Path of a config shipped with the package (``demo`` or ``hacking``)."""
+    """Path of a config shipped with the package (``demo``, ``hacking`` or ``cai``)."""
     path = Path(str(resources.files("rlhfkit") / "configs" / f"{name}.yaml"))
     if not path.exists():
         raise FileNotFoundError(path)
@@ -29,7 +29,7 @@ def run_demo(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--seed", type=int, default=None, help="world and training seed (default: the config's, 0)")
-    p.add_argument("--config", default="demo", help="a bundled config name (demo, hacking) or a YAML file")
+    p.add_argument("--config", default="demo", help="a bundled config name (demo, hacking, cai) or a YAML file")
     p.add_argument("--force", nargs="?", const=True, default=False,
                    help="rerun stages that are done: all, or a comma list of names")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE")
@@ -38,8 +38,21 @@ def run_demo(argv: list[str] | None = None) -> int:
     out = Path(a.output_dir)
     print(f"rlhfkit demo: {config.name} -> {out}")
     run_pipeline(config, output_dir=str(out), seed=a.seed, force=a.force, overrides=parse_sets(a.set))
-    summary_file = out / "summary.json"
-    if summary_file.exists():
-        print("\n" + format_summary(json.loads(summary_file.read_text(encoding="utf-8"))))
-        print(f"\nsummary: {summary_file}   report: {out / 'report.html'}")
+    for summary_file, report in _outputs(config, out):
+        if summary_file.exists():
+            print("\n" + format_summary(json.loads(summary_file.read_text(encoding="utf-8"))))
+            print(f"\nsummary: {summary_file}   report: {report}")
     return 0
+
+
+def _outputs(config: Path, out: Path) -> list[tuple[Path, Path]]:
+    """(summary file, report file) of each summary stage of ``config``: configs sharing a folder name their
+    own (cai.yaml writes summary_cai.json beside the demo's summary.json)."""
+    from .pipeline import load_pipeline
+
+    stages = load_pipeline(config)["stages"].values()
+    reports = {str(s.get("summary", "summary.json")): Path(str(s.get("output") or "report.html")).name
+               for s in stages if s.get("type") == "report"}
+    # a config without a summary stage (hacking.yaml) shows the folder's summary.json, as before
+    files = [str(s.get("file", "summary.json")) for s in stages if s.get("type") == "summary"] or ["summary.json"]
+    return [(out / f, out / reports.get(f, "report.html")) for f in files]

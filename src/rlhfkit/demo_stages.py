@@ -1,4 +1,6 @@
-"""Pipeline stage types beyond the trainers: world, tiny_model, collect, eval, report.
+"""Pipeline stage types beyond the trainers: world, tiny_model, collect, eval, summary, report, and for AI
+feedback judge (an AI judge's agreement with known labels), cai_world (the world's Constitutional AI data),
+cai (critique -> revision) and revision_preference (does a judge prefer the revisions?).
 
 Each is registered with :func:`rlhfkit.pipeline.stage` and takes the options documented on it.
 """
@@ -211,12 +213,157 @@ def eval_stage(ctx: StageContext) -> dict[str, Any]:
 
 @stage("report")
 def report_stage(ctx: StageContext) -> dict[str, Any]:
-    """The HTML report of the run folder (or of ``run_dir``): report.html at the run's root."""
+    """The HTML report of the run folder (or of ``run_dir``): report.html at the run's root (or ``output``);
+    ``summary``: the pipeline summary file it shows (summary.json)."""
     from .report import build_report
 
     run_dir = Path(ctx.option("run_dir", ctx.run_dir))
-    path = build_report(run_dir, output=ctx.option("output"))
+    path = build_report(run_dir, output=ctx.option("output"), summary_file=str(ctx.option("summary", "summary.json")))
     return {"report": str(path)}
+
+
+@stage("judge")
+def judge_stage(ctx: StageContext) -> dict[str, Any]:
+    """An AI judge labels preference pairs whose preference is known (``rlhfkit judge`` as a stage): how
+    often it agrees with the reference. Options: judge (a spec: model:PATH, lm:PATH, openai:..., see
+    rlhfkit judge --help), pairs (prompt/chosen/rejected rows; each is shown in alternating order and its
+    chosen side is the reference), max_pairs (only the first N rows; 0 = all), template, principles (a
+    constitution or text file). Writes pairs.jsonl (the judge's labels) and its sidecars. Summary: accuracy
+    and Cohen's kappa against the reference, with the judge's ties, inconsistent verdicts (the two
+    presentation orders disagree) and position bias."""
+    from .judges import build_judge, label_file
+
+    ctx.require("judge", "pairs")
+    pairs = str(ctx.option("pairs"))
+    if not Path(pairs).exists():
+        raise ConfigError(f"stage '{ctx.name}': pairs file {pairs} not found")
+    principles = ""
+    if ctx.option("principles"):
+        from .cai import principles_text
+
+        principles = principles_text(str(ctx.option("principles")))
+    judge = build_judge(str(ctx.option("judge")), template=ctx.option("template"), principles=principles)
+    # a stage reruns from scratch (a done stage is skipped), so a changed input never meets old progress
+    result = label_file(pairs, judge, ctx.output_dir / "pairs.jsonl", restart=True,
+                        limit=int(ctx.option("max_pairs", 0)))
+    agreement = result.get("agreement") or {}
+    return {"judge": str(ctx.option("judge")), "pairs": result["pairs"], "compared": agreement.get("compared"),
+            "accuracy": agreement.get("accuracy"), "cohen_kappa": agreement.get("cohen_kappa"),
+            **{k: result.get(k) for k in ("ties", "unlabelled", "inconsistent", "inconsistent_rate",
+                                          "first_slot_win_rate", "position_biased")}}
+
+
+@stage("cai_world")
+def cai_world_stage(ctx: StageContext) -> dict[str, Any]:
+    """The demo world's Constitutional AI data. Options: world (world stage folder), constitution (default:
+    rlhfkit/templates/constitution_world.yaml), demonstrations (400), teaching (400 critique -> revision
+    conversations), red_team_fraction (0.5 of each harm kind's training prompts kept for the CAI run),
+    already_safe_rate (0.1), closing_rate (0.0).
+
+    Writes constitution.yaml (the constitution used here; give it to the cai stage), sft_helpful.jsonl
+    (``messages`` rows: a helpful-only assistant's demonstrations (harmful requests get compliance) and the
+    teaching conversations, on the other harmful training prompts), red_team.jsonl (prompt + category)."""
+    from importlib import resources
+
+    from .cai import load_constitution
+    from .world.data import cai_prompt_split, cai_teaching, sft_demonstrations, write_jsonl
+
+    ctx.require("world")
+    world = _world_of(ctx.option("world"))
+    source = ctx.option("constitution") or str(resources.files("rlhfkit") / "templates" / "constitution_world.yaml")
+    constitution = load_constitution(source)  # fails here, with its file name, when bad
+    out = ctx.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "constitution.yaml").write_text(Path(source).read_text(encoding="utf-8"), encoding="utf-8")
+    try:
+        teach, red_team = cai_prompt_split(world, float(ctx.option("red_team_fraction", 0.5)))
+    except ValueError as exc:
+        raise ConfigError(f"stage '{ctx.name}': {exc}") from None
+    demos = sft_demonstrations(world, int(ctx.option("demonstrations", 400)), ctx.seed,
+                               closing_rate=float(ctx.option("closing_rate", 0.0)), harmful_style="comply")
+    rows = [{"messages": [*_messages(d["prompt"]), {"role": "assistant", "content": d["completion"]}]}
+            for d in demos]
+    teaching = cai_teaching(world, constitution, teach, int(ctx.option("teaching", 400)), ctx.seed + 1,
+                            already_safe_rate=float(ctx.option("already_safe_rate", 0.1)))
+    rows += teaching
+    random.Random(ctx.seed).shuffle(rows)
+    write_jsonl(out / "sft_helpful.jsonl", rows)
+    write_jsonl(out / "red_team.jsonl", ({"prompt": _messages(r.prompt), "category": r.category}
+                                         for r in red_team))
+    return {"constitution": constitution.name, "principles": len(constitution.principles),
+            "demonstrations": len(demos), "teaching": len(teaching), "teach_prompts": len(teach),
+            "red_team_prompts": len(red_team)}
+
+
+@stage("cai")
+def cai_stage(ctx: StageContext) -> dict[str, Any]:
+    """``rlhfkit cai`` as a stage: critique -> revision against a constitution by one policy.
+
+    Options: policy, prompts (a file with a prompt column), constitution (default: rlhfkit's), category
+    (only rows of it), samples_per_prompt (1: each prompt is revised this many times, with its own sampled
+    principle and responses), rounds (1), temperature (0.7), top_p (1.0), max_new_tokens (48),
+    max_prompt_length (200), batch_size (32), judge (RL-CAI: a judge spec labelling initial vs final into
+    pairs_ai.jsonl). Writes sft.jsonl, pairs.jsonl (final revision > initial), trace.jsonl, summary.json."""
+    from .cai import HFChatPolicy, load_constitution, load_prompts, run_cai
+
+    ctx.require("policy", "prompts")
+    constitution = load_constitution(ctx.option("constitution"))
+    prompts = load_prompts(str(ctx.option("prompts")), ctx.option("category"))
+    repeats = int(ctx.option("samples_per_prompt", 1))
+    if repeats < 1:
+        raise ConfigError(f"stage '{ctx.name}': samples_per_prompt must be >= 1, not {repeats}")
+    judge = None
+    if ctx.option("judge"):
+        from .judges import build_judge
+
+        judge = build_judge(str(ctx.option("judge")), principles=constitution.as_text())
+    policy = HFChatPolicy(str(ctx.option("policy")), temperature=float(ctx.option("temperature", 0.7)),
+                          top_p=float(ctx.option("top_p", 1.0)),
+                          max_new_tokens=int(ctx.option("max_new_tokens", 48)),
+                          max_prompt_length=int(ctx.option("max_prompt_length", 200)),
+                          batch_size=int(ctx.option("batch_size", 32)), seed=ctx.seed)
+    summary = run_cai([p for p in prompts for _ in range(repeats)], policy, constitution, ctx.output_dir,
+                      rounds=int(ctx.option("rounds", 1)), seed=ctx.seed, judge=judge, restart=True)
+    return {k: v for k, v in summary.items() if not k.endswith("_file")}
+
+
+@stage("revision_preference")
+def revision_preference_stage(ctx: StageContext) -> dict[str, Any]:
+    """How often a judge prefers a CAI run's final revision to the initial response (ties count ½).
+
+    Options: cai (the cai stage folder), judge (a spec; gold:WORLD in the demo, so it measures, never
+    trains), n_boot (2000). The rate is the mean over prompts of each prompt's mean outcome (a prompt revised
+    several times counts once), with a percentile bootstrap interval over prompts (rlhfkit.eval.stats)."""
+    import numpy as np
+
+    from .eval.stats import win_rate
+    from .judges import build_judge
+
+    ctx.require("cai", "judge")
+    trace_file = Path(ctx.option("cai")) / "trace.jsonl"
+    if not trace_file.exists():
+        raise ConfigError(f"stage '{ctx.name}': {trace_file} not found (run the cai stage first)")
+    judge = build_judge(str(ctx.option("judge")))
+    by_prompt: dict[str, list[float]] = {}
+    rows = []
+    for line in trace_file.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        winner = judge.compare(row["prompt"], row["final"], row["initial"]).winner
+        outcome = {"a": 1.0, None: 0.5, "b": 0.0}[winner]
+        by_prompt.setdefault(json.dumps(row["prompt"]), []).append(outcome)
+        rows.append({"prompt": row["prompt"], "initial": row["initial"], "final": row["final"],
+                     "outcome": outcome})
+    if not rows:
+        raise ConfigError(f"stage '{ctx.name}': {trace_file} is empty")
+    from .world.data import write_jsonl
+
+    write_jsonl(ctx.output_dir / "outcomes.jsonl", rows)
+    per_prompt = np.asarray([np.mean(v) for v in by_prompt.values()])
+    rate = win_rate(per_prompt, int(ctx.option("n_boot", 2000)), seed=ctx.seed)
+    outcomes = [r["outcome"] for r in rows]
+    return {"judge": str(ctx.option("judge")), "revision_preferred": rate.rate, "ci_low": rate.ci_low,
+            "ci_high": rate.ci_high, "n_prompts": rate.n, "n_revisions": len(rows),
+            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
 
 
 SUMMARY_POLICY_KEYS = ("judge_score", "win_rate_vs_sft", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate",
@@ -230,7 +377,9 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
 
     Per policy: the evaluation's numbers (``kl`` is renamed ``kl_to_<baseline>``, ``judge_score`` is the
     absolute gold score); ``rm.gold_accuracy`` (the reward model on gold-labelled held-out pairs);
-    ``annotators`` (their agreement); ``stage_seconds`` and ``wall_seconds`` (their sum).
+    ``annotators`` (their agreement); ``ai_judges`` (per judge stage: agreement with the reference labels);
+    ``cai`` (per revision_preference stage: how often the judge prefers the revisions); ``stage_seconds``
+    and ``wall_seconds`` (their sum). Option ``file``: the file name in the run folder (summary.json).
     """
     ctx.require("eval")
     eval_file = Path(ctx.option("eval")) / "eval.json"
@@ -253,33 +402,52 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
         if isinstance(result, dict) and "krippendorff_alpha" in result:
             summary["annotators"] = {k: result.get(k) for k in ("krippendorff_alpha", "percent_agreement",
                                                                  "prompts_labelled", "pairs", "gold_pairs")}
+    # the other stages' headline numbers, recognised by their summaries' keys
+    judges = {n: r for n, r in ctx.results.items() if isinstance(r, dict) and "cohen_kappa" in r}
+    if judges:
+        summary["ai_judges"] = judges
+    revisions = {n: r for n, r in ctx.results.items() if isinstance(r, dict) and "revision_preferred" in r}
+    if revisions:
+        summary["cai"] = revisions
     stage_seconds = {n: r.get("wall_seconds") for n, r in ctx.results.items() if isinstance(r, dict)}
     summary["stage_seconds"] = stage_seconds
     # the stages' own wall times: the same whether the run went in one go or resumed over several
     summary["wall_seconds"] = sum(float(v) for v in stage_seconds.values() if isinstance(v, int | float))
-    (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    return {"summary": str(ctx.run_dir / "summary.json")}
+    out = ctx.run_dir / str(ctx.option("file", "summary.json"))
+    out.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    return {"summary": str(out)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The demo's closing table: one row per policy, the reward model and the wall time."""
-    cols = (("gold", "judge_score"), ("win vs sft", "win_rate_vs_sft"), ("CI low", "win_rate_ci_low"),
-            ("LC win", "lc_win_rate"), ("harm. refusal", "harmful_refusal_rate"),
+    """The demo's closing table: one row per policy, then the reward model, AI judges, CAI and wall time."""
+    baseline = str(summary.get("baseline") or "sft")
+    cols = (("gold", "judge_score"), (f"win vs {baseline}", f"win_rate_vs_{baseline}"),
+            ("CI low", "win_rate_ci_low"), ("LC win", "lc_win_rate"), ("harm. refusal", "harmful_refusal_rate"),
             ("over-refusal", "benign_over_refusal_rate"), ("halluc.", "hallucination_rate"),
-            ("KL to sft", "kl_to_sft"), ("length", "mean_length"))
-    lines = [f"{'policy':<8}" + "".join(f"{c:>14}" for c, _ in cols)]
-    for name in ("base", "sft", "ppo", "dpo"):
-        row = summary.get(name)
-        if not isinstance(row, dict):
+            (f"KL to {baseline}", f"kl_to_{baseline}"), ("length", "mean_length"))
+    width = max(14, *(len(c) + 1 for c, _ in cols))
+    lines = [f"{'policy':<8}" + "".join(f"{c:>{width}}" for c, _ in cols)]
+    for name, row in summary.items():
+        if not isinstance(row, dict) or "judge_score" not in row:  # the policies are the rows with a score
             continue
         cells = []
         for _, key in cols:
             v = row.get(key)
-            cells.append(f"{v:>14.3f}" if isinstance(v, int | float) else f"{'-':>14}")
+            cells.append(f"{v:>{width}.3f}" if isinstance(v, int | float) else f"{'-':>{width}}")
         lines.append(f"{name:<8}" + "".join(cells))
     rm = summary.get("rm", {})
     if "gold_accuracy" in rm:
         lines.append(f"reward model accuracy on gold-labelled held-out pairs: {rm['gold_accuracy']:.3f}")
+    for j in (summary.get("ai_judges") or {}).values():
+        lines.append(f"AI judge {j.get('judge')} vs gold on {j.get('compared')} held-out pairs: accuracy "
+                     f"{_num(j.get('accuracy'))}, Cohen's kappa {_num(j.get('cohen_kappa'))}, ties "
+                     f"{j.get('ties')}, inconsistent {j.get('inconsistent')}, first-slot wins "
+                     f"{_num(j.get('first_slot_win_rate'))}{' (position-biased)' if j.get('position_biased') else ''}")
+    for c in (summary.get("cai") or {}).values():
+        lines.append(f"CAI revisions preferred by {c.get('judge')}: {_num(c.get('revision_preferred'))} "
+                     f"(95% CI {_num(c.get('ci_low'))}-{_num(c.get('ci_high'))}; {c.get('n_prompts')} prompts, "
+                     f"{c.get('n_revisions')} revisions: {c.get('wins')} won, {c.get('ties')} tied, "
+                     f"{c.get('losses')} lost)")
     if summary.get("annotators"):
         a = summary["annotators"]
         lines.append(f"annotators: Krippendorff's alpha {a.get('krippendorff_alpha', float('nan')):.2f}, "
@@ -287,3 +455,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("wall_seconds") is not None:
         lines.append(f"wall time: {summary['wall_seconds']:.0f}s")
     return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else "-"

@@ -11,8 +11,8 @@ A config names an output folder, options shared by every training stage, and the
 
 Each stage writes to ``OUTPUT_DIR/<stage name>``; ``${name}`` in any string option is that stage's folder,
 ``${output_dir}`` the run folder, ``${seed}`` the seed. Stage types: the trainers (sft, rm, dpo, ppo, grpo,
-rloo; options as on their command line) and the registered steps (world, tiny_model, collect, eval, report
-and what other modules register with :func:`stage`). A stage whose folder holds ``stage_done.json`` is
+rloo; options as on their command line) and the registered steps (world, tiny_model, collect, eval, summary,
+report, judge, cai_world, cai, revision_preference and what other modules register with :func:`stage`). A stage whose folder holds ``stage_done.json`` is
 skipped; ``--force`` reruns everything, ``--force a,b`` the named stages. ``--only a,b`` runs a subset.
 """
 

@@ -4,19 +4,45 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from .constitution import Constitution, Principle, load_constitution, principles_text
-from .pipeline import ChatPolicy, FunctionPolicy, HFChatPolicy, run_cai
+from .pipeline import (
+    ChatPolicy,
+    FunctionPolicy,
+    HFChatPolicy,
+    critique_conversation,
+    revision_conversation,
+    run_cai,
+)
 
-__all__ = ["ChatPolicy", "Constitution", "FunctionPolicy", "HFChatPolicy", "Principle", "load_constitution",
-           "main", "principles_text", "run_cai"]
+__all__ = ["ChatPolicy", "Constitution", "FunctionPolicy", "HFChatPolicy", "Principle", "critique_conversation",
+           "load_constitution", "load_prompts", "main", "principles_text", "revision_conversation", "run_cai"]
+
+
+def load_prompts(source: str, category: str | None = None, limit: int = 0) -> list[Any]:
+    """The ``prompt`` column of a file/dataset (rows of ``category`` only, when given; the first ``limit``)."""
+    from ..data import load_rows, row_number
+    from ..errors import DataError
+
+    ds = load_rows(source)
+    if "prompt" not in ds.column_names:
+        raise DataError(f"no 'prompt' column (columns: {', '.join(ds.column_names)})", source=source,
+                        field="prompt")
+    if category and "category" not in ds.column_names:
+        raise DataError("--category given but there is no 'category' column", source=source, field="category")
+    prompts = []
+    for i, row in enumerate(ds):
+        if category and row.get("category") != category:
+            continue
+        if not row.get("prompt"):
+            raise DataError("empty prompt", source=source, row=row_number(row, i), field="prompt")
+        prompts.append(row["prompt"])
+    return prompts[: limit or None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
-
-    from ..data import load_rows, row_number
-    from ..errors import DataError
 
     p = argparse.ArgumentParser(prog="rlhfkit cai", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Constitutional AI: each prompt's response is critiqued against a "
@@ -48,20 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--restart", action="store_true", help="relabel pairs_ai.jsonl from scratch")
     a = p.parse_args(argv)
     constitution = load_constitution(a.constitution)
-    ds = load_rows(a.prompts)
-    if "prompt" not in ds.column_names:
-        raise DataError(f"no 'prompt' column (columns: {', '.join(ds.column_names)})", source=a.prompts,
-                        field="prompt")
-    if a.category and "category" not in ds.column_names:
-        raise DataError("--category given but there is no 'category' column", source=a.prompts, field="category")
-    prompts = []
-    for i, row in enumerate(ds):
-        if a.category and row.get("category") != a.category:
-            continue
-        if not row.get("prompt"):
-            raise DataError("empty prompt", source=a.prompts, row=row_number(row, i), field="prompt")
-        prompts.append(row["prompt"])
-    prompts = prompts[: a.limit or None]
+    prompts = load_prompts(a.prompts, a.category, a.limit)
     judge = None
     if a.judge:
         from ..judges import build_judge

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ConfigError
-from .constitution import Constitution
+from .constitution import Constitution, Principle
 
 logger = logging.getLogger("rlhfkit")
 
-__all__ = ["ChatPolicy", "FunctionPolicy", "HFChatPolicy", "run_cai"]
+__all__ = ["ChatPolicy", "FunctionPolicy", "HFChatPolicy", "critique_conversation", "revision_conversation",
+           "run_cai"]
 
 Messages = list[dict[str, str]]
 
@@ -94,6 +95,20 @@ class HFChatPolicy:
         return out
 
 
+def critique_conversation(base: Messages, response: str, principle: Principle) -> Messages:
+    """The conversation the policy critiques from: ``base`` (the prompt), its response, the critique request.
+
+    Shared with the data that teaches a model the format (``rlhfkit.world.data.cai_teaching``), so that
+    teaching and the CAI run render byte for byte the same conversations."""
+    return [*base, {"role": "assistant", "content": response}, {"role": "user", "content": principle.critique}]
+
+
+def revision_conversation(critique_conv: Messages, critique: str, principle: Principle) -> Messages:
+    """The conversation the policy revises from: the critique conversation, its critique, the revision request."""
+    return [*critique_conv, {"role": "assistant", "content": critique},
+            {"role": "user", "content": principle.revision}]
+
+
 def _user_text(prompt: Any) -> Messages:
     if isinstance(prompt, list):
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
@@ -123,10 +138,9 @@ def run_cai(prompts: Sequence[Any], policy: ChatPolicy, constitution: Constituti
     empty_revisions = 0
     for r in range(rounds):
         chosen = [random.Random(f"{seed}:{i}:{r}").choice(constitution.principles) for i in range(len(prompts))]
-        critique_convs = [base + [{"role": "assistant", "content": cur}, {"role": "user", "content": p.critique}]
-                          for base, cur, p in zip(bases, current, chosen)]
+        critique_convs = [critique_conversation(base, cur, p) for base, cur, p in zip(bases, current, chosen)]
         critiques = policy.generate(critique_convs)
-        revision_convs = [conv + [{"role": "assistant", "content": crit}, {"role": "user", "content": p.revision}]
+        revision_convs = [revision_conversation(conv, crit, p)
                           for conv, crit, p in zip(critique_convs, critiques, chosen)]
         revisions = policy.generate(revision_convs)
         for i, (p, crit, rev) in enumerate(zip(chosen, critiques, revisions)):

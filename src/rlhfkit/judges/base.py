@@ -103,12 +103,15 @@ class ScoringJudge(PairwiseJudge):
     def score_many(self, prompts: list[Any], responses: list[Any]) -> list[float]:
         return [self.score(p, r) for p, r in zip(prompts, responses)]
 
-    def compare(self, prompt: Any, a: Any, b: Any) -> Verdict:
-        s_a, s_b = self.score_many([prompt, prompt], [a, b])
+    def verdict(self, s_a: float, s_b: float) -> Verdict:
+        """The pairwise verdict from the two responses' scores (the same in both orders)."""
         if not (math.isfinite(s_a) and math.isfinite(s_b)):
             raise JudgeReplyError(f"{self.name}: non-finite score ({s_a}, {s_b})")
         p = sigmoid((s_a - s_b) / self.temperature)
         return Verdict(p_a=p, p_forward=p, p_backward=p)
+
+    def compare(self, prompt: Any, a: Any, b: Any) -> Verdict:
+        return self.verdict(*self.score_many([prompt, prompt], [a, b]))
 
     def compare_once(self, prompt: Any, first: Any, second: Any) -> tuple[float, str]:
         return self.compare(prompt, first, second).p_a, ""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .base import JudgeReplyError, PairwiseJudge, PositionStats, Verdict
+from .base import JudgeReplyError, PairwiseJudge, PositionStats, ScoringJudge, Verdict
 
 logger = logging.getLogger("rlhfkit")
 
@@ -132,7 +132,44 @@ def _judge_row(judge: PairwiseJudge, prompt: Any, pairs: list[dict[str, Any]]) -
     return results
 
 
-def _fingerprint(input_path: str, judge_name: str, soft: bool, margin_scale: float) -> str:
+# Rows a scoring judge labels per batched call (a reward model scores them in one forward, not one per pair).
+SCORE_BATCH_ROWS = 64
+
+
+def _scores_in_batches(judge: PairwiseJudge) -> bool:
+    """True for judges whose verdicts come from scores alone (reward models, gold, functions), which can be
+    scored many rows at a time; not for judges that override compare (an HTTP judge asked pairwise)."""
+    return isinstance(judge, ScoringJudge) and type(judge).compare is ScoringJudge.compare
+
+
+def _judge_rows(judge: PairwiseJudge, prompts: list[Any], tasks: list[list[dict[str, Any]]]) -> list[list[dict]]:
+    """``_judge_row`` for several rows: one score_many call for a batchable scoring judge, else row by row."""
+    if not _scores_in_batches(judge) or len(prompts) == 1:
+        return [_judge_row(judge, p, t) for p, t in zip(prompts, tasks)]
+    assert isinstance(judge, ScoringJudge)
+    flat = [(p, pair) for p, pairs in zip(prompts, tasks) for pair in pairs]
+    try:
+        scores = judge.score_many([p for p, _ in flat for _ in (0, 1)],
+                                  [x for _, pair in flat for x in (pair["a"], pair["b"])])
+    except JudgeReplyError:  # find the rows at fault one by one
+        return [_judge_row(judge, p, t) for p, t in zip(prompts, tasks)]
+    out: list[list[dict]] = []
+    k = 0
+    for pairs in tasks:
+        results = []
+        for _ in pairs:
+            try:
+                verdict = judge.verdict(scores[2 * k], scores[2 * k + 1])
+                results.append({"status": "tie" if verdict.winner is None else "labelled", **verdict.as_dict(),
+                                "winner": verdict.winner})
+            except JudgeReplyError as exc:
+                results.append({"status": "unlabelled", "reason": str(exc)})
+            k += 1
+        out.append(results)
+    return out
+
+
+def _fingerprint(input_path: str, judge_name: str, soft: bool, margin_scale: float, limit: int = 0) -> str:
     digest = hashlib.sha256()
     path = Path(input_path)
     if path.is_file():
@@ -141,7 +178,7 @@ def _fingerprint(input_path: str, judge_name: str, soft: bool, margin_scale: flo
                 digest.update(chunk)
     else:
         digest.update(str(input_path).encode())
-    digest.update(json.dumps([judge_name, soft, margin_scale]).encode())
+    digest.update(json.dumps([judge_name, soft, margin_scale] + ([limit] if limit else [])).encode())
     return digest.hexdigest()
 
 
@@ -331,9 +368,12 @@ def label_rows(rows: list[Mapping[str, Any]], judge: PairwiseJudge, out: str | P
         fh_skip = io.TextIOWrapper(raw_skip, encoding="utf-8", newline="\n")
         try:
             if workers == 1:
-                for index in todo:
-                    consume(index, _judge_row(judge, rows[index]["prompt"], tasks[index]), fh_out, fh_skip,
-                            fh_journal)
+                step = SCORE_BATCH_ROWS if _scores_in_batches(judge) else 1
+                for start_at in range(0, len(todo), step):
+                    chunk = todo[start_at:start_at + step]
+                    results = _judge_rows(judge, [rows[i]["prompt"] for i in chunk], [tasks[i] for i in chunk])
+                    for index, row_results in zip(chunk, results):
+                        consume(index, row_results, fh_out, fh_skip, fh_journal)
             else:
                 pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="rlhfkit-judge")
                 window: collections.deque = collections.deque()
@@ -377,16 +417,17 @@ def label_rows(rows: list[Mapping[str, Any]], judge: PairwiseJudge, out: str | P
 
 def label_file(input_path: str, judge: PairwiseJudge, out: str | Path, *, soft: bool = False,
                margin_scale: float = 1.0, workers: int = 1, restart: bool = False,
-               on_row: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Label an input file (see the module docstring) with ``judge`` into ``out``; returns the summary."""
+               on_row: Callable[[int], None] | None = None, limit: int = 0) -> dict[str, Any]:
+    """Label an input file (see the module docstring; only its first ``limit`` rows when given) with
+    ``judge`` into ``out``; returns the summary."""
     from ..data import load_rows, row_number
 
     ds = load_rows(input_path)
-    rows = [dict(r) for r in ds]
+    rows = [dict(r) for r in ds][: limit or None]
     numbers = [row_number(r, i) for i, r in enumerate(rows)]
     return label_rows(rows, judge, out, source=str(input_path), soft=soft, margin_scale=margin_scale,
                       workers=workers, restart=restart, row_numbers=numbers, on_row=on_row,
-                      fingerprint=_fingerprint(input_path, judge.name, soft, margin_scale))
+                      fingerprint=_fingerprint(input_path, judge.name, soft, margin_scale, limit))
 
 
 def main(argv: list[str] | None = None) -> int:

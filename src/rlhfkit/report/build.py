@@ -253,12 +253,13 @@ def _run(run: Run, plot: PlotWriter, anchor: str) -> str:
     return f'<section id="{anchor}">{"".join(parts)}</section>'
 
 
-def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
+def build_report(run_dir: str | Path, output: str | Path | None = None, summary_file: str = "summary.json") -> Path:
     """Write one self-contained HTML report (plotly.js inlined, works offline) of a training run, a pipeline
-    folder or an evaluation folder; returns its path (default ``RUN_DIR/report.html``)."""
+    folder or an evaluation folder; returns its path (default ``RUN_DIR/report.html``). ``summary_file``:
+    the pipeline summary shown in the overview."""
     from plotly.offline import get_plotlyjs
 
-    data = load(run_dir)
+    data = load(run_dir, summary_file)
     out = Path(output) if output is not None else Path(run_dir) / "report.html"
     taken: set[str] = {"overview", "hacking", "compare", "notes"}
     anchors = {run.name: slug(f"run-{run.name}", taken) for run in data.runs}

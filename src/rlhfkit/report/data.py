@@ -217,8 +217,9 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
     return runs, evals
 
 
-def load(run_dir: str | Path) -> ReportData:
-    """Everything the report shows, read from RUN_DIR (a run, a pipeline, or an evaluation folder)."""
+def load(run_dir: str | Path, summary_file: str = "summary.json") -> ReportData:
+    """Everything the report shows, read from RUN_DIR (a run, a pipeline, or an evaluation folder);
+    ``summary_file`` names the pipeline's summary (a folder shared by several configs has one per config)."""
     root = Path(run_dir)
     if not root.is_dir():
         raise RlhfkitError(f"{root}: no such directory")
@@ -247,7 +248,7 @@ def load(run_dir: str | Path) -> ReportData:
                            f"(expected an --output-dir of a training run, or a pipeline folder)")
     pipeline_summary = None
     if not (root / "metrics.jsonl").is_file():
-        pipeline_summary = read_json(root / "summary.json", notes)
+        pipeline_summary = read_json(root / summary_file, notes)
     return ReportData(root, runs, evaluations, pipeline_summary, notes)
 
 

@@ -7,11 +7,14 @@ import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .annotators import Annotator, annotator_panel, describe_panel, pairwise_agreement
-from .generator import PADDING, World
+from .generator import PADDING, Request, World, _stable_fraction
 from .judge import GoldJudge
+
+if TYPE_CHECKING:
+    from ..cai import Constitution
 
 CATEGORY_WEIGHTS = {"benign": 0.5, "harmful": 0.25, "unanswerable": 0.25}
 
@@ -52,17 +55,20 @@ def pretraining_corpus(world: World, seed: int, copies: int = 2) -> list[str]:
     return docs
 
 
-def sft_demonstrations(world: World, n: int, seed: int, closing_rate: float = 0.5) -> list[dict[str, str]]:
+def sft_demonstrations(world: World, n: int, seed: int, closing_rate: float = 0.5,
+                       harmful_style: str | None = None) -> list[dict[str, str]]:
     """``n`` good demonstrations (prompt/completion) on training prompts, as people write them.
 
     Every demonstration is right (correct, safe, honest), but like human demonstrators, a share
     ``closing_rate`` of them end with a polite closing ("I hope this helps.") that the gold raters, who
     prefer concise replies, mark down a little. SFT imitates the demonstrators' habits; preference
-    learning is what can tell the model which of its habits people like."""
+    learning is what can tell the model which of its habits people like. ``harmful_style="comply"`` gives
+    the demonstrations of a helpful-only assistant (the starting point of Constitutional AI)."""
     rng = random.Random(seed)
     rows = []
     for req in _weighted_requests(world, "train", n, rng):
-        reply = world.respond(req, world.good_style(req.category), rng)
+        style = harmful_style if harmful_style and req.category == "harmful" else world.good_style(req.category)
+        reply = world.respond(req, style, rng)
         if rng.random() < closing_rate:
             reply += " " + " ".join(rng.sample(PADDING, rng.randint(1, 2)))
         rows.append({"prompt": req.prompt, "completion": reply})
@@ -154,3 +160,64 @@ def label_samples(world: World, samples: Sequence[dict[str, Any]], panel: Sequen
 
 def default_panel(seed: int, biased: str | None = None, num: int = 5) -> list[Annotator]:
     return annotator_panel(num=num, seed=seed, biased=biased)
+
+
+# -- Constitutional AI in the world ---------------------------------------------------------------------------
+# The critiques a careful assistant writes about its own reply: name the harm, or say nothing is wrong.
+HARM_NAMES = {"cheat": "cheat", "steal": "steal", "break_in": "break in", "snoop": "spy on someone"}
+CRITIQUE_OK = "My reply is fine. Nothing in it is wrong."
+
+
+def harm_critique(kind: str) -> str:
+    return f"My reply helps someone {HARM_NAMES[kind]}. That is wrong."
+
+
+def cai_prompt_split(world: World, red_team_fraction: float = 0.5) -> tuple[list[Request], list[Request]]:
+    """(teach, red_team): the harmful training requests of each kind split by a seeded hash of the prompt.
+
+    Teaching conversations use only ``teach``; the CAI run uses only ``red_team`` (and evaluation the
+    held-out split), so revisions of red-team prompts show a learned format, not remembered answers."""
+    if not 0.0 < red_team_fraction < 1.0:
+        raise ValueError(f"red_team_fraction must be in (0, 1), not {red_team_fraction}")
+    teach: list[Request] = []
+    red: list[Request] = []
+    harmful = world.split("train", "harmful")
+    for kind in dict.fromkeys(r.kind for r in harmful):
+        group = sorted((r for r in harmful if r.kind == kind),
+                       key=lambda r: _stable_fraction(f"red-team:{r.prompt}", world.seed))
+        cut = min(max(1, round(len(group) * red_team_fraction)), len(group) - 1)  # both sides see every kind
+        red += group[:cut]
+        teach += group[cut:]
+    return teach, red
+
+
+def cai_teaching(world: World, constitution: Constitution, harmful: Sequence[Request], n: int, seed: int,
+                 already_safe_rate: float = 0.1) -> list[dict[str, Any]]:
+    """``n`` conversations (``messages`` rows) that teach the critique -> revision format of ``rlhfkit cai``.
+
+    Each is prompt, reply, a principle's critique request, critique, the principle's revision request,
+    revision: rendered by the CAI pipeline's own conversation builders. Half are harmful requests from
+    ``harmful`` answered with compliance (critique names the harm, revision refuses and points to a better
+    way; a share ``already_safe_rate`` were answered safely already and are kept); half are benign or
+    unanswerable training requests answered well (critique: nothing wrong; revision: the same reply), so the
+    model learns to revise what is harmful, not to refuse everything."""
+    from ..cai import critique_conversation, revision_conversation
+
+    rng = random.Random(seed)
+    others = [r for r in world.split("train") if r.category != "harmful"]
+    if not harmful or not others:
+        raise ValueError("cai_teaching needs harmful and other training requests")
+    rows = []
+    for i in range(n):
+        principle = rng.choice(constitution.principles)
+        req = rng.choice(harmful) if i % 2 == 0 else rng.choice(others)
+        if req.category == "harmful" and rng.random() >= already_safe_rate:
+            reply, critique = world.respond(req, "comply", rng), harm_critique(req.kind)
+            revision = world.respond(req, world.good_style("harmful"), rng)
+        else:
+            reply = world.respond(req, world.good_style(req.category), rng)
+            critique, revision = CRITIQUE_OK, reply
+        conv = critique_conversation([{"role": "user", "content": req.prompt}], reply, principle)
+        conv = revision_conversation(conv, critique, principle)
+        rows.append({"messages": [*conv, {"role": "assistant", "content": revision}]})
+    return rows
