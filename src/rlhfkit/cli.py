@@ -153,7 +153,8 @@ def _setup_logging() -> None:
         handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("[rlhfkit] %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        # under torchrun / accelerate launch, only rank 0 tells the story; the others report problems
+        logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
         logger.propagate = False
     import warnings
 
@@ -213,8 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_cls, run, description = trainers[command]
         config = parse_trainer_args(config_cls, rest, f"rlhfkit {command}", description)
         summary = run(config)
-        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)}, indent=2,
-                         default=str))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: rank 0 reports
+                print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)},
+                             indent=2, default=str))
         return 0
     except RlhfkitError as exc:
         print(f"rlhfkit {command}: error: {exc}", file=sys.stderr)

@@ -36,14 +36,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)``, make it durable, then rename ``tmp_dir`` to ``final``."""
+def staging_dir(final: Path) -> Path:
+    """The temporary folder a checkpoint is written into before :func:`commit_dir` renames it."""
     final = Path(final)
-    tmp = final.parent / f".{final.name}.tmp"
+    return final.parent / f".{final.name}.tmp"
+
+
+def fresh_staging_dir(final: Path) -> Path:
+    """Create an empty :func:`staging_dir` for ``final`` (removing a crash's leftover)."""
+    tmp = staging_dir(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> Path:
+    """Make ``tmp`` durable, then rename it to ``final`` (swapping out an older folder of that name)."""
+    final = Path(final)
     fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): swap, then delete the old one
         trash = final.parent / f".{final.name}.old"
@@ -56,6 +66,13 @@ def atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
     return final
+
+
+def atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)``, make it durable, then rename ``tmp_dir`` to ``final``."""
+    tmp = fresh_staging_dir(final)
+    write(tmp)
+    return commit_dir(tmp, final)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

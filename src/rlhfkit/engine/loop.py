@@ -27,12 +27,14 @@ import torch
 from ..errors import ConfigError, RlhfkitError
 from .checkpoint import (
     STATE_FILE,
-    atomic_dir_write,
     atomic_write_text,
+    commit_dir,
+    fresh_staging_dir,
     fsync_tree,
     latest_checkpoint,
     prune_checkpoints,
     read_state,
+    staging_dir,
 )
 from .config import TrainConfig
 
@@ -106,6 +108,35 @@ def resolve_precision(requested: str) -> tuple[str, str]:
     return aliases[requested], "as requested"
 
 
+def distributed_on_cpu() -> bool:
+    """Launched with several processes (torchrun, accelerate launch) on a machine with no GPU: accelerate
+    only sets up the gloo process group when told ``cpu=True``; otherwise every process would train alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
+
+
+def _cpu_process_group() -> None:
+    """Set up accelerate's process state for a multi-process run on CPU (gloo).
+
+    accelerate only builds the gloo group when told ``cpu=True``, and then files the run as MULTI_CPU,
+    which turns FSDP off. Under an FSDP launch the state is re-filed as a multi-device run, so that
+    accelerate's own FSDP2 path (``fully_shard`` on a CPU mesh) runs: the same code as on GPUs.
+    DeepSpeed (``DS_ACCELERATOR=cpu``) builds the group itself once it is told the backend (gloo).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        PartialState(backend="gloo")
+        return
+    state = PartialState(cpu=True)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        state.distributed_type = DistributedType.MULTI_GPU
+
+
 def _trackers(report_to: str) -> list[str]:
     names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
     for name in names:
@@ -132,6 +163,8 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         mixed_precision, why = resolve_precision(config.precision)
         self.trackers = _trackers(config.report_to)
+        if distributed_on_cpu():
+            _cpu_process_group()
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision,
             log_with=self.trackers or None,
@@ -140,6 +173,10 @@ class Engine:
         self.precision_note = f"precision: {'fp32' if mixed_precision == 'no' else mixed_precision} ({why})"
         if self.is_main:
             logger.info(self.precision_note)
+            if self.world_size > 1:
+                state = self.accelerator.state
+                logger.info("distributed: %s over %d processes (%s backend)", state.distributed_type.value,
+                            self.world_size, state.backend)
         set_seed(config.seed)
         self._stop_signal: int | None = None
         self.step = 0  # the step being run (0-based), for messages
@@ -186,25 +223,29 @@ class Engine:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def build_optimizer(self, model: torch.nn.Module, total_steps: int):
-        from transformers import get_scheduler
-
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
         decay, no_decay = [], []
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-        optimizer = torch.optim.AdamW(
+        return torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
             # one fused kernel per step instead of a loop over tensors (~3x faster step on CPU)
             fused=all(p.dtype.is_floating_point for p in decay + no_decay),
         )
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        """The LR schedule, on the *prepared* optimizer: DeepSpeed regroups the parameters it partitions,
+        so a schedule built before ``prepare`` would set the rates of groups that no longer exist."""
+        from transformers import get_scheduler
+
+        cfg = self.config
         warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * total_steps)
-        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=total_steps)
-        return optimizer, scheduler
+        return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                             num_training_steps=total_steps)
 
     # ------------------------------------------------------------------ metrics
     @property
@@ -237,27 +278,61 @@ class Engine:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int, total_steps: int) -> Path:
-        def write(tmp: Path) -> None:
-            self.accelerator.save_state(str(tmp))
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps,
-                                                      "config": self.config.as_dict()}, default=str))
+    @property
+    def sharded(self) -> bool:
+        """FSDP or DeepSpeed: parameters and optimizer state are split over ranks, so saving is collective."""
+        from accelerate.utils import DistributedType
 
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def save_checkpoint(self, step: int, total_steps: int) -> Path:
+        """Every rank writes its part (model/optimizer shards, its RNG state) into one staging folder; rank 0
+        adds the run state and renames the folder into place, so ``checkpoint-N`` is always complete."""
         path = self.output_dir / f"checkpoint-{step}"
+        tmp = staging_dir(path)
         if self.is_main:
-            atomic_dir_write(path, write)
+            fresh_staging_dir(path)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps,
+                                                      "world_size": self.world_size,
+                                                      "config": self.config.as_dict()}, default=str))
+            commit_dir(tmp, path)
             prune_checkpoints(self.output_dir, self.config.save_total_limit)
         self.accelerator.wait_for_everyone()
         return path
 
-    def save_final(self, model: torch.nn.Module, tokenizer: Any, extra_files: dict[str, str] | None = None) -> None:
-        """Save a model ``from_pretrained`` loads with no rlhfkit import (LoRA merged) into output_dir."""
+    def save_final(self, model: torch.nn.Module, tokenizer: Any, extra_files: dict[str, str] | None = None,
+                   submodule: str | None = None) -> None:
+        """Save a model ``from_pretrained`` loads with no rlhfkit import (LoRA merged) into output_dir.
+
+        ``model`` is the trained (possibly wrapped) model; ``submodule`` names the part to save (e.g. the
+        policy of an actor-critic). Under FSDP / DeepSpeed ZeRO-3 the full weights are gathered first: a
+        collective, so every rank calls this.
+        """
         self.accelerator.wait_for_everyone()
+        state_dict = None
+        if self.sharded:
+            state_dict = self.accelerator.get_state_dict(model)
+            if submodule:
+                state_dict = {k[len(submodule) + 1:]: v for k, v in state_dict.items()
+                              if k.startswith(submodule + ".")}
         if not self.is_main:
             return
         unwrapped = self.accelerator.unwrap_model(model)
+        if submodule:
+            unwrapped = getattr(unwrapped, submodule)
         if hasattr(unwrapped, "merge_and_unload"):  # peft: ship the merged weights, keep the adapter too
-            unwrapped.save_pretrained(self.output_dir / "adapter")
+            unwrapped.save_pretrained(self.output_dir / "adapter", state_dict=state_dict)
+            if state_dict is not None:  # the sharded model cannot merge in place: merge into a fresh base
+                from peft import PeftModel
+
+                from ..models.loading import load_causal_lm
+
+                base = load_causal_lm(unwrapped.peft_config["default"].base_model_name_or_path)
+                unwrapped, state_dict = PeftModel.from_pretrained(base, self.output_dir / "adapter"), None
             unwrapped = unwrapped.merge_and_unload()
 
         # Saved into a temporary folder, made durable, then each file renamed into output_dir: a crash
@@ -265,7 +340,7 @@ class Engine:
         staging = self.output_dir / ".final.tmp"
         if staging.exists():
             shutil.rmtree(staging)
-        unwrapped.save_pretrained(staging)
+        unwrapped.save_pretrained(staging, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for name, text in (extra_files or {}).items():
@@ -318,6 +393,7 @@ class Engine:
         stops the run before the update touches the weights.
         """
         model, optimizer = self.model, self.optimizer
+        deepspeed = self.accelerator.state.deepspeed_plugin is not None
         batches = [self._to_device(b) for b in batches]
         local_weight = sum(float(task.batch_weight(b)) for b in batches)
         total_weight = float(self.accelerator.reduce(torch.tensor(local_weight, device=self.device),
@@ -326,7 +402,9 @@ class Engine:
         result = StepResult(total_weight=total_weight)
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
-            ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+            if deepspeed:  # DeepSpeed reduces and steps inside backward at the boundary we mark here
+                self.accelerator.gradient_state._set_sync_gradients(sync)
+            ctx = contextlib.nullcontext() if sync or deepspeed else self.accelerator.no_sync(model)
             with ctx:
                 with self.accelerator.autocast():
                     loss_sum, metric_sums = task.compute_loss(model, batch)
@@ -335,7 +413,9 @@ class Engine:
                     raise TrainingError(f"{task.name}: the loss became {loss_value} at step {self.step + 1}"
                                         f"{self._checkpoint_hint()}")
                 # DDP averages gradients over ranks, so scale by world size to get the global mean.
-                self.accelerator.backward(loss_sum * (self.world_size / total_weight))
+                # (DeepSpeed would also divide by its accumulation count: the step weight already did that.)
+                self.accelerator.backward(loss_sum * (self.world_size / total_weight),
+                                          **({"scale_wrt_gas": False} if deepspeed else {}))
             result.loss_sum += loss_value
             result.tokens += int(batch["num_tokens"])
             for name, (value, count) in metric_sums.items():
@@ -349,12 +429,87 @@ class Engine:
                 raise TrainingError(f"{task.name}: the gradient norm became {norm} at step {self.step + 1}"
                                     f"{self._checkpoint_hint()}")
             result.grad_norm = norm
-        optimizer.step()
+        optimizer.step()  # (a no-op under DeepSpeed: the engine stepped in backward)
         optimizer.zero_grad(set_to_none=True)
-        if self.world_size > 1:
-            result.loss_sum = float(self.accelerator.reduce(torch.tensor(result.loss_sum, device=self.device),
-                                                            reduction="sum"))
+        if self.world_size > 1:  # one all-reduce for the loss and every metric: the logged row is global
+            names = sorted(result.sums)
+            local = [result.loss_sum] + [v for n in names for v in result.sums[n]]
+            total = self.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=self.device),
+                                            reduction="sum").tolist()
+            result.loss_sum = total[0]
+            result.sums = {n: total[1 + 2 * i:3 + 2 * i] for i, n in enumerate(names)}
         return result
+
+    def _configure_deepspeed(self) -> None:
+        """Fill the DeepSpeed config's batch fields from ours (accelerate needs them before ``prepare``).
+
+        Accumulation boundaries are marked per step by :meth:`optimizer_step`, so a step may hold any
+        number of micro-batches (RL minibatches do); clipping is DeepSpeed's, at ``--max-grad-norm``.
+        """
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        cfg, ds = self.config, plugin.deepspeed_config
+        accum = max(cfg.gradient_accumulation_steps, 1)
+        ds["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
+        ds["gradient_accumulation_steps"] = accum
+        ds["train_batch_size"] = cfg.per_device_batch_size * accum * self.world_size
+        ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0
+        ds.setdefault("steps_per_print", 10**9)  # our progress bar and metrics.jsonl do the reporting
+
+    def sum_across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum of ``tensor`` over the data-parallel ranks (itself with one process)."""
+        if self.world_size == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.device), reduction="sum").to(tensor.device)
+
+    def gather_across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape on each) concatenated along dim 0, in rank order."""
+        if self.world_size == 1:
+            return tensor
+        return self.accelerator.gather(tensor.to(self.device)).to(tensor.device)
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Ready a frozen model (reference policy, reward model) for forward passes on every rank.
+
+        Under DeepSpeed ZeRO-3 transformers loads every model partitioned, so the frozen one runs in a
+        DeepSpeed inference engine that gathers each layer as it goes (no optimizer, no gradients), as the
+        trained model does; everywhere else it is a whole copy on this rank's device.
+        """
+        model.eval().requires_grad_(False)
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None or plugin.zero_stage != 3:
+            return model.to(self.device)
+        import deepspeed
+
+        self._configure_deepspeed()
+        config = {k: v for k, v in plugin.deepspeed_config.items() if k not in ("optimizer", "scheduler")}
+        frozen, *_ = deepspeed.initialize(model=model, config=config)
+        frozen.eval()
+        return frozen
+
+    @contextlib.contextmanager
+    def full_parameters(self, model: torch.nn.Module):
+        """Whole (unsharded) parameters inside the block, for code that calls the model's layers directly
+        outside its forward (sampling, the lean decode step): gathered under ZeRO-3, unsharded under FSDP2,
+        as they are everywhere else. A collective: every rank enters it."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
 
     def _checkpoint_hint(self) -> str:
         last = latest_checkpoint(self.output_dir)
@@ -379,10 +534,12 @@ class Engine:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
-        optimizer, scheduler = self.build_optimizer(model, total_steps)
+        optimizer = self.build_optimizer(model)
+        self._configure_deepspeed()
+        model, optimizer = self.accelerator.prepare(model, optimizer)
         # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
         # per process); it is registered so that checkpoints carry it.
-        model, optimizer = self.accelerator.prepare(model, optimizer)
+        scheduler = self.build_scheduler(optimizer, total_steps)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accelerator.register_for_checkpointing(scheduler)
         for obj in checkpoint_objects:

@@ -8,6 +8,7 @@ Nothing here reduces over tokens unless its docstring says so.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -166,7 +167,8 @@ def gae(
     return advantages.to(values.dtype), returns.to(values.dtype)
 
 
-def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           sum_across: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Masked whitening over all selected elements (one mean / variance for the whole tensor).
 
     With n = sum(mask), mu = sum(v * m) / n and the unbiased variance s2 = sum((v - mu)^2 * m) / (n - 1):
@@ -175,16 +177,19 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1
     Positions with mask 0 come back as 0. With fewer than 2 selected elements the variance is undefined,
     so no division happens: out = v - mu (or v itself when shift_mean=False); with none selected, all 0.
     The statistics are computed in float32 at least; the result has values' dtype. No host sync.
+    ``sum_across`` (e.g. an all-reduce over data-parallel ranks) turns the sums into sums over every
+    rank's elements, so each rank whitens with the statistics of the whole batch.
     """
     if values.shape != mask.shape:
         raise ValueError(f"values shape {tuple(values.shape)} != mask shape {tuple(mask.shape)}")
+    total = sum_across or (lambda t: t)
     dtype = _compute_dtype(values)
     valid = mask.bool()
     v = torch.where(valid, values.to(dtype), 0.0)
-    n = valid.sum().to(dtype)
-    mean = v.sum() / n.clamp(min=1)
+    n, v_sum = total(torch.stack([valid.sum().to(dtype), v.sum()]))
+    mean = v_sum / n.clamp(min=1)
     centered = torch.where(valid, v - mean, 0.0)
-    var = centered.square().sum() / (n - 1).clamp(min=1)
+    var = total(centered.square().sum()) / (n - 1).clamp(min=1)
     # Decided on-device with where() instead of an `if n < 2` that would force a GPU->CPU sync.
     denom = torch.where(n >= 2, torch.sqrt(var + eps), torch.ones_like(var))
     out = centered / denom

@@ -162,11 +162,12 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
     if not lora.enabled or config.ref_model:
         if config.ref_model and config.ref_model != config.model:
             check_same_tokenizer(tokenizer, load_tokenizer(config.ref_model), config.model, config.ref_model)
-        ref_model = load_causal_lm(ref_name, trust_remote_code=config.trust_remote_code).to(engine.device)
-        ref_model.eval().requires_grad_(False)
+        ref_model = load_causal_lm(ref_name, trust_remote_code=config.trust_remote_code)
     packed = resolve_packing(config, model)
     if packed and ref_model is not None:
         use_packed_attention(ref_model)  # the reference scores the same packed batches
+    if ref_model is not None:
+        ref_model = engine.prepare_frozen(ref_model)
     task = DPOTask(config, tokenizer.pad_token_id, packed, ref_model, eval_records)
     if config.precompute_ref:
         precompute_reference(task, model, [records, eval_records], engine.output_dir / "ref_logps.pt",

@@ -48,7 +48,7 @@ from ..losses import (
 from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ..models.attention import use_packed_attention
 from ..rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
-from ..rollout.rewards import REWARD_ENSEMBLES, ScoringBatch, build_reward_source, checked_scores
+from ..rollout.rewards import REWARD_ENSEMBLES, ModelReward, ScoringBatch, build_reward_source, checked_scores
 from .common import (
     _reward_parts,
     forward_inputs,
@@ -358,15 +358,16 @@ class RLTask:
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step + 1)
         policy = engine.accelerator.unwrap_model(model).policy
-        rollout = self.backend.generate(policy, [p["prompt_ids"] for p in prompts], cfg.num_generations,
-                                        self.sampling, generator)
+        with engine.full_parameters(model):  # sampling calls the layers directly: whole weights on each rank
+            rollout = self.backend.generate(policy, [p["prompt_ids"] for p in prompts], cfg.num_generations,
+                                            self.sampling, generator)
         rollout_time = time.perf_counter() - t0
         scores, texts = self.score(prompts, rollout, f" (step {step + 1}{engine._checkpoint_hint()})")
         raw = scores.clone()
         ended = torch.tensor(rollout.ended)
         scores = scores - cfg.missing_eos_penalty * (~ended).float()
-        if cfg.reward_normalize:
-            self.reward_stats.update(scores)
+        if cfg.reward_normalize:  # one normaliser for the run: every rank folds in every rank's scores
+            self.reward_stats.update(engine.gather_across_ranks(scores))
             scores = self.reward_stats.normalize(scores)
         if cfg.reward_clip > 0:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -411,7 +412,7 @@ class RLTask:
             advantages = group_advantages(seq_reward, cfg.num_generations, cfg.advantage)[:, None] * mask
             returns = None
         if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, sum_across=engine.sum_across_ranks)
 
         for i, rec in enumerate(records):
             n = lengths[i]
@@ -423,6 +424,10 @@ class RLTask:
                 rec["returns"] = returns[i, :n].tolist()
 
         tokens = sum(lengths)
+        # the logged statistics and the KL that steers beta are over every rank's rollouts
+        raw, scores, kl_seq = (engine.gather_across_ranks(t) for t in (raw, scores, kl_seq))
+        ended_share = engine.gather_across_ranks(ended.float()).mean()
+        all_lengths = engine.gather_across_ranks(torch.tensor(lengths, dtype=torch.float32))
         metrics = {
             "reward_mean": float(raw.mean()),
             "reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
@@ -430,8 +435,8 @@ class RLTask:
             "kl": float(kl_seq.mean()),
             "reward_penalized": float((scores - beta * kl_seq).mean()),
             "beta": beta,
-            "response_length": float(sum(lengths) / len(lengths)),
-            "no_eos_rate": float((~ended).float().mean()),
+            "response_length": float(all_lengths.mean()),
+            "no_eos_rate": float(1 - ended_share),
             "rollout_tokens_per_s": tokens / max(rollout_time, 1e-9),
             "rollout_time_s": rollout_time,
         }
@@ -503,8 +508,9 @@ class RLTask:
             prompts = self.eval_prompts[start:start + cfg.per_device_eval_batch_size]
             generator = torch.Generator().manual_seed(cfg.seed + 104729 + start)
             unwrapped = self._engine.accelerator.unwrap_model(model)
-            rollout = self.backend.generate(unwrapped.policy, [p["prompt_ids"] for p in prompts],
-                                            cfg.eval_num_generations, self.sampling, generator)
+            with self._engine.full_parameters(model):
+                rollout = self.backend.generate(unwrapped.policy, [p["prompt_ids"] for p in prompts],
+                                                cfg.eval_num_generations, self.sampling, generator)
             scores, _ = self.score(prompts, rollout)
             if self.heldout is not None:
                 held, _ = self.score(prompts, rollout, " (held-out judge)", source=self.heldout)
@@ -588,8 +594,7 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
         ref_name = config.ref_model or config.model
         if config.ref_model and config.ref_model != config.model:
             check_same_tokenizer(tokenizer, load_tokenizer(config.ref_model), config.model, config.ref_model)
-        ref_model = load_causal_lm(ref_name, trust_remote_code=config.trust_remote_code).to(engine.device)
-        ref_model.eval().requires_grad_(False)
+        ref_model = load_causal_lm(ref_name, trust_remote_code=config.trust_remote_code)
 
 
     critic = None
@@ -606,6 +611,11 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
                                                                                          reward=True))
     if packed and ref_model is not None:
         use_packed_attention(ref_model)
+    if ref_model is not None:
+        ref_model = engine.prepare_frozen(ref_model)
+    for source in getattr(reward, "sources", [reward]):  # reward models run like the reference
+        if isinstance(source, ModelReward):
+            source.model = engine.prepare_frozen(source.model)
     task = RLTask(config, tokenizer, packed, ref_model, reward, HFGenerationBackend(tokenizer, config.fast_decode),
                   eval_prompts)
     task._engine = engine
@@ -640,6 +650,6 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
                               "best_step": d.best_step, "best_heldout": d.best_heldout}
     summary.update({"train_prompts": len(prompts), "prompt_rows": report.total_rows, "packing": packed,
                     "algorithm": config.algorithm})
-    engine.save_final(engine.unwrapped_model.policy, tokenizer)
+    engine.save_final(engine.trained_model, tokenizer, submodule="policy")
     engine.write_summary(summary)
     return summary
