@@ -400,8 +400,8 @@ class RLTask:
         width = max(lengths)
         mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).float()
         old_logps = rollout.logprobs[:, :width]
-        check = cfg.logprob_check_steps > 0 and step % cfg.logprob_check_steps == 0 or \
-            cfg.logprob_check_steps == 0 and step == 0
+        every = cfg.logprob_check_steps  # by step number, so a resumed run checks where the original did
+        check = (every > 0 and step % every == 0) or (every == 0 and step == 0)
         recompute = check or getattr(self.backend, "recompute_logprobs", False)
         ref_flat, value_flat, own_flat = [], [], []
         device = engine.device
@@ -427,8 +427,8 @@ class RLTask:
             if check:
                 match = compare_logprobs(old_logps, trainer_logps, mask)
                 logprob_metrics = match.metrics()
-                check_logprob_match(match, cfg.logprob_check_tolerance, f" at step {step + 1} ({cfg.rollout_backend} "
-                                    f"rollouts, {match.tokens} response tokens)")
+                where = f" at step {step + 1} ({cfg.rollout_backend} rollouts, {match.tokens} response tokens)"
+                check_logprob_match(match, cfg.logprob_check_tolerance, where)
             if getattr(self.backend, "recompute_logprobs", False):
                 old_logps = trainer_logps  # PPO's old log-probs from the trainer's numerics, not the engine's
         for name, tensor in (("policy", old_logps), ("reference", ref_logps)):
