@@ -173,6 +173,7 @@ commands:
   eval         compare policies under a judge: win rates with CIs, LC win rate, reward, KL, length
   report       self-contained HTML report (plots, tables, samples) of a run or pipeline folder
   label        human-feedback labelling web app: serve, import, generate, labellers, agreement, export
+  serve-rm     serve a reward model over HTTP (for --reward-url): POST /score, GET /health
   judge        label candidate responses with an AI judge into preference pairs (resumable)
   cai          Constitutional AI: critique -> revision against a constitution; SFT data and pairs
   tiny-model   build a tiny offline model + tokenizer
@@ -187,6 +188,7 @@ SUBCOMMANDS = {
     "eval": (".eval.runner", "main"),
     "report": (".report", "main"),
     "label": (".label.cli", "main"),
+    "serve-rm": (".rollout.reward_server", "main"),
     "judge": (".judges.label", "main"),
     "cai": (".cai", "main"),
     "pipeline": (".pipeline", "pipeline_main"),

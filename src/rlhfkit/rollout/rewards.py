@@ -369,7 +369,8 @@ def post_with_retries(url: str, body: bytes, headers: dict[str, str], *, timeout
 
 
 class HTTPReward:
-    """A reward server: POST ``{"prompts": [...], "responses": [...]}`` as JSON, in chunks of ``batch_size``.
+    """A reward server: POST ``{"prompts": [...], "responses": [...], "ended": [...]}`` as JSON, in chunks of
+    ``batch_size`` (``ended``: whether each response produced EOS / a stop string; servers may ignore it).
 
     The reply is ``{"scores": [...]}``, ``{"rewards": [...]}`` or a bare JSON list, one number per
     response. Connection errors, timeouts, HTTP 429 and 5xx are retried up to ``max_retries`` times,
@@ -414,11 +415,15 @@ class HTTPReward:
         for start in range(0, n, self.batch_size):
             prompts = list(batch.prompts[start:start + self.batch_size])
             responses = list(batch.responses[start:start + self.batch_size])
-            parts.append(self._parse(self._post(prompts, responses), len(responses)))
+            ended = [bool(e) for e in batch.ended[start:start + self.batch_size]]
+            parts.append(self._parse(self._post(prompts, responses, ended), len(responses)))
         return torch.cat(parts)
 
-    def _post(self, prompts: list[str], responses: list[str]) -> bytes:
-        body = json.dumps({"prompts": prompts, "responses": responses}).encode("utf-8")
+    def _post(self, prompts: list[str], responses: list[str], ended: list[bool] | None = None) -> bytes:
+        payload: dict[str, Any] = {"prompts": prompts, "responses": responses}
+        if ended is not None:  # extra key: `rlhfkit serve-rm` adds EOS only to responses that ended
+            payload["ended"] = ended
+        body = json.dumps(payload).encode("utf-8")
         return post_with_retries(self.url, body, self.headers, timeout=self.timeout, max_retries=self.max_retries,
                                  backoff=self.backoff, sleep=self._sleep, who=f"reward server {self.url}")
 

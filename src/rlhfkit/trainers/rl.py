@@ -48,7 +48,9 @@ from ..losses import (
 from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ..models.attention import use_packed_attention
 from ..rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
+from ..rollout.logprob_check import check_logprob_match, compare_logprobs
 from ..rollout.rewards import REWARD_ENSEMBLES, ModelReward, ScoringBatch, build_reward_source, checked_scores
+from ..rollout.vllm_backend import build_rollout_backend
 from .common import (
     _reward_parts,
     forward_inputs,
@@ -68,6 +70,7 @@ ADVANTAGE_TYPES = ("gae",) + GROUP_ADVANTAGE_TYPES
 LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
 KL_MODES = ("reward", "loss")
 CRITICS = ("value_head", "reward_model")
+ROLLOUT_BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -91,6 +94,20 @@ class RLConfig(TrainConfig):
     stop_strings: str = arg("", "Comma-separated strings that end a response (kept, text after cut).")
     fast_decode: bool = arg(True, "Decode Llama/Mistral/Qwen2 policies with rlhfkit's lean step (in-place KV "
                             "buffer; same tokens and log-probs); --no-fast-decode keeps the transformers loop.")
+    rollout_backend: str = arg("hf", "Rollout engine: hf (rlhfkit's KV-cache decode loop) or vllm (needs vLLM and a "
+                               "CUDA GPU; its weights are synced after each update and the trainer re-scores its "
+                               "samples for PPO's old log-probs).")
+    vllm_gpu_memory_utilization: float = arg(0.3, "Share of the GPU vLLM may take (weights + KV cache); the "
+                                             "trainer uses the rest.")
+    vllm_dtype: str = arg("auto", "vLLM weight dtype: auto (the checkpoint's), bfloat16, float16 or float32.")
+    vllm_enforce_eager: bool = arg(False, "Run vLLM without CUDA graphs (faster start, less memory, slower decode).")
+    vllm_sleep: bool = arg(False, "Put vLLM to sleep between rollouts (KV cache freed, weights offloaded to CPU).")
+    logprob_check_steps: int = arg(0, "Compare the rollout engine's log-probs of the sampled tokens with the "
+                                   "trainer's forward: 0 = at the first step, N = every N steps (1, N+1, ...), "
+                                   "-1 = never. Logged as rollout_logprob_diff_mean / _max and "
+                                   "rollout_importance_ratio_mean.")
+    logprob_check_tolerance: float = arg(0.1, "Stop the run when that mean |Δ log-prob| per response token exceeds "
+                                         "this many nats (inf = log only).")
     missing_eos_penalty: float = arg(0.0, "Subtracted from the score of a response that did not end (no EOS "
                                      "or stop string within --max-new-tokens).")
     # reward
@@ -199,6 +216,11 @@ def _check(config: RLConfig) -> None:
         raise ConfigError("--num-minibatches is larger than the number of sequences per rollout")
     if config.kl_coef < 0:
         raise ConfigError("--kl-coef must be >= 0")
+    if config.rollout_backend not in ROLLOUT_BACKENDS:
+        raise ConfigError(f"--rollout-backend must be one of {', '.join(ROLLOUT_BACKENDS)}, "
+                          f"not '{config.rollout_backend}'")
+    if config.logprob_check_steps < -1 or not config.logprob_check_tolerance > 0:
+        raise ConfigError("--logprob-check-steps must be >= -1 and --logprob-check-tolerance > 0")
 
 
 class ActorCritic(torch.nn.Module):
@@ -273,6 +295,7 @@ class RLTask:
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.reward_stats = RunningMoments()
         self.pad_id = tokenizer.pad_token_id
+        self.policy_version, self._synced_version = 0, None  # optimizer updates made / pushed to the engine
 
     # ------------------------------------------------------------------ batches
     def collate(self, records: list[dict]) -> dict[str, Any]:
@@ -358,7 +381,8 @@ class RLTask:
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step + 1)
         policy = engine.accelerator.unwrap_model(model).policy
-        with engine.full_parameters(model):  # sampling calls the layers directly: whole weights on each rank
+        with engine.full_parameters(model):  # sampling and weight sync read whole weights on each rank
+            self._sync_rollout_weights(policy)
             rollout = self.backend.generate(policy, [p["prompt_ids"] for p in prompts], cfg.num_generations,
                                             self.sampling, generator)
         rollout_time = time.perf_counter() - t0
@@ -377,7 +401,10 @@ class RLTask:
         width = max(lengths)
         mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).float()
         old_logps = rollout.logprobs[:, :width]
-        ref_flat, value_flat = [], []
+        every = cfg.logprob_check_steps  # by step number, so a resumed run checks where the original did
+        check = (every > 0 and step % every == 0) or (every == 0 and step == 0)
+        recompute = check or getattr(self.backend, "recompute_logprobs", False)
+        ref_flat, value_flat, own_flat = [], [], []
         device = engine.device
         unwrapped = engine.accelerator.unwrap_model(model)
         unwrapped.eval()
@@ -386,12 +413,25 @@ class RLTask:
                      for k, v in self.collate(records[start:start + cfg.per_device_eval_batch_size]).items()}
             with engine.accelerator.autocast():
                 ref_flat.append(self._reference_logps(unwrapped, batch).float().cpu())
-                if unwrapped.critic_kind is not None:
+                if unwrapped.critic_kind is not None or recompute:
                     with torch.no_grad():
-                        _, values = unwrapped(batch, with_logits=False)
-                    value_flat.append(values[loss_positions(batch)].float().cpu())
+                        logits, values = unwrapped(batch, with_logits=recompute)
+                    if recompute:  # the trainer's own log-probs of the sampled tokens
+                        own_flat.append(response_logps(logits, batch, cfg.temperature)[0].float().cpu())
+                    if values is not None:
+                        value_flat.append(values[loss_positions(batch)].float().cpu())
         unwrapped.train()
         ref_logps = _split_rows(torch.cat(ref_flat), lengths, width)
+        logprob_metrics: dict[str, float] = {}
+        if recompute:
+            trainer_logps = _split_rows(torch.cat(own_flat), lengths, width)
+            if check:
+                match = compare_logprobs(old_logps, trainer_logps, mask)
+                logprob_metrics = match.metrics()
+                where = f" at step {step + 1} ({cfg.rollout_backend} rollouts, {match.tokens} response tokens)"
+                check_logprob_match(match, cfg.logprob_check_tolerance, where)
+            if getattr(self.backend, "recompute_logprobs", False):
+                old_logps = trainer_logps  # PPO's old log-probs from the trainer's numerics, not the engine's
         for name, tensor in (("policy", old_logps), ("reference", ref_logps)):
             if not torch.isfinite(tensor[mask.bool()]).all():
                 raise TrainingError(f"step {step + 1}: non-finite {name} log-probs in the rollout"
@@ -439,6 +479,7 @@ class RLTask:
             "no_eos_rate": float(1 - ended_share),
             "rollout_tokens_per_s": tokens / max(rollout_time, 1e-9),
             "rollout_time_s": rollout_time,
+            **logprob_metrics,
         }
         if values is not None and value_flat:
             valid = mask.bool()
@@ -491,6 +532,7 @@ class RLTask:
                 epoch_kl[1] += result.sums["approx_kl"][1]
             if cfg.approx_kl_stop is not None and epoch_kl[0] / max(epoch_kl[1], 1) > cfg.approx_kl_stop:
                 break
+        self.policy_version += updates  # a rollout engine with its own weights needs them again
         row = {name: s / max(c, 1e-12) for name, (s, c) in totals.items()}
         row.update({"ppo_epochs_run": epochs_run, "optimizer_updates": updates,
                     "rollout_logprob_mismatch": mismatch or 0.0,
@@ -509,6 +551,7 @@ class RLTask:
             generator = torch.Generator().manual_seed(cfg.seed + 104729 + start)
             unwrapped = self._engine.accelerator.unwrap_model(model)
             with self._engine.full_parameters(model):
+                self._sync_rollout_weights(unwrapped.policy)
                 rollout = self.backend.generate(unwrapped.policy, [p["prompt_ids"] for p in prompts],
                                                 cfg.eval_num_generations, self.sampling, generator)
             scores, _ = self.score(prompts, rollout)
@@ -537,6 +580,13 @@ class RLTask:
         if self.heldout is not None:
             self._watch_for_hacking(model, metrics)
         return metrics
+
+    def _sync_rollout_weights(self, policy: torch.nn.Module) -> None:
+        """Push the policy into a rollout engine that keeps its own copy (vLLM) once per update phase; the
+        first rollout of a process syncs too (a resumed run's policy is not the checkpoint vLLM loaded)."""
+        if getattr(self.backend, "needs_weight_sync", False) and self._synced_version != self.policy_version:
+            self.backend.sync_weights(policy)
+            self._synced_version = self.policy_version
 
     def _watch_for_hacking(self, model: torch.nn.Module, metrics: dict[str, float]) -> None:
         """Feed the detector; keep the policy with the best held-out score (OUTPUT_DIR/best_heldout)."""
@@ -616,7 +666,7 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
     for source in getattr(reward, "sources", [reward]):  # reward models run like the reference
         if isinstance(source, ModelReward):
             source.model = engine.prepare_frozen(source.model)
-    task = RLTask(config, tokenizer, packed, ref_model, reward, HFGenerationBackend(tokenizer, config.fast_decode),
+    task = RLTask(config, tokenizer, packed, ref_model, reward, build_rollout_backend(config, tokenizer),
                   eval_prompts)
     task._engine = engine
     checkpointed: list[Any] = [task.kl_controller, task.reward_stats]
