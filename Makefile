@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: pip takes the CPU wheel; a looser pin would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,app]'
+	$(PY) -m pip install --quiet -e '.[dev,app,distributed]'
 	touch $(STAMP)
 
 demo: $(STAMP)
