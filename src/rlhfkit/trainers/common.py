@@ -143,6 +143,25 @@ def reward_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor
     return head(picked).squeeze(-1).float()
 
 
+class LastTokenReward(torch.nn.Module):
+    """A reward model whose forward(batch) is :func:`reward_scores`: the scores are computed *through* the
+    module a DDP / FSDP / DeepSpeed wrapper sees, so its gradient reduction and unsharding hooks run (calling
+    the backbone and head directly would bypass them). Saved as ``.model``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return reward_scores(self.model, batch)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+    def enable_input_require_grads(self) -> None:
+        self.model.enable_input_require_grads()
+
+
 _PACKING_SUPPORT: dict[tuple[type, str | None, bool], bool] = {}
 
 
@@ -251,10 +270,10 @@ def prepare_datasets(config: TrainConfig, tokenizer, formats: tuple[DataFormat, 
 
 
 def finish_run(engine: Engine, task: Any, model: torch.nn.Module, records: list, tokenizer,
-               extra: dict[str, Any]) -> dict[str, Any]:
-    """Train, then save the final model and summary.json; returns the summary."""
+               extra: dict[str, Any], submodule: str | None = None) -> dict[str, Any]:
+    """Train, then save the final model (``model.<submodule>`` when given) and summary.json."""
     summary = engine.train(task, model, records)
     summary.update(extra)
-    engine.save_final(engine.trained_model, tokenizer)
+    engine.save_final(engine.trained_model, tokenizer, submodule=submodule)
     engine.write_summary(summary)
     return summary

@@ -14,12 +14,12 @@ from ..engine import MetricSums, TrainConfig, arg
 from ..losses import ranked_bradley_terry_loss
 from ..models import load_reward_model, load_tokenizer
 from .common import (
+    LastTokenReward,
     finish_run,
     iterate_batches,
     lora_settings,
     prepare_datasets,
     resolve_packing,
-    reward_scores,
     start_run,
     to_device,
 )
@@ -52,7 +52,7 @@ class RewardTask:
         return float(batch["num_groups"])
 
     def _losses(self, model, batch):
-        scores = reward_scores(model, batch)
+        scores = model(batch)
         group_losses, correct, pairs = ranked_bradley_terry_loss(
             scores, batch["ranks"], batch["group_index"], batch["num_groups"], margins=batch["margins"],
             center_rewards_coef=self.center_rewards_coef)
@@ -98,5 +98,6 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     packed = resolve_packing(config, model, reward=True)
     task = RewardTask(tokenizer.pad_token_id, packed, config.center_rewards_coef, eval_records,
                       config.per_device_eval_batch_size)
-    return finish_run(engine, task, model, records, tokenizer,
-                      {"train_rows": report.total_rows, "train_groups": len(records), "packing": packed})
+    return finish_run(engine, task, LastTokenReward(model), records, tokenizer,
+                      {"train_rows": report.total_rows, "train_groups": len(records), "packing": packed},
+                      submodule="model")
