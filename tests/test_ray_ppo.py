@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import threading
@@ -72,11 +73,10 @@ def test_per_role_groups_raise_reward_like_single_process_and_rollout_weights_eq
 
     synced: list[int] = []
 
-    def check_weights(step: int, actors: dict) -> None:
+    def check_weights(step: int, cluster) -> None:
         """Fetched here only (the run itself broadcasts): every rollout worker's tensors equal policy rank 0's."""
-        policy = ray.get(actors["policy"][0].policy_state.remote())
-        for rank, worker in enumerate(actors["rollout"]):
-            got = ray.get(worker.policy_state.remote())
+        policy = cluster.call("policy", "policy_state", ranks=[0])[0]
+        for rank, got in enumerate(cluster.call("rollout", "policy_state")):
             assert got.keys() == policy.keys()
             for name, tensor in policy.items():
                 assert torch.equal(got[name], tensor), (step, rank, name)
@@ -131,32 +131,36 @@ def _kill_when(path: Path, workers_file: Path, role: str, rank: int, killed: dic
 def test_killed_workers_end_the_run_with_a_named_error_and_a_resumable_checkpoint(
         ray_session, tiny_model_dir, files, tmp_path, capsys):
     out = tmp_path / "colocated"
-    argv = ["ppo", "--ray", "--ray-placement", "colocated", "--ray-policy-workers", "2", "--ray-cpus-per-worker",
+    # colocated: process 0 runs rank 0 of every role, process 1 policy[1], critic[1], reward[1], rollout[1]
+    # (its rollout worker copies policy rank 1's weights in place), process 2 reward[2] alone
+    argv = ["ppo", "--ray", "--ray-placement", "colocated", "--ray-policy-workers", "2", "--ray-critic-workers", "2",
+            "--ray-reward-workers", "3", "--ray-rollout-workers", "2", "--ray-check-sync", "--ray-cpus-per-worker",
             "0.5", "--ray-timeout-s", "60", "--model", str(tiny_model_dir), "--dataset", str(files / "prompts.jsonl"),
             "--output-dir", str(out), "--reward-fn", f"{files / 'reward.py'}:count_e", "--max-steps", "8",
             "--save-steps", "2", "--prompts-per-step", "4", "--max-new-tokens", "8", "--ppo-epochs", "2",
             "--num-generations", "1", "--learning-rate", "1e-2", "--kl-coef", "0.5", "--kl-target", "4",
             "--kl-horizon", "64", "--no-progress-bar", "--num-threads", "1"]
 
-    # 1. a policy rank dies mid-run (its peer waits in a DDP all-reduce): a quick error, not a hang
+    # 1. process 1 dies mid-run (its peers wait in DDP all-reduces): a quick error, not a hang
     killed: dict = {}
     thread = _kill_when(out / "checkpoint-2", out / "ray_workers.json", "policy", 1, killed)
     assert main(argv) == 2
     thread.join()
     waited = time.monotonic() - killed["at"]
     err = capsys.readouterr().err
-    assert "Ray policy worker 1 died" in err and "rerun with --resume" in err, err
+    assert re.search(r"Ray (policy|critic|reward|rollout) worker 1 \(its process also ran .*\) died", err), err
+    assert "rerun with --resume" in err
     last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert f"checkpoint-{last}" in err.splitlines()[-1]
     assert waited < 30, waited  # far below the 60 s collective timeout: the driver stopped the group itself
 
     # 2. resumed; now the reward worker dies: the training groups are intact, so the last finished step is saved
     killed.clear()
-    thread = _kill_when(out / f"checkpoint-{last + 2}", out / "ray_workers.json", "reward", 0, killed)
+    thread = _kill_when(out / f"checkpoint-{last + 2}", out / "ray_workers.json", "reward", 2, killed)
     assert main([*argv, "--resume"]) == 2
     thread.join()
     err = capsys.readouterr().err
-    assert "Ray reward worker 0 died" in err and "saved now, at the last finished step" in err, err
+    assert "Ray reward worker 2 died during scoring" in err and "saved now, at the last finished step" in err, err
     rows = _rows(out)
     saved = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert saved >= last + 2 and [r["step"] for r in rows] == list(range(1, saved + 1))
@@ -184,6 +188,8 @@ def test_bad_ray_settings_are_one_line_errors(tiny_model_dir, files, tmp_path):
         run_ray_rl(PPOConfig(**{**base, "prompts_per_step": 4}, ray_rollout_workers=5))
     with pytest.raises(ConfigError, match="LoRA is not supported with --ray"):
         run_ray_rl(PPOConfig(**base, lora_r=4))
+    with pytest.raises(ConfigError, match="--ray-critic-workers must equal --ray-policy-workers"):
+        run_ray_rl(PPOConfig(**base, ray_placement="colocated", ray_policy_workers=2))
     with pytest.raises(ConfigError, match="needs at least --num-minibatches"):
         run_ray_rl(PPOConfig(**{**base, "prompts_per_step": 2, "num_minibatches": 2}, ray_critic_workers=2))
 
@@ -204,3 +210,17 @@ def test_training_error_names_the_role():
     assert message == ("Ray reference worker 0 did not answer within 30s during reference and values at step 5; "
                        "the last good checkpoint: out/checkpoint-4 (fix the cause, then rerun with --resume)")
     assert isinstance(TrainingError(message), TrainingError)
+
+
+def test_placement_plans():
+    from rlhfkit.distributed.ray_ppo import placement_plan
+
+    counts = {"policy": 2, "critic": 2, "reference": 1, "reward": 3, "rollout": 1}
+    groups, hosts = placement_plan(counts, "colocated", 2.0, use_gpu=True)
+    assert groups == [[{"CPU": 2.0, "GPU": 1.0}] * 3]  # one placement group, a bundle per process
+    assert [roles for _, _, roles in hosts] == [
+        [("policy", 0), ("critic", 0), ("reference", 0), ("reward", 0), ("rollout", 0)],
+        [("policy", 1), ("critic", 1), ("reward", 1)], [("reward", 2)]]
+    groups, hosts = placement_plan(counts, "per_role", 0.5, use_gpu=False)
+    assert [len(g) for g in groups] == [2, 2, 1, 3, 1] and len(hosts) == 9  # a group per role, a process per rank
+    assert all(len(roles) == 1 for _, _, roles in hosts)

@@ -96,6 +96,10 @@ def check_ray_config(config: RLConfig) -> None:
         if getattr(config, f"ray_{role}_workers") > prompts:
             raise ConfigError(f"--ray-{role}-workers ({getattr(config, f'ray_{role}_workers')}) is more than the "
                               f"{prompts} prompts of a step: some workers would get nothing")
+    if config.ray_placement == "colocated" and config.advantage == "gae" and \
+            config.ray_critic_workers != config.ray_policy_workers:
+        raise ConfigError("--ray-placement colocated runs policy rank i and critic rank i in one process (one "
+                          "data-parallel group): --ray-critic-workers must equal --ray-policy-workers")
     sequences = prompts * config.num_generations
     if config.advantage == "gae" and sequences // config.ray_critic_workers < config.num_minibatches:
         raise ConfigError(f"--ray-critic-workers {config.ray_critic_workers}: each critic worker needs at least "
@@ -112,28 +116,24 @@ def roles_of(config: RLConfig) -> dict[str, int]:
     return counts
 
 
-def placement_plan(counts: dict[str, int], placement: str, cpus: float,
-                   use_gpu: bool) -> tuple[list[list[dict[str, float]]], dict[tuple[str, int], tuple[int, int, dict]]]:
-    """Placement groups (lists of bundles) and, for every (role, rank), (group, bundle, actor resources).
+def placement_plan(counts: dict[str, int], placement: str,
+                   cpus: float, use_gpu: bool) -> tuple[list[list[dict[str, float]]], list[tuple[int, int, list]]]:
+    """Placement groups (lists of bundles) and the actors: (group, bundle, [(role, rank), ...]) for each.
 
-    colocated: one group of max(counts) bundles; rank i of every role shares bundle i (its CPUs and GPU split
-    evenly between the roles there). per_role: one group per role, one whole bundle per actor.
+    colocated: one group of max(counts) bundles; actor i hosts rank i of every role (roles share the process,
+    its CPUs and GPU, and a rollout worker copies its co-hosted policy rank's weights). per_role: one group per
+    role, one actor per rank, each in a bundle of its own.
     """
     bundle = {"CPU": float(cpus), **({"GPU": 1.0} if use_gpu else {})}
-    where: dict[tuple[str, int], tuple[int, int, dict]] = {}
     if placement == "colocated":
         width = max(counts.values())
-        sharing = [sum(1 for n in counts.values() if n > i) for i in range(width)]
-        for role, n in counts.items():
-            for rank in range(n):
-                where[role, rank] = (0, rank, {k: v / sharing[rank] for k, v in bundle.items()})
-        return [[dict(bundle) for _ in range(width)]], where
-    groups = []
+        hosts = [(0, i, [(role, i) for role, n in counts.items() if n > i]) for i in range(width)]
+        return [[dict(bundle) for _ in range(width)]], hosts
+    groups, hosts = [], []
     for role, n in counts.items():
-        for rank in range(n):
-            where[role, rank] = (len(groups), rank, dict(bundle))
+        hosts += [(len(groups), rank, [(role, rank)]) for rank in range(n)]
         groups.append([dict(bundle) for _ in range(n)])
-    return groups, where
+    return groups, hosts
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -321,7 +321,11 @@ class TrainWorker(_Worker):
         import torch.distributed as dist
 
         cfg = self.config
-        if world_size > 1:
+        if world_size > 1 and dist.is_initialized():  # colocated: the policy rank in this process made it
+            if (dist.get_rank(), dist.get_world_size()) != (self.rank, world_size):
+                raise ConfigError(f"{self.role} rank {self.rank} shares a process with rank {dist.get_rank()} of "
+                                  f"another group of {dist.get_world_size()}: colocated groups must match")
+        elif world_size > 1:
             # accelerate reads these, as under `accelerate launch`; the group is made here first so that its
             # collectives get --ray-timeout-s (accelerate keeps an initialised group)
             os.environ.update({"MASTER_ADDR": address, "MASTER_PORT": str(port), "RANK": str(self.rank),
@@ -469,19 +473,49 @@ _WORKER_CLASSES = {"policy": TrainWorker, "critic": TrainWorker, "reference": Re
                    "reward": RewardWorker, "rollout": RolloutWorker}
 
 
+class RoleHost:
+    """One Ray actor (one process) hosting one or more role workers (several when colocated)."""
+
+    def __init__(self, config: RLConfig, roles: list[tuple[str, int]]):
+        self.workers = {(role, rank): _WORKER_CLASSES[role](config, role, rank) for role, rank in roles}
+
+    def run(self, role: str, rank: int, method: str, *args: Any) -> Any:
+        """``method(*args)`` of the hosted worker (role, rank)."""
+        return getattr(self.workers[role, rank], method)(*args)
+
+    def info(self) -> dict[str, Any]:
+        return next(iter(self.workers.values())).info()
+
+    def copy_policy(self, policy_rank: int, rollout_rank: int) -> float:
+        """The weight sync of a rollout worker that shares this process with a policy rank: a local copy (every
+        policy rank holds the same weights). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        source = self.workers["policy", policy_rank]._weights_module()
+        target = self.workers["rollout", rollout_rank]._weights_module()
+        with torch.no_grad():
+            for (name, a), (other, b) in zip(source.named_parameters(), target.named_parameters(), strict=True):
+                if name != other or a.shape != b.shape:
+                    raise TrainingError(f"rollout worker {rollout_rank}'s parameter {other} does not match the "
+                                        f"policy's {name}")
+                b.copy_(a)
+        return time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- the driver
 
 
 class WorkerFailure(Exception):
     """A worker call failed: it died, hung past the timeout, or raised."""
 
-    def __init__(self, kind: str, role: str, rank: int, phase: str, cause: BaseException | None = None):
+    def __init__(self, kind: str, role: str, rank: int, phase: str, cause: BaseException | None = None,
+                 others: Sequence[tuple[str, int]] = ()):
         super().__init__(f"{kind}: {role}[{rank}] in {phase}")
         self.kind, self.role, self.rank, self.phase, self.cause = kind, role, rank, phase, cause
+        self.others = list(others)  # roles sharing its process (colocated): they died with it
 
 
 class RayCluster:
-    """The actors of one run: placement groups, one list of actors per role, bounded waits, teardown."""
+    """The actors of one run: placement groups, the hosts of every (role, rank), bounded waits, teardown."""
 
     def __init__(self, config: RLConfig, ray: Any):
         from ray.util.placement_group import placement_group
@@ -490,8 +524,11 @@ class RayCluster:
         self.config, self.ray = config, ray
         self.timeout = config.ray_timeout_s
         self.counts = roles_of(config)
-        groups, where = placement_plan(self.counts, config.ray_placement, config.ray_cpus_per_worker,
-                                       config.ray_use_gpu)
+        groups, plan = placement_plan(self.counts, config.ray_placement, config.ray_cpus_per_worker,
+                                      config.ray_use_gpu)
+        self.hosts: list[Any] = []
+        self.host_roles = [roles for _, _, roles in plan]
+        self.host_of = {key: i for i, roles in enumerate(self.host_roles) for key in roles}
         self.placement_groups = [placement_group(bundles, strategy="PACK") for bundles in groups]
         ready = [pg.ready() for pg in self.placement_groups]
         if len(ray.wait(ready, num_returns=len(ready), timeout=self.timeout)[0]) < len(ready):
@@ -501,17 +538,13 @@ class RayCluster:
                               f"{' and GPUs' if config.ray_use_gpu else ''} in {config.ray_placement} bundles, the "
                               f"cluster has {ray.cluster_resources()}; lower --ray-cpus-per-worker or the "
                               "--ray-*-workers counts")
-        self.actors: dict[str, list[Any]] = {}
-        for role, n in self.counts.items():
-            remote = ray.remote(max_restarts=0)(_WORKER_CLASSES[role])
-            self.actors[role] = []
-            for rank in range(n):
-                group, bundle, resources = where[role, rank]
-                strategy = PlacementGroupSchedulingStrategy(self.placement_groups[group],
-                                                            placement_group_bundle_index=bundle)
-                self.actors[role].append(remote.options(
-                    num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0), scheduling_strategy=strategy,
-                ).remote(config, role, rank))
+        remote = ray.remote(max_restarts=0)(RoleHost)
+        for group, bundle, roles in plan:
+            strategy = PlacementGroupSchedulingStrategy(self.placement_groups[group],
+                                                        placement_group_bundle_index=bundle)
+            self.hosts.append(remote.options(num_cpus=groups[group][bundle]["CPU"],
+                                             num_gpus=groups[group][bundle].get("GPU", 0),
+                                             scheduling_strategy=strategy).remote(config, roles))
 
     def call(self, role: str, method: str, args_per_rank: Sequence[tuple] | None = None, phase: str = "",
              ranks: Sequence[int] | None = None) -> list:
@@ -520,10 +553,15 @@ class RayCluster:
 
     def submit(self, role: str, method: str, args_per_rank: Sequence[tuple] | None = None,
                ranks: Sequence[int] | None = None) -> list[tuple[Any, str, int]]:
-        ranks = list(range(len(self.actors[role]))) if ranks is None else list(ranks)
+        """Start ``method`` on ranks of ``role``; an actor runs its calls in the order they were submitted."""
+        ranks = list(range(self.counts[role])) if ranks is None else list(ranks)
         args_per_rank = args_per_rank or [()] * len(ranks)
-        return [(getattr(self.actors[role][rank], method).remote(*args), role, rank)
+        return [(self.hosts[self.host_of[role, rank]].run.remote(role, rank, method, *args), role, rank)
                 for rank, args in zip(ranks, args_per_rank)]
+
+    def submit_host(self, role: str, rank: int, method: str, *args: Any) -> tuple[Any, str, int]:
+        """Start a RoleHost method on the actor of (role, rank)."""
+        return getattr(self.hosts[self.host_of[role, rank]], method).remote(*args), role, rank
 
     def gather(self, calls: Sequence[tuple[Any, str, int]], phase: str) -> list:
         """Results of ``calls`` in order; the first death, error or the timeout raises WorkerFailure."""
@@ -535,16 +573,21 @@ class RayCluster:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
             if not ready:
                 role, rank = next(iter(pending.values()))
-                raise WorkerFailure("timeout", role, rank, phase)
+                raise WorkerFailure("timeout", role, rank, phase, others=self.co_hosted(role, rank))
             for ref in ready:
                 role, rank = pending.pop(ref)
                 try:
                     results[ref] = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # the method raised: keep its error
-                    raise WorkerFailure("error", role, rank, phase, exc.cause or exc) from None
+                    raise WorkerFailure("error", role, rank, phase, exc.cause or exc,
+                                        self.co_hosted(role, rank)) from None
                 except ray.exceptions.RayError as exc:  # the actor process is gone
-                    raise WorkerFailure("died", role, rank, phase, exc) from None
+                    raise WorkerFailure("died", role, rank, phase, exc, self.co_hosted(role, rank)) from None
         return [results[ref] for ref, _, _ in calls]
+
+    def co_hosted(self, role: str, rank: int) -> list[tuple[str, int]]:
+        """The other (role, rank) in the process of (role, rank)."""
+        return [key for key in self.host_roles[self.host_of[role, rank]] if key != (role, rank)]
 
     def wait_idle(self, calls: Sequence[tuple[Any, str, int]]) -> bool:
         """Wait (bounded) for calls still running; True when all finished without error."""
@@ -555,12 +598,11 @@ class RayCluster:
             return False
 
     def shutdown(self) -> None:
-        for actors in getattr(self, "actors", {}).values():
-            for actor in actors:
-                with contextlib.suppress(Exception):
-                    self.ray.kill(actor, no_restart=True)
         from ray.util.placement_group import remove_placement_group
 
+        for host in self.hosts:
+            with contextlib.suppress(Exception):
+                self.ray.kill(host, no_restart=True)
         for pg in self.placement_groups:
             with contextlib.suppress(Exception):
                 remove_placement_group(pg)
@@ -568,6 +610,8 @@ class RayCluster:
 
 def _failure_message(failure: WorkerFailure, step: int, checkpoint: Path | None, saved: bool, timeout: float) -> str:
     who = f"Ray {failure.role} worker {failure.rank}"
+    if failure.others:
+        who += f" (its process also ran {', '.join(f'{role}[{rank}]' for role, rank in failure.others)})"
     if failure.kind == "died":
         what = f"{who} died during {failure.phase} at step {step + 1}"
     elif failure.kind == "timeout":
@@ -582,10 +626,10 @@ def _failure_message(failure: WorkerFailure, step: int, checkpoint: Path | None,
     return f"{what}; {how}: {checkpoint} (fix the cause, then rerun with --resume)"
 
 
-def run_ray_rl(config: RLConfig, on_sync: Callable[[int, dict[str, list[Any]]], None] | None = None) -> dict[str, Any]:
+def run_ray_rl(config: RLConfig, on_sync: Callable[[int, RayCluster], None] | None = None) -> dict[str, Any]:
     """Train with PPO / GRPO / RLOO on Ray (see the module docstring); returns the summary.
 
-    ``on_sync(step, actors)`` runs after every weight broadcast (tests compare worker weights there).
+    ``on_sync(step, cluster)`` runs after every weight sync (tests fetch and compare worker weights there).
     """
     require(config, "model", "dataset", "output_dir")
     check_ray_config(config)
@@ -653,41 +697,52 @@ class _Driver:
         self.config, self.cluster, self.task, self.prompts = config, cluster, task, prompts
         self.total_steps, self.out, self.tokenizer = total_steps, out, tokenizer
         self.has_critic = "critic" in cluster.counts
+        self.local: dict[int, int] = {}  # rollout rank -> the policy rank in its process
+        self.remote: list[int] = []  # rollout ranks that get the weights by broadcast
 
     # -------------------------------------------------------------- set-up
     def _setup(self, checkpoint: Path | None) -> str:
         c = self.cluster
-        infos = {role: c.call(role, "info", phase="start-up") for role in c.actors}
+        infos = c.gather([c.submit_host(*roles[0], "info") for roles in c.host_roles], "start-up")
         atomic_write_text(self.out / "ray_workers.json", json.dumps(
             [{"role": role, "rank": rank, "pid": info["pid"], "ip": info["ip"]}
-             for role, rows in infos.items() for rank, info in enumerate(rows)], indent=2))
+             for roles, info in zip(c.host_roles, infos) for role, rank in roles], indent=2))
         calls = []
         for role in TRAINING_ROLES:
-            if role not in c.actors:
-                continue
-            lead = infos[role][0]
-            resume = str(checkpoint / role) if checkpoint is not None else None
-            args = [(lead["ip"], lead["port"], len(c.actors[role]), self.total_steps, resume)] * len(c.actors[role])
-            calls += c.submit(role, "setup", args)
+            if role in c.counts:
+                lead = infos[c.host_of[role, 0]]
+                resume = str(checkpoint / role) if checkpoint is not None else None
+                calls += c.submit(role, "setup", [(lead["ip"], lead["port"], c.counts[role], self.total_steps,
+                                                   resume)] * c.counts[role])
         for role in ("reference", "reward", "rollout"):
             calls += c.submit(role, "setup")
         notes = c.gather(calls, "start-up")
-        # the weight-broadcast group: policy rank 0 is rank 0 (a second free port on its node)
-        lead = c.call("policy", "info", ranks=[0], phase="start-up")[0]
-        size = 1 + len(c.actors["rollout"])
-        specs = c.gather(c.submit("policy", "join_weight_group", [(lead["ip"], lead["port"], 0, size)], ranks=[0])
-                         + c.submit("rollout", "join_weight_group",
-                                    [(lead["ip"], lead["port"], 1 + r, size) for r in range(size - 1)]),
-                         "start-up (weight group)")
-        for rank, spec in enumerate(specs[1:]):
-            if spec != specs[0]:
-                raise ConfigError(f"rollout worker {rank}'s model has other parameters than the policy's")
+        # a rollout worker in the process of a policy rank copies its weights there; the others get them by a
+        # broadcast from policy rank 0 over a group of their own (rank 0 = policy rank 0)
+        policy_hosts = {c.host_of["policy", r]: r for r in range(c.counts["policy"])}
+        self.local = {r: policy_hosts[c.host_of["rollout", r]] for r in range(c.counts["rollout"])
+                      if c.host_of["rollout", r] in policy_hosts}
+        self.remote = [r for r in range(c.counts["rollout"]) if r not in self.local]
+        if self.remote:
+            lead = c.gather([c.submit_host("policy", 0, "info")], "start-up")[0]
+            size = 1 + len(self.remote)
+            specs = c.gather(c.submit("policy", "join_weight_group", [(lead["ip"], lead["port"], 0, size)], [0])
+                             + c.submit("rollout", "join_weight_group",
+                                        [(lead["ip"], lead["port"], 1 + i, size) for i in range(len(self.remote))],
+                                        self.remote), "start-up (weight group)")
+            for rank, spec in zip(self.remote, specs[1:]):
+                if spec != specs[0]:
+                    raise ConfigError(f"rollout worker {rank}'s model has other parameters than the policy's")
         return notes[0]
 
     def _sync(self, step: int, on_sync: Callable | None) -> float:
+        """Policy weights into every rollout worker: local copies and one broadcast, at once."""
         c = self.cluster
-        seconds = c.gather(c.submit("policy", "sync_weights", ranks=[0]) + c.submit("rollout", "sync_weights"),
-                           "weight sync")
+        calls = [c.submit_host("rollout", r, "copy_policy", p, r) for r, p in self.local.items()]
+        if self.remote:
+            calls += c.submit("policy", "sync_weights", ranks=[0]) + c.submit("rollout", "sync_weights",
+                                                                              ranks=self.remote)
+        seconds = c.gather(calls, "weight sync")
         if self.config.ray_check_sync:
             digests = c.gather(c.submit("policy", "policy_digests", ranks=[0]) + c.submit("rollout", "policy_digests"),
                                "weight check")
@@ -695,9 +750,9 @@ class _Driver:
                 if got != digests[0]:
                     bad = sum(a != b for a, b in zip(got, digests[0]))
                     raise TrainingError(f"step {step + 1}: rollout worker {rank} has {bad} tensor(s) that differ "
-                                        "from the policy's after the weight broadcast")
+                                        "from policy rank 0's after the weight sync")
         if on_sync is not None:
-            on_sync(step, c.actors)
+            on_sync(step, c)
         return max(seconds)
 
     # -------------------------------------------------------------- checkpoints
@@ -707,8 +762,8 @@ class _Driver:
         def write(tmp: Path) -> None:
             calls = []
             for role in TRAINING_ROLES:
-                if role in c.actors:
-                    calls += c.submit(role, "save_state", [(str(tmp / role),)] * len(c.actors[role]))
+                if role in c.counts:
+                    calls += c.submit(role, "save_state", [(str(tmp / role),)] * c.counts[role])
             c.gather(calls, "checkpoint")
             (tmp / "driver_state.json").write_text(json.dumps(driver_state))
             (tmp / STATE_FILE).write_text(json.dumps({"step": done, "total_steps": self.total_steps,
@@ -728,19 +783,17 @@ class _Driver:
         self.phase_calls: list = []
         sync_s = self._sync(step, on_sync)
 
-        self.phase = "rollout"
-        n_policy = len(c.actors["policy"])
+        n_policy = c.counts["policy"]
         chosen = step_prompts(self.prompts, step, cfg.prompts_per_step * n_policy, cfg.seed, n_policy > 1, order)
-        bounds = shard_bounds(len(chosen), len(c.actors["rollout"]))
+        bounds = shard_bounds(len(chosen), c.counts["rollout"])
         parts = c.call("rollout", "generate", [([p["prompt_ids"] for p in chosen[lo:hi]], step, shard)
                                                for shard, (lo, hi) in enumerate(bounds)], "rollout")
         rollout = concat_rollouts([r for r, _ in parts])
         rollout_time = max(t for _, t in parts)
 
-        self.phase = "scoring"
         g = cfg.num_generations
         hint = f" (step {step + 1}{self._hint()})"
-        bounds = shard_bounds(len(chosen), len(c.actors["reward"]))
+        bounds = shard_bounds(len(chosen), c.counts["reward"])
         scored = c.call("reward", "score", [([{"prompt": p["prompt"]} for p in chosen[lo:hi]],
                                              slice_rollout(rollout, lo * g, hi * g), hint) for lo, hi in bounds],
                         "scoring")
@@ -748,12 +801,11 @@ class _Driver:
         texts = [t for _, part in scored for t in part]
         raw, scores = task.shape_scores(scores, rollout.ended)
 
-        self.phase = "reference and values"
         records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
-        ref_bounds = shard_bounds(len(records), len(c.actors["reference"]))
+        ref_bounds = shard_bounds(len(records), c.counts["reference"])
         calls = c.submit("reference", "logps", [(records[lo:hi],) for lo, hi in ref_bounds])
         if self.has_critic:
-            value_bounds = shard_bounds(len(records), len(c.actors["critic"]))
+            value_bounds = shard_bounds(len(records), c.counts["critic"])
             self.phase_calls = c.submit("critic", "values", [(records[lo:hi],) for lo, hi in value_bounds])
             calls = calls + self.phase_calls
         results = c.gather(calls, "reference and values")
@@ -763,7 +815,6 @@ class _Driver:
         exp = task.experience(chosen, rollout, texts, raw, scores, ref_flat, value_flat, rollout_time,
                               f"step {step + 1}", self._hint())
 
-        self.phase = "update"
         records, beta = exp["records"], task.kl_controller.beta
         per_rank = cfg.prompts_per_step * g
         policy_calls = c.submit("policy", "update", [(records[r * per_rank:(r + 1) * per_rank], step, beta, None)
@@ -771,7 +822,7 @@ class _Driver:
         critic_args = []
         if self.has_critic:
             critic_args = [(records[lo:hi], step, beta) for lo, hi in shard_bounds(len(records),
-                                                                                   len(c.actors["critic"]))]
+                                                                                   c.counts["critic"])]
         if self.has_critic and cfg.approx_kl_stop is None:  # both groups train at once
             rows = c.gather(policy_calls + c.submit("critic", "update", [a + (None,) for a in critic_args]), "update")
             policy_row, critic_row = rows[0], rows[n_policy]
@@ -805,7 +856,7 @@ class _Driver:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        step, self.phase, self.phase_calls = start_step, "start-up", []
+        step, self.phase_calls = start_step, []
         state_before = self._driver_state()
         bar = None
         try:
@@ -828,11 +879,9 @@ class _Driver:
                     bar.set_postfix({k: f"{row[k]:.4g}" for k in task_keys(row)})
                     last.update(row)
                 if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done != self.total_steps:
-                    self.phase = "checkpoint"
                     self._save(done, self._driver_state())
-            self.phase = "final save"
             c = self.cluster
-            c.gather([call for role in TRAINING_ROLES if role in c.actors for call in c.submit(role, "save_final")],
+            c.gather([call for role in TRAINING_ROLES if role in c.counts for call in c.submit(role, "save_final")],
                      "final save")
         except WorkerFailure as failure:
             raise self._fail(failure, step, state_before) from failure.cause
@@ -850,7 +899,8 @@ class _Driver:
             return failure.cause  # e.g. a NaN reward: the worker's message already names the checkpoint
         saved = False
         checkpoint = latest_checkpoint(self.out)
-        if failure.kind == "died" and failure.role not in TRAINING_ROLES and \
+        lost = [failure.role] + [role for role, _ in failure.others]
+        if failure.kind == "died" and not set(lost) & set(TRAINING_ROLES) and \
                 failure.phase in ("rollout", "scoring", "reference and values") and step > 0:
             if self.cluster.wait_idle(self.phase_calls):
                 try:
