@@ -151,7 +151,7 @@ def test_killed_workers_end_the_run_with_a_named_error_and_a_resumable_checkpoin
     assert re.search(r"Ray (policy|critic|reward|rollout) worker 1 \(its process also ran .*\) died", err), err
     assert "rerun with --resume" in err
     last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    assert f"checkpoint-{last}" in err.splitlines()[-1]
+    assert f"checkpoint-{last} (fix the cause" in next(line for line in err.splitlines() if "error:" in line)
     assert waited < 30, waited  # far below the 60 s collective timeout: the driver stopped the group itself
 
     # 2. resumed; now the reward worker dies: the training groups are intact, so the last finished step is saved
@@ -176,6 +176,7 @@ def test_killed_workers_end_the_run_with_a_named_error_and_a_resumable_checkpoin
         error = min(max(prev["kl"] / 4.0 - 1.0, -0.2), 0.2)
         assert row["beta"] == pytest.approx(prev["beta"] * (1 + error * 8 / 64), rel=1e-9), row["step"]
     assert rows[-1]["beta"] < 0.5
+    assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
 
 
 def test_bad_ray_settings_are_one_line_errors(tiny_model_dir, files, tmp_path):
@@ -205,8 +206,9 @@ def test_help_documents_the_ray_options(capsys):
 def test_training_error_names_the_role():
     from rlhfkit.distributed.ray_ppo import WorkerFailure, _failure_message
 
-    message = _failure_message(WorkerFailure("timeout", "reference", 0, "reference and values"), 4,
-                               Path("out/checkpoint-4"), False, 30)
+    failure = WorkerFailure("timeout", "reference", 0, "reference and values")
+    failure.waited = 30
+    message = _failure_message(failure, 4, Path("out/checkpoint-4"), False)
     assert message == ("Ray reference worker 0 did not answer within 30s during reference and values at step 5; "
                        "the last good checkpoint: out/checkpoint-4 (fix the cause, then rerun with --resume)")
     assert isinstance(TrainingError(message), TrainingError)

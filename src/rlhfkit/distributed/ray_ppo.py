@@ -17,9 +17,14 @@ penalty, reward normalisation, per-token KL, GAE, whitening) and the adaptive KL
 metrics.jsonl / samples.jsonl with the single-process keys, and saves checkpoints (each training group's
 accelerate state + the driver's KL controller and reward statistics) that ``--resume`` continues.
 
-Every wait is bounded (``--ray-timeout-s`` on calls, collectives and placement): a worker that dies ends the
-run with a :class:`TrainingError` naming its role and the last checkpoint; when it was an inference or
-rollout worker, the training groups are intact and a checkpoint of the last finished step is saved first.
+Every wait is bounded (``--ray-timeout-s`` on calls and collectives, ``--ray-startup-timeout-s`` on placement
+and start-up): a worker that dies ends the run with a :class:`TrainingError` naming its role and the last
+checkpoint; when its process held no training rank, the training groups are intact and a checkpoint of the
+last finished step is saved first.
+
+Placement: ``per_role`` gives every (role, rank) an actor and a bundle of its own; ``colocated`` runs rank i of
+every role in actor i (one bundle: on GPUs, one device), where a rollout worker copies the weights of the
+policy rank beside it instead of receiving the broadcast.
 """
 
 from __future__ import annotations
@@ -60,7 +65,6 @@ from ..trainers.rl import ActorCritic, RLConfig, RLTask, _write_samples, rollout
 logger = logging.getLogger("rlhfkit")
 
 PLACEMENTS = ("colocated", "per_role")
-ROLES = ("policy", "critic", "reference", "reward", "rollout")
 TRAINING_ROLES = ("policy", "critic")
 _BUCKET_ELEMENTS = 1 << 26  # weights are broadcast in flat buffers of at most this many elements
 
@@ -83,8 +87,8 @@ def check_ray_config(config: RLConfig) -> None:
     for role in ("policy", "critic", "ref", "reward", "rollout"):
         if getattr(config, f"ray_{role}_workers") < 1:
             raise ConfigError(f"--ray-{role}-workers must be >= 1")
-    if config.ray_cpus_per_worker <= 0 or config.ray_timeout_s <= 0:
-        raise ConfigError("--ray-cpus-per-worker and --ray-timeout-s must be > 0")
+    if min(config.ray_cpus_per_worker, config.ray_timeout_s, config.ray_startup_timeout_s) <= 0:
+        raise ConfigError("--ray-cpus-per-worker, --ray-timeout-s and --ray-startup-timeout-s must be > 0")
     unsupported = {"lora_r": "LoRA", "eval_dataset": "--eval-dataset", "heldout_judge": "--heldout-judge",
                    "report_to": "--report-to"}
     for name, what in unsupported.items():
@@ -206,6 +210,10 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         except json.JSONDecodeError:  # a line cut short by the crash
             continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _resources(resources: dict[str, float]) -> str:
+    return ", ".join(f"{resources.get(kind, 0):g} {kind}s" for kind in ("CPU", "GPU"))
 
 
 def _free_port() -> int:
@@ -512,6 +520,7 @@ class WorkerFailure(Exception):
         super().__init__(f"{kind}: {role}[{rank}] in {phase}")
         self.kind, self.role, self.rank, self.phase, self.cause = kind, role, rank, phase, cause
         self.others = list(others)  # roles sharing its process (colocated): they died with it
+        self.waited = 0.0  # seconds waited, for a timeout
 
 
 class RayCluster:
@@ -531,13 +540,14 @@ class RayCluster:
         self.host_of = {key: i for i, roles in enumerate(self.host_roles) for key in roles}
         self.placement_groups = [placement_group(bundles, strategy="PACK") for bundles in groups]
         ready = [pg.ready() for pg in self.placement_groups]
-        if len(ray.wait(ready, num_returns=len(ready), timeout=self.timeout)[0]) < len(ready):
+        if len(ray.wait(ready, num_returns=len(ready), timeout=config.ray_startup_timeout_s)[0]) < len(ready):
             need = sum(b.get("CPU", 0) for g in groups for b in g)
             self.shutdown()
-            raise ConfigError(f"Ray could not place the workers within {self.timeout:g}s: they need {need:g} CPUs"
+            raise ConfigError(f"Ray could not place the workers within {config.ray_startup_timeout_s:g}s: they "
+                              f"need {need:g} CPUs"
                               f"{' and GPUs' if config.ray_use_gpu else ''} in {config.ray_placement} bundles, the "
-                              f"cluster has {ray.cluster_resources()}; lower --ray-cpus-per-worker or the "
-                              "--ray-*-workers counts")
+                              f"cluster has {_resources(ray.cluster_resources())} ({_resources(ray.available_resources())}"
+                              " free); lower --ray-cpus-per-worker or the --ray-*-workers counts")
         remote = ray.remote(max_restarts=0)(RoleHost)
         for group, bundle, roles in plan:
             strategy = PlacementGroupSchedulingStrategy(self.placement_groups[group],
@@ -568,12 +578,15 @@ class RayCluster:
         ray = self.ray
         pending = {ref: (role, rank) for ref, role, rank in calls}
         results: dict[Any, Any] = {}
-        deadline = time.monotonic() + self.timeout
+        timeout = self.config.ray_startup_timeout_s if phase.startswith("start-up") else self.timeout
+        deadline = time.monotonic() + timeout
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
             if not ready:
                 role, rank = next(iter(pending.values()))
-                raise WorkerFailure("timeout", role, rank, phase, others=self.co_hosted(role, rank))
+                failure = WorkerFailure("timeout", role, rank, phase, others=self.co_hosted(role, rank))
+                failure.waited = timeout
+                raise failure
             for ref in ready:
                 role, rank = pending.pop(ref)
                 try:
@@ -608,14 +621,15 @@ class RayCluster:
                 remove_placement_group(pg)
 
 
-def _failure_message(failure: WorkerFailure, step: int, checkpoint: Path | None, saved: bool, timeout: float) -> str:
+def _failure_message(failure: WorkerFailure, step: int, checkpoint: Path | None, saved: bool) -> str:
+    """The one-line error of a failed run: which worker, what happened, in which phase, and the checkpoint."""
     who = f"Ray {failure.role} worker {failure.rank}"
     if failure.others:
         who += f" (its process also ran {', '.join(f'{role}[{rank}]' for role, rank in failure.others)})"
     if failure.kind == "died":
         what = f"{who} died during {failure.phase} at step {step + 1}"
     elif failure.kind == "timeout":
-        what = f"{who} did not answer within {timeout:g}s during {failure.phase} at step {step + 1}"
+        what = f"{who} did not answer within {failure.waited:g}s during {failure.phase} at step {step + 1}"
     else:
         cause = str(failure.cause).strip().splitlines()
         what = f"{who} failed during {failure.phase} at step {step + 1}: {type(failure.cause).__name__}: " \
@@ -908,7 +922,7 @@ class _Driver:
                 except WorkerFailure:
                     logger.warning("could not save a checkpoint after the failure of %s[%d]", failure.role,
                                    failure.rank)
-        return TrainingError(_failure_message(failure, step, checkpoint, saved, self.config.ray_timeout_s))
+        return TrainingError(_failure_message(failure, step, checkpoint, saved))
 
 
 def task_keys(row: dict[str, Any]) -> list[str]:

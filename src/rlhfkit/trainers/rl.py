@@ -167,8 +167,10 @@ class RLConfig(TrainConfig):
                                      "by the roles of one rank). Fractions are allowed.")
     ray_use_gpu: bool = arg(False, "One GPU per bundle (colocated roles share it); NCCL for the weight "
                             "broadcast.")
-    ray_timeout_s: float = arg(600.0, "Longest wait for one worker call, collective or placement; a worker "
+    ray_timeout_s: float = arg(600.0, "Longest wait for one worker call or collective; a worker "
                                "that dies or hangs ends the run with an error naming it, not a hang.")
+    ray_startup_timeout_s: float = arg(1800.0, "Longest wait for the Ray workers to be placed, start and load "
+                                       "their models.")
     ray_check_sync: bool = arg(False, "After every weight broadcast, compare a checksum of every policy tensor "
                                "on each rollout worker with policy rank 0 (an error when one differs).")
 
