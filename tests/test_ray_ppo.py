@@ -52,8 +52,8 @@ def files(tmp_path_factory):
 
 
 def _settings(model_dir: Path, files: Path, out: Path, **overrides) -> dict:
-    return dict(model=str(model_dir), dataset=str(files / "prompts.jsonl"), output_dir=str(out),
-                reward_fn=f"{files / 'reward.py'}:count_e", **{**TASK, **overrides})
+    return {"model": str(model_dir), "dataset": str(files / "prompts.jsonl"), "output_dir": str(out),
+            "reward_fn": f"{files / 'reward.py'}:count_e", **TASK, **overrides}
 
 
 def _rows(out: Path) -> list[dict]:
@@ -109,6 +109,35 @@ def test_per_role_groups_raise_reward_like_single_process_and_rollout_weights_eq
     assert ray_rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the reference is the starting policy
     assert all(r["value_loss"] > 0 for r in ray_rows)
     assert (out / "model.safetensors").exists() and (out / "critic" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo"])  # "grpo" passes too (~15 s more)
+def test_one_worker_per_role_reproduces_the_single_process_run(algorithm, ray_session, tiny_model_dir, files,
+                                                               tmp_path):
+    """With one worker per role the Ray run is the single-process run spread over roles: same prompts, same
+    sampling generator, same losses, GAE and optimizer, weights copied exactly. PPO uses a separate value model
+    in both (--critic reward_model) and no gradient clipping, which would couple policy and critic through
+    their joint norm in the single-process run."""
+    from rlhfkit.models.tiny import build_tiny_model
+    from rlhfkit.trainers.rl import GRPOConfig
+
+    if algorithm == "grpo":
+        cls, settings = GRPOConfig, dict(num_generations=4, prompts_per_step=2, kl_coef=0.04)
+    else:
+        rm = str(build_tiny_model(tmp_path / "rm", reward=True))
+        cls, settings = PPOConfig, dict(prompts_per_step=8, num_minibatches=2, critic="reward_model",
+                                        reward_fn=None, reward_model=rm, max_grad_norm=0.0, kl_target=1.0)
+    single, spread = tmp_path / "single", tmp_path / "ray"
+    run_rl(cls(**_settings(tiny_model_dir, files, single, max_steps=3, **settings)))
+    run_rl(cls(**_settings(tiny_model_dir, files, spread, max_steps=3, **settings, ray=True,
+                           ray_placement="colocated", ray_cpus_per_worker=1.0)))
+    keys = ["reward_mean", "kl", "beta", "loss", "policy_loss", "entropy", "clip_frac", "response_length"]
+    if algorithm == "ppo":
+        keys += ["value_loss", "explained_variance", "value_mean"]
+    for a, b in zip(_rows(single), _rows(spread), strict=True):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)  # fp32 round-off
 
 
 def _kill_when(path: Path, workers_file: Path, role: str, rank: int, killed: dict) -> threading.Thread:
