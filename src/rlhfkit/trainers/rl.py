@@ -151,19 +151,20 @@ class RLConfig(TrainConfig):
     ray: bool = arg(False, "Run on Ray (pip install 'rlhfkit[distributed]'): the policy and critic train in "
                     "their own actor groups (DDP inside a group, as under accelerate launch), the reference "
                     "and reward model score in inference groups, rollout workers sample and get the policy's "
-                    "weights by a collective broadcast after every update. --prompts-per-step is per policy "
-                    "worker.")
+                    "weights by a collective broadcast (gloo/NCCL) after every update. --prompts-per-step is "
+                    "per policy worker.")
     ray_address: str | None = arg(None, "Ray cluster to join (e.g. auto or ray://host:10001); default: the one "
                                   "this process already started, else a new local one.")
-    ray_placement: str = arg("per_role", "Where the actors go: colocated (all roles share one placement group, "
-                             "rank i of every role in bundle i, splitting its CPUs/GPU) or per_role (one "
-                             "placement group per role, a whole bundle per actor).")
+    ray_placement: str = arg("per_role", "Where the actors go: colocated (one placement group; rank i of every "
+                             "role runs in actor i, sharing its process, CPUs and GPU, and a rollout worker beside "
+                             "a policy rank copies its weights in place; needs as many critic as policy workers) "
+                             "or per_role (one placement group per role, an actor and a bundle per rank).")
     ray_policy_workers: int = arg(1, "Policy training workers (data parallel inside the group).")
     ray_critic_workers: int = arg(1, "Critic training workers (PPO with GAE only).")
     ray_ref_workers: int = arg(1, "Reference-model inference workers.")
     ray_reward_workers: int = arg(1, "Reward inference workers (each holds the whole reward source).")
     ray_rollout_workers: int = arg(1, "Rollout (sampling) workers.")
-    ray_cpus_per_worker: float = arg(1.0, "CPUs of one placement bundle (per_role: per actor; colocated: shared "
+    ray_cpus_per_worker: float = arg(1.0, "CPUs of one placement bundle, i.e. of one actor (colocated: shared "
                                      "by the roles of one rank). Fractions are allowed.")
     ray_use_gpu: bool = arg(False, "One GPU per bundle (colocated roles share it); NCCL for the weight "
                             "broadcast.")
@@ -171,7 +172,7 @@ class RLConfig(TrainConfig):
                                "that dies or hangs ends the run with an error naming it, not a hang.")
     ray_startup_timeout_s: float = arg(1800.0, "Longest wait for the Ray workers to be placed, start and load "
                                        "their models.")
-    ray_check_sync: bool = arg(False, "After every weight broadcast, compare a checksum of every policy tensor "
+    ray_check_sync: bool = arg(False, "After every weight sync, compare a checksum of every policy tensor "
                                "on each rollout worker with policy rank 0 (an error when one differs).")
 
     algorithm = "ppo"
