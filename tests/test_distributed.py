@@ -151,11 +151,13 @@ def test_sharded_runs_equal_one_process_and_save_plain_checkpoints(launcher, tra
     assert all(torch.equal(p.detach(), saved[name]) for name, p in model.named_parameters() if name in saved)
 
 
-def test_ppo_two_processes_match_the_first_update(tiny_model_dir, data, one_process, tmp_path):
-    """Rollouts split over ranks; whitening, reward normalisation and the token-level loss use all of them."""
-    out = tmp_path / "ppo_ddp"
+@pytest.mark.parametrize("launcher", ["torchrun", "zero3"])
+def test_ppo_two_processes_match_the_first_update(launcher, tiny_model_dir, data, one_process, tmp_path):
+    """Rollouts split over ranks; whitening, reward normalisation and the token-level loss use all of them.
+    Under ZeRO-3 sampling runs on gathered weights and the reference in a DeepSpeed inference engine."""
+    out = tmp_path / f"ppo_{launcher}"
     _launch("ppo", [*_args("ppo", tiny_model_dir, data, steps=1), "--prompts-per-step", "4",
-                    "--per-device-batch-size", "8", "--output-dir", str(out)], "torchrun")
+                    "--per-device-batch-size", "8", "--output-dir", str(out)], launcher)
     reference = one_process("ppo")
     _assert_same_run(reference, out)
     row, ref_row = _per_step(out)[1], _per_step(reference)[1]

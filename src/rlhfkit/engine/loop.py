@@ -315,8 +315,8 @@ class Engine:
         self.accelerator.wait_for_everyone()
         state_dict = None
         if self.sharded:
-            state_dict = self.accelerator.get_state_dict(model)
-            if submodule:
+            state_dict = self.accelerator.get_state_dict(model)  # (ZeRO-3: None on ranks other than 0)
+            if submodule and state_dict is not None:
                 state_dict = {k[len(submodule) + 1:]: v for k, v in state_dict.items()
                               if k.startswith(submodule + ".")}
         if not self.is_main:
@@ -440,6 +440,27 @@ class Engine:
             result.sums = {n: total[1 + 2 * i:3 + 2 * i] for i, n in enumerate(names)}
         return result
 
+    def prepare_training(self, model: torch.nn.Module, total_steps: int,
+                         checkpoint_objects: Sequence[Any] = ()) -> tuple[torch.nn.Module, Any, Any]:
+        """The set-up half of :meth:`run` (for loops owned elsewhere, e.g. a Ray driver): gradient
+        checkpointing, the optimizer, ``accelerate.prepare`` (DDP / FSDP / DeepSpeed), the LR schedule, and the
+        objects every checkpoint carries. Sets ``self.model``, ``self.optimizer``, ``self.scheduler``."""
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        optimizer = self.build_optimizer(model)
+        self._configure_deepspeed()
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
+        # per process); it is registered so that checkpoints carry it.
+        scheduler = self.build_scheduler(optimizer, total_steps)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.accelerator.register_for_checkpointing(scheduler)
+        for obj in checkpoint_objects:
+            self.accelerator.register_for_checkpointing(obj)
+        return model, optimizer, scheduler
+
     def _configure_deepspeed(self) -> None:
         """Fill the DeepSpeed config's batch fields from ours (accelerate needs them before ``prepare``).
 
@@ -530,20 +551,7 @@ class Engine:
         resume, started afresh otherwise.
         """
         cfg = self.config
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
-        optimizer = self.build_optimizer(model)
-        self._configure_deepspeed()
-        model, optimizer = self.accelerator.prepare(model, optimizer)
-        # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
-        # per process); it is registered so that checkpoints carry it.
-        scheduler = self.build_scheduler(optimizer, total_steps)
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.accelerator.register_for_checkpointing(scheduler)
-        for obj in checkpoint_objects:
-            self.accelerator.register_for_checkpointing(obj)
+        model, optimizer, scheduler = self.prepare_training(model, total_steps, checkpoint_objects)
         if self.trackers:
             self.accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.as_dict().items()})
 

@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -164,6 +165,33 @@ class RLConfig(TrainConfig):
     hacking_z: float = arg(2.0, "Reward-hacking detector: the held-out drop must also exceed this many standard "
                            "errors (of the difference of the smoothed held-out means), so evaluation noise "
                            "alone does not fire it.")
+    # Ray (extra 'distributed'): one actor group per role
+    ray: bool = arg(False, "Run on Ray (pip install 'rlhfkit[distributed]'): the policy and critic train in "
+                    "their own actor groups (DDP inside a group, as under accelerate launch), the reference "
+                    "and reward model score in inference groups, rollout workers sample and get the policy's "
+                    "weights by a collective broadcast (gloo/NCCL) after every update. --prompts-per-step is "
+                    "per policy worker.")
+    ray_address: str | None = arg(None, "Ray cluster to join (e.g. auto or ray://host:10001); default: the one "
+                                  "this process already started, else a new local one.")
+    ray_placement: str = arg("per_role", "Where the actors go: colocated (one placement group; rank i of every "
+                             "role runs in actor i, sharing its process, CPUs and GPU, and a rollout worker beside "
+                             "a policy rank copies its weights in place; needs as many critic as policy workers) "
+                             "or per_role (one placement group per role, an actor and a bundle per rank).")
+    ray_policy_workers: int = arg(1, "Policy training workers (data parallel inside the group).")
+    ray_critic_workers: int = arg(1, "Critic training workers (PPO with GAE only).")
+    ray_ref_workers: int = arg(1, "Reference-model inference workers.")
+    ray_reward_workers: int = arg(1, "Reward inference workers (each holds the whole reward source).")
+    ray_rollout_workers: int = arg(1, "Rollout (sampling) workers.")
+    ray_cpus_per_worker: float = arg(1.0, "CPUs of one placement bundle, i.e. of one actor (colocated: shared "
+                                     "by the roles of one rank). Fractions are allowed.")
+    ray_use_gpu: bool = arg(False, "One GPU per bundle (colocated roles share it); NCCL for the weight "
+                            "broadcast.")
+    ray_timeout_s: float = arg(600.0, "Longest wait for one worker call or collective; a worker "
+                               "that dies or hangs ends the run with an error naming it, not a hang.")
+    ray_startup_timeout_s: float = arg(1800.0, "Longest wait for the Ray workers to be placed, start and load "
+                                       "their models.")
+    ray_check_sync: bool = arg(False, "After every weight sync, compare a checksum of every policy tensor "
+                               "on each rollout worker with policy rank 0 (an error when one differs).")
 
     algorithm = "ppo"
 
@@ -227,9 +255,11 @@ class ActorCritic(torch.nn.Module):
     """The trained modules: the policy and, for PPO, a critic (value head on the policy, or a value model).
 
     ``forward`` returns (logits, values-or-None) so distributed wrappers see a single forward call.
+    ``policy=None`` with a value model is a critic alone (the critic group of a Ray run): logits are None.
     """
 
-    def __init__(self, policy: torch.nn.Module, critic: str | None, value_model: torch.nn.Module | None = None):
+    def __init__(self, policy: torch.nn.Module | None, critic: str | None,
+                 value_model: torch.nn.Module | None = None):
         super().__init__()
         self.policy = policy
         self.critic_kind = critic
@@ -242,14 +272,15 @@ class ActorCritic(torch.nn.Module):
             torch.nn.init.zeros_(self.value_head.bias)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.policy.gradient_checkpointing_enable(**kwargs)
+        if self.policy is not None:
+            self.policy.gradient_checkpointing_enable(**kwargs)
         if self.value_model is not None:
             self.value_model.gradient_checkpointing_enable(**kwargs)
 
     def forward(self, batch: dict[str, Any], with_logits: bool = True) -> tuple[torch.Tensor | None,
                                                                                   torch.Tensor | None]:
         logits = values = None
-        if with_logits or self.value_head is not None:
+        if self.policy is not None and (with_logits or self.value_head is not None):
             logits, out = loss_logits(self.policy, batch, output_hidden_states=self.value_head is not None)
             if self.value_head is not None:
                 values = self.value_head(out.hidden_states[-1]).squeeze(-1)
@@ -267,6 +298,11 @@ def response_logps(logits: torch.Tensor, batch: dict[str, Any], temperature: flo
     if temperature != 1.0:
         picked = picked / temperature
     return selected_token_logprobs(picked, loss_targets(batch)), picked
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """Seed of the sampling generator of step ``step`` (0-based)."""
+    return seed * 1_000_003 + 7919 * step + 1
 
 
 def _split_rows(flat: torch.Tensor, lengths: list[int], width: int) -> torch.Tensor:
@@ -325,8 +361,18 @@ class RLTask:
         return (per_token / lengths[seq]).sum()
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
-        cfg = self.config
+        """Clipped policy loss (+ KL, entropy) where the model gives logits, + vf_coef · clipped value loss
+        where it gives values: an actor-critic gets both, a Ray run's policy and critic groups one each."""
         logits, values = model(batch)
+        loss, sums = self._policy_loss(logits, batch) if logits is not None else (None, {})
+        if values is not None:
+            value_loss, value_sums = self._value_loss(values, batch)
+            loss = value_loss if loss is None else loss + value_loss
+            sums.update(value_sums)
+        return loss, sums
+
+    def _policy_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        cfg = self.config
         logps, picked = response_logps(logits, batch, cfg.temperature)
         old, adv = batch["old_logps"], batch["advantages"]
         policy = clipped_policy_loss(logps, old, adv, cfg.clip_eps, cfg.clip_eps_high)
@@ -347,13 +393,16 @@ class RLTask:
             "ratio": (float(policy.ratio.detach().sum()), n),
             "logprob_abs_diff": (float((logps.detach() - old).abs().sum()), n),
         }
-        if values is not None:
-            token_values = values[loss_positions(batch)].float()
-            value = clipped_value_loss(token_values, batch["old_values"], batch["returns"], cfg.value_clip or None)
-            loss = loss + cfg.vf_coef * self._aggregate(value.losses, batch)
-            sums["value_loss"] = (float(value.losses.detach().sum()), n)
-            sums["value_clip_frac"] = (float(value.clipped.sum()), n)
         return loss, sums
+
+    def _value_loss(self, values: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        cfg = self.config
+        token_values = values[loss_positions(batch)].float()
+        value = clipped_value_loss(token_values, batch["old_values"], batch["returns"], cfg.value_clip or None)
+        n = float(token_values.numel())
+        return cfg.vf_coef * self._aggregate(value.losses, batch), {
+            "value_loss": (float(value.losses.detach().sum()), n),
+            "value_clip_frac": (float(value.clipped.sum()), n)}
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -375,11 +424,27 @@ class RLTask:
                              rollout.ended)
         return checked_scores(self.reward if source is None else source, batch, TrainingError, where), texts
 
+    def shape_scores(self, scores: torch.Tensor, ended: list[bool],
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+        """(raw scores, training scores): the missing-EOS penalty, then the running normaliser (updated here,
+        so call it once per rollout; with ``gather``, with every data-parallel rank's scores, so that all
+        ranks share one normaliser) and the clip."""
+        cfg = self.config
+        raw = scores.clone()
+        scores = scores - cfg.missing_eos_penalty * (~torch.tensor(ended)).float()
+        if cfg.reward_normalize:
+            self.reward_stats.update(gather(scores) if gather is not None else scores)
+            scores = self.reward_stats.normalize(scores)
+        if cfg.reward_clip > 0:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        return raw, scores
+
     def rollout_step(self, engine: Engine, model: ActorCritic, prompts: list[dict], step: int) -> dict[str, Any]:
         """Sample, score and build the experience records of one step; returns them and the rollout metrics."""
         cfg = self.config
         t0 = time.perf_counter()
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step + 1)
+        generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, step))
         policy = engine.accelerator.unwrap_model(model).policy
         with engine.full_parameters(model):  # sampling and weight sync read whole weights on each rank
             self._sync_rollout_weights(policy)
@@ -387,20 +452,12 @@ class RLTask:
                                             self.sampling, generator)
         rollout_time = time.perf_counter() - t0
         scores, texts = self.score(prompts, rollout, f" (step {step + 1}{engine._checkpoint_hint()})")
-        raw = scores.clone()
-        ended = torch.tensor(rollout.ended)
-        scores = scores - cfg.missing_eos_penalty * (~ended).float()
-        if cfg.reward_normalize:  # one normaliser for the run: every rank folds in every rank's scores
-            self.reward_stats.update(engine.gather_across_ranks(scores))
-            scores = self.reward_stats.normalize(scores)
-        if cfg.reward_clip > 0:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        raw, scores = self.shape_scores(scores, rollout.ended, engine.gather_across_ranks)
 
         records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
         lengths = rollout.lengths
         width = max(lengths)
         mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).float()
-        old_logps = rollout.logprobs[:, :width]
         every = cfg.logprob_check_steps  # by step number, so a resumed run checks where the original did
         check = (every > 0 and step % every == 0) or (every == 0 and step == 0)
         recompute = check or getattr(self.backend, "recompute_logprobs", False)
@@ -421,7 +478,7 @@ class RLTask:
                     if values is not None:
                         value_flat.append(values[loss_positions(batch)].float().cpu())
         unwrapped.train()
-        ref_logps = _split_rows(torch.cat(ref_flat), lengths, width)
+        old_logps = rollout.logprobs[:, :width]
         logprob_metrics: dict[str, float] = {}
         if recompute:
             trainer_logps = _split_rows(torch.cat(own_flat), lengths, width)
@@ -432,10 +489,37 @@ class RLTask:
                 check_logprob_match(match, cfg.logprob_check_tolerance, where)
             if getattr(self.backend, "recompute_logprobs", False):
                 old_logps = trainer_logps  # PPO's old log-probs from the trainer's numerics, not the engine's
+        return self.experience(prompts, rollout, texts, raw, scores, torch.cat(ref_flat),
+                               torch.cat(value_flat) if value_flat else None, rollout_time,
+                               f"step {step + 1}", engine._checkpoint_hint(), old_logps=old_logps,
+                               extra_metrics=logprob_metrics, sum_across=engine.sum_across_ranks,
+                               gather=engine.gather_across_ranks)
+
+    def experience(self, prompts: list[dict], rollout: Rollout, texts: list[str], raw: torch.Tensor,
+                   scores: torch.Tensor, ref_flat: torch.Tensor, value_flat: torch.Tensor | None,
+                   rollout_time: float, where: str, hint: str = "", *, old_logps: torch.Tensor | None = None,
+                   extra_metrics: dict[str, float] | None = None,
+                   sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+        """Per-token KL, rewards, advantages (GAE with the critic's values, or a group baseline), whitening:
+        the experience records of one rollout plus its metrics. ``ref_flat`` / ``value_flat`` are the
+        reference log-probs / values of the response tokens, flat in (sequence, position) order;
+        ``old_logps`` replaces the sampler's log-probs. With data-parallel ranks, ``sum_across`` (an
+        all-reduce) whitens with the whole batch's statistics and ``gather`` makes the metrics and the KL
+        that steers beta those of every rank's rollouts."""
+        cfg = self.config
+        gather = gather or (lambda t: t)
+        records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
+        lengths = rollout.lengths
+        width = max(lengths)
+        mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]).float()
+        if old_logps is None:
+            old_logps = rollout.logprobs[:, :width]
+        ended = torch.tensor(rollout.ended)
+        ref_logps = _split_rows(ref_flat, lengths, width)
         for name, tensor in (("policy", old_logps), ("reference", ref_logps)):
             if not torch.isfinite(tensor[mask.bool()]).all():
-                raise TrainingError(f"step {step + 1}: non-finite {name} log-probs in the rollout"
-                                    f"{engine._checkpoint_hint()}")
+                raise TrainingError(f"{where}: non-finite {name} log-probs in the rollout{hint}")
         kl_tokens = kl_penalty(old_logps, ref_logps, cfg.kl_estimator) * mask
         kl_seq = kl_tokens.sum(-1)
         beta = self.kl_controller.beta
@@ -444,7 +528,7 @@ class RLTask:
         if cfg.advantage == "gae":
             rewards = -beta * kl_tokens if cfg.kl_mode == "reward" else torch.zeros_like(kl_tokens)
             rewards[torch.arange(len(lengths)), torch.as_tensor(lengths) - 1] += scores
-            values = (_split_rows(torch.cat(value_flat), lengths, width) if value_flat
+            values = (_split_rows(value_flat, lengths, width) if value_flat is not None
                       else torch.zeros_like(rewards))
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         else:
@@ -452,22 +536,22 @@ class RLTask:
             advantages = group_advantages(seq_reward, cfg.num_generations, cfg.advantage)[:, None] * mask
             returns = None
         if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask, sum_across=engine.sum_across_ranks)
+            advantages = whiten(advantages, mask, sum_across=sum_across)
 
         for i, rec in enumerate(records):
             n = lengths[i]
             rec["old_logps"] = old_logps[i, :n].tolist()
             rec["ref_logps"] = ref_logps[i, :n].tolist()
             rec["advantages"] = advantages[i, :n].tolist()
-            if values is not None and value_flat:
+            if values is not None and value_flat is not None:
                 rec["old_values"] = values[i, :n].tolist()
                 rec["returns"] = returns[i, :n].tolist()
 
         tokens = sum(lengths)
         # the logged statistics and the KL that steers beta are over every rank's rollouts
-        raw, scores, kl_seq = (engine.gather_across_ranks(t) for t in (raw, scores, kl_seq))
-        ended_share = engine.gather_across_ranks(ended.float()).mean()
-        all_lengths = engine.gather_across_ranks(torch.tensor(lengths, dtype=torch.float32))
+        raw, scores, kl_seq = (gather(t) for t in (raw, scores, kl_seq))
+        ended_share = gather(ended.float()).mean()
+        all_lengths = gather(torch.tensor(lengths, dtype=torch.float32))
         metrics = {
             "reward_mean": float(raw.mean()),
             "reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
@@ -479,9 +563,9 @@ class RLTask:
             "no_eos_rate": float(1 - ended_share),
             "rollout_tokens_per_s": tokens / max(rollout_time, 1e-9),
             "rollout_time_s": rollout_time,
-            **logprob_metrics,
+            **(extra_metrics or {}),
         }
-        if values is not None and value_flat:
+        if values is not None and value_flat is not None:
             valid = mask.bool()
             var_returns = returns[valid].var()
             metrics["explained_variance"] = float(1 - (returns[valid] - values[valid]).var() / var_returns) \
@@ -494,8 +578,12 @@ class RLTask:
                 "tokens": tokens + sum(len(p) for p in rollout.prompt_ids)}
 
     # ------------------------------------------------------------------ the step
-    def update(self, engine: Engine, records: list[dict], step: int) -> tuple[dict[str, float], int]:
-        """PPO epochs over minibatches of the rollout; each minibatch is one engine optimizer step."""
+    def update(self, engine: Engine, records: list[dict], step: int,
+               epochs: int | None = None) -> tuple[dict[str, float], int]:
+        """PPO epochs over minibatches of the rollout; each minibatch is one engine optimizer step.
+
+        ``epochs`` caps the passes (a Ray critic group runs as many as its policy group ran); a model without
+        a policy (critic alone) has no approximate KL, so it never stops early by itself."""
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step + 2)
         n = len(records)
@@ -504,7 +592,7 @@ class RLTask:
         updates, tokens, mismatch = 0, 0, None
         t0 = time.perf_counter()
         epochs_run = 0
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(cfg.ppo_epochs if epochs is None else min(epochs, cfg.ppo_epochs)):
             epochs_run += 1
             order = torch.randperm(n, generator=generator).tolist()
             epoch_kl = [0.0, 0.0]
@@ -515,7 +603,8 @@ class RLTask:
                 result: StepResult = engine.optimizer_step(self, micro)
                 updates += 1
                 tokens += result.tokens
-                if mismatch is None:  # before any update, the trainer's log-probs should equal the sampler's
+                if mismatch is None and "logprob_abs_diff" in result.sums:
+                    # before any update, the trainer's log-probs should equal the sampler's
                     mismatch = result.sums["logprob_abs_diff"][0] / max(result.sums["logprob_abs_diff"][1], 1)
                 for name, (s, c) in result.sums.items():
                     acc = totals.setdefault(name, [0.0, 0.0])
@@ -528,8 +617,9 @@ class RLTask:
                 totals.setdefault("loss", [0.0, 0.0])
                 totals["loss"][0] += result.loss_sum / result.total_weight
                 totals["loss"][1] += 1
-                epoch_kl[0] += result.sums["approx_kl"][0]
-                epoch_kl[1] += result.sums["approx_kl"][1]
+                kl_sum, kl_count = result.sums.get("approx_kl", (0.0, 0.0))
+                epoch_kl[0] += kl_sum
+                epoch_kl[1] += kl_count
             if cfg.approx_kl_stop is not None and epoch_kl[0] / max(epoch_kl[1], 1) > cfg.approx_kl_stop:
                 break
         self.policy_version += updates  # a rollout engine with its own weights needs them again
@@ -624,6 +714,10 @@ def _write_samples(engine: Engine, step: int, samples: list[dict]) -> None:
 def run_rl(config: RLConfig) -> dict[str, Any]:
     """Train a policy online with PPO, GRPO or RLOO (set by the config class); returns the summary."""
     _check(config)
+    if config.ray:  # same losses, advantages and KL code, spread over Ray actor groups
+        from ..distributed import run_ray_rl
+
+        return run_ray_rl(config)
     engine = start_run(config)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     prepare = partial(prepare_prompts, max_prompt_length=config.max_prompt_length or config.max_length // 2)
