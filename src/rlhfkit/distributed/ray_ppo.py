@@ -54,7 +54,7 @@ from ..engine import (
     latest_checkpoint,
     resolve_precision,
 )
-from ..engine.checkpoint import STATE_FILE, prune_checkpoints, read_state
+from ..engine.checkpoint import STATE_FILE, prune_checkpoints, read_state, truncate_jsonl
 from ..errors import ConfigError, RlhfkitError
 from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ..rollout.generate import HFGenerationBackend, Rollout
@@ -196,20 +196,6 @@ def _buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
             out.append([p])
             size = p.numel()
     return out
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the rows of a per-step JSONL log up to ``step`` (a resume writes the later ones again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut short by the crash
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _resources(resources: dict[str, float]) -> str:
@@ -672,7 +658,7 @@ def run_ray_rl(config: RLConfig, on_sync: Callable[[int, RayCluster], None] | No
         task.kl_controller.load_state_dict(state["kl_controller"])
         task.reward_stats.load_state_dict(state["reward_stats"])
         for log in ("metrics.jsonl", "samples.jsonl"):
-            _truncate_jsonl(out / log, start_step)
+            truncate_jsonl(out / log, start_step)
         logger.info("resumed from %s (step %d of %d)", checkpoint, start_step, total_steps)
     else:
         for log in ("metrics.jsonl", "samples.jsonl"):

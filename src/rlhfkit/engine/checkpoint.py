@@ -86,6 +86,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the rows of a per-step JSONL log up to ``step``: after a resume the later ones are written again
+    (a line cut short by the crash is dropped)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``output_dir`` as (step, path), oldest first."""
     found = []

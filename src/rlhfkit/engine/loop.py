@@ -35,6 +35,7 @@ from .checkpoint import (
     prune_checkpoints,
     read_state,
     staging_dir,
+    truncate_jsonl,
 )
 from .config import TrainConfig
 
@@ -264,18 +265,8 @@ class Engine:
             self.accelerator.log(numeric, step=int(row["step"]))
 
     def _truncate_log(self, path: Path, step: int) -> None:
-        """After a resume, drop rows of a per-step JSONL log written after the checkpoint (they will be
-        written again)."""
-        if not self.is_main or not path.exists():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut short by the crash
-                continue
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        if self.is_main:
+            truncate_jsonl(path, step)
 
     # ------------------------------------------------------------------ checkpoints
     @property
