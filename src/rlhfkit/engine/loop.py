@@ -542,7 +542,7 @@ class Engine:
         resume, started afresh otherwise.
         """
         cfg = self.config
-        model, optimizer, scheduler = self.prepare_training(model, total_steps, checkpoint_objects)
+        model, _, scheduler = self.prepare_training(model, total_steps, checkpoint_objects)
         if self.trackers:
             self.accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.as_dict().items()})
 
