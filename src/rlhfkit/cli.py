@@ -216,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_cls, run, description = trainers[command]
         config = parse_trainer_args(config_cls, rest, f"rlhfkit {command}", description)
         summary = run(config)
+        from .engine.loop import shutdown_distributed
+
+        shutdown_distributed()
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: rank 0 reports
                 print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)},
                              indent=2, default=str))

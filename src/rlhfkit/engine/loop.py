@@ -138,6 +138,20 @@ def _cpu_process_group() -> None:
         state.distributed_type = DistributedType.MULTI_GPU
 
 
+def shutdown_distributed() -> None:
+    """End a multi-process run together: wait for every rank, then tear the process group down.
+
+    A rank that leaves while another is still writing the checkpoint, with the gloo group alive, can
+    abort at interpreter exit ("terminate called without an active exception"): the launcher then
+    reports the whole run as failed although its work was done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _trackers(report_to: str) -> list[str]:
     names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
     for name in names:
