@@ -178,6 +178,15 @@ def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir
         assert use_packed_attention(lm) and lm.config._attn_implementation == PACKED_ATTENTION
         torch.testing.assert_close(sequence_logps(lm, packed), padded_logps, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sequence_logps(lm, padded), padded_logps, atol=1e-6, rtol=1e-6)
+    # and the gradients: per-sequence attention backpropagates into each sequence's own slice only
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])
+    grads = []
+    for batch in (packed, padded):
+        lm.zero_grad()
+        (sequence_logps(lm, batch) * weights).sum().backward()
+        grads.append([p.grad.clone() for p in lm.parameters()])
+    for g_packed, g_padded in zip(*grads, strict=True):
+        torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
     assert use_packed_attention(rm)
     with torch.no_grad():

@@ -29,11 +29,19 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     bounds = cu_seq_lens.tolist()
+    if bounds[0] != 0 or bounds[-1] > query.shape[2]:
+        raise ValueError(f"packed attention: sequence boundaries {bounds[0]}..{bounds[-1]} do not fit a row of "
+                         f"{query.shape[2]} tokens")
+    if bounds[-1] < query.shape[2]:  # a padded tail attends to itself only; it is never scored
+        bounds.append(query.shape[2])
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     p = dropout if module.training else 0.0
+    # split, not one slice per sequence: a slice's backward writes its gradient into a zero-filled tensor
+    # of the full packed size, n sequences x 3 tensors per layer; split's backward is a single concatenation.
     pieces = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p,
-                                       is_causal=True, scale=scaling)
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s
+        F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling)
+        for q, k, v, n in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                              value.split(lengths, dim=2), lengths, strict=True) if n > 0
     ]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
