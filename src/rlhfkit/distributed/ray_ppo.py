@@ -358,7 +358,7 @@ class TrainWorker(_Worker):
 
     @property
     def _unwrapped(self) -> ActorCritic:
-        return self.engine.accelerator.unwrap_model(self.engine.model)
+        return self.engine.unwrap(self.engine.model)
 
     def _weights_module(self) -> torch.nn.Module:
         return self._unwrapped.policy

@@ -178,6 +178,7 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         mixed_precision, why = resolve_precision(config.precision)
         self.trackers = _trackers(config.report_to)
+        self._unwrapped: tuple[torch.nn.Module, torch.nn.Module] | None = None
         if distributed_on_cpu():
             _cpu_process_group()
         self.accelerator = Accelerator(
@@ -513,6 +514,13 @@ class Engine:
         frozen, *_ = deepspeed.initialize(model=model, config=config)
         frozen.eval()
         return frozen
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``accelerator.unwrap_model``, remembered for the last model asked about: accelerate walks the
+        wrappers and every submodule on each call (~15 ms even for a tiny model), and RL asks every step."""
+        if self._unwrapped is None or self._unwrapped[0] is not model:
+            self._unwrapped = (model, self.accelerator.unwrap_model(model))
+        return self._unwrapped[1]
 
     @contextlib.contextmanager
     def full_parameters(self, model: torch.nn.Module):

@@ -445,7 +445,7 @@ class RLTask:
         cfg = self.config
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, step))
-        policy = engine.accelerator.unwrap_model(model).policy
+        policy = engine.unwrap(model).policy
         with engine.full_parameters(model):  # sampling and weight sync read whole weights on each rank
             self._sync_rollout_weights(policy)
             rollout = self.backend.generate(policy, [p["prompt_ids"] for p in prompts], cfg.num_generations,
@@ -463,7 +463,7 @@ class RLTask:
         recompute = check or getattr(self.backend, "recompute_logprobs", False)
         ref_flat, value_flat, own_flat = [], [], []
         device = engine.device
-        unwrapped = engine.accelerator.unwrap_model(model)
+        unwrapped = engine.unwrap(model)
         unwrapped.eval()
         for start in range(0, len(records), cfg.per_device_eval_batch_size):
             batch = {k: v.to(device) if torch.is_tensor(v) else v
@@ -639,7 +639,7 @@ class RLTask:
         for start in range(0, len(self.eval_prompts), cfg.per_device_eval_batch_size):
             prompts = self.eval_prompts[start:start + cfg.per_device_eval_batch_size]
             generator = torch.Generator().manual_seed(cfg.seed + 104729 + start)
-            unwrapped = self._engine.accelerator.unwrap_model(model)
+            unwrapped = self._engine.unwrap(model)
             with self._engine.full_parameters(model):
                 self._sync_rollout_weights(unwrapped.policy)
                 rollout = self.backend.generate(unwrapped.policy, [p["prompt_ids"] for p in prompts],
@@ -693,7 +693,7 @@ class RLTask:
             # saves its adapter (load it on top of --model)
             out, tmp = engine.output_dir / "best_heldout", engine.output_dir / ".best_heldout.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            engine.accelerator.unwrap_model(model).policy.save_pretrained(tmp)
+            engine.unwrap(model).policy.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             (tmp / "step.txt").write_text(f"{step}\n")
             shutil.rmtree(out, ignore_errors=True)
