@@ -202,4 +202,6 @@ def test_micro_batching_equals_one_batch(aggregation, tiny_model_dir, rl_files, 
         rows.append(_rows(out)[0])
     assert rows[0]["grad_norm"] > 0
     for key in ("loss", "grad_norm", "policy_loss", "entropy"):
-        assert rows[0][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-8), key
+        # abs: a GRPO loss is ~0 at the first step (group advantages sum to zero), a sum of O(1) terms whose
+        # fp32 round-off (~1e-7) depends on how the batch is split; the gradient norm carries the check
+        assert rows[0][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-6), key
