@@ -188,6 +188,11 @@ def test_report_is_self_contained_and_every_plot_renders_in_chromium(rendered):
             "base", "sft", "ppo", "dpo"} <= legend, legend
     assert not any(text.startswith("hacking/beta0.1: hacking detected") for text in legend)
     assert {"Win rate vs sft", "Rates", "weird_metric"} <= set(re.findall(r'data-unformatted="([^"]+)"', body))
+    # the pipeline summary's long tables are folded, so the overview does not push the plots down
+    folded = re.search(r"<details><summary>Pipeline summary \(3 stage\(s\), 1 run-level value\(s\)\)</summary>"
+                       r"(.*?)</details>", html, flags=re.S)
+    assert folded is not None, "pipeline summary not folded"
+    assert "gold_<wbr>accuracy" in folded.group(1) and "8m 20s (500 s)" in folded.group(1)
 
 
 def test_untrusted_text_stays_text(rendered):

@@ -60,7 +60,9 @@ def _pipeline_summary(summary: dict[str, Any]) -> str:
     """Scalars as key/value; nested dicts as one table with a row per stage and a column per inner key."""
     scalars = {k: v for k, v in summary.items() if not isinstance(v, dict)}
     nested = {k: flatten(v) for k, v in summary.items() if isinstance(v, dict)}
-    parts = ["<h3>Pipeline summary</h3>"]
+    # folded: its tables are long, and the plots of the sections below are what a reader comes for
+    parts = [f"<details><summary>Pipeline summary ({len(nested)} stage(s), {len(scalars)} run-level "
+             f"value(s))</summary>"]
     if scalars:
         shown = {k: (duration(v) + f" ({fmt(v)} s)" if k in WALL_KEYS and is_number(v) else v)
                  for k, v in scalars.items()}
@@ -75,7 +77,7 @@ def _pipeline_summary(summary: dict[str, Any]) -> str:
         else:  # too wide for one table: one small table per stage
             for stage, values in nested.items():
                 parts.append(f"<h3>{esc(stage)}</h3>" + key_values(values))
-    return "".join(parts)
+    return "".join(parts) + "</details>"
 
 
 def _policy_table(evaluation: Evaluation) -> str:
