@@ -1,7 +1,8 @@
-"""Shared fixtures: one tiny model + tokenizer built offline per test session."""
+"""Shared fixtures: one tiny model + tokenizer built offline per test session, and a programmatic RL task."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -25,6 +26,19 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+COUNT_E_REWARD = "def count_e(prompts, responses):\n    return [r.count('e') / 4.0 for r in responses]\n"
+
+
+@pytest.fixture(scope="session")
+def count_e_files(tmp_path_factory):
+    """A programmatic RL task: reward.py (count_e: the letters e of a response / 4) and 64 short prompts."""
+    root = tmp_path_factory.mktemp("count_e")
+    (root / "reward.py").write_text(COUNT_E_REWARD)
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n"
+                                                for i in range(64)))
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -25,9 +25,6 @@ from rlhfkit.trainers.rl import GRPOConfig, PPOConfig, run_rl
 # round-off only (test_rollout.py bounds it by 2e-5 per token); 1e-4 leaves room for summation order.
 HF_TOLERANCE = 1e-4
 
-REWARD_FILE = "def count_e(prompts, responses):\n    return [r.count('e') / 4.0 for r in responses]\n"
-
-
 def test_compare_logprobs_statistics_over_response_tokens():
     rollout = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
     trainer = torch.tensor([[-1.1, -1.8, 5.0], [-0.5, 9.0, 9.0]])  # padding (mask 0) is ignored
@@ -69,18 +66,9 @@ def test_trainer_logprobs_match_the_hf_rollout(tiny_model_dir, tiny_tokenizer):
     assert (ours[response_mask(rollout.lengths, ours.shape[1]) == 0] == 0).all()
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lpcheck")
-    (root / "reward.py").write_text(REWARD_FILE)
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n"
-                                                for i in range(32)))
-    return root
-
-
-def _config(cls, model_dir, files, out, **overrides):
-    settings = dict(model=str(model_dir), dataset=str(files / "prompts.jsonl"), output_dir=str(out),
-                    reward_fn=f"{files / 'reward.py'}:count_e", max_new_tokens=12, progress_bar=False,
+def _config(cls, model_dir, count_e_files, out, **overrides):
+    settings = dict(model=str(model_dir), dataset=str(count_e_files / "prompts.jsonl"), output_dir=str(out),
+                    reward_fn=f"{count_e_files / 'reward.py'}:count_e", max_new_tokens=12, progress_bar=False,
                     eval_on_start=False, prompts_per_step=2, num_generations=4, learning_rate=1e-2)
     settings.update(overrides)
     return cls(**settings)
@@ -90,9 +78,9 @@ def _rows(out) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r]
 
 
-def test_hf_backend_passes_the_check_every_other_step(tiny_model_dir, files, tmp_path):
+def test_hf_backend_passes_the_check_every_other_step(tiny_model_dir, count_e_files, tmp_path):
     out = tmp_path / "hf"
-    run_rl(_config(GRPOConfig, tiny_model_dir, files, out, max_steps=3, logprob_check_steps=2,
+    run_rl(_config(GRPOConfig, tiny_model_dir, count_e_files, out, max_steps=3, logprob_check_steps=2,
                    logprob_check_tolerance=HF_TOLERANCE))
     rows = _rows(out)
     checked = [r["step"] for r in rows if "rollout_logprob_diff_mean" in r]
@@ -119,13 +107,13 @@ class PerturbedBackend(HFGenerationBackend):
         return rollout
 
 
-def test_perturbed_rollout_logprobs_stop_the_run_with_a_clear_message(tiny_model_dir, files, tmp_path,
+def test_perturbed_rollout_logprobs_stop_the_run_with_a_clear_message(tiny_model_dir, count_e_files, tmp_path,
                                                                       monkeypatch, capsys):
     import rlhfkit.trainers.rl as rl
 
     monkeypatch.setattr(rl, "build_rollout_backend", lambda config, tok: PerturbedBackend(tok))
     with pytest.raises(LogprobMismatchError) as info:
-        run_rl(_config(PPOConfig, tiny_model_dir, files, tmp_path / "bad", max_steps=2, num_generations=1))
+        run_rl(_config(PPOConfig, tiny_model_dir, count_e_files, tmp_path / "bad", max_steps=2, num_generations=1))
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("rollout and trainer log-probs disagree at step 1 (hf rollouts, ")
@@ -135,23 +123,23 @@ def test_perturbed_rollout_logprobs_stop_the_run_with_a_clear_message(tiny_model
     PerturbedBackend.delta = 0.05
     try:
         out = tmp_path / "small"
-        run_rl(_config(PPOConfig, tiny_model_dir, files, out, max_steps=1, num_generations=1))
+        run_rl(_config(PPOConfig, tiny_model_dir, count_e_files, out, max_steps=1, num_generations=1))
     finally:
         PerturbedBackend.delta = 0.3
     row = _rows(out)[0]
     assert row["rollout_logprob_diff_mean"] == pytest.approx(0.05, abs=1e-4)
     assert row["rollout_importance_ratio_mean"] == pytest.approx(math.exp(-0.05), abs=1e-4)
     # and from the command line it is a one-line error (exit code 2)
-    code = main(["ppo", "--model", str(tiny_model_dir), "--dataset", str(files / "prompts.jsonl"),
-                 "--output-dir", str(tmp_path / "cli"), "--reward-fn", f"{files / 'reward.py'}:count_e",
+    code = main(["ppo", "--model", str(tiny_model_dir), "--dataset", str(count_e_files / "prompts.jsonl"),
+                 "--output-dir", str(tmp_path / "cli"), "--reward-fn", f"{count_e_files / 'reward.py'}:count_e",
                  "--max-steps", "1", "--prompts-per-step", "2", "--max-new-tokens", "8", "--no-progress-bar"])
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and len(err) == 1 and "log-probs disagree at step 1" in err[0]
 
 
-def test_bad_check_settings_are_config_errors(tiny_model_dir, files, tmp_path, capsys):
-    base = ["ppo", "--model", str(tiny_model_dir), "--dataset", str(files / "prompts.jsonl"), "--output-dir",
-            str(tmp_path / "x"), "--reward-fn", f"{files / 'reward.py'}:count_e"]
+def test_bad_check_settings_are_config_errors(tiny_model_dir, count_e_files, tmp_path, capsys):
+    base = ["ppo", "--model", str(tiny_model_dir), "--dataset", str(count_e_files / "prompts.jsonl"), "--output-dir",
+            str(tmp_path / "x"), "--reward-fn", f"{count_e_files / 'reward.py'}:count_e"]
     assert main([*base, "--logprob-check-steps", "-2"]) == 2
     assert "--logprob-check-steps must be >= -1" in capsys.readouterr().err
     assert main([*base, "--rollout-backend", "sglang"]) == 2

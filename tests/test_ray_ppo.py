@@ -24,11 +24,6 @@ from rlhfkit.engine import TrainingError
 from rlhfkit.errors import ConfigError
 from rlhfkit.trainers.rl import PPOConfig, run_rl
 
-REWARD_FILE = '''
-def count_e(prompts, responses):
-    return [r.count("e") / 4.0 for r in responses]
-'''
-
 # PPO settings shared by the single-process and the Ray run (16 prompts a step: 8 per policy worker on Ray)
 TASK = dict(max_new_tokens=16, num_generations=1, ppo_epochs=2, kl_coef=0.05, learning_rate=1e-2, num_threads=1,
             progress_bar=False, eval_on_start=False)
@@ -41,18 +36,9 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray_rl")
-    (root / "reward.py").write_text(REWARD_FILE)
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n"
-                                                for i in range(64)))
-    return root
-
-
-def _settings(model_dir: Path, files: Path, out: Path, **overrides) -> dict:
-    return {"model": str(model_dir), "dataset": str(files / "prompts.jsonl"), "output_dir": str(out),
-            "reward_fn": f"{files / 'reward.py'}:count_e", **TASK, **overrides}
+def _settings(model_dir: Path, count_e_files: Path, out: Path, **overrides) -> dict:
+    return {"model": str(model_dir), "dataset": str(count_e_files / "prompts.jsonl"), "output_dir": str(out),
+            "reward_fn": f"{count_e_files / 'reward.py'}:count_e", **TASK, **overrides}
 
 
 def _rows(out: Path) -> list[dict]:
@@ -65,10 +51,10 @@ def _mean(rows: list[dict], key: str = "reward_mean") -> float:
 
 @pytest.mark.slow
 def test_per_role_groups_raise_reward_like_single_process_and_rollout_weights_equal_policy(
-        ray_session, tiny_model_dir, files, tmp_path):
+        ray_session, tiny_model_dir, count_e_files, tmp_path):
     steps = 24
     single = tmp_path / "single"
-    run_rl(PPOConfig(**_settings(tiny_model_dir, files, single, prompts_per_step=16, max_steps=steps)))
+    run_rl(PPOConfig(**_settings(tiny_model_dir, count_e_files, single, prompts_per_step=16, max_steps=steps)))
 
     synced: list[int] = []
 
@@ -84,7 +70,7 @@ def test_per_role_groups_raise_reward_like_single_process_and_rollout_weights_eq
     out = tmp_path / "ray"
     from rlhfkit.distributed import run_ray_rl
 
-    config = PPOConfig(**_settings(tiny_model_dir, files, out, prompts_per_step=8, max_steps=steps, ray=True,
+    config = PPOConfig(**_settings(tiny_model_dir, count_e_files, out, prompts_per_step=8, max_steps=steps, ray=True,
                                    ray_placement="per_role", ray_policy_workers=2, ray_rollout_workers=2,
                                    ray_cpus_per_worker=0.5, ray_timeout_s=120, ray_check_sync=True))
     summary = run_ray_rl(config, on_sync=check_weights)
@@ -116,7 +102,7 @@ def test_per_role_groups_raise_reward_like_single_process_and_rollout_weights_eq
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo"])  # "grpo" passes too (~15 s more)
-def test_one_worker_per_role_reproduces_the_single_process_run(algorithm, ray_session, tiny_model_dir, files,
+def test_one_worker_per_role_reproduces_the_single_process_run(algorithm, ray_session, tiny_model_dir, count_e_files,
                                                                tmp_path):
     """With one worker per role the Ray run is the single-process run spread over roles: same prompts, same
     sampling generator, same losses, GAE and optimizer, weights copied exactly. PPO uses a separate value model
@@ -132,8 +118,8 @@ def test_one_worker_per_role_reproduces_the_single_process_run(algorithm, ray_se
         cls, settings = PPOConfig, dict(prompts_per_step=8, num_minibatches=2, critic="reward_model",
                                         reward_fn=None, reward_model=rm, max_grad_norm=0.0, kl_target=1.0)
     single, spread = tmp_path / "single", tmp_path / "ray"
-    run_rl(cls(**_settings(tiny_model_dir, files, single, max_steps=3, **settings)))
-    run_rl(cls(**_settings(tiny_model_dir, files, spread, max_steps=3, **settings, ray=True,
+    run_rl(cls(**_settings(tiny_model_dir, count_e_files, single, max_steps=3, **settings)))
+    run_rl(cls(**_settings(tiny_model_dir, count_e_files, spread, max_steps=3, **settings, ray=True,
                            ray_placement="colocated", ray_cpus_per_worker=1.0)))
     keys = ["reward_mean", "kl", "beta", "loss", "policy_loss", "entropy", "clip_frac", "response_length"]
     if algorithm == "ppo":
@@ -161,14 +147,14 @@ def _kill_when(path: Path, workers_file: Path, role: str, rank: int, killed: dic
 
 @pytest.mark.slow
 def test_killed_workers_end_the_run_with_a_named_error_and_a_resumable_checkpoint(
-        ray_session, tiny_model_dir, files, tmp_path, capsys):
+        ray_session, tiny_model_dir, count_e_files, tmp_path, capsys):
     out = tmp_path / "colocated"
     # colocated: process 0 runs rank 0 of every role, process 1 policy[1], critic[1], reward[1], rollout[1]
     # (its rollout worker copies policy rank 1's weights in place), process 2 reward[2] alone
     argv = ["ppo", "--ray", "--ray-placement", "colocated", "--ray-policy-workers", "2", "--ray-critic-workers", "2",
             "--ray-reward-workers", "3", "--ray-rollout-workers", "2", "--ray-check-sync", "--ray-cpus-per-worker",
-            "0.5", "--ray-timeout-s", "60", "--model", str(tiny_model_dir), "--dataset", str(files / "prompts.jsonl"),
-            "--output-dir", str(out), "--reward-fn", f"{files / 'reward.py'}:count_e", "--max-steps", "8",
+            "0.5", "--ray-timeout-s", "60", "--model", str(tiny_model_dir), "--dataset", str(count_e_files / "prompts.jsonl"),
+            "--output-dir", str(out), "--reward-fn", f"{count_e_files / 'reward.py'}:count_e", "--max-steps", "8",
             "--save-steps", "2", "--prompts-per-step", "4", "--max-new-tokens", "8", "--ppo-epochs", "2",
             "--num-generations", "1", "--learning-rate", "1e-2", "--kl-coef", "0.5", "--kl-target", "4",
             "--kl-horizon", "64", "--no-progress-bar", "--num-threads", "1"]
@@ -211,8 +197,8 @@ def test_killed_workers_end_the_run_with_a_named_error_and_a_resumable_checkpoin
     assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
 
 
-def test_bad_ray_settings_are_one_line_errors(tiny_model_dir, files, tmp_path):
-    base = _settings(tiny_model_dir, files, tmp_path / "x", ray=True)
+def test_bad_ray_settings_are_one_line_errors(tiny_model_dir, count_e_files, tmp_path):
+    base = _settings(tiny_model_dir, count_e_files, tmp_path / "x", ray=True)
     from rlhfkit.distributed import run_ray_rl
 
     with pytest.raises(ConfigError, match="--ray-placement must be one of colocated, per_role"):

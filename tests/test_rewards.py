@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
+from scoring_texts import ENDED, PROMPTS, RESPONSES
 
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.models.tiny import build_tiny_model
@@ -26,22 +27,6 @@ from rlhfkit.rollout.rewards import (
     build_reward_source,
     load_reward_function,
 )
-
-PROMPTS = [
-    "<|user|>\nWhat is the capital of the river country?\n<|assistant|>\n",
-    "<|user|>\nHello\n<|assistant|>\n",
-    "<|user|>\nTell me two things about the sea and the mountain, please.\n<|assistant|>\n",
-    "<|user|>\nOne plus one?\n<|assistant|>\n",
-    "<|user|>\nName a planet.\n<|assistant|>\n",
-]
-RESPONSES = [
-    "The capital is near the river.",
-    "Hello there, how can I help you today? I think it is a good day.",
-    "yes",
-    "Two.",
-    "Maybe the earth, or some other planet far away from the sun and the sea",
-]
-ENDED = [True, True, False, True, False]
 
 
 class _Capture(logging.Handler):

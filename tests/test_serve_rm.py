@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scoring_texts import ENDED, PROMPTS, RESPONSES
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.tiny import build_tiny_model
@@ -29,21 +30,6 @@ from rlhfkit.rollout.reward_server import (
 )
 from rlhfkit.rollout.rewards import HTTPReward, ModelReward, ScoringBatch
 
-PROMPTS = [
-    "<|user|>\nWhat is the capital of the river country?\n<|assistant|>\n",
-    "<|user|>\nHello\n<|assistant|>\n",
-    "<|user|>\nTell me two things about the sea and the mountain, please.\n<|assistant|>\n",
-    "<|user|>\nOne plus one?\n<|assistant|>\n",
-    "<|user|>\nName a planet.\n<|assistant|>\n",
-]
-RESPONSES = [
-    "The capital is near the river.",
-    "Hello there, how can I help you today? I think it is a good day.",
-    "yes",
-    "Two.",
-    "Maybe the earth, or some other planet far away from the sun and the sea",
-]
-ENDED = [True, True, False, True, False]
 TOLERANCE = 1e-5  # served vs local score: the same forward, only the batch composition may differ
 
 

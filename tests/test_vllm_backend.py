@@ -290,21 +290,9 @@ def test_merged_named_weights_of_a_plain_model_are_its_parameters(tiny_model_dir
         assert all(t.data_ptr() == p.data_ptr() for (_, t), (_, p) in zip(weights, model.named_parameters()))
 
 
-REWARD_FILE = "def count_e(prompts, responses):\n    return [r.count('e') / 4.0 for r in responses]\n"
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm_rl")
-    (root / "reward.py").write_text(REWARD_FILE)
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n"
-                                                for i in range(32)))
-    return root
-
-
-def _config(cls, model_dir, files, out, **overrides):
-    settings = dict(model=str(model_dir), dataset=str(files / "prompts.jsonl"), output_dir=str(out),
-                    reward_fn=f"{files / 'reward.py'}:count_e", max_new_tokens=10, progress_bar=False,
+def _config(cls, model_dir, count_e_files, out, **overrides):
+    settings = dict(model=str(model_dir), dataset=str(count_e_files / "prompts.jsonl"), output_dir=str(out),
+                    reward_fn=f"{count_e_files / 'reward.py'}:count_e", max_new_tokens=10, progress_bar=False,
                     eval_on_start=False, prompts_per_step=2, num_generations=4, learning_rate=1e-2,
                     rollout_backend="vllm", logprob_check_steps=1, logprob_check_tolerance=1e-4)
     settings.update(overrides)
@@ -312,12 +300,12 @@ def _config(cls, model_dir, files, out, **overrides):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_run_rl_with_the_vllm_backend_syncs_weights_before_every_rollout(lora, tiny_model_dir, files, tmp_path,
+def test_run_rl_with_the_vllm_backend_syncs_weights_before_every_rollout(lora, tiny_model_dir, count_e_files, tmp_path,
                                                                          fake_vllm):
     """Checked every step at 1e-4: the engine samples with the trainer's current weights (else the check
     fails from step 2, see below), and PPO's old log-probs are the trainer's own."""
     out = tmp_path / "run"
-    run_rl(_config(GRPOConfig, tiny_model_dir, files, out, max_steps=3, **({"lora_r": 4} if lora else {})))
+    run_rl(_config(GRPOConfig, tiny_model_dir, count_e_files, out, max_steps=3, **({"lora_r": 4} if lora else {})))
     llm = fake_vllm.instances[-1]
     assert llm.events == ["sync", "reset", "generate"] * 3  # one sync per update phase, before sampling
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r]
@@ -326,8 +314,8 @@ def test_run_rl_with_the_vllm_backend_syncs_weights_before_every_rollout(lora, t
     assert all(r["rollout_logprob_mismatch"] < 1e-4 for r in rows)
 
 
-def test_stale_engine_weights_are_caught_by_the_check(tiny_model_dir, files, tmp_path, fake_vllm, monkeypatch):
+def test_stale_engine_weights_are_caught_by_the_check(tiny_model_dir, count_e_files, tmp_path, fake_vllm, monkeypatch):
     monkeypatch.setattr(VLLMGenerationBackend, "sync_weights", lambda self, policy: 0)  # a broken sync
     with pytest.raises(LogprobMismatchError, match=r"disagree at step 2 \(vllm rollouts"):
-        run_rl(_config(PPOConfig, tiny_model_dir, files, tmp_path / "stale", max_steps=3, num_generations=1,
+        run_rl(_config(PPOConfig, tiny_model_dir, count_e_files, tmp_path / "stale", max_steps=3, num_generations=1,
                        ppo_epochs=2))
