@@ -161,10 +161,12 @@ def test_sharded_runs_equal_one_process_save_plain_checkpoints_and_resume(launch
         assert sorted(_per_step(resumed)) == [3]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "zero3"])
+@pytest.mark.parametrize("launcher", ["torchrun", "zero3", "fsdp2"])
 def test_ppo_two_processes_match_the_first_update(launcher, tiny_model_dir, data, one_process, tmp_path):
     """Rollouts split over ranks; whitening, reward normalisation and the token-level loss use all of them.
-    Under ZeRO-3 sampling runs on gathered weights and the reference in a DeepSpeed inference engine."""
+    Under ZeRO-3 sampling runs on gathered weights (transformers' decode loop: ZeRO-3 re-partitions after
+    each module forward) and the reference in a DeepSpeed inference engine; under FSDP2 the lean decode step
+    runs on the unsharded weights."""
     out = tmp_path / f"ppo_{launcher}"
     _launch("ppo", [*_args("ppo", tiny_model_dir, data, steps=1), "--prompts-per-step", "4",
                     "--per-device-batch-size", "8", "--output-dir", str(out)], launcher)

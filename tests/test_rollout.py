@@ -173,3 +173,8 @@ def test_fast_decode_declines_lora_and_unknown_layouts(policy):
     assert fast_decoder(gpt2) is None
     lora = get_peft_model(copy.deepcopy(policy), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert fast_decoder(lora) is None and fast_decoder(lora.get_base_model()) is None  # LoRA layers inside
+    # ZeRO-3 marks its partitioned parameters (ds_id) and re-partitions them after each module forward
+    sharded = copy.deepcopy(policy)
+    assert fast_decoder(sharded) is not None
+    sharded.model.layers[0].self_attn.q_proj.weight.ds_id = 0
+    assert fast_decoder(sharded) is None

@@ -9,7 +9,8 @@ MLP, LM head, called as functional kernels) with three things done once per roll
 token: a preallocated KV buffer written in place, the rotary table for every position, and the
 key-padding mask.
 
-Anything else (LoRA-wrapped layers, other architectures, dynamic RoPE, an active sliding window) returns
+Anything else (LoRA-wrapped layers, other architectures, dynamic RoPE, an active sliding window, weights
+partitioned by ZeRO-3) returns
 ``None`` from :func:`fast_decoder` and the backend keeps the plain transformers loop. Tests check that both
 paths give the same tokens and log-probs.
 """
@@ -120,12 +121,21 @@ def _plain_rms_norm(module: torch.nn.Module) -> bool:
         and isinstance(getattr(module, "weight", None), torch.nn.Parameter) and not hasattr(module, "bias")
 
 
+def _zero3_partitioned(model: torch.nn.Module) -> bool:
+    """DeepSpeed ZeRO-3 re-partitions a module's weights after its forward (the prompt's prefill included)
+    and gathers them again in the next module call; the lean step reads weights outside module calls.
+    (FSDP2 keeps them unsharded inside ``Engine.full_parameters``: tests/test_distributed.py runs PPO on it.)"""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def fast_decoder(model: torch.nn.Module) -> FastDecoder | None:
     """A :class:`FastDecoder` for ``model`` when its layout is one this module reproduces exactly, else None."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in LLAMA_LAYOUT:
         return None
     if hasattr(model, "peft_config") or not hasattr(model, "lm_head") or not hasattr(model, "model"):
+        return None
+    if _zero3_partitioned(model):
         return None
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in STATIC_ROPE:
