@@ -10,9 +10,8 @@ token: a preallocated KV buffer written in place, the rotary table for every pos
 key-padding mask.
 
 Anything else (LoRA-wrapped layers, other architectures, dynamic RoPE, an active sliding window, weights
-partitioned by ZeRO-3) returns
-``None`` from :func:`fast_decoder` and the backend keeps the plain transformers loop. Tests check that both
-paths give the same tokens and log-probs.
+partitioned by ZeRO-3) returns ``None`` from :func:`fast_decoder` and the backend keeps the plain
+transformers loop. Tests check that both paths give the same tokens and log-probs.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ class FastDecoder:
 
     A step calls the functional kernels on the model's own parameters (``F.linear``, ``F.rms_norm``) rather
     than its modules: at one token per row a step is ~150 small ops, and module dispatch plus the
-    eight-op eager RMSNorm were a third of its time.
+    eight-op eager RMSNorm cost a sixth of its time (3.6 -> 3.1 ms per step on the bench model).
     """
 
     def __init__(self, model: torch.nn.Module):
