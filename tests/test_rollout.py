@@ -138,17 +138,31 @@ def _random_decoder(kind: str, vocab: int):
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 if proj.bias is not None:
                     proj.bias.normal_(0, 0.5)  # Qwen2's q/k/v biases start at zero: make them count
+    return _with_random_norms(model)
+
+
+def _with_random_norms(model):
+    """RMSNorm weights start at one; the fused decode step folds them into the projections: make them count."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
     return model
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral_window"])
-def test_fast_decode_equals_the_transformers_loop(kind, policy, prompts, tiny_tokenizer):
-    """The lean decode step (in-place KV buffer, RoPE table) gives the transformers loop's tokens and
-    log-probs, with left padding and several samples per prompt; a sliding window shorter than the
-    rollout falls back to transformers."""
-    from rlhfkit.rollout.fast_decode import fast_decoder
+def test_fast_decode_equals_the_transformers_loop(kind, fused, policy, prompts, tiny_tokenizer, monkeypatch):
+    """The lean decode step (in-place KV buffer, RoPE table; fused projections with the norm weights folded
+    in, or the model's own weights one by one) gives the transformers loop's tokens and log-probs, with
+    left padding and several samples per prompt; a sliding window shorter than the rollout falls back to
+    transformers."""
+    from rlhfkit.rollout.fast_decode import FastDecoder, fast_decoder
 
-    model = policy if kind == "llama" else _random_decoder(kind.split("_")[0], len(tiny_tokenizer))
+    if not fused:
+        monkeypatch.setattr(FastDecoder, "FUSE_MAX_BYTES", 0)
+    model = _with_random_norms(copy.deepcopy(policy)) if kind == "llama" \
+        else _random_decoder(kind.split("_")[0], len(tiny_tokenizer))
     decoder = fast_decoder(model)
     assert decoder is not None
     sampling = SamplingConfig(temperature=0.8, max_new_tokens=14)
@@ -157,10 +171,23 @@ def test_fast_decode_equals_the_transformers_loop(kind, policy, prompts, tiny_to
     assert rollouts[0].response_ids == rollouts[1].response_ids
     torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs, atol=1e-5, rtol=0)
     assert decoder.fits(30) is (kind != "mistral_window")
+    if kind != "mistral_window":  # the fast path ran, fused or not as asked
+        decoder.start(_prefilled_cache(model, prompts), torch.ones(len(prompts), 30, dtype=torch.long), 30)
+        assert decoder.fused is fused
     if kind == "qwen2":  # and the rows equal a full forward (prompt + response in one pass)
         for i, (prompt, response) in enumerate(zip(rollouts[0].prompt_ids, rollouts[0].response_ids)):
             reference = full_forward_logps(model, prompt, response, 0.8)
             assert torch.allclose(rollouts[0].logprobs[i, :len(response)], reference, atol=2e-5)
+
+
+def _prefilled_cache(model, prompts):
+    from transformers import DynamicCache
+
+    width = min(len(p) for p in prompts)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([p[:width] for p in prompts]), past_key_values=cache, use_cache=True)
+    return cache
 
 
 def test_fast_decode_declines_lora_and_unknown_layouts(policy):

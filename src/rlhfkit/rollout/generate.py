@@ -88,13 +88,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator,
+                       probs: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row from softmax(logits) [N, V] by inverting the CDF with one uniform per row.
 
     torch.multinomial draws an exponential variate for every vocabulary entry (V per row); one uniform
     per row and a search in the cumulative sum is exact too and costs a fraction of that per decode step.
+    ``probs`` (unnormalised is fine), when the caller already has them, saves the softmax.
     """
-    cdf = torch.softmax(logits.float(), dim=-1).cumsum(-1)
+    cdf = (torch.softmax(logits.float(), dim=-1) if probs is None else probs).cumsum(-1)
     u = torch.rand(logits.shape[0], 1, generator=generator, device=generator.device).to(cdf.device)
     # right side: zero-probability tokens own an empty interval; scaling by the total absorbs round-off
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
@@ -182,15 +184,20 @@ class HFGenerationBackend:
             eos = torch.as_tensor(self.eos_ids, device=device)
             stops = tuple(s for s in sampling.stop_strings if s)
             step = 0
+            filtering = sampling.top_k > 0 or sampling.top_p < 1.0
             for step in range(steps):
-                scaled = logits.float() / sampling.temperature
+                scaled = logits.float()
+                if sampling.temperature != 1.0:
+                    scaled = scaled / sampling.temperature
                 logp_all = torch.log_softmax(scaled, dim=-1)
-                filtered = filter_logits(scaled, sampling.top_k, sampling.top_p)
-                sampled = sample_categorical(filtered, generator)
-                sampled = torch.where(done, torch.full_like(sampled, self.pad_id), sampled)
+                if filtering:
+                    sampled = sample_categorical(filter_logits(scaled, sampling.top_k, sampling.top_p), generator)
+                else:  # the unfiltered distribution is exp(logp_all): no second softmax
+                    sampled = sample_categorical(scaled, generator, probs=logp_all.exp())
+                # rows already done keep sampling (their draws are discarded below): no per-step masking
                 tokens[:, step] = sampled
-                logps[:, step] = torch.where(done, 0.0, logp_all.gather(-1, sampled[:, None]).squeeze(-1))
-                finished = ~done & torch.isin(sampled, eos)
+                logps[:, step] = logp_all.gather(-1, sampled[:, None]).squeeze(-1)
+                finished = torch.isin(sampled, eos).logical_and_(~done)
                 if stops:
                     for row in (~done & ~finished).nonzero().flatten().tolist():
                         if self._stop_hit(tokens[row, :step + 1].tolist(), stops):
@@ -206,6 +213,10 @@ class HFGenerationBackend:
                             attention_mask=attention[:, :width + step + 1] if padded else None,
                             position_ids=next_position + step, past_key_values=cache, use_cache=True)
                 logits = out.logits[:, -1]
+            # after a row's end: pad tokens and zero log-probs
+            after = torch.arange(steps, device=device)[None, :] >= lengths[:, None]
+            tokens.masked_fill_(after, self.pad_id)
+            logps.masked_fill_(after, 0.0)
         finally:
             model.train(was_training)
 
