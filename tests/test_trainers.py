@@ -167,6 +167,10 @@ def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir
                        "responses": [tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id],
                                      tok(b, add_special_tokens=False).input_ids[: 1 + i] + [tok.eos_token_id]],
                        "ranks": [0, 1], "margin": 0.0})
+    # two sequences of one length side by side: the packed attention batches such runs into one call
+    same = tok("Same length twice", add_special_tokens=False).input_ids
+    groups.append({"prompt_ids": tok("Echo").input_ids, "responses": [same + [tok.eos_token_id],
+                   same[::-1] + [tok.eos_token_id]], "ranks": [0, 1], "margin": 0.0})
     packed = collate_groups(groups, tok.pad_token_id, packed=True)
     padded = collate_groups(groups, tok.pad_token_id, packed=False)
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -179,7 +183,7 @@ def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir
         torch.testing.assert_close(sequence_logps(lm, packed), padded_logps, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sequence_logps(lm, padded), padded_logps, atol=1e-6, rtol=1e-6)
     # and the gradients: per-sequence attention backpropagates into each sequence's own slice only
-    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5])
     grads = []
     for batch in (packed, padded):
         lm.zero_grad()

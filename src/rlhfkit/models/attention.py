@@ -35,14 +35,27 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if bounds[-1] < query.shape[2]:  # a padded tail attends to itself only; it is never scored
         bounds.append(query.shape[2])
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+    # consecutive sequences of one length (a group of samples that all ran to max_new_tokens) go through
+    # one batched SDPA call: at small sizes the per-call cost, not the arithmetic, is what adds up
+    runs: list[list[int]] = []  # [length, count]
+    for n in lengths:
+        if n == 0:
+            continue
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
     p = dropout if module.training else 0.0
-    # split, not one slice per sequence: a slice's backward writes its gradient into a zero-filled tensor
-    # of the full packed size, n sequences x 3 tensors per layer; split's backward is a single concatenation.
-    pieces = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling)
-        for q, k, v, n in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
-                              value.split(lengths, dim=2), lengths, strict=True) if n > 0
-    ]
+    heads, dim = query.shape[1], query.shape[3]
+    spans = [n * count for n, count in runs]
+    pieces = []
+    # split, not one slice per run: a slice's backward writes its gradient into a zero-filled tensor of the
+    # full packed size, runs x 3 tensors per layer; split's backward is a single concatenation.
+    for q, k, v, (n, count) in zip(query.split(spans, dim=2), key.split(spans, dim=2),
+                                   value.split(spans, dim=2), runs, strict=True):
+        q, k, v = (t.view(heads, count, n, dim).transpose(0, 1) for t in (q, k, v))  # [count, heads, n, dim]
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling)
+        pieces.append(out.transpose(0, 1).reshape(1, heads, n * count, dim))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
