@@ -18,6 +18,7 @@ from rlhfkit.losses import (
     ranked_bradley_terry_loss,
     reward_margin_for_probability,
     selected_token_logprobs,
+    selected_token_logprobs_and_entropy,
     sequence_logprob_sums,
     token_logprobs,
 )
@@ -141,6 +142,37 @@ def test_selected_token_logprobs_matches_reference(dtype: torch.dtype, monkeypat
 def test_token_logprobs_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError):
         token_logprobs(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selected_token_logprobs_and_entropy_match_plain_python(dtype: torch.dtype,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(7, 9, generator=g, dtype=torch.float64) * 4).to(dtype)
+    targets = torch.randint(0, 9, (7,), generator=g)
+    rows = logits.double().tolist()
+    expected_logps, expected_entropy = [], []
+    for row, y in zip(rows, targets.tolist()):
+        norm = math.log(sum(math.exp(z) for z in row))
+        expected_logps.append(row[y] - norm)
+        expected_entropy.append(-sum(math.exp(z - norm) * (z - norm) for z in row))
+    logps, entropy = selected_token_logprobs_and_entropy(logits, targets)
+    _assert_matches(logps, expected_logps, dtype)
+    _assert_matches(entropy, expected_entropy, dtype)
+    monkeypatch.setattr(logprobs_mod, "_MAX_CHUNK_ELEMENTS", 20)  # chunks of 2 rows give the same values
+    chunked = selected_token_logprobs_and_entropy(logits, targets)
+    _assert_matches(chunked[0], expected_logps, dtype)
+    _assert_matches(chunked[1], expected_entropy, dtype)
+    # the entropy is a statistic unless asked for its gradient (an entropy bonus): then it is d(-Σp·log p)
+    leaf = logits.double().clone().requires_grad_()
+    logps, entropy = selected_token_logprobs_and_entropy(leaf, targets)
+    assert logps.requires_grad and not entropy.requires_grad
+    _, entropy = selected_token_logprobs_and_entropy(leaf, targets, entropy_grad=True)
+    (grad,) = torch.autograd.grad(entropy.sum(), leaf)
+    probs = leaf.detach().softmax(-1)
+    log_probs = probs.log()
+    reference = -probs * (log_probs - (probs * log_probs).sum(-1, keepdim=True))  # dH/dz_v = -p_v(log p_v + H)
+    torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- sequence sums / packing

@@ -5,6 +5,7 @@ from rlhfkit.losses.logprobs import (
     masked_mean,
     masked_sum,
     selected_token_logprobs,
+    selected_token_logprobs_and_entropy,
     sequence_logprob_sums,
     token_logprobs,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "reward_margin_for_probability",
     "sequence_logprob_sums",
     "selected_token_logprobs",
+    "selected_token_logprobs_and_entropy",
     "token_logprobs",
     "whiten",
 ]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["masked_mean", "masked_sum", "selected_token_logprobs", "sequence_logprob_sums", "token_logprobs"]
+__all__ = ["masked_mean", "masked_sum", "selected_token_logprobs", "selected_token_logprobs_and_entropy",
+           "sequence_logprob_sums", "token_logprobs"]
 
 # Upper bound on the number of logit elements processed at once by `token_logprobs` (2**24 float32
 # elements = 64 MiB). logsumexp needs an exp() temporary of its input's size, and low-precision logits
@@ -117,6 +118,35 @@ def sequence_logprob_sums(
         num_sequences = int(index.max().item()) + 1 if index.numel() > 0 else 0
     out = weighted.new_zeros(num_sequences)
     return out.index_add(0, index, weighted.reshape(-1))
+
+
+def selected_token_logprobs_and_entropy(logits: Tensor, targets: Tensor,
+                                        entropy_grad: bool = False) -> tuple[Tensor, Tensor]:
+    """Log-probability of each target and the entropy of each row, from one log-softmax per chunk.
+
+    Formula (logits [N, V] already divided by any temperature, targets [N], outputs [N] and [N]):
+        ℓ = log_softmax(logits[n]),   out[n] = ℓ[y_n],   H[n] = -sum_v exp(ℓ_v) · ℓ_v
+
+    What an RL policy loss needs from one forward: :func:`selected_token_logprobs` plus
+    ``entropy_from_logits`` computed separately pass over the [N, V] logits about twice as often. The
+    entropy carries a gradient only with ``entropy_grad`` (an entropy bonus); otherwise it is a statistic.
+    The logits must be finite (a model's are; ``entropy_from_logits`` takes top-k-masked ones).
+    Low-precision logits are upcast chunk by chunk (results float32); float64 stays float64.
+    """
+    if logits.dim() != 2 or targets.dim() != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    rows, vocab = logits.shape
+    out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, vocab))
+    logps, entropies = [logits.new_zeros(0, dtype=out_dtype)], [logits.new_zeros(0, dtype=out_dtype)]
+    for start in range(0, rows, chunk):
+        log_probs = torch.log_softmax(logits[start:start + chunk].to(out_dtype), dim=-1)
+        logps.append(log_probs.gather(-1, targets[start:start + chunk, None].long()).squeeze(-1))
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            source = log_probs if entropy_grad else log_probs.detach()
+            entropies.append(-(source.exp() * source).sum(-1))
+    return torch.cat(logps), torch.cat(entropies)
 
 
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:

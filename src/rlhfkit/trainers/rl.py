@@ -39,11 +39,11 @@ from ..losses import (
     approx_kl,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     gae,
     group_advantages,
     kl_penalty,
     selected_token_logprobs,
+    selected_token_logprobs_and_entropy,
     whiten,
 )
 from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
@@ -290,13 +290,17 @@ class ActorCritic(torch.nn.Module):
         return logits, values
 
 
+def tempered_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 logits divided by the sampling temperature (the distribution the rollout sampled from)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def response_logps(logits: torch.Tensor, batch: dict[str, Any], temperature: float) -> tuple[torch.Tensor,
                                                                                             torch.Tensor]:
     """Log-probs of the response tokens at ``temperature``, flat [n] in (sequence, position) order, from the
-    predicting logits [n, V] of ``loss_logits``; and those logits (float32, tempered) for the entropy."""
-    picked = logits.float()
-    if temperature != 1.0:
-        picked = picked / temperature
+    predicting logits [n, V] of ``loss_logits``; and those logits (float32, tempered)."""
+    picked = tempered_logits(logits, temperature)
     return selected_token_logprobs(picked, loss_targets(batch)), picked
 
 
@@ -373,14 +377,15 @@ class RLTask:
 
     def _policy_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
         cfg = self.config
-        logps, picked = response_logps(logits, batch, cfg.temperature)
+        logps, entropy = selected_token_logprobs_and_entropy(tempered_logits(logits, cfg.temperature),
+                                                             loss_targets(batch),
+                                                             entropy_grad=cfg.entropy_coef > 0)
         old, adv = batch["old_logps"], batch["advantages"]
         policy = clipped_policy_loss(logps, old, adv, cfg.clip_eps, cfg.clip_eps_high)
         per_token = policy.losses
         if cfg.kl_mode == "loss" and cfg.kl_coef > 0:
             per_token = per_token + self.kl_controller.beta * kl_penalty(logps, batch["ref_logps"],
                                                                          cfg.kl_estimator)
-        entropy = entropy_from_logits(picked if cfg.entropy_coef > 0 else picked.detach())
         if cfg.entropy_coef > 0:
             per_token = per_token - cfg.entropy_coef * entropy
         loss = self._aggregate(per_token, batch)
