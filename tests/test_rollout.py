@@ -166,13 +166,22 @@ def test_fast_decode_equals_the_transformers_loop(kind, fused, policy, prompts, 
     decoder = fast_decoder(model)
     assert decoder is not None
     sampling = SamplingConfig(temperature=0.8, max_new_tokens=14)
-    rollouts = [HFGenerationBackend(tiny_tokenizer, fast_decode=fast).generate(
-        model, prompts, 2, sampling, torch.Generator().manual_seed(5)) for fast in (True, False)]
-    assert rollouts[0].response_ids == rollouts[1].response_ids
-    torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs, atol=1e-5, rtol=0)
+    for update in range(2):  # the second rollout after an optimizer-like in-place update of the weights
+        if update:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.mul_(1.1)
+        rollouts = [HFGenerationBackend(tiny_tokenizer, fast_decode=fast).generate(
+            model, prompts, 2, sampling, torch.Generator().manual_seed(5)) for fast in (True, False)]
+        assert rollouts[0].response_ids == rollouts[1].response_ids
+        torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs, atol=1e-5, rtol=0)
+        if update == 0:
+            first = rollouts[0]
+    assert first.logprobs.ne(rollouts[0].logprobs).any()  # the update changed the distribution
     assert decoder.fits(30) is (kind != "mistral_window")
     if kind != "mistral_window":  # the fast path ran, fused or not as asked
-        decoder.start(_prefilled_cache(model, prompts), torch.ones(len(prompts), 30, dtype=torch.long), 30)
+        decoder.start(_prefilled_cache(model, prompts), torch.ones(len(prompts), 30, dtype=torch.long), 30,
+                      torch.full((len(prompts),), 5))
         assert decoder.fused is fused
     if kind == "qwen2":  # and the rows equal a full forward (prompt + response in one pass)
         for i, (prompt, response) in enumerate(zip(rollouts[0].prompt_ids, rollouts[0].response_ids)):

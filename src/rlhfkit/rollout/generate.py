@@ -174,7 +174,7 @@ class HFGenerationBackend:
             attention = torch.cat([mask, mask.new_ones((n, steps))], dim=1)
             fast = fast_decoder(model) if self.fast_decode else None
             if fast is not None and fast.fits(width + steps):
-                fast.start(cache, attention, width + steps)
+                fast.start(cache, attention, width + steps, next_position[:, 0])
             else:
                 fast = None
             tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
@@ -197,7 +197,7 @@ class HFGenerationBackend:
                 # rows already done keep sampling (their draws are discarded below): no per-step masking
                 tokens[:, step] = sampled
                 logps[:, step] = logp_all.gather(-1, sampled[:, None]).squeeze(-1)
-                finished = torch.isin(sampled, eos).logical_and_(~done)
+                finished = (sampled == self.eos_ids[0] if len(self.eos_ids) == 1 else torch.isin(sampled, eos)).logical_and_(~done)
                 if stops:
                     for row in (~done & ~finished).nonzero().flatten().tolist():
                         if self._stop_hit(tokens[row, :step + 1].tolist(), stops):
@@ -207,7 +207,7 @@ class HFGenerationBackend:
                 if step == steps - 1 or bool(done.all()):
                     break
                 if fast is not None:
-                    logits = fast.step(sampled, next_position[:, 0] + step)
+                    logits = fast.step(sampled)
                     continue
                 out = model(input_ids=sampled[:, None],
                             attention_mask=attention[:, :width + step + 1] if padded else None,
