@@ -60,6 +60,17 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     return torch.cat(pieces, dim=1)
 
 
+def _row_chunking(logits: Tensor, targets: Tensor) -> tuple[int, torch.dtype, int]:
+    """Checks [N, V] logits against [N] targets; returns N, the result dtype (float32 for low-precision
+    logits) and the rows per chunk that keep an upcast / exp temporary under ``_MAX_CHUNK_ELEMENTS``."""
+    if logits.dim() != 2 or targets.dim() != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    rows, vocab = logits.shape
+    out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    return rows, out_dtype, max(1, _MAX_CHUNK_ELEMENTS // max(1, vocab))
+
+
 def selected_token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of each target under its own row of predicting logits.
 
@@ -71,12 +82,7 @@ def selected_token_logprobs(logits: Tensor, targets: Tensor, temperature: float 
     for logits at those positions only); ``token_logprobs`` is the same formula on a full [B, T, V] tensor.
     Low-precision logits are upcast to float32 chunk by chunk (result float32); float64 stays float64.
     """
-    if logits.dim() != 2 or targets.dim() != 1 or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
-    rows, vocab = logits.shape
-    out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, vocab))
+    rows, out_dtype, chunk = _row_chunking(logits, targets)
     pieces = [logits.new_zeros(0, dtype=out_dtype)]
     for start in range(0, rows, chunk):
         part = logits[start:start + chunk].to(out_dtype)
@@ -133,12 +139,7 @@ def selected_token_logprobs_and_entropy(logits: Tensor, targets: Tensor,
     The logits must be finite (a model's are; ``entropy_from_logits`` takes top-k-masked ones).
     Low-precision logits are upcast chunk by chunk (results float32); float64 stays float64.
     """
-    if logits.dim() != 2 or targets.dim() != 1 or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
-    rows, vocab = logits.shape
-    out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(1, vocab))
+    rows, out_dtype, chunk = _row_chunking(logits, targets)
     logps, entropies = [logits.new_zeros(0, dtype=out_dtype)], [logits.new_zeros(0, dtype=out_dtype)]
     for start in range(0, rows, chunk):
         log_probs = torch.log_softmax(logits[start:start + chunk].to(out_dtype), dim=-1)
