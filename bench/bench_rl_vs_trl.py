@@ -47,6 +47,7 @@ ALGOS = {
     "rloo": {"cmd": "rloo", "name": "RLOO", "prompts": 1, "group": 8, "epochs": 1, "beta": 0.05},
 }
 TRL_ALGOS = ("grpo", "rloo")
+LIBRARIES = ("rlhfkit", "rlhfkit-compiled", "trl")  # rlhfkit-compiled: the same run with --compile-decode
 REWARD_SOURCE = '''def reward(prompts, completions=None, **kwargs):
     """rlhfkit calls reward(prompts, responses); TRL calls reward(prompts=..., completions=..., ...)."""
     return [c.count("e") / 4.0 for c in completions]
@@ -144,6 +145,8 @@ def run_rlhfkit(spec: dict) -> dict:
             "--seed", str(spec["seed"]), "--num-threads", str(spec["threads"]), "--precision", "fp32",
             "--logging-steps", "1", "--save-steps", "0", "--sample-steps", "0", "--report-to", "none",
             "--no-progress-bar", "--no-eval-on-start"]  # fmt: skip
+    if spec["library"] == "rlhfkit-compiled":
+        argv.append("--compile-decode")
     rc = cli(argv)
     if rc != 0:
         raise RuntimeError(f"rlhfkit {' '.join(argv)} exited with {rc}")
@@ -155,6 +158,7 @@ def run_rlhfkit(spec: dict) -> dict:
         "own_mean_length": statistics.mean(r["response_length"] for r in rows) if rows else None,
         "reward_mean": statistics.mean(r["reward_mean"] for r in rows) if rows else None,
         "rollout_logprob_mismatch": max((r.get("rollout_logprob_mismatch", 0.0) for r in rows), default=None),
+        "first_rollout_s": rows[0]["rollout_time_s"] if rows else None,  # with --compile-decode: the compile
     }
 
 
@@ -363,6 +367,13 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def _first_rollout(results: list[dict]) -> float | None:
+    """The slowest first rollout of the compiled-decode runs (the compile; warm or cold inductor cache)."""
+    firsts = [r.get("first_rollout_s") for r in results if r.get("library") == "rlhfkit-compiled"]
+    firsts = [f for f in firsts if f is not None]
+    return max(firsts) if firsts else None
+
+
 def build_table(results: list[dict], args, info: dict) -> str:
     f = base._fmt
     lines = [
@@ -377,7 +388,7 @@ def build_table(results: list[dict], args, info: dict) -> str:
     problems, noisy = [], []
     for algo in args.only:
         trl = by_key.get((algo, "trl"))
-        for lib in ("rlhfkit", "trl"):
+        for lib in LIBRARIES:
             r = by_key.get((algo, lib))
             if r is None:
                 continue
@@ -387,7 +398,7 @@ def build_table(results: list[dict], args, info: dict) -> str:
                 problems.append(f"{algo}/{lib}: " + " / ".join(r["log_tail"][-3:]))
                 continue
             speed = rss = ""
-            if lib == "rlhfkit" and trl is not None and "error" not in trl:
+            if lib != "trl" and trl is not None and "error" not in trl:
                 r["speedup_vs_trl"] = trl["s_per_step"] / r["s_per_step"]
                 r["rss_ratio_vs_trl"] = r["peak_rss_mib"] / trl["peak_rss_mib"]
                 speed, rss = f"**{r['speedup_vs_trl']:.2f}×**", f"{r['rss_ratio_vs_trl']:.2f}×"
@@ -434,7 +445,10 @@ def build_table(results: list[dict], args, info: dict) -> str:
         "--reward-fn reward.py:reward --precision fp32 --num-threads 2 --logging-steps 1 --save-steps 0 "
         "--sample-steps 0 --no-progress-bar --no-eval-on-start` (other options at their defaults; PPO "
         "(4 epochs) = 4 optimizer steps per rollout), run in-process in the child; the final model is saved "
-        "after the timed steps.",
+        "after the timed steps. rlhfkit-compiled: the same command with `--compile-decode` (the decode step "
+        "through torch.compile); its first rollout, which compiles, is a warm-up step"
+        + (f" and took {first:.1f} s" if (first := _first_rollout(results)) else "")
+        + ".",
     ]
     if t:
         notes.append(
@@ -475,7 +489,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="rollout+update steps per run (default 20)")
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps excluded from timing (default 3)")
     p.add_argument("--only", default=",".join(ALGOS), help=f"rows: {', '.join(ALGOS)} (comma-separated)")
-    p.add_argument("--libraries", default="rlhfkit,trl", help="comma-separated: rlhfkit, trl (default both)")
+    p.add_argument("--libraries", default="rlhfkit,rlhfkit-compiled,trl",
+                   help="comma-separated: rlhfkit, rlhfkit-compiled (--compile-decode), trl (default all)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=42)
@@ -496,8 +511,8 @@ def parse_args(argv=None):
     args.libraries = [s.strip() for s in args.libraries.split(",") if s.strip()]
     if not args.only or any(s not in ALGOS for s in args.only):
         p.error(f"--only takes {', '.join(ALGOS)}")
-    if not args.libraries or any(s not in ("rlhfkit", "trl") for s in args.libraries):
-        p.error("--libraries takes rlhfkit, trl")
+    if not args.libraries or any(s not in LIBRARIES for s in args.libraries):
+        p.error(f"--libraries takes {', '.join(LIBRARIES)}")
     if args.repeats < 1 or args.retries < 0 or not 1 <= args.warmup_steps < args.steps - 1:
         p.error("need --repeats >= 1, --retries >= 0 and 1 <= --warmup-steps < --steps - 1")
     return args
@@ -576,7 +591,7 @@ def main(argv=None) -> int:
 
     runs, results = [], []
     for algo in args.only:
-        libs = [lib for lib in args.libraries if lib == "rlhfkit" or algo in TRL_ALGOS]
+        libs = [lib for lib in args.libraries if lib != "trl" or algo in TRL_ALGOS]
         per_lib: dict[str, list[dict]] = {lib: [] for lib in libs}
         for rep in range(args.repeats):
             for lib in libs if rep % 2 == 0 else libs[::-1]:

@@ -214,3 +214,56 @@ def test_fast_decode_declines_lora_and_unknown_layouts(policy):
     assert fast_decoder(sharded) is not None
     sharded.model.layers[0].self_attn.q_proj.weight.ds_id = 0
     assert fast_decoder(sharded) is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_compiled_decode_equals_the_transformers_loop(kind, policy, prompts, tiny_tokenizer, tmp_path, monkeypatch):
+    """--compile-decode: the step exported and AOT-compiled in a child process gives the transformers loop's
+    tokens and log-probs; one package serves other batch sizes (down to one row) and buffer lengths, and
+    sees in-place weight updates (the weights are inputs, not baked constants)."""
+    from rlhfkit.rollout import compiled_decode
+
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled_decode, "_FAILED", [])
+    model = _with_random_norms(copy.deepcopy(policy)) if kind == "llama" \
+        else _random_decoder(kind, len(tiny_tokenizer))
+    calls = []
+    build = compiled_decode._build_in_child
+    monkeypatch.setattr(compiled_decode, "_build_in_child", lambda *a: calls.append(a) or build(*a))
+    compiled, plain = HFGenerationBackend(tiny_tokenizer, compile_decode=True), \
+        HFGenerationBackend(tiny_tokenizer, fast_decode=False)
+    # (prompts, samples per prompt, max_new_tokens): 6 rows with left padding, then 1 row, then 4 rows longer
+    shapes = [(prompts, 2, 12), (prompts[:1], 1, 9), (prompts[1:], 2, 20)]
+    for update, (batch, samples, steps) in enumerate(shapes):
+        if update:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.mul_(1.05)
+        sampling = SamplingConfig(temperature=0.8, max_new_tokens=steps)
+        got, want = (backend.generate(model, batch, samples, sampling, torch.Generator().manual_seed(7))
+                     for backend in (compiled, plain))
+        assert got.response_ids == want.response_ids
+        torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
+        assert got.logprobs.abs().sum() > 0
+    assert len(calls) == 1 and len(list((tmp_path / "compiled_decode").glob("*.pt2"))) == 1
+    assert not compiled_decode._FAILED
+
+
+def test_compiled_decode_failure_falls_back_to_eager(policy, prompts, tiny_tokenizer, tmp_path, monkeypatch, caplog):
+    """A failed build (no compiler, say) is logged once and the rollout decodes eagerly, same samples."""
+    from rlhfkit.rollout import compiled_decode
+
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled_decode, "_FAILED", [])
+
+    def no_compiler(spec, path):
+        raise RuntimeError("compile child exited with 1: error: no C++ compiler found")
+
+    monkeypatch.setattr(compiled_decode, "_build_in_child", no_compiler)
+    sampling = SamplingConfig(temperature=0.8, max_new_tokens=10)
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        rollouts = [HFGenerationBackend(tiny_tokenizer, compile_decode=compile_).generate(
+            policy, prompts, 2, sampling, torch.Generator().manual_seed(3)) for compile_ in (True, True, False)]
+    assert rollouts[0].response_ids == rollouts[1].response_ids == rollouts[2].response_ids
+    warnings = [r.getMessage() for r in caplog.records if "compile-decode" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0]

@@ -283,7 +283,7 @@ class _Worker:
 
     def _task(self, packed: bool = False, ref_model: torch.nn.Module | None = None, reward: Any = None) -> RLTask:
         return RLTask(self.config, self.tokenizer, packed, ref_model, reward,
-                      HFGenerationBackend(self.tokenizer, self.config.fast_decode), [])
+                      HFGenerationBackend(self.tokenizer, self.config.fast_decode, self.config.compile_decode), [])
 
     def _weights_module(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -640,7 +640,7 @@ def run_ray_rl(config: RLConfig, on_sync: Callable[[int, RayCluster], None] | No
     prepare = partial(prepare_prompts, max_prompt_length=config.max_prompt_length or config.max_length // 2)
     prompts, _, report = prepare_datasets(config, tokenizer, PROMPT_FORMATS, prepare)
     # the driver's RLTask: the KL controller, reward statistics and experience() of the single-process step
-    task = RLTask(config, tokenizer, False, None, None, HFGenerationBackend(tokenizer, config.fast_decode), [])
+    task = RLTask(config, tokenizer, False, None, None, HFGenerationBackend(tokenizer, config.fast_decode, config.compile_decode), [])
     n_policy = config.ray_policy_workers
     per_step = config.prompts_per_step * n_policy
     total_steps = config.max_steps if config.max_steps > 0 else max(

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .sampling import sample_next
+
 # transformers model types whose decoder layer is: x + attn(input_layernorm(x)), then
 # x + mlp(post_attention_layernorm(x)), attention = q/k/v/o projections with RoPE on q and k.
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
@@ -47,33 +49,21 @@ def _fill(buffers: dict[str, torch.Tensor], name: str, parts: list[torch.Tensor]
     return out.copy_(out.float() * scale.float())
 
 
-class _Projection:
-    """Linear maps that read the same input (q/k/v, or gate/up), concatenated along the output.
+def _projection(modules: list[torch.nn.Linear], norm_weight: torch.Tensor,
+                buffers: dict[str, torch.Tensor] | None, name: str) -> tuple:
+    """Linear maps that read the same input (q/k/v, or gate/up) as ((weight, bias), ...) for :func:`_project`.
 
-    ``fused``: one weight (and bias) made by concatenating them, with the preceding RMSNorm's weight folded
-    in (``W·(w ⊙ x̂) = (W·diag(w))·x̂``): one matrix product instead of three and no weight multiply in the
-    norm. Otherwise the modules' own parameters, one product each, then concatenated.
+    Fused (``buffers`` given): one weight (and bias) made by concatenating them, with the preceding RMSNorm's
+    weight folded in (``W·(w ⊙ x̂) = (W·diag(w))·x̂``): one matrix product instead of three and no weight
+    multiply in the norm. Otherwise the modules' own parameters, one product each.
     """
-
-    def __init__(self, modules: list[torch.nn.Linear], norm_weight: torch.Tensor,
-                 buffers: dict[str, torch.Tensor] | None, name: str):
-        self.parts = [(m.weight, m.bias) for m in modules]
-        self.fused = buffers is not None
-        if buffers is not None:
-            self.weight = _fill(buffers, name, [m.weight for m in modules], norm_weight)
-            biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
-            self.bias = None if all(m.bias is None for m in modules) else torch.cat(biases)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return F.linear(x, self.weight, self.bias)
-        return torch.cat([F.linear(x, weight, bias) for weight, bias in self.parts], dim=-1)
-
-
-def _add_linear(hidden: torch.Tensor, x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
-    """hidden + module(x) for 2-D rows, the residual add done inside the matrix product (addmm)."""
-    out = torch.addmm(hidden, x, module.weight.t())
-    return out if module.bias is None else out.add_(module.bias)
+    if buffers is None:
+        return tuple((m.weight, m.bias) for m in modules)
+    weight = _fill(buffers, name, [m.weight for m in modules], norm_weight)
+    if all(m.bias is None for m in modules):
+        return ((weight, None),)
+    return ((weight, torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                for m in modules])),)
 
 
 class FastDecoder:
@@ -106,6 +96,8 @@ class FastDecoder:
         act = getattr(model.config, "hidden_act", None)
         self.act = F.silu if act == "silu" else self.layers[0].mlp.act_fn
 
+    compiled = False  # run the step ahead-of-time compiled (rlhfkit.rollout.compiled_decode)
+
     def fits(self, total_length: int) -> bool:
         """An active sliding window shorter than the rollout changes attention: leave it to transformers."""
         return not self.sliding_window or total_length <= self.sliding_window
@@ -125,72 +117,127 @@ class FastDecoder:
         self.keys, self.values = [], []
         for layer in cache.layers:
             n, heads, filled, dim = layer.keys.shape
-            keys = layer.keys.new_empty((n, heads, total_length, dim))
-            values = layer.values.new_empty((n, heads, total_length, dim))
+            # zeros, not empty: the slots not yet written are masked out of attention, but a masked
+            # weight of 0 times a NaN left in uninitialised memory would still be NaN
+            keys = layer.keys.new_zeros((n, heads, total_length, dim))
+            values = layer.values.new_zeros((n, heads, total_length, dim))
             keys[:, :, :filled] = layer.keys
             values[:, :, :filled] = layer.values
             self.keys.append(keys)
             self.values.append(values)
-        self.filled = filled
-        # SDPA boolean mask: True = attend. None when nothing is padded (the common case: no mask work).
-        self.key_mask = None if bool(key_mask.all()) else key_mask.bool()[:, None, None, :]
+        device = key_mask.device
+        # the buffer slot the next token is written to; advanced inside the step (no Python int that a
+        # compiled step would have to be specialised on)
+        self.slot = torch.tensor([filled], device=device)
+        # SDPA boolean mask, True = attend: the prompt's real tokens now, each decoded slot as it is written
+        slots = torch.arange(total_length, device=device)
+        self.attend = (key_mask.bool() & (slots < filled))[:, None, None, :]
         dtype = self.keys[0].dtype
-        table = torch.arange(total_length, device=key_mask.device)[None]
-        dummy = torch.empty(0, dtype=dtype, device=key_mask.device)
-        cos, sin = self.base.rotary_emb(dummy, table)  # the model's own RoPE, once for every position
+        dummy = torch.empty(0, dtype=dtype, device=device)
+        cos, sin = self.base.rotary_emb(dummy, slots[None])  # the model's own RoPE, once for every position
         # rotate_half(x) = cat(-x2, x1) = (x2, x1) * sign: the sign goes into the sine table once
         half = self.head_dim // 2
         sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin)
-        # per row and decode step [n, steps, 1, D] (clamped: rows never read past their last step)
-        steps = total_length - self.filled
-        at = (positions[:, None] + torch.arange(steps, device=positions.device)).clamp(max=total_length - 1)
+        # per row and buffer slot [n, total_length, 1, D]: the RoPE position of the token written there
+        # (clamped: the prompt's slots are never looked up, and rows never run past the last slot)
+        at = (positions[:, None] + slots - filled).clamp(0, total_length - 1)
         self.cos, self.sin_signed = cos[0][at][:, :, None, :], (sin[0] * sign)[at][:, :, None, :]
-        self.decoded = 0
 
         self.fused = self._fused_bytes() <= self.FUSE_MAX_BYTES
         buffers = _FUSED_BUFFERS.setdefault(self.model, {}) if self.fused else None
-        self.plan = []
+        plan = []
         for index, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
-            self.plan.append((
+            plan.append((
                 None if self.fused else norm_in.weight, norm_in.variance_epsilon,
-                _Projection([attn.q_proj, attn.k_proj, attn.v_proj], norm_in.weight, buffers, f"qkv{index}"),
-                attn,
+                _projection([attn.q_proj, attn.k_proj, attn.v_proj], norm_in.weight, buffers, f"qkv{index}"),
+                (attn.o_proj.weight.t(), attn.o_proj.bias), attn.scaling,
                 None if self.fused else norm_post.weight, norm_post.variance_epsilon,
-                _Projection([mlp.gate_proj, mlp.up_proj], norm_post.weight, buffers, f"gate_up{index}"), mlp))
+                _projection([mlp.gate_proj, mlp.up_proj], norm_post.weight, buffers, f"gate_up{index}"),
+                (mlp.down_proj.weight.t(), mlp.down_proj.bias)))
         norm, head = self.base.norm, self.model.lm_head
-        self.final_norm = None if self.fused else norm.weight
-        self.head_weight = head.weight if buffers is None else _fill(buffers, "head", [head.weight], norm.weight)
+        self.head = (None if self.fused else norm.weight, norm.variance_epsilon,
+                     head.weight if buffers is None else _fill(buffers, "head", [head.weight], norm.weight),
+                     head.bias)
+        self.plan = tuple(plan)
+        self.runner = None
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [n, V] for one new token per row (the next position of each); appends to the KV buffer."""
-        n = tokens.shape[0]
-        slot = self.filled
-        self.filled += 1
-        self.decoded += 1
-        dim, q_heads, qk_heads = self.head_dim, self.q_heads, self.q_heads + self.kv_heads
-        cos, sin = self.cos[:, self.decoded - 1], self.sin_signed[:, self.decoded - 1]  # [n, 1, D]
-        mask = None if self.key_mask is None else self.key_mask[..., :self.filled]
-        hidden = F.embedding(tokens, self.base.embed_tokens.weight)  # [n, H]
-        width = (hidden.shape[-1],)
-        for index, (w_in, eps_in, qkv_proj, attn, w_post, eps_post, gate_up_proj, mlp) in enumerate(self.plan):
-            qkv = qkv_proj(F.rms_norm(hidden, width, w_in, eps_in))  # [n, (Hq + 2·Hkv)·D]
-            qk = qkv[:, :qk_heads * dim].view(n, qk_heads, dim)
-            swapped = qk.view(n, qk_heads, 2, dim // 2).flip(2).view(n, qk_heads, dim)  # (x2, x1)
-            qk = torch.addcmul(qk * cos, swapped, sin)  # RoPE on q and k at once
-            keys, values = self.keys[index], self.values[index]
-            keys[:, :, slot] = qk[:, q_heads:]
-            values[:, :, slot] = qkv[:, qk_heads * dim:].view(n, self.kv_heads, dim)
-            out = F.scaled_dot_product_attention(qk[:, :q_heads, None], keys[:, :, :self.filled],
-                                                 values[:, :, :self.filled], attn_mask=mask,
-                                                 scale=attn.scaling, enable_gqa=self.gqa)
-            hidden = _add_linear(hidden, out.reshape(n, q_heads * dim), attn.o_proj)  # [n, Hq, 1, D] rows
-            gate_up = gate_up_proj(F.rms_norm(hidden, width, w_post, eps_post))
-            gated = self.act(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:]
-            hidden = _add_linear(hidden, gated, mlp.down_proj)
-        hidden = F.rms_norm(hidden, width, self.final_norm, self.base.norm.variance_epsilon)
-        return F.linear(hidden, self.head_weight, self.model.lm_head.bias)
+    def step(self, tokens: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one new token per row (at the next position of each; appended to the KV buffer) and draw the
+        next: (tokens [n], log-probs [n]) as :func:`rlhfkit.rollout.sampling.sample_next` gives them."""
+        if self.compiled:
+            if self.runner is None:  # once per rollout: the package, and the inputs that stay the same
+                from .compiled_decode import compiled_step, step_state
+
+                self.runner = compiled_step(self, temperature, top_k, top_p)
+                self.compiled = self.runner is not None
+                self.state = step_state(self)
+            if self.compiled:
+                sampled, logp = self.runner.run([uniform, tokens, *self.state])
+                return sampled, logp
+        args = (uniform, temperature, top_k, top_p, tokens, self.slot, self.base.embed_tokens.weight, self.plan,
+                self.head, self.keys, self.values, self.attend, self.cos, self.sin_signed, self.shape, self.act)
+        return decode_and_sample(*args)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, bool]:
+        """(head_dim, query heads, key/value heads, MLP width, grouped-query attention)."""
+        return self.head_dim, self.q_heads, self.kv_heads, self.intermediate, self.gqa
+
+
+def _project(x: torch.Tensor, parts: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]) -> torch.Tensor:
+    """x through one (weight, bias) pair, or through several concatenated along the output."""
+    if len(parts) == 1:
+        return F.linear(x, *parts[0])
+    return torch.cat([F.linear(x, weight, bias) for weight, bias in parts], dim=-1)
+
+
+def _add_linear(hidden: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden + x·Wᵀ (+ b) for 2-D rows, the residual add done inside the matrix product (addmm)."""
+    out = torch.addmm(hidden, x, weight_t)
+    return out if bias is None else out + bias
+
+
+def decode_step(tokens: torch.Tensor, slot: torch.Tensor, embed: torch.Tensor, plan: tuple, head: tuple,
+                keys: list[torch.Tensor], values: list[torch.Tensor], attend: torch.Tensor, cos: torch.Tensor,
+                sin_signed: torch.Tensor, shape: tuple[int, int, int, int, bool], act: Any) -> torch.Tensor:
+    """One decoder step over in-place KV buffers: logits [n, V] for ``tokens`` [n] written at buffer slot
+    ``slot`` [1] (advanced by one here). Shapes never change within a rollout, so the step can be compiled
+    once (:mod:`rlhfkit.rollout.compiled_decode`); ``attend`` [n, 1, 1, T] gains the new slot."""
+    n = tokens.shape[0]
+    head_dim, q_heads, kv_heads, intermediate, gqa = shape
+    qk_heads = q_heads + kv_heads
+    attend.index_fill_(-1, slot, True)
+    cos_now = cos.index_select(1, slot).view(n, 1, head_dim)
+    sin_now = sin_signed.index_select(1, slot).view(n, 1, head_dim)
+    hidden = F.embedding(tokens, embed)  # [n, H]
+    width = (hidden.shape[-1],)
+    for (w_in, eps_in, qkv_parts, (o_weight_t, o_bias), scaling, w_post, eps_post, gate_up_parts,
+         (down_weight_t, down_bias)), key_buffer, value_buffer in zip(plan, keys, values):
+        qkv = _project(F.rms_norm(hidden, width, w_in, eps_in), qkv_parts)  # [n, (Hq + 2·Hkv)·D]
+        qk = qkv[:, :qk_heads * head_dim].view(n, qk_heads, head_dim)
+        swapped = qk.view(n, qk_heads, 2, head_dim // 2).flip(2).view(n, qk_heads, head_dim)  # (x2, x1)
+        qk = torch.addcmul(qk * cos_now, swapped, sin_now)  # RoPE on q and k at once
+        key_buffer.index_copy_(2, slot, qk[:, q_heads:, None])
+        value_buffer.index_copy_(2, slot, qkv[:, qk_heads * head_dim:].view(n, kv_heads, 1, head_dim))
+        out = F.scaled_dot_product_attention(qk[:, :q_heads, None], key_buffer, value_buffer, attn_mask=attend,
+                                             scale=scaling, enable_gqa=gqa)
+        hidden = _add_linear(hidden, out.reshape(n, q_heads * head_dim), o_weight_t, o_bias)
+        gate_up = _project(F.rms_norm(hidden, width, w_post, eps_post), gate_up_parts)
+        hidden = _add_linear(hidden, act(gate_up[:, :intermediate]) * gate_up[:, intermediate:],
+                             down_weight_t, down_bias)
+    slot.add_(1)
+    final_weight, final_eps, head_weight, head_bias = head
+    return F.linear(F.rms_norm(hidden, width, final_weight, final_eps), head_weight, head_bias)
+
+
+def decode_and_sample(uniform: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                      *step_args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_step` then the draw from its logits (:func:`rlhfkit.rollout.sampling.sample_next`)."""
+    return sample_next(decode_step(*step_args), uniform, temperature, top_k, top_p)
 
 
 def _plain_rms_norm(module: torch.nn.Module) -> bool:

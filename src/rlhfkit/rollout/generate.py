@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from .fast_decode import fast_decoder
+from .sampling import filter_logits, sample_next
 
 __all__ = ["GenerationBackend", "HFGenerationBackend", "Rollout", "SamplingConfig", "filter_logits"]
 
@@ -70,39 +71,6 @@ class GenerationBackend(Protocol):
         """Sample ``num_samples`` responses per prompt; rows are prompt-major."""
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside the top-k and outside the smallest set with probability >= top_p.
-
-    The most likely token always survives. Operates on [N, V] logits already divided by the temperature.
-    """
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator,
-                       probs: torch.Tensor | None = None) -> torch.Tensor:
-    """One draw per row from softmax(logits) [N, V] by inverting the CDF with one uniform per row.
-
-    torch.multinomial draws an exponential variate for every vocabulary entry (V per row); one uniform
-    per row and a search in the cumulative sum is exact too and costs a fraction of that per decode step.
-    ``probs`` (unnormalised is fine), when the caller already has them, saves the softmax.
-    """
-    cdf = (torch.softmax(logits.float(), dim=-1) if probs is None else probs).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=generator.device).to(cdf.device)
-    # right side: zero-probability tokens own an empty interval; scaling by the total absorbs round-off
-    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return index.clamp(max=logits.shape[-1] - 1).squeeze(-1)
-
-
 def _eos_ids(tokenizer: Any) -> list[int]:
     ids = tokenizer.eos_token_id
     ids = list(ids) if isinstance(ids, list | tuple) else [ids]
@@ -112,9 +80,10 @@ def _eos_ids(tokenizer: Any) -> list[int]:
 class HFGenerationBackend:
     """Batched sampling with a transformers KV cache, prefilling each prompt once for all its samples."""
 
-    def __init__(self, tokenizer: Any, fast_decode: bool = True):
+    def __init__(self, tokenizer: Any, fast_decode: bool = True, compile_decode: bool = False):
         self.tokenizer = tokenizer
         self.fast_decode = fast_decode  # rlhfkit.rollout.fast_decode where the architecture allows
+        self.compile_decode = compile_decode  # that step through torch.compile
         self.eos_ids = _eos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -175,6 +144,7 @@ class HFGenerationBackend:
             fast = fast_decoder(model) if self.fast_decode else None
             if fast is not None and fast.fits(width + steps):
                 fast.start(cache, attention, width + steps, next_position[:, 0])
+                fast.compiled = self.compile_decode and fast.fused and device.type == "cpu"
             else:
                 fast = None
             tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
@@ -183,20 +153,22 @@ class HFGenerationBackend:
             done = torch.zeros(n, dtype=torch.bool, device=device)
             eos = torch.as_tensor(self.eos_ids, device=device)
             stops = tuple(s for s in sampling.stop_strings if s)
-            step = 0
-            filtering = sampling.top_k > 0 or sampling.top_p < 1.0
+            step, sampled = 0, None
+            sample_args = (sampling.temperature, sampling.top_k, sampling.top_p)
             for step in range(steps):
-                scaled = logits.float()
-                if sampling.temperature != 1.0:
-                    scaled = scaled / sampling.temperature
-                logp_all = torch.log_softmax(scaled, dim=-1)
-                if filtering:
-                    sampled = sample_categorical(filter_logits(scaled, sampling.top_k, sampling.top_p), generator)
-                else:  # the unfiltered distribution is exp(logp_all): no second softmax
-                    sampled = sample_categorical(scaled, generator, probs=logp_all.exp())
+                uniform = torch.rand(n, 1, generator=generator, device=generator.device).to(device)
+                if sampled is not None and fast is not None:  # forward and draw in one (maybe compiled) step
+                    sampled, logp = fast.step(sampled, uniform, *sample_args)
+                else:
+                    if sampled is not None:
+                        logits = model(input_ids=sampled[:, None],
+                                       attention_mask=attention[:, :width + step] if padded else None,
+                                       position_ids=next_position + step - 1, past_key_values=cache,
+                                       use_cache=True).logits[:, -1]
+                    sampled, logp = sample_next(logits, uniform, *sample_args)
                 # rows already done keep sampling (their draws are discarded below): no per-step masking
                 tokens[:, step] = sampled
-                logps[:, step] = logp_all.gather(-1, sampled[:, None]).squeeze(-1)
+                logps[:, step] = logp
                 finished = (sampled == self.eos_ids[0] if len(self.eos_ids) == 1 else torch.isin(sampled, eos)).logical_and_(~done)
                 if stops:
                     for row in (~done & ~finished).nonzero().flatten().tolist():
@@ -206,13 +178,6 @@ class HFGenerationBackend:
                 done |= finished
                 if step == steps - 1 or bool(done.all()):
                     break
-                if fast is not None:
-                    logits = fast.step(sampled)
-                    continue
-                out = model(input_ids=sampled[:, None],
-                            attention_mask=attention[:, :width + step + 1] if padded else None,
-                            position_ids=next_position + step, past_key_values=cache, use_cache=True)
-                logits = out.logits[:, -1]
             # after a row's end: pad tokens and zero log-probs
             after = torch.arange(steps, device=device)[None, :] >= lengths[:, None]
             tokens.masked_fill_(after, self.pad_id)

@@ -268,4 +268,4 @@ def build_rollout_backend(config: Any, tokenizer: Any) -> HFGenerationBackend:
             gpu_memory_utilization=config.vllm_gpu_memory_utilization, enforce_eager=config.vllm_enforce_eager,
             max_model_len=max_prompt + config.max_new_tokens, enable_sleep_mode=config.vllm_sleep,
             trust_remote_code=config.trust_remote_code)
-    return HFGenerationBackend(tokenizer, config.fast_decode)
+    return HFGenerationBackend(tokenizer, config.fast_decode, config.compile_decode)

@@ -95,6 +95,10 @@ class RLConfig(TrainConfig):
     stop_strings: str = arg("", "Comma-separated strings that end a response (kept, text after cut).")
     fast_decode: bool = arg(True, "Decode Llama/Mistral/Qwen2 policies with rlhfkit's lean step (in-place KV "
                             "buffer; same tokens and log-probs); --no-fast-decode keeps the transformers loop.")
+    compile_decode: bool = arg(False, "CPU: run that decode step ahead-of-time compiled (torch.export + AOTInductor; "
+                               "needs a C++ compiler). Built once in a child process (~25 s on 2 cores) and cached "
+                               "in $RLHFKIT_CACHE (default ~/.cache/rlhfkit); same samples, ~1.5-2x faster steps for "
+                               "small policies. Falls back to the eager step, with a warning, if the build fails.")
     rollout_backend: str = arg("hf", "Rollout engine: hf (rlhfkit's KV-cache decode loop) or vllm (needs vLLM and a "
                                "CUDA GPU; its weights are synced after each update and the trainer re-scores its "
                                "samples for PPO's old log-probs).")
