@@ -267,3 +267,13 @@ def test_compiled_decode_failure_falls_back_to_eager(policy, prompts, tiny_token
     assert rollouts[0].response_ids == rollouts[1].response_ids == rollouts[2].response_ids
     warnings = [r.getMessage() for r in caplog.records if "compile-decode" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0]
+
+
+def test_compile_decode_flag_reaches_the_backend(tiny_tokenizer):
+    from rlhfkit.cli import parse_trainer_args
+    from rlhfkit.rollout.vllm_backend import build_rollout_backend
+    from rlhfkit.trainers.rl import RLConfig
+
+    for flags, expected in (([], False), (["--compile-decode"], True)):
+        config = parse_trainer_args(RLConfig, ["--model", "m", "--dataset", "d.jsonl", *flags], "rlhfkit grpo", "")
+        assert build_rollout_backend(config, tiny_tokenizer).compile_decode is expected

@@ -6,8 +6,11 @@ with ``torch.cat`` (a copy of the whole cache per token and layer); on the 5M-pa
 ~6 ms per token where the matrix products need < 1 ms. Here the prompt is still prefilled by the model's
 own forward; the decoded tokens then go through the model's own parameters (embedding, norms, projections,
 MLP, LM head, called as functional kernels) with three things done once per rollout instead of once per
-token: a preallocated KV buffer written in place, the rotary table for every position, and the
-key-padding mask.
+token: a preallocated KV buffer written in place, the rotary table for every buffer slot, and the
+attention mask (key padding; each decoded slot is switched on in place as it is written). Every tensor of a
+step keeps its shape for the whole rollout and the slot counter is a tensor, so the same step body also
+runs ahead-of-time compiled (:mod:`rlhfkit.rollout.compiled_decode`, ``--compile-decode``), and the draw
+from the logits happens inside the step (:func:`decode_and_sample`).
 
 Anything else (LoRA-wrapped layers, other architectures, dynamic RoPE, an active sliding window, weights
 partitioned by ZeRO-3) returns ``None`` from :func:`fast_decoder` and the backend keeps the plain
