@@ -8,6 +8,8 @@
 Same tiny Llama (fp32, random init), same plain-text prompts, same reward function, group size, β,
 max_new_tokens, temperature, learning rate and number of steps for both libraries; one step = one rollout
 (8 sequences of up to 64 new tokens) + its update. TRL 1.16 has no PPO trainer, so PPO rows are rlhfkit only.
+rlhfkit runs twice per row: as is, and with ``--compile-decode`` (rlhfkit-compiled: the decode step AOT-compiled
+in a child process and cached; its first, compiling, rollout falls in the untimed warm-up steps).
 
 Conventions of bench/bench_vs_trl.py (whose helpers this imports): every (algorithm, library) run trains
 in its own subprocess, one at a time; peak RSS = that process's VmHWM; a global optimizer step post-hook
@@ -446,7 +448,7 @@ def build_table(results: list[dict], args, info: dict) -> str:
         "--sample-steps 0 --no-progress-bar --no-eval-on-start` (other options at their defaults; PPO "
         "(4 epochs) = 4 optimizer steps per rollout), run in-process in the child; the final model is saved "
         "after the timed steps. rlhfkit-compiled: the same command with `--compile-decode` (the decode step "
-        "through torch.compile); its first rollout, which compiles, is a warm-up step"
+        "AOT-compiled, built in a child process and cached on disk); its first rollout, which compiles, is a warm-up step"
         + (f" and took {first:.1f} s" if (first := _first_rollout(results)) else "")
         + ".",
     ]
