@@ -354,6 +354,8 @@ def combine(runs: list[dict], threshold: float) -> dict:
     out["other_processes_cores"] = max(r["other_processes_cores"] for r in ok)
     out["mean_completion_length"] = statistics.mean(r["mean_completion_length"] for r in ok)
     out["repeats"] = len(ok)
+    firsts = [r["first_rollout_s"] for r in ok if r.get("first_rollout_s") is not None]
+    out["first_rollout_s"] = max(firsts) if firsts else None  # the compiled rows: the cold build, if any
     return out
 
 
