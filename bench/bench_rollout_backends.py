@@ -4,9 +4,12 @@
     .venv/bin/python bench/bench_rollout_backends.py                      # tiny model built here, HF (+ vLLM on a GPU)
     .venv/bin/python bench/bench_rollout_backends.py --model PATH --prompts 256 --max-new-tokens 256
     .venv/bin/python bench/bench_rollout_backends.py --backends hf --device cpu --prompts 8
+    .venv/bin/python bench/bench_rollout_backends.py --backends hf,hf-compiled --prompts 1 --num-generations 8 \
+        --max-new-tokens 64 --vocab 2048 --repeats 10    # the RL bench's rollout: eager vs --compile-decode
 
 One rollout = ``--prompts`` prompts x ``--num-generations`` samples of up to ``--max-new-tokens`` tokens
-(the RL step's sampling half). Each backend gets one warm-up rollout (vLLM: CUDA graphs, the KV cache; HF:
+(the RL step's sampling half). hf-compiled is the HF backend with ``--compile-decode`` (CPU; its package is
+built, or loaded from the cache, during the warm-up rollout). Each backend gets one warm-up rollout (vLLM: CUDA graphs, the KV cache; HF:
 allocator) and then ``--repeats`` timed ones; tokens/s = generated tokens / wall time, median over repeats.
 The log-prob columns compare each backend's reported log-probs of its sampled tokens with the trainer's
 full forward (same model, fp32 unless --trainer-dtype), the mismatch rlhfkit's check watches.
@@ -59,7 +62,7 @@ def vllm_unavailable() -> str | None:
 def time_backend(name, backend, model, prompts, args, sampling) -> tuple[dict, object]:
     """Warm-up + timed rollouts; returns the row and the last rollout."""
     backend.generate(model, prompts, args.num_generations, sampling, torch.Generator().manual_seed(0))
-    times, tokens, rollout = [], [], None
+    times, tokens, steps, rollout = [], [], [], None
     for r in range(args.repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -70,15 +73,17 @@ def time_backend(name, backend, model, prompts, args, sampling) -> tuple[dict, o
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         tokens.append(sum(rollout.lengths))
+        steps.append(rollout.decode_steps)
     rates = [n / t for n, t in zip(tokens, times)]
     return {"backend": name, "rollout_s": statistics.median(times), "new_tokens": int(statistics.median(tokens)),
-            "tokens_per_s": statistics.median(rates), "ended": sum(rollout.ended) / len(rollout.ended)}, rollout
+            "tokens_per_s": statistics.median(rates),
+            "ms_per_token_step": statistics.median(1e3 * t / n for t, n in zip(times, steps)), "ended": sum(rollout.ended) / len(rollout.ended)}, rollout
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a causal LM folder or hub id (default: build a tiny one here)")
-    p.add_argument("--backends", default="hf,vllm")
+    p.add_argument("--backends", default="hf,hf-compiled,vllm", help="hf, hf-compiled (--compile-decode), vllm")
     p.add_argument("--device", default="auto", help="HF backend device: auto, cpu, cuda")
     p.add_argument("--hf-dtype", default="auto", help="HF backend weights: auto (bf16 on CUDA, fp32 on CPU), "
                                                      "float32, bfloat16")
@@ -119,10 +124,10 @@ def main(argv=None) -> int:
     sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     rows = []
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        if name == "hf":
+        if name in ("hf", "hf-compiled"):
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=hf_dtype).to(device).eval()
-            backend = HFGenerationBackend(tokenizer)
-            label = f"hf ({device.type}, {str(hf_dtype).removeprefix('torch.')})"
+            backend = HFGenerationBackend(tokenizer, compile_decode=name == "hf-compiled")
+            label = f"{name} ({device.type}, {str(hf_dtype).removeprefix('torch.')})"
         elif name == "vllm":
             why = vllm_unavailable()
             if why:
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
                                             max_model_len=max(map(len, prompts)) + args.max_new_tokens)
             label = f"vllm (cuda, {args.vllm_dtype})"
         else:
-            raise SystemExit(f"unknown backend '{name}' (hf, vllm)")
+            raise SystemExit(f"unknown backend '{name}' (hf, hf-compiled, vllm)")
         row, rollout = time_backend(label, backend, model, prompts, args, sampling)
         reference = trainer_logprobs(trainer, rollout.prompt_ids, rollout.response_ids, args.temperature,
                                      tokenizer.pad_token_id)
@@ -155,14 +160,15 @@ def main(argv=None) -> int:
           f"{args.prompts} prompts x {args.num_generations} samples, <= {args.max_new_tokens} new tokens, "
           f"T={args.temperature}; median of {args.repeats}; torch {torch.__version__}, GPU {gpu}, "
           f"{platform.processor() or platform.machine()}\n")
-    print("| backend | rollout s | new tokens | tokens/s | ended | mean abs Δlogp | max abs Δlogp | ratio mean |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| backend | rollout s | new tokens | tokens/s | ms per token step | ended | mean abs Δlogp | max abs Δlogp "
+          "| ratio mean |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         if "skipped" in row:
-            print(f"| {row['backend']} | skipped: {row['skipped']} | | | | | | |")
+            print(f"| {row['backend']} | skipped: {row['skipped']} | | | | | | | |")
             continue
         print(f"| {row['backend']} | {row['rollout_s']:.2f} | {row['new_tokens']} | {row['tokens_per_s']:.0f} | "
-              f"{row['ended']:.2f} | {row['logprob_diff_mean']:.2e} | {row['logprob_diff_max']:.2e} | "
+              f"{row['ms_per_token_step']:.2f} | {row['ended']:.2f} | {row['logprob_diff_mean']:.2e} | {row['logprob_diff_max']:.2e} | "
               f"{row['importance_ratio_mean']:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
