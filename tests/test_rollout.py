@@ -219,8 +219,8 @@ def test_fast_decode_declines_lora_and_unknown_layouts(policy):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_compiled_decode_equals_the_transformers_loop(kind, policy, prompts, tiny_tokenizer, tmp_path, monkeypatch):
     """--compile-decode: the step exported and AOT-compiled in a child process gives the transformers loop's
-    tokens and log-probs; one package serves other batch sizes (down to one row) and buffer lengths, and
-    sees in-place weight updates (the weights are inputs, not baked constants)."""
+    tokens and log-probs (top-k / top-p included); one package serves other batch sizes (down to one row) and
+    buffer lengths, and sees in-place weight updates (the weights are inputs, not baked constants)."""
     from rlhfkit.rollout import compiled_decode
 
     monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
@@ -232,20 +232,24 @@ def test_compiled_decode_equals_the_transformers_loop(kind, policy, prompts, tin
     monkeypatch.setattr(compiled_decode, "_build_in_child", lambda *a: calls.append(a) or build(*a))
     compiled, plain = HFGenerationBackend(tiny_tokenizer, compile_decode=True), \
         HFGenerationBackend(tiny_tokenizer, fast_decode=False)
-    # (prompts, samples per prompt, max_new_tokens): 6 rows with left padding, then 1 row, then 4 rows longer
-    shapes = [(prompts, 2, 12), (prompts[:1], 1, 9), (prompts[1:], 2, 20)]
-    for update, (batch, samples, steps) in enumerate(shapes):
+    # (prompts, samples per prompt, max_new_tokens, top-k, top-p): 6 rows with left padding, then 1 row, then
+    # 4 rows longer; for Llama also top-k + top-p (sampling settings are compiled in: a second package)
+    shapes = [(prompts, 2, 12, 0, 1.0), (prompts[:1], 1, 9, 0, 1.0), (prompts[1:], 2, 20, 0, 1.0)]
+    if kind == "llama":
+        shapes.append((prompts, 2, 12, 20, 0.8))
+    for update, (batch, samples, steps, top_k, top_p) in enumerate(shapes):
         if update:
             with torch.no_grad():
                 for param in model.parameters():
                     param.mul_(1.05)
-        sampling = SamplingConfig(temperature=0.8, max_new_tokens=steps)
+        sampling = SamplingConfig(temperature=0.8, max_new_tokens=steps, top_k=top_k, top_p=top_p)
         got, want = (backend.generate(model, batch, samples, sampling, torch.Generator().manual_seed(7))
                      for backend in (compiled, plain))
         assert got.response_ids == want.response_ids
         torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
         assert got.logprobs.abs().sum() > 0
-    assert len(calls) == 1 and len(list((tmp_path / "compiled_decode").glob("*.pt2"))) == 1
+    packages = len({(top_k, top_p) for *_, top_k, top_p in shapes})
+    assert len(calls) == packages and len(list((tmp_path / "compiled_decode").glob("*.pt2"))) == packages
     assert not compiled_decode._FAILED
 
 
@@ -277,3 +281,17 @@ def test_compile_decode_flag_reaches_the_backend(tiny_tokenizer):
     for flags, expected in (([], False), (["--compile-decode"], True)):
         config = parse_trainer_args(RLConfig, ["--model", "m", "--dataset", "d.jsonl", *flags], "rlhfkit grpo", "")
         assert build_rollout_backend(config, tiny_tokenizer).compile_decode is expected
+
+
+def test_compile_decode_skips_unfused_models_with_one_warning(policy, prompts, tiny_tokenizer, monkeypatch, caplog):
+    from rlhfkit.rollout import compiled_decode
+    from rlhfkit.rollout.fast_decode import FastDecoder
+
+    monkeypatch.setattr(FastDecoder, "FUSE_MAX_BYTES", 0)  # as if the policy were too big for the fused copies
+    monkeypatch.setattr(compiled_decode, "_build_in_child", lambda *a: pytest.fail("no build expected"))
+    backend = HFGenerationBackend(tiny_tokenizer, compile_decode=True)
+    sampling = SamplingConfig(max_new_tokens=6)
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        for _ in range(2):
+            backend.generate(policy, prompts, 1, sampling, torch.Generator().manual_seed(0))
+    assert sum("--compile-decode applies to CPU" in r.getMessage() for r in caplog.records) == 1

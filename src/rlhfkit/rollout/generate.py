@@ -10,6 +10,7 @@ run a second time over its own rollout.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,8 +18,10 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ConfigError
-from .fast_decode import fast_decoder
+from .fast_decode import FastDecoder, fast_decoder
 from .sampling import filter_logits, sample_next
+
+logger = logging.getLogger("rlhfkit")
 
 __all__ = ["GenerationBackend", "HFGenerationBackend", "Rollout", "SamplingConfig", "filter_logits"]
 
@@ -83,7 +86,8 @@ class HFGenerationBackend:
     def __init__(self, tokenizer: Any, fast_decode: bool = True, compile_decode: bool = False):
         self.tokenizer = tokenizer
         self.fast_decode = fast_decode  # rlhfkit.rollout.fast_decode where the architecture allows
-        self.compile_decode = compile_decode  # that step through torch.compile
+        self.compile_decode = compile_decode  # that step ahead-of-time compiled (rollout/compiled_decode.py)
+        self._told_not_compiled = False
         self.eos_ids = _eos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -145,6 +149,11 @@ class HFGenerationBackend:
             if fast is not None and fast.fits(width + steps):
                 fast.start(cache, attention, width + steps, next_position[:, 0])
                 fast.compiled = self.compile_decode and fast.fused and device.type == "cpu"
+                if self.compile_decode and not fast.compiled and not self._told_not_compiled:
+                    self._told_not_compiled = True  # once per backend: the flag is a no-op here
+                    logger.warning("--compile-decode applies to CPU policies with fused decode weights (up to "
+                                   "%d MiB of projections); this one decodes with the eager step",
+                                   FastDecoder.FUSE_MAX_BYTES >> 20)
             else:
                 fast = None
             tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
