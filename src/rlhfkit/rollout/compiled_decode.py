@@ -67,8 +67,7 @@ class _Step(torch.nn.Module):
 
 def _inputs(decoder: Any, uniform: torch.Tensor, tokens: torch.Tensor) -> list:
     """The step's inputs in export order (nested; None and floats are constants, the rest tensors)."""
-    return [uniform, tokens, decoder.slot, decoder.base.embed_tokens.weight, decoder.plan, decoder.head,
-            decoder.keys, decoder.values, decoder.attend, decoder.cos, decoder.sin_signed]
+    return [uniform, tokens, *decoder.step_inputs()]
 
 
 def step_state(decoder: Any) -> list[torch.Tensor]:

@@ -83,6 +83,7 @@ class FastDecoder:
     """
 
     FUSE_MAX_BYTES = 64 * 2**20  # the copies stay allocated with the model; bigger models decode unfused
+    compiled = False  # run the step ahead-of-time compiled (rlhfkit.rollout.compiled_decode)
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -98,8 +99,6 @@ class FastDecoder:
             if getattr(model.config, "use_sliding_window", True) else None
         act = getattr(model.config, "hidden_act", None)
         self.act = F.silu if act == "silu" else self.layers[0].mlp.act_fn
-
-    compiled = False  # run the step ahead-of-time compiled (rlhfkit.rollout.compiled_decode)
 
     def fits(self, total_length: int) -> bool:
         """An active sliding window shorter than the rollout changes attention: leave it to transformers."""
@@ -180,9 +179,14 @@ class FastDecoder:
             if self.compiled:
                 sampled, logp = self.runner.run([uniform, tokens, *self.state])
                 return sampled, logp
-        args = (uniform, temperature, top_k, top_p, tokens, self.slot, self.base.embed_tokens.weight, self.plan,
-                self.head, self.keys, self.values, self.attend, self.cos, self.sin_signed, self.shape, self.act)
-        return decode_and_sample(*args)
+        return decode_and_sample(uniform, temperature, top_k, top_p, tokens, *self.step_inputs(), self.shape,
+                                 self.act)
+
+    def step_inputs(self) -> tuple:
+        """The step's inputs after the fed tokens, in :func:`decode_step`'s order (the compiled package
+        takes the same): slot, embedding, per-layer plan, head, KV buffers, mask, RoPE tables."""
+        return (self.slot, self.base.embed_tokens.weight, self.plan, self.head, self.keys, self.values,
+                self.attend, self.cos, self.sin_signed)
 
     @property
     def shape(self) -> tuple[int, int, int, int, bool]:
