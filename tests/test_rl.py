@@ -205,3 +205,18 @@ def test_micro_batching_equals_one_batch(aggregation, tiny_model_dir, rl_files, 
         # abs: a GRPO loss is ~0 at the first step (group advantages sum to zero), a sum of O(1) terms whose
         # fp32 round-off (~1e-7) depends on how the batch is split; the gradient norm carries the check
         assert rows[0][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-6), key
+
+
+def test_shared_prompt_packing_equals_whole_samples(tiny_model_dir, rl_files, tmp_path):
+    """GRPO with each group's prompt packed once (the default) matches the same step with every sample packed
+    whole: the same rollout, KL to the reference, loss and gradient."""
+    rows, summaries = [], []
+    for share in (True, False):
+        out = tmp_path / f"share{share}"
+        summaries.append(run_rl(_config(GRPOConfig, tiny_model_dir, rl_files, out, max_steps=1, learning_rate=1e-2,
+                                        max_grad_norm=1e9, share_prompts=share)))
+        rows.append(_rows(out)[0])
+    assert [s["shared_prompts"] for s in summaries] == [True, False]
+    assert rows[0]["reward_mean"] == rows[1]["reward_mean"] and rows[0]["grad_norm"] > 0
+    for key in ("kl", "loss", "grad_norm", "policy_loss", "entropy", "rollout_logprob_mismatch"):
+        assert rows[0][key] == pytest.approx(rows[1][key], rel=1e-4, abs=1e-6), key

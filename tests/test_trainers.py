@@ -200,3 +200,65 @@ def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir
             n = int(padded["attention_mask"][m].sum())
             ref = rm(ids[None, :n]).logits[0, 0]
             assert float(reward_scores(rm, packed)[m]) == pytest.approx(float(ref), abs=1e-5)
+
+
+def test_shared_prompt_layout_by_hand():
+    from rlhfkit.data import pack_shared_prompts
+
+    batch = pack_shared_prompts([[5, 6, 7], [5, 6, 7], [9], [5, 6, 7]], [[1, 2], [3], [4, 4, 4], [8]])
+    # prompt [5 6 7] once for the first two pairs; the last pair's equal prompt is not adjacent: own copy
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 2, 3, 9, 4, 4, 4, 5, 6, 7, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 0, 1, 2, 3]]
+    assert batch["loss_index"].tolist() == [2, 3, 2, 6, 7, 8, 12]  # first response tokens: the prompt's last
+    assert batch["loss_targets"].tolist() == [1, 2, 3, 4, 4, 4, 8]
+    assert batch["loss_sequence"].tolist() == [0, 0, 1, 2, 2, 2, 3]
+    assert batch["last_index"].tolist() == [4, 5, 9, 13]
+    assert batch["prompt_groups"] == ((0, 3, (2, 1)), (6, 1, (3,)), (10, 3, (1,)))
+    assert (batch["num_sequences"], batch["num_tokens"], batch["num_loss_tokens"]) == (4, 14, 7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_gqa"])
+def test_shared_prompt_batches_equal_whole_sequences(arch, tiny_model_dir, monkeypatch):
+    """A group's samples packed with one copy of their prompt give the log-probs and the gradients of the
+    same samples packed whole (the prompt repeated per sample), on a model with grouped-query attention too."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from rlhfkit.data import pack_batch, pack_shared_prompts
+    from rlhfkit.losses import selected_token_logprobs
+    from rlhfkit.models.attention import use_packed_attention
+    from rlhfkit.trainers import common
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    else:
+        lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2))
+    assert use_packed_attention(lm)
+    lm.eval()
+    vocab = lm.get_input_embeddings().num_embeddings
+    ids = lambda n: torch.randint(3, vocab, (n,)).tolist()  # noqa: E731
+    first, second = ids(6), ids(3)
+    prompts = [first] * 4 + [second, first, first]
+    # equal-length runs (one batched call each), a 1-token response, and a repeat of a prompt after another
+    responses = [ids(5), ids(5), ids(2), ids(1), ids(7), ids(4), ids(4)]
+    shared = pack_shared_prompts(prompts, responses)
+    whole = pack_batch([p + r for p, r in zip(prompts, responses)],
+                       [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)])
+    assert shared["num_tokens"] == whole["num_tokens"] - 4 * len(first)  # 3 + 1 repeats of it saved
+    torch.testing.assert_close(common.loss_targets(shared), common.loss_targets(whole))
+    torch.testing.assert_close(common.loss_sequence_ids(shared), common.loss_sequence_ids(whole))
+    weights = torch.randn(shared["num_loss_tokens"])
+    assert common.supports_logits_index(lm)  # the probe's answer; then both paths are forced below
+    results = []
+    for batch, index_support in ((whole, True), (shared, True), (shared, False)):
+        monkeypatch.setitem(common._LOGITS_INDEX_SUPPORT, type(lm), index_support)
+        lm.zero_grad()
+        logits, _ = common.loss_logits(lm, batch)
+        logps = selected_token_logprobs(logits, common.loss_targets(batch))
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in lm.parameters()]))
+    for logps, grads in results[1:]:
+        torch.testing.assert_close(logps, results[0][0], atol=1e-5, rtol=1e-5)
+        for got, want in zip(grads, results[0][1], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -1,6 +1,6 @@
 """Data loading, format detection, tokenisation with exact boundaries, and batching."""
 
-from .collate import collate_groups, collate_sequences, pack_batch, pad_batch
+from .collate import collate_groups, collate_sequences, pack_batch, pack_shared_prompts, pad_batch
 from .formats import (
     PREFERENCE_FORMATS,
     PROMPT_FORMATS,
@@ -28,6 +28,7 @@ __all__ = [
     "expand_to_pairs",
     "load_rows",
     "pack_batch",
+    "pack_shared_prompts",
     "pad_batch",
     "prepare_preferences",
     "prepare_prompts",

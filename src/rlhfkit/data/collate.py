@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["collate_groups", "collate_sequences", "pack_batch", "pad_batch"]
+__all__ = ["collate_groups", "collate_sequences", "pack_batch", "pack_shared_prompts", "pad_batch"]
 
 
 def _checked(sequences: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -102,6 +102,76 @@ def pack_batch(sequences: Sequence[Sequence[int]], loss_masks: Sequence[Sequence
         "num_sequences": len(sequences),
         "num_tokens": len(ids),
         "num_loss_tokens": sum(flat_mask),
+    }
+
+
+def pack_shared_prompts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Pack (prompt, response) pairs into one row in which adjacent pairs with the same prompt share one copy.
+
+    The samples of a GRPO/RLOO group (or of any prompt sampled several times) then cost their prompt's
+    tokens once in a forward and backward instead of once per sample. The row holds, per run of equal
+    adjacent prompts: the prompt, then each response. Positions restart at 0 for each prompt and continue
+    from the prompt's length for every response, so each response sees the positions it was sampled at.
+    The attention that keeps a response from seeing its siblings is :mod:`rlhfkit.models.attention`'s,
+    which reads ``prompt_groups``.
+
+    A loss token's predicting position is no longer "the previous token": the first token of every response
+    is predicted from the shared prompt's last token. So this layout carries the loss tokens explicitly:
+    ``loss_index`` [n] long (stream position that predicts each loss token, repeats allowed),
+    ``loss_targets`` [n] and ``loss_sequence`` [n] (the pair each belongs to), in pair order, then position
+    order, as the other layouts order them. Also ``input_ids`` / ``position_ids`` [1, N], ``last_index`` [B]
+    (each response's last token in the row), ``prompt_groups`` (``(start, prompt length, response
+    lengths)`` per shared prompt), ``num_sequences``, ``num_tokens`` (tokens in the row) and
+    ``num_loss_tokens``.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        raise ValueError("cannot collate an empty batch")
+    ids: list[int] = []
+    positions: list[int] = []
+    loss_index: list[int] = []
+    targets: list[int] = []
+    owners: list[int] = []
+    last: list[int] = []
+    groups: list[tuple[int, int, tuple[int, ...]]] = []
+    first = 0
+    while first < len(prompts):
+        prompt = [int(t) for t in prompts[first]]
+        if not prompt:
+            raise ValueError(f"sequence {first} has an empty prompt")
+        end = first + 1
+        while end < len(prompts) and len(prompts[end]) == len(prompt) and list(prompts[end]) == prompt:
+            end += 1
+        start, width = len(ids), len(prompt)
+        ids.extend(prompt)
+        positions.extend(range(width))
+        lengths = []
+        for pair in range(first, end):
+            response = [int(t) for t in responses[pair]]
+            at = len(ids)
+            ids.extend(response)
+            positions.extend(range(width, width + len(response)))
+            if response:  # token 0 is predicted by the prompt's last token, token j by response token j - 1
+                loss_index.append(start + width - 1)
+                loss_index.extend(range(at, at + len(response) - 1))
+            targets.extend(response)
+            owners.extend([pair] * len(response))
+            last.append(len(ids) - 1 if response else start + width - 1)
+            lengths.append(len(response))
+        groups.append((start, width, tuple(lengths)))
+        first = end
+    return {
+        "input_ids": torch.as_tensor(ids, dtype=torch.long)[None],
+        "position_ids": torch.as_tensor(positions, dtype=torch.long)[None],
+        "loss_index": torch.as_tensor(loss_index, dtype=torch.long),
+        "loss_targets": torch.as_tensor(targets, dtype=torch.long),
+        "loss_sequence": torch.as_tensor(owners, dtype=torch.long),
+        "last_index": torch.as_tensor(last, dtype=torch.long),
+        "prompt_groups": tuple(groups),
+        "num_sequences": len(prompts),
+        "num_tokens": len(ids),
+        "num_loss_tokens": len(targets),
     }
 
 

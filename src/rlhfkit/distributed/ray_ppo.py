@@ -59,7 +59,7 @@ from ..errors import ConfigError, RlhfkitError
 from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ..rollout.generate import HFGenerationBackend, Rollout
 from ..rollout.rewards import build_reward_source
-from ..trainers.common import loss_positions, prepare_datasets, require, resolve_packing, to_device
+from ..trainers.common import at_loss_positions, prepare_datasets, require, resolve_packing, to_device
 from ..trainers.rl import ActorCritic, RLConfig, RLTask, _write_samples, rollout_seed
 
 logger = logging.getLogger("rlhfkit")
@@ -374,7 +374,7 @@ class TrainWorker(_Worker):
                                   self.engine.device)
                 with self.engine.accelerator.autocast():
                     _, values = model(batch, with_logits=False)
-                out.append(values[loss_positions(batch)].float().cpu())
+                out.append(at_loss_positions(values, batch).float().cpu())
         model.train()
         return torch.cat(out)
 

@@ -13,7 +13,7 @@ from ..engine import Engine, TrainConfig
 from ..errors import ConfigError
 from ..losses import selected_token_logprobs
 from ..models import LoraSettings
-from ..models.attention import use_packed_attention
+from ..models.attention import PACKED_ATTENTION, SHARED_PROMPTS, use_packed_attention
 
 logger = logging.getLogger("rlhfkit")
 
@@ -30,7 +30,9 @@ def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     attention mask from reset position ids when no KV cache is in play.
     """
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
-    if "position_ids" in batch:
+    if SHARED_PROMPTS in batch:  # shared-prompt packing (data.pack_shared_prompts): rlhfkit's attention only
+        kwargs.update(position_ids=batch["position_ids"], **{SHARED_PROMPTS: batch[SHARED_PROMPTS]})
+    elif "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
         # Sequence boundaries in the flash-attention varlen convention; our packed attention uses them too.
         ends = batch["last_index"].to(torch.int32) + 1
@@ -47,18 +49,31 @@ def num_sequences(batch: dict[str, Any]) -> int:
 
 
 def loss_positions(batch: dict[str, Any]) -> torch.Tensor:
-    """Boolean [B, T]: position t is kept when the token it predicts (t + 1) is in the loss mask."""
+    """Boolean [B, T]: position t is kept when the token it predicts (t + 1) is in the loss mask.
+    (A shared-prompt batch names its predicting positions instead: ``loss_index``.)"""
     scored = batch["loss_mask"] > 0
     return torch.cat([scored[:, 1:], scored.new_zeros(scored.shape[0], 1)], dim=1)
 
 
+def at_loss_positions(per_position: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The rows of a per-position tensor [B, T, ...] at the positions that predict the loss tokens: [n, ...],
+    in the order of ``loss_targets`` (a shared prompt's last position once per response it starts)."""
+    if "loss_index" in batch:
+        return per_position[0, batch["loss_index"]]
+    return per_position[loss_positions(batch)]
+
+
 def loss_targets(batch: dict[str, Any]) -> torch.Tensor:
     """The loss tokens, flat [n] in (row, position) order: the targets of ``loss_logits``."""
+    if "loss_targets" in batch:
+        return batch["loss_targets"]
     return batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:] > 0]
 
 
 def loss_sequence_ids(batch: dict[str, Any]) -> torch.Tensor:
     """Which sequence of the batch each flat loss token belongs to: [n] long (packed or padded)."""
+    if "loss_sequence" in batch:
+        return batch["loss_sequence"]
     select = batch["loss_mask"][:, 1:] > 0
     if "sequence_index" in batch:
         return batch["sequence_index"][:, 1:][select]
@@ -67,30 +82,54 @@ def loss_sequence_ids(batch: dict[str, Any]) -> torch.Tensor:
 
 
 _LOGITS_MASK_SUPPORT: dict[type, bool] = {}
+_LOGITS_INDEX_SUPPORT: dict[type, bool] = {}
 
 
 @torch.no_grad()
-def supports_logits_mask(model: torch.nn.Module) -> bool:
-    """Check, once per model class, that ``logits_to_keep=<bool [B, T]>`` returns exactly the kept rows."""
+def _keeps_exactly(model: torch.nn.Module, cache: dict[type, bool], keep: list, index: bool) -> bool:
+    """Check, once per model class, that ``logits_to_keep=keep`` (a bool [1, T] mask, or with ``index`` a
+    [n] tensor of positions) returns exactly the kept rows of the full logits."""
     inner = model.module if hasattr(model, "module") else model
     key = type(inner)
-    if key not in _LOGITS_MASK_SUPPORT:
+    if key not in cache:
         device = next(inner.parameters()).device
         ids = (torch.arange(3, 8, device=device) % inner.get_input_embeddings().num_embeddings)[None]
-        keep = torch.tensor([[False, True, False, True, True]], device=device)
+        keep_tensor = torch.tensor(keep, device=device)
         was_training = inner.training
         inner.eval()
         try:
-            full = inner(input_ids=ids, use_cache=False).logits[keep]
-            kept = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+            full = inner(input_ids=ids, use_cache=False).logits
+            full = full[0, keep_tensor] if index else full[keep_tensor]
+            kept = inner(input_ids=ids, use_cache=False, logits_to_keep=keep_tensor).logits
+            kept = kept[0] if index else kept
             ok = kept.shape == full.shape and bool(torch.allclose(kept.float(), full.float(), atol=1e-5))
         except Exception as exc:  # an older or custom model: compute every logit and select afterwards
-            logger.info("logits_to_keep mask not supported by %s: %s", key.__name__, exc)
+            logger.info("logits_to_keep %s not supported by %s: %s", "index" if index else "mask", key.__name__, exc)
             ok = False
         finally:
             inner.train(was_training)
-        _LOGITS_MASK_SUPPORT[key] = ok
-    return _LOGITS_MASK_SUPPORT[key]
+        cache[key] = ok
+    return cache[key]
+
+
+def supports_logits_mask(model: torch.nn.Module) -> bool:
+    """Check, once per model class, that ``logits_to_keep=<bool [B, T]>`` returns exactly the kept rows."""
+    return _keeps_exactly(model, _LOGITS_MASK_SUPPORT, [[False, True, False, True, True]], index=False)
+
+
+def supports_logits_index(model: torch.nn.Module) -> bool:
+    """Check, once per model class, that ``logits_to_keep=<long [n]>`` (positions, repeats allowed) returns
+    exactly those rows: how a shared-prompt batch asks for its logits."""
+    return _keeps_exactly(model, _LOGITS_INDEX_SUPPORT, [1, 3, 3, 4], index=True)
+
+
+def shares_prompts(*models: torch.nn.Module | None) -> bool:
+    """Whether every given model (None: absent) can run shared-prompt batches: rlhfkit's packed attention,
+    which reads the layout (flash-attention would let responses see their siblings)."""
+    present = [m for m in models if m is not None]
+    return bool(present) and all(
+        getattr(getattr(m.module if hasattr(m, "module") else m, "config", None), "_attn_implementation", None)
+        == PACKED_ATTENTION for m in present)
 
 
 def loss_logits(model: torch.nn.Module, batch: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -100,6 +139,12 @@ def loss_logits(model: torch.nn.Module, batch: dict[str, Any], **kwargs: Any) ->
     tokens need no [V]-wide projection, log-softmax or gradient); otherwise all logits are computed and the
     same rows selected.
     """
+    if "loss_index" in batch:  # shared-prompt batch: positions, a shared prompt's last one repeated
+        if supports_logits_index(model):
+            out = model(**forward_inputs(batch), logits_to_keep=batch["loss_index"], **kwargs)
+            return out.logits[0], out
+        out = model(**forward_inputs(batch), **kwargs)
+        return at_loss_positions(out.logits, batch), out
     keep = loss_positions(batch)
     if supports_logits_mask(model):
         out = model(**forward_inputs(batch), logits_to_keep=keep, **kwargs)

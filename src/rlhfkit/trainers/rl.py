@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..data import PROMPT_FORMATS, pack_batch, pad_batch, prepare_prompts
+from ..data import PROMPT_FORMATS, pack_batch, pack_shared_prompts, pad_batch, prepare_prompts
 from ..engine import Engine, MetricSums, StepResult, TrainConfig, TrainingError, arg
 from ..errors import ConfigError
 from ..losses import (
@@ -54,14 +54,15 @@ from ..rollout.rewards import REWARD_ENSEMBLES, ModelReward, ScoringBatch, build
 from ..rollout.vllm_backend import build_rollout_backend
 from .common import (
     _reward_parts,
+    at_loss_positions,
     forward_inputs,
     lora_settings,
     loss_logits,
-    loss_positions,
     loss_sequence_ids,
     loss_targets,
     prepare_datasets,
     resolve_packing,
+    shares_prompts,
     start_run,
 )
 
@@ -95,6 +96,10 @@ class RLConfig(TrainConfig):
     stop_strings: str = arg("", "Comma-separated strings that end a response (kept, text after cut).")
     fast_decode: bool = arg(True, "Decode Llama/Mistral/Qwen2 policies with rlhfkit's lean step (in-place KV "
                             "buffer; same tokens and log-probs); --no-fast-decode keeps the transformers loop.")
+    share_prompts: bool = arg(True, "Packed batches: the samples of a prompt share one copy of it in the reference "
+                              "and update forwards (same log-probs and gradients up to float rounding; the prompt's "
+                              "tokens are processed once per group, not once per sample). --no-share-prompts "
+                              "packs every sample whole. Needs rlhfkit's packed attention (not flash-attention).")
     compile_decode: bool = arg(False, "CPU: run that decode step ahead-of-time compiled (torch.export + AOTInductor; "
                                "needs a C++ compiler). Built once in a child process (~25 s on 2 cores) and cached "
                                "in $RLHFKIT_CACHE (default ~/.cache/rlhfkit); same samples, ~1.5-2x faster steps for "
@@ -328,8 +333,10 @@ class RLTask:
     progress_keys = ("reward_mean", "kl", "beta")
 
     def __init__(self, config: RLConfig, tokenizer: Any, packed: bool, ref_model: torch.nn.Module | None,
-                 reward, backend: HFGenerationBackend, eval_prompts: list[dict]):
+                 reward, backend: HFGenerationBackend, eval_prompts: list[dict], share_prompts: bool = False):
         self.config, self.tokenizer, self.packed = config, tokenizer, packed
+        # packed batches in which a prompt's adjacent samples share one copy of it (data.pack_shared_prompts)
+        self.share_prompts = packed and share_prompts
         self.name = config.algorithm
         self.ref_model = ref_model  # None: policy with adapters disabled
         self.reward, self.backend, self.eval_prompts = reward, backend, eval_prompts
@@ -343,9 +350,12 @@ class RLTask:
 
     # ------------------------------------------------------------------ batches
     def collate(self, records: list[dict]) -> dict[str, Any]:
-        sequences = [r["prompt_ids"] + r["response_ids"] for r in records]
-        masks = [[0] * len(r["prompt_ids"]) + [1] * len(r["response_ids"]) for r in records]
-        batch = pack_batch(sequences, masks) if self.packed else pad_batch(sequences, masks, self.pad_id)
+        if self.share_prompts:
+            batch = pack_shared_prompts([r["prompt_ids"] for r in records], [r["response_ids"] for r in records])
+        else:
+            sequences = [r["prompt_ids"] + r["response_ids"] for r in records]
+            masks = [[0] * len(r["prompt_ids"]) + [1] * len(r["response_ids"]) for r in records]
+            batch = pack_batch(sequences, masks) if self.packed else pad_batch(sequences, masks, self.pad_id)
         for key in ("old_logps", "ref_logps", "advantages", "returns", "old_values"):
             if key in records[0]:
                 batch[key] = torch.tensor([v for r in records for v in r[key]], dtype=torch.float32)
@@ -406,7 +416,7 @@ class RLTask:
 
     def _value_loss(self, values: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
         cfg = self.config
-        token_values = values[loss_positions(batch)].float()
+        token_values = at_loss_positions(values, batch).float()
         value = clipped_value_loss(token_values, batch["old_values"], batch["returns"], cfg.value_clip or None)
         n = float(token_values.numel())
         return cfg.vf_coef * self._aggregate(value.losses, batch), {
@@ -485,7 +495,7 @@ class RLTask:
                     if recompute:  # the trainer's own log-probs of the sampled tokens
                         own_flat.append(response_logps(logits, batch, cfg.temperature)[0].float().cpu())
                     if values is not None:
-                        value_flat.append(values[loss_positions(batch)].float().cpu())
+                        value_flat.append(at_loss_positions(values, batch).float().cpu())
         unwrapped.train()
         old_logps = rollout.logprobs[:, :width]
         logprob_metrics: dict[str, float] = {}
@@ -606,7 +616,10 @@ class RLTask:
             order = torch.randperm(n, generator=generator).tolist()
             epoch_kl = [0.0, 0.0]
             for lo, hi in zip(bounds[:-1], bounds[1:]):
-                chosen = [records[i] for i in order[lo:hi]]
+                # a minibatch in rollout order keeps each group's samples adjacent, so they share their prompt
+                # (the loss is a sum over its tokens: the order inside a minibatch does not change it)
+                picked = sorted(order[lo:hi]) if self.share_prompts else order[lo:hi]
+                chosen = [records[i] for i in picked]
                 micro = [self.collate(chosen[s:s + cfg.per_device_batch_size])
                          for s in range(0, len(chosen), cfg.per_device_batch_size)]
                 result: StepResult = engine.optimizer_step(self, micro)
@@ -769,8 +782,9 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
     for source in getattr(reward, "sources", [reward]):  # reward models run like the reference
         if isinstance(source, ModelReward):
             source.model = engine.prepare_frozen(source.model)
+    share = config.share_prompts and config.num_generations > 1 and shares_prompts(policy, ref_model, value_model)
     task = RLTask(config, tokenizer, packed, ref_model, reward, build_rollout_backend(config, tokenizer),
-                  eval_prompts)
+                  eval_prompts, share_prompts=share)
     task._engine = engine
     checkpointed: list[Any] = [task.kl_controller, task.reward_stats]
     if config.heldout_judge:
@@ -802,6 +816,7 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
         summary["hacking"] = {"fired": d.fired, "fired_step": d.fired_step, "reason": d.reason,
                               "best_step": d.best_step, "best_heldout": d.best_heldout}
     summary.update({"train_prompts": len(prompts), "prompt_rows": report.total_rows, "packing": packed,
+                    "shared_prompts": task.share_prompts,
                     "algorithm": config.algorithm})
     engine.save_final(engine.trained_model, tokenizer, submodule="policy")
     engine.write_summary(summary)
