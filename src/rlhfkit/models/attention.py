@@ -43,10 +43,11 @@ def _shared_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     Per group: causal SDPA over the prompt; then per run of equal-length responses one batched call whose
     keys are the prompt's (broadcast to every response) followed by the response's own, under the mask
     ``key j visible from query i  <=>  j < P  or  j - P <= i`` (P = prompt length)."""
+    plan = [(prompt_length, _runs(lengths)) for _, prompt_length, lengths in groups]
     spans: list[int] = []
-    for _, prompt_length, lengths in groups:
+    for prompt_length, runs in plan:
         spans.append(prompt_length)
-        spans.extend(n * count for n, count in _runs(lengths))
+        spans.extend(n * count for n, count in runs)
     if sum(spans) != query.shape[2]:
         raise ValueError(f"shared-prompt attention: the layout covers {sum(spans)} tokens of a row of "
                          f"{query.shape[2]}")
@@ -54,12 +55,12 @@ def _shared_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     # split, not slices: see packed_sdpa_attention
     pieces_q, pieces_k, pieces_v = (t.split(spans, dim=2) for t in (query, key, value))
     out, at = [], 0
-    for _, prompt_length, lengths in groups:
+    for prompt_length, runs in plan:
         prompt_k, prompt_v = pieces_k[at], pieces_v[at]
         out.append(F.scaled_dot_product_attention(pieces_q[at], prompt_k, prompt_v, dropout_p=dropout,
                                                   is_causal=True, scale=scaling))
         at += 1
-        for n, count in _runs(lengths):
+        for n, count in runs:
             q, k, v = (t[at].view(heads, count, n, dim).transpose(0, 1) for t in (pieces_q, pieces_k, pieces_v))
             k = torch.cat([prompt_k.expand(count, -1, -1, -1), k], dim=2)
             v = torch.cat([prompt_v.expand(count, -1, -1, -1), v], dim=2)

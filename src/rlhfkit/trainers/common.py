@@ -85,11 +85,16 @@ _LOGITS_MASK_SUPPORT: dict[type, bool] = {}
 _LOGITS_INDEX_SUPPORT: dict[type, bool] = {}
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP-style wrapper (``.module``), or the model itself."""
+    return model.module if hasattr(model, "module") else model
+
+
 @torch.no_grad()
 def _keeps_exactly(model: torch.nn.Module, cache: dict[type, bool], keep: list, index: bool) -> bool:
     """Check, once per model class, that ``logits_to_keep=keep`` (a bool [1, T] mask, or with ``index`` a
     [n] tensor of positions) returns exactly the kept rows of the full logits."""
-    inner = model.module if hasattr(model, "module") else model
+    inner = _unwrapped(model)
     key = type(inner)
     if key not in cache:
         device = next(inner.parameters()).device
@@ -128,8 +133,8 @@ def shares_prompts(*models: torch.nn.Module | None) -> bool:
     which reads the layout (flash-attention would let responses see their siblings)."""
     present = [m for m in models if m is not None]
     return bool(present) and all(
-        getattr(getattr(m.module if hasattr(m, "module") else m, "config", None), "_attn_implementation", None)
-        == PACKED_ATTENTION for m in present)
+        getattr(getattr(_unwrapped(m), "config", None), "_attn_implementation", None) == PACKED_ATTENTION
+        for m in present)
 
 
 def loss_logits(model: torch.nn.Module, batch: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, Any]:
