@@ -8,7 +8,7 @@ step took 1.6 ms instead of 3.1 ms (bench/bench_rl_vs_trl.py has the end-to-end 
 Why a child process and AOTInductor rather than ``torch.compile`` in the trainer: the compiler's modules
 and its working memory (~90 MB on the bench model) would otherwise stay in the training process's peak RSS,
 and ``torch.compile`` checks its guards over the ~40 input tensors at every token. Here the child exports
-:func:`rlhfkit.rollout.fast_decode.decode_and_sample` with the batch size and buffer length dynamic, compiles
+:func:`rlhfkit.rollout.fast_decode.decode_and_record` with the batch size and lengths dynamic, compiles
 it to a ``.pt2`` package in an on-disk cache, and the trainer only loads the package (a C++ runner; no
 compiler import). The weights, KV buffers and slot counter are inputs, so in-place weight updates are seen
 and the buffers are written in place, exactly as the eager step does. Tests compare its tokens and
@@ -40,7 +40,7 @@ from . import fast_decode, sampling
 logger = logging.getLogger("rlhfkit")
 
 # examples the child exports with: any sizes >= 2 work (export specialises sizes 0 and 1)
-_EXAMPLE_ROWS, _EXAMPLE_LENGTH = 4, 16
+_EXAMPLE_ROWS, _EXAMPLE_LENGTH, _EXAMPLE_STEPS = 4, 16, 8
 _FAILED: list[str] = []  # once building failed in this process, later rollouts decode eagerly without retrying
 _LOADED: dict[str, Any] = {}  # package path -> loaded runner
 
@@ -52,51 +52,59 @@ def cache_dir() -> Path:
 
 
 class _Step(torch.nn.Module):
-    """decode_and_sample with the non-tensor settings fixed, as torch.export wants a module."""
+    """decode_and_record with the non-tensor settings fixed, as torch.export wants a module."""
 
     def __init__(self, constants: dict[str, Any], act: Any):
         super().__init__()
         self.constants, self.act = constants, act
 
-    def forward(self, uniform, tokens, slot, embed, plan, head, keys, values, attend, cos, sin_signed):
+    def forward(self, column, uniforms, tokens, logps, lengths, done, eos, slot, embed, plan, head, keys, values,
+                attend, cos, sin_signed):
         c = self.constants
-        return fast_decode.decode_and_sample(uniform, c["temperature"], c["top_k"], c["top_p"], tokens, slot,
-                                             embed, plan, head, keys, values, attend, cos, sin_signed,
-                                             c["shape"], self.act)
+        return fast_decode.decode_and_record(c["temperature"], c["top_k"], c["top_p"],
+                                             (column, uniforms, tokens, logps, lengths, done, eos), slot, embed,
+                                             plan, head, keys, values, attend, cos, sin_signed, c["shape"],
+                                             self.act)
 
 
-def _inputs(decoder: Any, uniform: torch.Tensor, tokens: torch.Tensor) -> list:
+_RECORD = 7  # (column, uniforms, tokens, logps, lengths, done, eos): see sampling.draw_and_record
+
+
+def _inputs(decoder: Any, record: tuple[torch.Tensor, ...]) -> list:
     """The step's inputs in export order (nested; None and floats are constants, the rest tensors)."""
-    return [uniform, tokens, *decoder.step_inputs()]
+    return [*record, *decoder.step_inputs()]
 
 
 def step_state(decoder: Any) -> list[torch.Tensor]:
-    """The package's tensor inputs after (uniform, tokens), in order: slot, weights, buffers, tables."""
-    inputs = _inputs(decoder, torch.empty(0), torch.empty(0))[2:]
-    return [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
+    """The package's tensor inputs after the rollout's record, in order: slot, weights, buffers, tables."""
+    return [leaf for leaf in pytree.tree_leaves(list(decoder.step_inputs())) if isinstance(leaf, torch.Tensor)]
 
 
 def _varying_dims(inputs: list) -> list:
-    """Per input, {dim: "rows" | "length"} for the sizes that vary between rollouts (None: all static)."""
-    per_layer = [{0: "rows", 2: "length"}] * len(inputs[6])
-    static = [pytree.tree_map(lambda _: None, x) for x in inputs[3:6]]
-    return [{0: "rows"}, {0: "rows"}, None, *static, per_layer, per_layer, {0: "rows", 3: "length"},
-            {0: "rows", 1: "length"}, {0: "rows", 1: "length"}]
+    """Per input, {dim: "rows" | "length" | "steps"} for the sizes that vary between rollouts (None: static)."""
+    record = [None, {0: "steps", 1: "rows"}, {0: "rows", 1: "steps"}, {0: "rows", 1: "steps"}, {0: "rows"},
+              {0: "rows"}, None]
+    state = inputs[_RECORD:]
+    per_layer = [{0: "rows", 2: "length"}] * len(state[4])
+    static = [pytree.tree_map(lambda _: None, x) for x in state[1:4]]
+    return [*record, None, *static, per_layer, per_layer, {0: "rows", 3: "length"}, {0: "rows", 1: "length"},
+            {0: "rows", 1: "length"}]
 
 
 def _dynamic_shapes(inputs: list) -> tuple:
     """torch.export's dynamic_shapes for :func:`_varying_dims` (the weights stay static)."""
     from torch.export import Dim
 
-    named = {"rows": Dim("rows", min=1), "length": Dim("length", min=2)}
+    named = {"rows": Dim("rows", min=1), "length": Dim("length", min=2), "steps": Dim("steps", min=2)}
     return tuple(pytree.tree_map(lambda x: named[x] if isinstance(x, str) else x, dims)
                  for dims in _varying_dims(inputs))
 
 
-def _spec(decoder: Any, temperature: float, top_k: int, top_p: float) -> dict[str, Any]:
+def _spec(decoder: Any, record: tuple[torch.Tensor, ...], temperature: float, top_k: int,
+          top_p: float) -> dict[str, Any]:
     """What the child needs to rebuild the step: the inputs as meta tensors (varying sizes at the
     example sizes) and the constants baked into the code."""
-    examples = {"rows": _EXAMPLE_ROWS, "length": _EXAMPLE_LENGTH}
+    examples = {"rows": _EXAMPLE_ROWS, "length": _EXAMPLE_LENGTH, "steps": _EXAMPLE_STEPS}
 
     def meta(t: Any, dims: dict[int, str] | None) -> Any:
         if not isinstance(t, torch.Tensor):
@@ -104,8 +112,7 @@ def _spec(decoder: Any, temperature: float, top_k: int, top_p: float) -> dict[st
         shape = [examples[dims[d]] if dims and d in dims else size for d, size in enumerate(t.shape)]
         return torch.empty(shape, dtype=t.dtype, device="meta")
 
-    n = decoder.keys[0].shape[0]
-    inputs = _inputs(decoder, torch.empty(n, 1), torch.empty(n, dtype=torch.long))
+    inputs = _inputs(decoder, record)
     described = []
     for x, dims in zip(inputs, _varying_dims(inputs)):
         if isinstance(x, list):  # the per-layer KV buffers
@@ -145,7 +152,8 @@ def build_package(spec: dict[str, Any], path: Path) -> None:
     """Export and AOT-compile the step described by ``spec`` to ``path`` (runs in the child process)."""
     inputs = pytree.tree_map(lambda x: torch.zeros(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else x,
                              spec["inputs"])
-    inputs[2].fill_(1)  # the slot: any valid position
+    inputs[0].fill_(1)  # the column: any valid step after the first
+    inputs[_RECORD].fill_(1)  # the slot: any valid position
     constants = {k: spec[k] for k in ("temperature", "top_k", "top_p", "shape")}
     with torch.no_grad():
         program = torch.export.export(_Step(constants, _activation(spec["act"])), tuple(inputs),
@@ -153,12 +161,13 @@ def build_package(spec: dict[str, Any], path: Path) -> None:
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
-def compiled_step(decoder: Any, temperature: float, top_k: int, top_p: float) -> Any | None:
+def compiled_step(decoder: Any, record: tuple[torch.Tensor, ...], temperature: float, top_k: int,
+                  top_p: float) -> Any | None:
     """A runner for this decoder's step (built in a child process on a cache miss), or None after a
     failure (logged once; the caller decodes eagerly)."""
     if _FAILED:
         return None
-    spec = _spec(decoder, temperature, top_k, top_p)
+    spec = _spec(decoder, record, temperature, top_k, top_p)
     path = cache_dir() / f"{_key(spec)}.pt2"
     if str(path) not in _LOADED:
         try:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .sampling import sample_next
+from .sampling import draw_and_record
 
 # transformers model types whose decoder layer is: x + attn(input_layernorm(x)), then
 # x + mlp(post_attention_layernorm(x)), attention = q/k/v/o projections with RoPE on q and k.
@@ -101,7 +101,6 @@ class FastDecoder:
         self.head_dim = attn.head_dim
         self.q_heads = model.config.num_attention_heads
         self.kv_heads = model.config.num_key_value_heads
-        self.gqa = self.q_heads != self.kv_heads
         self.intermediate = self.layers[0].mlp.gate_proj.out_features
         self.sliding_window = getattr(model.config, "sliding_window", None) \
             if getattr(model.config, "use_sliding_window", True) else None
@@ -172,22 +171,22 @@ class FastDecoder:
         self.plan = tuple(plan)
         self.runner = None
 
-    def step(self, tokens: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one new token per row (at the next position of each; appended to the KV buffer) and draw the
-        next: (tokens [n], log-probs [n]) as :func:`rlhfkit.rollout.sampling.sample_next` gives them."""
+    def step(self, record: tuple[torch.Tensor, ...], temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0) -> torch.Tensor:
+        """Feed each row's token of the previous column of the rollout's buffers (at the next position of each;
+        appended to the KV buffer), draw the next and record it: :func:`decode_and_record` with ``record`` =
+        (column, uniforms, tokens, logps, lengths, done, eos) as
+        :func:`rlhfkit.rollout.sampling.draw_and_record` takes it. Returns whether every row has ended."""
         if self.compiled:
             if self.runner is None:  # once per rollout: the package, and the inputs that stay the same
                 from .compiled_decode import compiled_step, step_state
 
-                self.runner = compiled_step(self, temperature, top_k, top_p)
+                self.runner = compiled_step(self, record, temperature, top_k, top_p)
                 self.compiled = self.runner is not None
                 self.state = step_state(self)
             if self.compiled:
-                sampled, logp = self.runner.run([uniform, tokens, *self.state])
-                return sampled, logp
-        return decode_and_sample(uniform, temperature, top_k, top_p, tokens, *self.step_inputs(), self.shape,
-                                 self.act)
+                return self.runner.run([*record, *self.state])[0]
+        return decode_and_record(temperature, top_k, top_p, record, *self.step_inputs(), self.shape, self.act)
 
     def step_inputs(self) -> tuple:
         """The step's inputs after the fed tokens, in :func:`decode_step`'s order (the compiled package
@@ -196,9 +195,9 @@ class FastDecoder:
                 self.attend, self.cos, self.sin_signed)
 
     @property
-    def shape(self) -> tuple[int, int, int, int, bool]:
-        """(head_dim, query heads, key/value heads, MLP width, grouped-query attention)."""
-        return self.head_dim, self.q_heads, self.kv_heads, self.intermediate, self.gqa
+    def shape(self) -> tuple[int, int, int, int]:
+        """(head_dim, query heads, key/value heads, MLP width)."""
+        return self.head_dim, self.q_heads, self.kv_heads, self.intermediate
 
 
 def _project(x: torch.Tensor, parts: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]) -> torch.Tensor:
@@ -216,6 +215,26 @@ def _add_linear(hidden: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor,
     return out if bias is None else out + bias
 
 
+def _one_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attend: torch.Tensor,
+                         scaling: float) -> torch.Tensor:
+    """softmax(q·Kᵀ·scaling, masked by ``attend``)·V for one query token per row: query [n, Hq, D] against the
+    buffers [n, Hkv, T, D] -> [n, Hq·D]. The query heads that share a key/value head (grouped-query
+    attention) are that head's query rows.
+
+    Compiled (:mod:`rlhfkit.rollout.compiled_decode`), two batched products and a masked softmax, which
+    fuse into one kernel: a compiled step of the bench model took ~5% less time than with SDPA, whose CPU
+    flash kernel sets up blocks and converts the mask at every call. Eagerly, SDPA (one op instead of five).
+    """
+    n, kv_heads, _, head_dim = keys.shape
+    if not torch.compiler.is_exporting():  # eagerly, the one SDPA call beats five small ops
+        return F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=attend, scale=scaling,
+                                              enable_gqa=query.shape[1] != kv_heads).reshape(n, -1)
+    grouped = query.view(n, kv_heads, -1, head_dim)  # [n, Hkv, Hq/Hkv, D]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scaling  # [n, Hkv, Hq/Hkv, T]
+    probs = torch.softmax(scores.masked_fill(~attend, float("-inf")), dim=-1, dtype=torch.float32)
+    return torch.matmul(probs.to(values.dtype), values).view(n, -1)
+
+
 def decode_step(tokens: torch.Tensor, slot: torch.Tensor, embed: torch.Tensor, plan: tuple, head: tuple,
                 keys: list[torch.Tensor], values: list[torch.Tensor], attend: torch.Tensor, cos: torch.Tensor,
                 sin_signed: torch.Tensor, shape: tuple[int, int, int, int, bool], act: Any) -> torch.Tensor:
@@ -223,7 +242,7 @@ def decode_step(tokens: torch.Tensor, slot: torch.Tensor, embed: torch.Tensor, p
     ``slot`` [1] (advanced by one here). Shapes never change within a rollout, so the step can be compiled
     once (:mod:`rlhfkit.rollout.compiled_decode`); ``attend`` [n, 1, 1, T] gains the new slot."""
     n = tokens.shape[0]
-    head_dim, q_heads, kv_heads, intermediate, gqa = shape
+    head_dim, q_heads, kv_heads, intermediate = shape
     qk_heads = q_heads + kv_heads
     attend.index_fill_(-1, slot, True)
     cos_now = cos.index_select(1, slot).view(n, 1, head_dim)
@@ -238,9 +257,8 @@ def decode_step(tokens: torch.Tensor, slot: torch.Tensor, embed: torch.Tensor, p
         qk = torch.addcmul(qk * cos_now, swapped, sin_now)  # RoPE on q and k at once
         key_buffer.index_copy_(2, slot, qk[:, q_heads:, None])
         value_buffer.index_copy_(2, slot, qkv[:, qk_heads * head_dim:].view(n, kv_heads, 1, head_dim))
-        out = F.scaled_dot_product_attention(qk[:, :q_heads, None], key_buffer, value_buffer, attn_mask=attend,
-                                             scale=scaling, enable_gqa=gqa)
-        hidden = _add_linear(hidden, out.reshape(n, q_heads * head_dim), o_weight_t, o_bias)
+        out = _one_query_attention(qk[:, :q_heads], key_buffer, value_buffer, attend, scaling)
+        hidden = _add_linear(hidden, out, o_weight_t, o_bias)
         gate_up = _project(F.rms_norm(hidden, width, w_post, eps_post), gate_up_parts)
         hidden = _add_linear(hidden, act(gate_up[:, :intermediate]) * gate_up[:, intermediate:],
                              down_weight_t, down_bias)
@@ -249,10 +267,14 @@ def decode_step(tokens: torch.Tensor, slot: torch.Tensor, embed: torch.Tensor, p
     return _project(F.rms_norm(hidden, width, final_weight, final_eps), ((head_weight, head_bias),))
 
 
-def decode_and_sample(uniform: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                      *step_args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_step` then the draw from its logits (:func:`rlhfkit.rollout.sampling.sample_next`)."""
-    return sample_next(decode_step(*step_args), uniform, temperature, top_k, top_p)
+def decode_and_record(temperature: float, top_k: int, top_p: float, record: tuple[torch.Tensor, ...],
+                      *step_args: Any) -> torch.Tensor:
+    """:func:`decode_step` on each row's token in the previous column of the rollout's token buffer, then the
+    draw from its logits, recorded (:func:`rlhfkit.rollout.sampling.draw_and_record`; ``record`` as it takes
+    it). Returns whether every row has ended."""
+    column, tokens = record[0], record[2]
+    fed = tokens.index_select(1, column - 1).view(-1)
+    return draw_and_record(decode_step(fed, *step_args), temperature, top_k, top_p, *record)
 
 
 def _plain_rms_norm(module: torch.nn.Module) -> bool:

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from .fast_decode import FastDecoder, fast_decoder
-from .sampling import filter_logits, sample_next
+from .sampling import draw_and_record, filter_logits
 
 logger = logging.getLogger("rlhfkit")
 
@@ -113,6 +113,14 @@ class HFGenerationBackend:
         tail = self.tokenizer.decode(tokens[-(longest + 2):], skip_special_tokens=True)
         return any(s in tail for s in stops)
 
+    def _end_at_stop_strings(self, stops: tuple[str, ...], tokens: torch.Tensor, step: int, lengths: torch.Tensor,
+                             done: torch.Tensor) -> bool:
+        """End the rows whose response completes a stop string at ``step``; whether every row has ended."""
+        for row in (~done).nonzero().flatten().tolist():
+            if self._stop_hit(tokens[row, :step + 1].tolist(), stops):
+                lengths[row], done[row] = step + 1, True
+        return bool(done.all())
+
     @torch.inference_mode()
     def generate(self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], num_samples: int,
                  sampling: SamplingConfig, generator: torch.Generator) -> Rollout:
@@ -160,32 +168,26 @@ class HFGenerationBackend:
             logps = torch.zeros((n, steps), dtype=torch.float32, device=device)
             lengths = torch.full((n,), steps, dtype=torch.long, device=device)
             done = torch.zeros(n, dtype=torch.bool, device=device)
-            eos = torch.as_tensor(self.eos_ids, device=device)
+            # every uniform of the rollout in one draw, one per step and row (sampling.sample_next), step-major:
+            # the same stream as one draw per step
+            uniforms = torch.rand(steps, n, generator=generator, device=generator.device).to(device)
+            column = torch.zeros(1, dtype=torch.long, device=device)  # advanced by each draw
+            record = (column, uniforms, tokens, logps, lengths, done, torch.as_tensor(self.eos_ids, device=device))
             stops = tuple(s for s in sampling.stop_strings if s)
-            step, sampled = 0, None
             sample_args = (sampling.temperature, sampling.top_k, sampling.top_p)
             for step in range(steps):
-                uniform = torch.rand(n, 1, generator=generator, device=generator.device).to(device)
-                if sampled is not None and fast is not None:  # forward and draw in one (maybe compiled) step
-                    sampled, logp = fast.step(sampled, uniform, *sample_args)
+                if step and fast is not None:  # forward, draw and record in one (maybe compiled) step
+                    all_done = fast.step(record, *sample_args)
                 else:
-                    if sampled is not None:
-                        logits = model(input_ids=sampled[:, None],
+                    if step:
+                        logits = model(input_ids=tokens[:, step - 1:step],
                                        attention_mask=attention[:, :width + step] if padded else None,
                                        position_ids=next_position + step - 1, past_key_values=cache,
                                        use_cache=True).logits[:, -1]
-                    sampled, logp = sample_next(logits, uniform, *sample_args)
-                # rows already done keep sampling (their draws are discarded below): no per-step masking
-                tokens[:, step] = sampled
-                logps[:, step] = logp
-                finished = (sampled == self.eos_ids[0] if len(self.eos_ids) == 1 else torch.isin(sampled, eos)).logical_and_(~done)
+                    all_done = draw_and_record(logits, *sample_args, *record)
                 if stops:
-                    for row in (~done & ~finished).nonzero().flatten().tolist():
-                        if self._stop_hit(tokens[row, :step + 1].tolist(), stops):
-                            finished[row] = True
-                lengths = torch.where(finished, step + 1, lengths)
-                done |= finished
-                if step == steps - 1 or bool(done.all()):
+                    all_done = self._end_at_stop_strings(stops, tokens, step, lengths, done)
+                if bool(all_done):
                     break
             # after a row's end: pad tokens and zero log-probs
             after = torch.arange(steps, device=device)[None, :] >= lengths[:, None]

@@ -1,10 +1,11 @@
-"""One sampling step, shared by the decode loops: logits → (token, its log-probability) per row."""
+"""One sampling step, shared by the decode loops: logits → (token, its log-probability) per row, recorded
+into the rollout's buffers."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["filter_logits", "sample_next"]
+__all__ = ["draw_and_record", "filter_logits", "sample_next"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -47,3 +48,25 @@ def sample_next(logits: torch.Tensor, uniform: torch.Tensor, temperature: float,
     # right side: zero-probability tokens own an empty interval; scaling by the total absorbs round-off
     index = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1)
     return index.squeeze(-1), logp_all.gather(-1, index).squeeze(-1)
+
+
+def draw_and_record(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, column: torch.Tensor,
+                    uniforms: torch.Tensor, tokens: torch.Tensor, logps: torch.Tensor, lengths: torch.Tensor,
+                    done: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Draw decode step ``column`` [1] from ``logits`` [n, V] (:func:`sample_next`, with the uniforms of that
+    row of ``uniforms`` [steps, n]) and record it: the token and its log-probability go to that column of
+    ``tokens`` / ``logps`` [n, steps], a row that draws one of the ``eos`` ids ends (``lengths`` [n] = column + 1,
+    ``done`` [n] set), and ``column`` advances. Returns whether every row has ended ([] bool).
+
+    Rows already ended keep drawing (the caller masks their tail): no per-step masking. All in place on
+    tensors, so a compiled decode step takes it in and the decode loop does no per-token bookkeeping of its own.
+    """
+    sampled, logp = sample_next(logits, uniforms.index_select(0, column).view(-1, 1), temperature, top_k,
+                                top_p)
+    tokens.index_copy_(1, column, sampled[:, None])
+    logps.index_copy_(1, column, logp[:, None].to(logps.dtype))
+    ended = (sampled[:, None] == eos).any(-1).logical_and_(~done)
+    lengths.copy_(torch.where(ended, column + 1, lengths))
+    done.logical_or_(ended)
+    column.add_(1)
+    return done.all()
