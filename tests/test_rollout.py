@@ -248,6 +248,23 @@ def test_compiled_decode_equals_the_transformers_loop(kind, policy, prompts, tin
         assert got.response_ids == want.response_ids
         torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
         assert got.logprobs.abs().sum() > 0
+    if kind == "llama":  # rows that end (EOS) at different steps inside the compiled step, which records it
+        eos = tiny_tokenizer.eos_token_id
+        sampling = SamplingConfig(temperature=0.8, max_new_tokens=12)
+        eos_row = model.lm_head.weight[eos].detach().clone()
+        for boost in (2.0, 4.0, 6.0, 10.0):  # the smallest EOS boost that ends rows mid-rollout
+            with torch.no_grad():
+                model.lm_head.weight[eos] = eos_row * boost
+            got, want = (backend.generate(model, prompts, 2, sampling, torch.Generator().manual_seed(7))
+                         for backend in (compiled, plain))
+            with torch.no_grad():
+                model.lm_head.weight[eos] = eos_row
+            if len({length for length, ended in zip(want.lengths, want.ended) if ended and length > 1}) >= 2:
+                break
+        assert len({length for length, ended in zip(want.lengths, want.ended) if ended and length > 1}) >= 2
+        assert (got.response_ids, got.ended, got.decode_steps) == (want.response_ids, want.ended,
+                                                                   want.decode_steps)
+        torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
     packages = len({(top_k, top_p) for *_, top_k, top_p in shapes})
     assert len(calls) == packages and len(list((tmp_path / "compiled_decode").glob("*.pt2"))) == packages
     assert not compiled_decode._FAILED

@@ -10,7 +10,7 @@ token: a preallocated KV buffer written in place, the rotary table for every buf
 attention mask (key padding; each decoded slot is switched on in place as it is written). Every tensor of a
 step keeps its shape for the whole rollout and the slot counter is a tensor, so the same step body also
 runs ahead-of-time compiled (:mod:`rlhfkit.rollout.compiled_decode`, ``--compile-decode``), and the draw
-from the logits happens inside the step (:func:`decode_and_sample`).
+from the logits, recorded in place, happens inside the step (:func:`decode_and_record`).
 
 Anything else (LoRA-wrapped layers, other architectures, dynamic RoPE, an active sliding window, weights
 partitioned by ZeRO-3) returns ``None`` from :func:`fast_decoder` and the backend keeps the plain
@@ -237,7 +237,7 @@ def _one_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
 
 def decode_step(tokens: torch.Tensor, slot: torch.Tensor, embed: torch.Tensor, plan: tuple, head: tuple,
                 keys: list[torch.Tensor], values: list[torch.Tensor], attend: torch.Tensor, cos: torch.Tensor,
-                sin_signed: torch.Tensor, shape: tuple[int, int, int, int, bool], act: Any) -> torch.Tensor:
+                sin_signed: torch.Tensor, shape: tuple[int, int, int, int], act: Any) -> torch.Tensor:
     """One decoder step over in-place KV buffers: logits [n, V] for ``tokens`` [n] written at buffer slot
     ``slot`` [1] (advanced by one here). Shapes never change within a rollout, so the step can be compiled
     once (:mod:`rlhfkit.rollout.compiled_decode`); ``attend`` [n, 1, 1, T] gains the new slot."""
