@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_rl_vs_trl.py                  # every row once (~3 min on 2 cores)
     .venv/bin/python bench/bench_rl_vs_trl.py --repeats 3      # medians of 3 runs (~8 min), order alternating
     .venv/bin/python bench/bench_rl_vs_trl.py --only grpo,rloo --steps 10 --warmup-steps 2
+    .venv/bin/python bench/bench_rl_vs_trl.py --pool bench/results/rl_A.json bench/results/rl_B.json
 
 Same tiny Llama (fp32, random init), same plain-text prompts, same reward function, group size, β,
 max_new_tokens, temperature, learning rate and number of steps for both libraries; one step = one rollout
@@ -364,6 +365,57 @@ def combine(runs: list[dict], threshold: float) -> dict:
     return out
 
 
+def paired_speedups(runs: list[dict], algo: str, library: str) -> list[float]:
+    """TRL's s/step over ``library``'s, run against run within each repeat (``repeat`` key: the repeat, or
+    (batch, repeat) when pooling): the two ran minutes apart, in one phase of a machine whose speed drifts
+    by ±15–30%, so the ratio of a pair is steadier than the ratio of two medians."""
+    def ok(r: dict) -> bool:
+        return r.get("algo") == algo and "error" not in r
+
+    trl = {r["repeat"]: r["s_per_step"] for r in runs if ok(r) and r["library"] == "trl"}
+    return [trl[r["repeat"]] / r["s_per_step"] for r in runs
+            if ok(r) and r["library"] == library and r["repeat"] in trl]
+
+
+def _paired(ratios: list[float]) -> str:
+    if len(ratios) < 2:
+        return ""
+    return f"{statistics.geometric_mean(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
+def pool(files: list[str]) -> str:
+    """One table over several saved runs (bench/results/rl_*.json): every run of a row pooled."""
+    runs, builds = [], []
+    for batch, name in enumerate(files):
+        payload = json.loads(Path(name).read_text())
+        builds.append(f"{Path(name).stem} ({payload['info']['git']})")
+        runs += [{**r, "repeat": (batch, r["repeat"])} for r in payload["runs"]]
+    lines = [
+        "Pooled: " + ", ".join(builds),
+        "",
+        "| algorithm | library | runs | s/step (median) | range | speed-up vs TRL (medians) "
+        "| paired speed-up (geo-mean of the runs' ratios; range) | peak RSS vs TRL (largest) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for algo in ALGOS:
+        rows = {lib: [r for r in runs if r["algo"] == algo and r["library"] == lib and "error" not in r]
+                for lib in LIBRARIES}
+        trl = rows["trl"]
+        for lib in LIBRARIES:
+            mine = rows[lib]
+            if not mine:
+                continue
+            steps = [r["s_per_step"] for r in mine]
+            speed = rss = paired = ""
+            if lib != "trl" and trl:
+                speed = f"**{statistics.median(r['s_per_step'] for r in trl) / statistics.median(steps):.2f}×**"
+                rss = f"{max(r['peak_rss_mib'] for r in mine) / max(r['peak_rss_mib'] for r in trl):.2f}×"
+                paired = _paired(paired_speedups(runs, algo, lib))
+            lines.append(f"| {ALGOS[algo]['name']} | {lib} | {len(mine)} | {statistics.median(steps):.3f} | "
+                         f"{min(steps):.3f}–{max(steps):.3f} | {speed} | {paired} | {rss} |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -383,15 +435,15 @@ def _first_rollout(results: list[dict]) -> float | None:
     return max(firsts) if firsts else None
 
 
-def build_table(results: list[dict], args, info: dict) -> str:
+def build_table(results: list[dict], args, info: dict, runs: list[dict] | None = None) -> str:
     f = base._fmt
     lines = [
         f"Machine: {info['machine']} (torch threads {args.threads}) · torch {info['torch']} · transformers "
         f"{info['transformers']} · trl {info['trl'] or '—'} · rlhfkit {info['git']}",
         "",
         "| algorithm | library | s/step (median) | s/step (mean) | gen s/step | rollout tok/s | update tok/s "
-        "| peak RSS MiB | mean completion len | speed-up vs TRL (per step) | RSS vs TRL |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS MiB | mean completion len | speed-up vs TRL (per step) | paired speed-up | RSS vs TRL |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_key = {(r["algo"], r["library"]): r for r in results}
     problems, noisy = [], []
@@ -403,19 +455,20 @@ def build_table(results: list[dict], args, info: dict) -> str:
                 continue
             label = ALGOS[algo]["name"]
             if "error" in r:
-                lines.append(f"| {label} | {lib} | failed ({r['error']}) |" + " |" * 9)
+                lines.append(f"| {label} | {lib} | failed ({r['error']}) |" + " |" * 10)
                 problems.append(f"{algo}/{lib}: " + " / ".join(r["log_tail"][-3:]))
                 continue
-            speed = rss = ""
+            speed = rss = paired = ""
             if lib != "trl" and trl is not None and "error" not in trl:
                 r["speedup_vs_trl"] = trl["s_per_step"] / r["s_per_step"]
                 r["rss_ratio_vs_trl"] = r["peak_rss_mib"] / trl["peak_rss_mib"]
                 speed, rss = f"**{r['speedup_vs_trl']:.2f}×**", f"{r['rss_ratio_vs_trl']:.2f}×"
+                paired = _paired(paired_speedups(runs or [], algo, lib))
             lines.append(
                 f"| {label} | {lib} | {f(r['s_per_step'], 3)} | {f(r['s_per_step_mean'], 3)} | "
                 f"{f(r['gen_s_per_step'], 3)} | {f(r['rollout_tokens_per_s'], 0)} | "
                 f"{f(r['update_tokens_per_s'], 0)} | {f(r['peak_rss_mib'], 0)} | "
-                f"{f(r['mean_completion_length'], 1)} | {speed} | {rss} |"
+                f"{f(r['mean_completion_length'], 1)} | {speed} | {paired} | {rss} |"
             )
             if abs(r["update_tokens_vs_sequence_tokens"] - 1) > 0.01:
                 problems.append(
@@ -480,7 +533,8 @@ def build_table(results: list[dict], args, info: dict) -> str:
         "grad (prompt + completion, × epochs for PPO-4; rlhfkit GRPO/RLOO feed each group's prompt once, "
         "shared by its samples; counted in nn.Embedding.forward) / (step time − generation "
         "time), so the non-generation part includes reward scoring and the reference forward. Peak RSS = "
-        "VmHWM of the training process. speed-up = TRL s/step / rlhfkit s/step (median); RSS vs TRL = "
+        "VmHWM of the training process. speed-up = TRL s/step / rlhfkit s/step (median); paired speed-up "
+        "(2+ repeats) = geometric mean (range) of TRL s/step / rlhfkit s/step within each repeat; RSS vs TRL = "
         "rlhfkit / TRL (< 1: leaner)."
         + (
             f" Medians of {args.repeats} runs per row (library order alternating); peak RSS: the largest."
@@ -514,9 +568,11 @@ def parse_args(argv=None):
     p.add_argument("--quiet-threshold", type=float, default=0.25, help="cores others may use (quiet)")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
     p.add_argument("--workdir", default=None, help="keep model, prompts and logs here (default: a temp dir)")
+    p.add_argument("--pool", nargs="+", metavar="RESULTS_JSON", default=None,
+                   help="print one table pooling the runs of saved results (bench/results/rl_*.json); runs nothing")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
+    if args.child or args.pool:
         return args
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     args.libraries = [s.strip() for s in args.libraries.split(",") if s.strip()]
@@ -533,6 +589,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         child(args.child)
+        return 0
+    if args.pool:
+        print(pool(args.pool))
         return 0
     for key, value in base.child_env(args.threads).items():
         if key != "PYTHONPATH":
@@ -625,7 +684,7 @@ def main(argv=None) -> int:
                     )
         results.extend(combine(per_lib[lib], args.quiet_threshold) for lib in libs)
 
-    table = build_table(results, args, info)
+    table = build_table(results, args, info, runs)
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -312,3 +312,19 @@ def test_compile_decode_skips_unfused_models_with_one_warning(policy, prompts, t
         for _ in range(2):
             backend.generate(policy, prompts, 1, sampling, torch.Generator().manual_seed(0))
     assert sum("--compile-decode applies to CPU" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_eager_cpu_decode_hints_at_compile_decode_once(fused, policy, prompts, tiny_tokenizer, monkeypatch, caplog):
+    """A CPU run that could compile its decode step says so once per backend; one that could not stays quiet."""
+    from rlhfkit.rollout.fast_decode import FastDecoder
+
+    if not fused:
+        monkeypatch.setattr(FastDecoder, "FUSE_MAX_BYTES", 0)
+    backend = HFGenerationBackend(tiny_tokenizer)
+    with caplog.at_level("INFO", logger="rlhfkit"):
+        for _ in range(3):
+            backend.generate(policy, prompts, 1, SamplingConfig(max_new_tokens=4), torch.Generator().manual_seed(0))
+    hints = [r for r in caplog.records if "--compile-decode compiles it once" in r.getMessage()]
+    assert len(hints) == (1 if fused else 0)
+    assert all(r.levelname == "INFO" for r in hints)

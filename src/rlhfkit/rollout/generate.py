@@ -87,7 +87,7 @@ class HFGenerationBackend:
         self.tokenizer = tokenizer
         self.fast_decode = fast_decode  # rlhfkit.rollout.fast_decode where the architecture allows
         self.compile_decode = compile_decode  # that step ahead-of-time compiled (rollout/compiled_decode.py)
-        self._told_not_compiled = False
+        self._told_about_compile = False
         self.eos_ids = _eos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -157,11 +157,14 @@ class HFGenerationBackend:
             if fast is not None and fast.fits(width + steps):
                 fast.start(cache, attention, width + steps, next_position[:, 0])
                 fast.compiled = self.compile_decode and fast.fused and device.type == "cpu"
-                if self.compile_decode and not fast.compiled and not self._told_not_compiled:
-                    self._told_not_compiled = True  # once per backend: the flag is a no-op here
+                if not self._told_about_compile and self.compile_decode and not fast.compiled:
                     logger.warning("--compile-decode applies to CPU policies with fused decode weights (up to "
                                    "%d MiB of projections); this one decodes with the eager step",
                                    FastDecoder.FUSE_MAX_BYTES >> 20)
+                elif not self._told_about_compile and not self.compile_decode and fast.fused and device.type == "cpu":
+                    logger.info("decoding with the eager lean step; on CPU, --compile-decode compiles it once (~25 s, "
+                                "cached) for ~1.5-2x faster decode steps")
+                self._told_about_compile = True  # once per backend
             else:
                 fast = None
             tokens = torch.full((n, steps), self.pad_id, dtype=torch.long, device=device)
