@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -192,10 +193,12 @@ def test_fast_decode_equals_the_transformers_loop(kind, fused, policy, prompts, 
 def _prefilled_cache(model, prompts):
     from transformers import DynamicCache
 
+    from rlhfkit.rollout.generate import cache_keyword
+
     width = min(len(p) for p in prompts)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.tensor([p[:width] for p in prompts]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([p[:width] for p in prompts]), use_cache=True, **{cache_keyword(model): cache})
     return cache
 
 
@@ -328,3 +331,31 @@ def test_eager_cpu_decode_hints_at_compile_decode_once(fused, policy, prompts, t
     hints = [r for r in caplog.records if "--compile-decode compiles it once" in r.getMessage()]
     assert len(hints) == (1 if fused else 0)
     assert all(r.levelname == "INFO" for r in hints)
+
+
+def test_generate_names_the_kv_cache_as_the_installed_transformers_does(policy, prompts, tiny_tokenizer):
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns, then goes in
+    5.40); the decode loop must use whichever name this install's models take, through PEFT wrappers too."""
+    import warnings
+
+    from rlhfkit.rollout.generate import cache_keyword
+
+    class Wrapper(torch.nn.Module):  # forwards **kwargs, as PeftModel does
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+        def forward(self, **kwargs):
+            return self.base(**kwargs)
+
+    assert cache_keyword(policy) in inspect.signature(type(policy).forward).parameters
+    assert cache_keyword(Wrapper(policy)) == cache_keyword(policy)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*deprecated", category=FutureWarning)
+        for fast in (False, True):  # the transformers loop, and the lean step's prefill
+            rollout = HFGenerationBackend(tiny_tokenizer, fast_decode=fast).generate(
+                policy, prompts, 2, SamplingConfig(max_new_tokens=4), torch.Generator().manual_seed(0))
+            assert rollout.decode_steps >= 1

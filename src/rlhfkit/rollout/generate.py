@@ -10,6 +10,8 @@ run a second time over its own rollout.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,6 +74,20 @@ class GenerationBackend(Protocol):
     def generate(self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], num_samples: int,
                  sampling: SamplingConfig, generator: torch.Generator) -> Rollout:
         """Sample ``num_samples`` responses per prompt; rows are prompt-major."""
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old
+    name warns until 5.40, then goes); earlier 5.x releases know only ``past_key_values``. A PEFT wrapper
+    forwards keywords to its base model, which decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_keyword_of(type(base))
 
 
 def _eos_ids(tokenizer: Any) -> list[int]:
@@ -143,8 +159,9 @@ class HFGenerationBackend:
         model.eval()
         try:
             cache = DynamicCache(config=getattr(model, "config", None))
+            with_cache = {cache_keyword(model): cache, "use_cache": True}
             out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        logits_to_keep=1, **with_cache)
             logits = out.logits[:, -1]
             if num_samples > 1:  # one prefill per prompt, then the cache is copied for each sample
                 cache.batch_repeat_interleave(num_samples)
@@ -187,8 +204,7 @@ class HFGenerationBackend:
                     if step:
                         logits = model(input_ids=tokens[:, step - 1:step],
                                        attention_mask=attention[:, :width + step] if padded else None,
-                                       position_ids=next_position + step - 1, past_key_values=cache,
-                                       use_cache=True).logits[:, -1]
+                                       position_ids=next_position + step - 1, **with_cache).logits[:, -1]
                     all_done = draw_and_record(logits, *sample_args, *record)
                 if stops:
                     all_done = self._end_at_stop_strings(stops, tokens, step, lengths, done)
