@@ -172,13 +172,15 @@ def compiled_step(decoder: Any, record: tuple[torch.Tensor, ...], temperature: f
     seen = (str(cache_dir()), temperature, top_k, top_p, decoder.shape, decoder.act,
             tuple((x.shape, x.dtype) if isinstance(x, torch.Tensor) else x
                   for x in pytree.tree_leaves(_inputs(decoder, record))))
+    spec = None  # described once per input signature: the key, and a build on a cache miss
     if seen not in _PATHS:
-        _PATHS[seen] = str(cache_dir() / f"{_key(_spec(decoder, record, temperature, top_k, top_p))}.pt2")
+        spec = _spec(decoder, record, temperature, top_k, top_p)
+        _PATHS[seen] = str(cache_dir() / f"{_key(spec)}.pt2")
     path = Path(_PATHS[seen])
     if str(path) not in _LOADED:
         try:
             if not path.exists():
-                _build_in_child(_spec(decoder, record, temperature, top_k, top_p), path)
+                _build_in_child(spec or _spec(decoder, record, temperature, top_k, top_p), path)
             _LOADED[str(path)] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         except Exception as error:  # no C++ compiler, an op the exporter cannot take, a full disk, ...
             message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
