@@ -36,7 +36,7 @@ def main() -> None:
     from rlhfkit.data import pack_batch, pack_shared_prompts
     from rlhfkit.losses import selected_token_logprobs
     from rlhfkit.models.attention import use_packed_attention
-    from rlhfkit.trainers.common import loss_logits, loss_targets
+    from rlhfkit.models.forward import loss_logits, loss_targets
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

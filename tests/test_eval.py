@@ -16,11 +16,11 @@ from rlhfkit.eval import (
     bootstrap_mean_ci,
     evaluate_policies,
     length_controlled_win_rate,
-    load_judge,
     pairwise_outcomes,
     win_rate,
 )
 from rlhfkit.eval.stats import lc_glm_fit
+from rlhfkit.judges import load_judge
 from rlhfkit.rollout.generate import SamplingConfig
 from rlhfkit.rollout.rewards import HTTPReward, ModelReward
 

@@ -156,7 +156,7 @@ def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir
 
     from rlhfkit.data import collate_groups
     from rlhfkit.models.attention import PACKED_ATTENTION, use_packed_attention
-    from rlhfkit.trainers.common import reward_scores, sequence_logps, supports_packing
+    from rlhfkit.models.forward import reward_scores, sequence_logps, supports_packing
 
     tok = tiny_tokenizer
     groups = []

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .constitution import Constitution, Principle, load_constitution, principles_text
+from ..judges.constitution import Constitution, Principle, load_constitution, principles_text
 from .pipeline import (
     ChatPolicy,
     FunctionPolicy,

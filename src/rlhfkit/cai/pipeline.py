@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ConfigError
-from .constitution import Constitution, Principle
+from ..judges.constitution import Constitution, Principle
 
 logger = logging.getLogger("rlhfkit")
 

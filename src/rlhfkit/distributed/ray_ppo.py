@@ -57,9 +57,10 @@ from ..engine import (
 from ..engine.checkpoint import STATE_FILE, prune_checkpoints, read_state, truncate_jsonl
 from ..errors import ConfigError, RlhfkitError
 from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
+from ..models.forward import at_loss_positions, to_device
 from ..rollout.generate import HFGenerationBackend, Rollout
 from ..rollout.rewards import build_reward_source
-from ..trainers.common import at_loss_positions, prepare_datasets, require, resolve_packing, to_device
+from ..trainers.common import prepare_datasets, require, resolve_packing
 from ..trainers.rl import ActorCritic, RLConfig, RLTask, _write_samples, rollout_seed
 
 logger = logging.getLogger("rlhfkit")

@@ -27,7 +27,11 @@ __all__ = [
 
 def __getattr__(name: str):
     # the runner pulls in torch and transformers: import it only when asked for
-    if name in ("evaluate_policies", "load_judge"):
+    if name == "load_judge":  # parsed with every other judge spec in rlhfkit.judges.spec
+        from ..judges.spec import load_judge
+
+        return load_judge
+    if name == "evaluate_policies":
         from . import runner
 
         return getattr(runner, name)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, RlhfkitError
+from ..judges.spec import JUDGE_SPECS, load_judge
 from ..rollout.generate import SamplingConfig
 from ..rollout.rewards import EnsembleReward, ModelReward, RewardSource
 from .stats import (
@@ -44,65 +45,7 @@ from .stats import (
 
 logger = logging.getLogger("rlhfkit")
 
-__all__ = ["JUDGE_SPECS", "evaluate_policies", "format_table", "load_judge", "main",
-           "reference_logprob_sums", "reward_model_accuracy"]
-
-JUDGE_SPECS = "gold:DIR, model:PATH (or an existing folder), fn:FILE.py:FUNCTION or http:URL"
-
-
-# --------------------------------------------------------------------------------------------- judges
-
-
-def _attach_describe(source: Any) -> Any:
-    """Give a FunctionReward the ``describe`` of its function (attribute) or of its file (top level)."""
-    fn = getattr(source, "fn", None)
-    describe = getattr(fn, "describe", None)
-    if describe is None:
-        describe = getattr(fn, "__globals__", {}).get("describe")
-    if callable(describe):
-        source.describe = describe
-    return source
-
-
-def load_judge(spec: str, policy_tokenizer: Any, device: torch.device | str = "cpu") -> RewardSource:
-    """Build a judge (a reward source) from a spec; cheap checks first, one-line ConfigError when bad.
-
-    * ``gold:DIR``: ``rlhfkit.world.load_gold_judge(DIR)`` (the demo world's gold judge);
-    * ``model:PATH`` or a plain existing folder: a reward model (``ModelReward``);
-    * ``fn:FILE.py:FUNCTION`` (or ``FILE.py:FUNCTION``): ``function(prompts, responses) -> scores``;
-    * ``http:URL`` (or a bare ``http(s)://`` URL): a reward server (``HTTPReward``).
-    """
-    from ..rollout.rewards import HTTPReward, load_reward_function
-
-    text = str(spec).strip()
-    kind, sep, rest = text.partition(":")
-    kind = kind.lower() if sep else ""
-    if text.startswith(("http://", "https://")):
-        kind, rest = "http", text
-    if kind == "gold":
-        if not rest or not Path(rest).expanduser().exists():
-            raise ConfigError(f"judge '{text}': gold judge folder '{rest}' does not exist")
-        try:
-            from ..world import load_gold_judge
-        except ImportError as exc:
-            raise ConfigError(f"judge '{text}': the gold judge needs rlhfkit.world ({exc})") from None
-        judge = load_gold_judge(rest)
-        if not callable(getattr(judge, "score", None)):
-            raise ConfigError(f"judge '{text}': load_gold_judge returned a {type(judge).__name__} without score()")
-        return judge
-    if kind == "model":
-        if not rest:
-            raise ConfigError(f"judge '{text}': expected model:PATH")
-        return ModelReward(rest, policy_tokenizer, device=device)
-    if kind == "fn":
-        return _attach_describe(load_reward_function(rest))
-    if kind == "http":
-        return HTTPReward(rest)
-    if ".py:" in text:
-        return _attach_describe(load_reward_function(text))
-    if text and Path(text).expanduser().is_dir():
-        return ModelReward(text, policy_tokenizer, device=device)
-    raise ConfigError(f"judge '{text}': expected {JUDGE_SPECS}")
+__all__ = ["evaluate_policies", "format_table", "main", "reference_logprob_sums", "reward_model_accuracy"]
 
 
 def _bind_tokenizer(source: Any, tokenizer: Any) -> Any:
@@ -158,7 +101,7 @@ def reference_logprob_sums(ref_model: torch.nn.Module, prompt_ids: Sequence[Sequ
     (``rlhfkit.trainers.common.sequence_logps``), summed per sequence. The sampler's log-probs use the same temperature.
     """
     from ..data import pad_batch
-    from ..trainers.common import sequence_logps, to_device
+    from ..models.forward import sequence_logps, to_device
 
     device = next(ref_model.parameters()).device
     out = []
@@ -415,7 +358,7 @@ def evaluate_policies(
     """Sample from every policy, judge, compare with ``baseline``; returns (and writes) the eval report.
 
     ``policies`` maps names to model paths (or hub ids); ``judge`` is a reward source or a spec for
-    :func:`load_judge`. Per policy the report has: ``judge_score`` (+ CI), ``win_rate_vs_<baseline>``
+    :func:`rlhfkit.judges.spec.load_judge`. Per policy the report has: ``judge_score`` (+ CI), ``win_rate_vs_<baseline>``
     with ``win_rate_ci_low/high`` and wins/ties/losses (per-prompt outcomes from all sample pairs, see
     ``stats.pairwise_outcomes``; the baseline gets 0.5), ``lc_win_rate`` (+ CI; Δ length in characters,
     which does not depend on the tokenizer), ``reward_mean`` (reward model), ``kl``, ``mean_length``

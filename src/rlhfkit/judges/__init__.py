@@ -14,11 +14,12 @@ from .backends import (
 from .base import JudgeReplyError, PairwiseJudge, PositionStats, ScoringJudge, Verdict
 from .label import label_file, label_rows, summarize
 from .reward import JudgeReward
-from .spec import JUDGE_KINDS, build_judge
+from .spec import JUDGE_KINDS, JUDGE_SPECS, build_judge, load_judge, register_judge_kind
 from .templates import JudgeTemplate, load_template
 
 __all__ = [
     "JUDGE_KINDS",
+    "JUDGE_SPECS",
     "FunctionJudge",
     "JudgeReplyError",
     "JudgeReward",
@@ -34,8 +35,10 @@ __all__ = [
     "build_judge",
     "label_file",
     "label_rows",
+    "load_judge",
     "load_template",
     "parse_score",
     "parse_verdict",
+    "register_judge_kind",
     "summarize",
 ]

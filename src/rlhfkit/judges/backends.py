@@ -248,7 +248,7 @@ class OpenAIJudge(ScoringJudge):
 
 
 class SourceJudge(ScoringJudge):
-    """A reward source (``rlhfkit.rollout.rewards`` / ``rlhfkit.eval.runner.load_judge``) as a scoring judge:
+    """A reward source (``rlhfkit.rollout.rewards`` / ``rlhfkit.judges.spec.load_judge``) as a scoring judge:
     a reward model, the demo world's gold judge, a ``fn(prompts, responses)`` function or a reward server.
     Pairwise: ``sigmoid((score_a - score_b) / temperature)``.
     """

@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--api-key-env: ${a.api_key_env} is not set")
     principles = ""
     if a.principles:
-        from ..cai.constitution import principles_text
+        from .constitution import principles_text
 
         principles = principles_text(a.principles)
     judge = build_judge(a.judge, template="pairwise_cot" if a.cot and not a.template else a.template,

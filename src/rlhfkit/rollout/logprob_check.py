@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..data import pad_batch
 from ..errors import RlhfkitError
+from ..models.forward import loss_logits, loss_targets, to_device
 
 __all__ = ["LogprobMatch", "LogprobMismatchError", "check_logprob_match", "compare_logprobs", "response_mask",
            "trainer_logprobs"]
@@ -91,8 +93,6 @@ def trainer_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], respon
     """The trainer's log-probs [N, max response length] of the response tokens: one right-padded full forward
     per ``batch_size`` sequences, tempered logits, as the RL trainer scores a rollout (zeros after each end).
     """
-    from ..data import pad_batch  # lazy: the trainers package imports the rollout package
-    from ..trainers.common import loss_logits, loss_targets, to_device
 
     device = next(model.parameters()).device
     lengths = [len(r) for r in response_ids]

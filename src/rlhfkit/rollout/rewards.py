@@ -32,6 +32,7 @@ import torch
 
 from ..data.collate import pad_batch
 from ..errors import ConfigError, ModelError, RlhfkitError
+from ..models.forward import reward_scores, to_device
 from ..models.loading import load_reward_model, load_tokenizer, tokenizers_match
 
 logger = logging.getLogger("rlhfkit")
@@ -232,8 +233,6 @@ class ModelReward:
         return sequences
 
     def score(self, batch: ScoringBatch) -> torch.Tensor:
-        from ..trainers.common import reward_scores, to_device  # lazy: the trainers package imports rollouts
-
         n = len(batch.responses)
         out = torch.zeros(n, dtype=torch.float32)
         if n == 0:

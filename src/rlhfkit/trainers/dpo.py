@@ -18,16 +18,8 @@ from ..errors import ConfigError
 from ..losses import DPO_LOSS_TYPES, dpo_loss
 from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
 from ..models.attention import use_packed_attention
-from .common import (
-    finish_run,
-    iterate_batches,
-    lora_settings,
-    prepare_datasets,
-    resolve_packing,
-    sequence_logps,
-    start_run,
-    to_device,
-)
+from ..models.forward import sequence_logps, to_device
+from .common import finish_run, iterate_batches, lora_settings, prepare_datasets, resolve_packing, start_run
 
 logger = logging.getLogger("rlhfkit")
 

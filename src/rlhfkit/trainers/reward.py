@@ -13,16 +13,8 @@ from ..data import PREFERENCE_FORMATS, collate_groups, prepare_preferences
 from ..engine import MetricSums, TrainConfig, arg
 from ..losses import ranked_bradley_terry_loss
 from ..models import load_reward_model, load_tokenizer
-from .common import (
-    LastTokenReward,
-    finish_run,
-    iterate_batches,
-    lora_settings,
-    prepare_datasets,
-    resolve_packing,
-    start_run,
-    to_device,
-)
+from ..models.forward import LastTokenReward, to_device
+from .common import finish_run, iterate_batches, lora_settings, prepare_datasets, resolve_packing, start_run
 
 logger = logging.getLogger("rlhfkit")
 

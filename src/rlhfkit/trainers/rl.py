@@ -48,23 +48,20 @@ from ..losses import (
 )
 from ..models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ..models.attention import use_packed_attention
+from ..models.forward import (
+    at_loss_positions,
+    forward_inputs,
+    loss_logits,
+    loss_sequence_ids,
+    loss_targets,
+    reward_parts,
+    shares_prompts,
+)
 from ..rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
 from ..rollout.logprob_check import check_logprob_match, compare_logprobs
 from ..rollout.rewards import REWARD_ENSEMBLES, ModelReward, ScoringBatch, build_reward_source, checked_scores
 from ..rollout.vllm_backend import build_rollout_backend
-from .common import (
-    _reward_parts,
-    at_loss_positions,
-    forward_inputs,
-    lora_settings,
-    loss_logits,
-    loss_sequence_ids,
-    loss_targets,
-    prepare_datasets,
-    resolve_packing,
-    shares_prompts,
-    start_run,
-)
+from .common import lora_settings, prepare_datasets, resolve_packing, start_run
 
 logger = logging.getLogger("rlhfkit")
 
@@ -294,7 +291,7 @@ class ActorCritic(torch.nn.Module):
             if self.value_head is not None:
                 values = self.value_head(out.hidden_states[-1]).squeeze(-1)
         if self.value_model is not None:
-            backbone, head = _reward_parts(self.value_model)
+            backbone, head = reward_parts(self.value_model)
             values = head(backbone(**forward_inputs(batch)).last_hidden_state).squeeze(-1)
         return logits, values
 

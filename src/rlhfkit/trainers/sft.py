@@ -14,17 +14,8 @@ from ..data import SFT_FORMATS, collate_sequences, prepare_sft
 from ..engine import MetricSums, TrainConfig, arg
 from ..losses import selected_token_logprobs
 from ..models import load_causal_lm, load_tokenizer
-from .common import (
-    finish_run,
-    iterate_batches,
-    lora_settings,
-    loss_logits,
-    loss_targets,
-    prepare_datasets,
-    resolve_packing,
-    start_run,
-    to_device,
-)
+from ..models.forward import loss_logits, loss_targets, to_device
+from .common import finish_run, iterate_batches, lora_settings, prepare_datasets, resolve_packing, start_run
 
 logger = logging.getLogger("rlhfkit")
 

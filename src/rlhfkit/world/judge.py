@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .generator import FLATTERY, PADDING, REPEAT, World
 
 _REFUSAL_MARKERS = ("can't help", "cannot help", "can not help", "won't help", "i'm sorry")
@@ -172,3 +172,10 @@ def load_gold_judge(path: str | Path) -> GoldJudge:
     if not file.exists():
         raise DataError(f"{file}: no world.json here (write one with `rlhfkit world` or the demo pipeline)")
     return GoldJudge(World.load(file))
+
+
+def gold_judge_of_spec(folder: str) -> GoldJudge:
+    """``gold:DIR`` as a judge spec (registered in pyproject.toml's ``rlhfkit.judges`` entry points)."""
+    if not folder or not Path(folder).expanduser().exists():
+        raise ConfigError(f"gold judge folder '{folder}' does not exist")
+    return load_gold_judge(Path(folder).expanduser())
