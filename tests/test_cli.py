@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from toy import preference_rows, write_jsonl
 
-from rlhfkit.cli import main, parse_trainer_args
+from rlhfkit.cli import main
 from rlhfkit.errors import ConfigError
-from rlhfkit.toy import preference_rows, write_jsonl
+from rlhfkit.options import parse_trainer_args
 from rlhfkit.trainers import DPOConfig, SFTConfig
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rlhfkit.eval import RewardHackingDetector
+from rlhfkit.trainers.rl.hacking import RewardHackingDetector
 
 
 def _hacking_curve() -> list[tuple[int, float, float]]:

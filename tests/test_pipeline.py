@@ -119,7 +119,7 @@ def test_judge_stage_agreement_is_a_recount_of_its_files(tiny_pipeline):
     assert s["inconsistent"] == 0 and s["position_biased"] is False
     summary = json.loads((run / "summary.json").read_text())
     assert summary["ai_judges"]["rm_judge"]["accuracy"] == pytest.approx(accuracy)
-    from rlhfkit.demo_stages import format_summary
+    from rlhfkit.world.stages import format_summary
 
     assert f"AI judge model:{run / 'rm'} vs gold on {len(labelled)} held-out pairs: accuracy {accuracy:.3f}" \
         in format_summary(summary)
@@ -252,7 +252,7 @@ def test_bundled_configs_share_their_common_stages():
     whichever config ran first would silently decide the other's world / models."""
     from importlib.resources import files
 
-    from rlhfkit.cli import read_yaml
+    from rlhfkit.options import read_yaml
 
     configs = files("rlhfkit") / "configs"
     demo = read_yaml(str(configs / "demo.yaml"))

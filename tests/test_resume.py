@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy import write_toy_task
 
 from rlhfkit.engine.checkpoint import atomic_dir_write, list_checkpoints
-from rlhfkit.toy import write_toy_task
 
 STEPS = 14
 

@@ -294,7 +294,7 @@ def test_compiled_decode_failure_falls_back_to_eager(policy, prompts, tiny_token
 
 
 def test_compile_decode_flag_reaches_the_backend(tiny_tokenizer):
-    from rlhfkit.cli import parse_trainer_args
+    from rlhfkit.options import parse_trainer_args
     from rlhfkit.rollout.vllm_backend import build_rollout_backend
     from rlhfkit.trainers.rl import RLConfig
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from toy import write_toy_task
 
-from rlhfkit.toy import write_toy_task
 from rlhfkit.trainers import DPOConfig, RewardConfig, SFTConfig, run_dpo, run_reward, run_sft
 
 FAST = {"progress_bar": False, "max_length": 64, "num_threads": 2, "seed": 0}

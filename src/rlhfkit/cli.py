@@ -3,110 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from .errors import ConfigError, RlhfkitError
+from .options import parse_trainer_args, run_trainer, trainer_config_class
+from .registry import TRAINERS
 
 logger = logging.getLogger("rlhfkit")
 
 
-def _trainers() -> dict[str, tuple[type, Callable[[Any], dict], str]]:
-    from .trainers.dpo import DPOConfig, run_dpo
-    from .trainers.reward import RewardConfig, run_reward
-    from .trainers.rl import GRPOConfig, PPOConfig, RLOOConfig, run_rl
-    from .trainers.sft import SFTConfig, run_sft
-
-    return {
-        "sft": (SFTConfig, run_sft, "Supervised fine-tuning of a causal LM."),
-        "rm": (RewardConfig, run_reward, "Train a Bradley–Terry reward model on preference or ranked data."),
-        "dpo": (DPOConfig, run_dpo, "Direct preference optimisation (sigmoid, ipo, hinge, robust)."),
-        "ppo": (PPOConfig, run_rl, "PPO against a reward source on a KL leash to the reference (actor-critic)."),
-        "grpo": (GRPOConfig, run_rl, "GRPO: group-relative advantages over several samples per prompt."),
-        "rloo": (RLOOConfig, run_rl, "RLOO: REINFORCE with a leave-one-out baseline over the group."),
-    }
-
-
-def coerce_options(config_cls: type, options: dict[str, Any], where: str) -> dict[str, Any]:
-    """Values converted to the config field's type: YAML reads ``5e-5`` as a string (it wants ``5.0e-5``)."""
-    import typing
-
-    hints = typing.get_type_hints(config_cls)
-    out = {}
-    for name, value in options.items():
-        kinds = typing.get_args(hints.get(name)) or (hints.get(name),)
-        if isinstance(value, str) and str not in kinds:
-            for kind in (int, float, bool):
-                if kind not in kinds:
-                    continue
-                try:
-                    value = {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
-                    break
-                except (ValueError, KeyError):
-                    continue
-            else:
-                raise ConfigError(f"{where}: option '{name}' = {value!r} is not a "
-                                  f"{' or '.join(k.__name__ for k in kinds if k is not type(None))}")
-        elif isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
-            value = float(value)
-        out[name] = value
-    return out
-
-
-def read_yaml(path: str | Path, what: str = "config file") -> Any:
-    """A YAML file's contents ({} when empty); a missing file or bad YAML is a one-line ConfigError."""
-    import yaml
-
-    file = Path(path)
-    if not file.exists():
-        raise ConfigError(f"{path}: {what} not found")
-    try:
-        return yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
-
-
-def load_yaml_config(path: str, config_cls: type) -> dict[str, Any]:
-    """Read a YAML config; keys may use dashes or underscores; unknown keys are an error."""
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value")
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"{path}: unknown option '{key}' (see --help for the list)")
-        out[name] = value
-    return coerce_options(config_cls, out, path)
-
-
-def parse_trainer_args(config_cls: type, argv: Sequence[str], prog: str, description: str):
-    """Build the config dataclass from ``--config FILE`` and flags (flags win)."""
-    from transformers import HfArgumentParser
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(config_cls, prog=prog, description=description)
-    parser.add_argument("--config", help="YAML file of options (flags given on the command line override it).")
-    if known.config:
-        parser.set_defaults(**load_yaml_config(known.config, config_cls))
-    # the extra --config attribute comes back as a second namespace, which we ignore
-    config = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)[0]
-    return config
-
-
-def _tiny_model(argv: Sequence[str]) -> int:
+def tiny_model_main(argv: Sequence[str]) -> int:
     from .models.tiny import build_tiny_model
 
     p = argparse.ArgumentParser(prog="rlhfkit tiny-model",
@@ -161,66 +73,57 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-USAGE = """usage: rlhfkit <command> [options]
-
-commands:
-  sft          supervised fine-tuning
-  rm           reward model (Bradley–Terry) on preference / ranked data
-  dpo          direct preference optimisation
-  ppo          RLHF with PPO (policy + critic) against a reward model, function or endpoint
-  grpo         RL with group-relative advantages (no critic)
-  rloo         RL with a leave-one-out baseline (no critic)
-  eval         compare policies under a judge: win rates with CIs, LC win rate, reward, KL, length
-  report       self-contained HTML report (plots, tables, samples) of a run or pipeline folder
-  label        human-feedback labelling web app: serve, import, generate, labellers, agreement, export
-  serve-rm     serve a reward model over HTTP (for --reward-url): POST /score, GET /health
-  judge        label candidate responses with an AI judge into preference pairs (resumable)
-  cai          Constitutional AI: critique -> revision against a constitution; SFT data and pairs
-  tiny-model   build a tiny offline model + tokenizer
-  pipeline     run a chain of stages from one YAML file (skips stages already done)
-  demo         the offline end-to-end run: pretrain, SFT, preferences, RM, PPO, DPO, eval, report
-
-Run 'rlhfkit <command> --help' for the options of a command."""
-
-
-# command -> (module, function(argv) -> exit code) of the commands that are not trainers
+# command -> (module, function(argv) -> exit code, one line of help) of the commands that are not trainers;
+# imported on use, so that `rlhfkit sft` need not load FastAPI or plotly
 SUBCOMMANDS = {
-    "eval": (".eval.runner", "main"),
-    "report": (".report", "main"),
-    "label": (".label.cli", "main"),
-    "serve-rm": (".rollout.reward_server", "main"),
-    "judge": (".judges.label", "main"),
-    "cai": (".cai", "main"),
-    "pipeline": (".pipeline", "pipeline_main"),
-    "demo": (".demo", "run_demo"),
+    "eval": (".eval.runner", "main", "compare policies under a judge: win rates with CIs, LC win rate, reward, KL, "
+             "length"),
+    "report": (".report", "main", "self-contained HTML report (plots, tables, samples) of a run or pipeline folder"),
+    "label": (".label.cli", "main", "human-feedback labelling web app: serve, import, generate, labellers, "
+              "agreement, export"),
+    "serve-rm": (".rollout.reward_server", "main", "serve a reward model over HTTP (for --reward-url): POST /score, "
+                 "GET /health"),
+    "judge": (".judges.label", "main", "label candidate responses with an AI judge into preference pairs "
+              "(resumable)"),
+    "cai": (".cai", "main", "Constitutional AI: critique -> revision against a constitution; SFT data and pairs"),
+    "tiny-model": (".cli", "tiny_model_main", "build a tiny offline model + tokenizer"),
+    "pipeline": (".pipeline", "pipeline_main", "run a chain of stages from one YAML file (skips stages already "
+                 "done)"),
+    "demo": (".demo", "run_demo", "the offline end-to-end run: pretrain, SFT, preferences, RM, PPO, DPO, eval, "
+             "report"),
 }
+
+
+def usage() -> str:
+    """The command list: the registry's trainers, then the other commands."""
+    rows = [(name, t.help) for name, t in TRAINERS.items()] + [(c, h) for c, (_, _, h) in SUBCOMMANDS.items()]
+    return ("usage: rlhfkit <command> [options]\n\ncommands:\n"
+            + "\n".join(f"  {name:<12} {text}" for name, text in rows)
+            + "\n\nRun 'rlhfkit <command> --help' for the options of a command.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0
     command, rest = argv[0], argv[1:]
     _setup_logging()
     try:
-        if command == "tiny-model":
-            return _tiny_model(rest)
-        if command in SUBCOMMANDS:  # imported on use: `rlhfkit sft` need not load FastAPI or plotly
-            module_name, function_name = SUBCOMMANDS[command]
+        if command in SUBCOMMANDS:
+            module_name, function_name, _ = SUBCOMMANDS[command]
             return getattr(importlib.import_module(module_name, __package__), function_name)(rest)
-        trainers = _trainers()
-        if command not in trainers:
-            print(f"rlhfkit: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        if command not in TRAINERS:
+            print(f"rlhfkit: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
             return 2
-        config_cls, run, description = trainers[command]
-        config = parse_trainer_args(config_cls, rest, f"rlhfkit {command}", description)
-        summary = run(config)
-        from .engine.loop import shutdown_distributed
+        trainer = TRAINERS[command]
+        config = parse_trainer_args(trainer_config_class(trainer), rest, f"rlhfkit {command}", trainer.help)
+        summary = run_trainer(trainer, config)
+        from .engine import shutdown_distributed
 
         shutdown_distributed()
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: rank 0 reports
-                print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)},
+            print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)},
                              indent=2, default=str))
         return 0
     except RlhfkitError as exc:

@@ -22,8 +22,8 @@ def bundled_config(name: str) -> Path:
 
 
 def run_demo(argv: list[str] | None = None) -> int:
-    from .demo_stages import format_summary
     from .pipeline import parse_sets, run_pipeline
+    from .world.stages import format_summary
 
     p = argparse.ArgumentParser(prog="rlhfkit demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,9 +10,10 @@ A config names an output folder, options shared by every training stage, and the
       rm:  {type: rm, model: "${sft}", dataset: "${preferences}/ranked.jsonl"}
 
 Each stage writes to ``OUTPUT_DIR/<stage name>``; ``${name}`` in any string option is that stage's folder,
-``${output_dir}`` the run folder, ``${seed}`` the seed. Stage types: the trainers (sft, rm, dpo, ppo, grpo,
-rloo; options as on their command line) and the registered steps (world, tiny_model, collect, eval, summary,
-report, judge, cai_world, cai, revision_preference and what other modules register with :func:`stage`). A stage whose folder holds ``stage_done.json`` is
+``${output_dir}`` the run folder, ``${seed}`` the seed. Stage types: the trainers of :mod:`rlhfkit.registry`
+(options as on their command line), the library's steps (:mod:`rlhfkit.stages`: tiny_model, eval, report, judge,
+cai, revision_preference) and those other packages register (:mod:`rlhfkit.stage`; the demo world's world,
+collect, cai_world and summary). A stage whose folder holds ``stage_done.json`` is
 skipped; ``--force`` reruns everything, ``--force a,b`` the named stages. ``--only a,b`` runs a subset.
 """
 
@@ -28,49 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .options import config_from_options, read_yaml, run_trainer, trainer_config_class
+from .registry import TRAINERS, Trainer
+from .stage import StageContext, StageFn, stage_types
 
 DONE_FILE = "stage_done.json"
 _REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 
 
-@dataclasses.dataclass
-class StageContext:
-    """What a stage function gets: its name, folder, resolved options and the pipeline around it."""
-
-    name: str
-    output_dir: Path
-    options: dict[str, Any]
-    run_dir: Path
-    seed: int
-    defaults: dict[str, Any]
-    results: dict[str, dict[str, Any]]  # summaries of the stages run or loaded so far
-
-    def option(self, key: str, default: Any = None) -> Any:
-        return self.options.get(key, default)
-
-    def require(self, *keys: str) -> None:
-        for key in keys:
-            if key not in self.options:
-                raise ConfigError(f"stage '{self.name}': option '{key}' is required")
-
-
-StageFn = Callable[[StageContext], dict[str, Any]]
-_STAGES: dict[str, StageFn] = {}
-_TRAINER_TYPES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
-
-
-def stage(type_name: str) -> Callable[[StageFn], StageFn]:
-    """Register a stage type: ``fn(ctx) -> summary dict`` (written to the stage's stage_done.json)."""
-
-    def register(fn: StageFn) -> StageFn:
-        _STAGES[type_name] = fn
-        return fn
-
-    return register
-
-
-def _load_builtin_stages() -> None:
-    from . import demo_stages  # noqa: F401 - registers world, tiny_model, collect, eval, report
+def all_stage_types() -> dict[str, StageFn]:
+    """The library's stage types (rlhfkit.stages) and those other packages register (entry points)."""
+    return stage_types("rlhfkit.stages")
 
 
 def _resolve(value: Any, refs: dict[str, str], where: str) -> Any:
@@ -89,25 +58,17 @@ def _resolve(value: Any, refs: dict[str, str], where: str) -> Any:
     return value
 
 
-def _run_trainer(kind: str, ctx: StageContext) -> dict[str, Any]:
-    from .cli import _trainers, coerce_options
-
-    config_cls, run, _ = _trainers()[kind]
+def _run_trainer(trainer: Trainer, ctx: StageContext) -> dict[str, Any]:
+    config_cls = trainer_config_class(trainer)
     known = {f.name for f in dataclasses.fields(config_cls)}
     options: dict[str, Any] = {"seed": ctx.seed}
     options.update({k: v for k, v in ctx.defaults.items() if k in known})
-    for key, value in ctx.options.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"stage '{ctx.name}': unknown {kind} option '{key}' (see rlhfkit {kind} --help)")
-        options[name] = value
+    options.update(ctx.options)
     options["output_dir"] = str(ctx.output_dir)
-    return run(config_cls(**coerce_options(config_cls, options, f"stage '{ctx.name}'")))
+    return run_trainer(trainer, config_from_options(trainer, options, f"stage '{ctx.name}'"))
 
 
 def load_pipeline(path: str | Path) -> dict[str, Any]:
-    from .cli import read_yaml
-
     data = read_yaml(path, "pipeline config")
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict) or not data["stages"]:
         raise ConfigError(f"{path}: expected a mapping with a non-empty 'stages' mapping (name: options)")
@@ -128,7 +89,7 @@ def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: i
 
     ``overrides`` ({stage: {option: value}}) change options without editing the file (the CLI's --set).
     """
-    _load_builtin_stages()
+    steps = all_stage_types()
     data = load_pipeline(config_path)
     run_dir = Path(output_dir or data.get("output_dir") or "runs/pipeline")
     seed = int(seed if seed is not None else data.get("seed", 0))
@@ -151,9 +112,9 @@ def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: i
     for i, name in enumerate(names, 1):
         opts = stages[name]
         kind = str(opts.pop("type"))
-        if kind not in _STAGES and kind not in _TRAINER_TYPES:
+        if kind not in steps and kind not in TRAINERS:
             raise ConfigError(f"stage '{name}': unknown type '{kind}' (types: "
-                              f"{', '.join(sorted([*_TRAINER_TYPES, *_STAGES]))})")
+                              f"{', '.join(sorted([*TRAINERS, *steps]))})")
         out = run_dir / name
         refs_here = dict(refs)
         options = _resolve(opts, refs_here, f"stage '{name}'")
@@ -170,7 +131,7 @@ def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: i
         ctx = StageContext(name=name, output_dir=out, options=options, run_dir=run_dir, seed=seed,
                            defaults=defaults, results=results)
         t = time.perf_counter()
-        summary = _run_trainer(kind, ctx) if kind in _TRAINER_TYPES else _STAGES[kind](ctx)
+        summary = _run_trainer(TRAINERS[kind], ctx) if kind in TRAINERS else steps[kind](ctx)
         timings[name] = time.perf_counter() - t
         summary = dict(summary or {})
         summary.setdefault("wall_seconds", timings[name])

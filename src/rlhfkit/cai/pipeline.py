@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..data.jsonl import read_jsonl, write_jsonl
 from ..errors import ConfigError
 from ..judges.constitution import Constitution, Principle
 
@@ -55,44 +56,23 @@ class FunctionPolicy:
 
 class HFChatPolicy:
     """A local causal LM rendered through its chat template, sampled in batches with a KV cache
-    (``rlhfkit.rollout.generate.HFGenerationBackend``)."""
+    (:class:`rlhfkit.rollout.texts.TextSampler`); one generator, seeded once, across calls."""
 
     def __init__(self, model_path: str, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128,
                  max_prompt_length: int = 512, batch_size: int = 16, seed: int = 0, device: str = "cpu"):
         import torch
 
-        from ..models import load_causal_lm, load_tokenizer
-        from ..rollout.generate import HFGenerationBackend, SamplingConfig
+        from ..rollout.generate import SamplingConfig
+        from ..rollout.texts import TextSampler
 
-        self.tokenizer = load_tokenizer(model_path)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(f"{model_path}: the tokenizer has no chat template (CAI needs multi-turn prompts)")
-        self.model = load_causal_lm(model_path).eval().requires_grad_(False).to(device)
-        self.backend = HFGenerationBackend(self.tokenizer)
-        self.sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        self.sampling.check()
-        self.max_prompt_length = int(max_prompt_length)
-        self.batch_size = int(batch_size)
+        self.sampler = TextSampler(model_path, SamplingConfig(temperature=temperature, top_p=top_p,
+                                                              max_new_tokens=max_new_tokens),
+                                   max_prompt_length=max_prompt_length, batch_size=batch_size, device=device,
+                                   need_chat_template=True)
         self.generator = torch.Generator().manual_seed(seed)
-        self.source = model_path
 
     def generate(self, conversations: Sequence[Messages]) -> list[str]:
-        import datasets
-
-        from ..data import prepare_prompts
-
-        ds = datasets.Dataset.from_list([{"prompt": list(c)} for c in conversations])
-        records, _ = prepare_prompts(ds, self.tokenizer, max_prompt_length=self.max_prompt_length,
-                                     source=self.source)
-        if len(records) != len(conversations):
-            raise ConfigError(f"{self.source}: {len(conversations) - len(records)} conversation(s) came out empty")
-        out: list[str] = []
-        for start in range(0, len(records), self.batch_size):
-            chunk = records[start:start + self.batch_size]
-            rollout = self.backend.generate(self.model, [r["prompt_ids"] for r in chunk], 1, self.sampling,
-                                            self.generator)
-            out += [t.strip() for t in self.backend.decode(rollout)]
-        return out
+        return [r[0] for r in self.sampler.sample(list(conversations), 1, self.generator)]
 
 
 def critique_conversation(base: Messages, response: str, principle: Principle) -> Messages:
@@ -113,12 +93,6 @@ def _user_text(prompt: Any) -> Messages:
     if isinstance(prompt, list):
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
     return [{"role": "user", "content": str(prompt)}]
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
 
 
 def run_cai(prompts: Sequence[Any], policy: ChatPolicy, constitution: Constitution, out_dir: str | Path, *,
@@ -163,9 +137,9 @@ def run_cai(prompts: Sequence[Any], policy: ChatPolicy, constitution: Constituti
     trace = [{"prompt": prompt_field(b), "initial": i0, "final": c, "steps": t}
              for b, i0, c, t in zip(bases, initial, current, traces)]
     paths = {"sft": out / "sft.jsonl", "pairs": out / "pairs.jsonl", "trace": out / "trace.jsonl"}
-    _write_jsonl(paths["sft"], sft)
-    _write_jsonl(paths["pairs"], pairs)
-    _write_jsonl(paths["trace"], trace)
+    write_jsonl(paths["sft"], sft)
+    write_jsonl(paths["pairs"], pairs)
+    write_jsonl(paths["trace"], trace)
     summary: dict[str, Any] = {
         "prompts": len(prompts), "rounds": rounds, "constitution": constitution.name,
         "principle_uses": {p.name: sum(s["principle"] == p.name for t in traces for s in t)
@@ -185,7 +159,7 @@ def run_cai(prompts: Sequence[Any], policy: ChatPolicy, constitution: Constituti
             summary["judge"] = {k: labels[k] for k in ("judge", "labelled", "ties", "unlabelled", "inconsistent",
                                                        "position_biased") if k in labels}
             finals = {json.dumps([c["prompt"], c["response_b"]]) for c in candidates}
-            labelled = [json.loads(x) for x in ai_out.read_text(encoding="utf-8").splitlines()]
+            labelled = read_jsonl(ai_out)
             wins = sum(json.dumps([r["prompt"], r["chosen"]]) in finals for r in labelled)
             summary["judge"]["revision_preferred"] = wins / len(candidates)
             summary["pairs_ai_file"] = str(ai_out)

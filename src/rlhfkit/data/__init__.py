@@ -1,17 +1,47 @@
-"""Data loading, format detection, tokenisation with exact boundaries, and batching."""
+"""Data loading, format detection, tokenisation with exact boundaries, and batching.
 
-from .collate import collate_groups, collate_sequences, pack_batch, pack_shared_prompts, pad_batch
-from .formats import (
-    PREFERENCE_FORMATS,
-    PROMPT_FORMATS,
-    SFT_FORMATS,
-    DataFormat,
-    describe_format,
-    detect_format,
-    split_implicit_prompt,
-)
-from .loading import LINE_COLUMN, dataset_source, load_rows, row_number
-from .tokenize import PrepareReport, expand_to_pairs, prepare_preferences, prepare_prompts, prepare_sft
+Modules: ``loading`` (files and datasets -> rows, with file and line in every error), ``jsonl`` (the one
+JSONL reader and writer), ``formats`` (which layout a dataset has), ``tokenize`` (the conventions and
+helpers the ``prepare_*`` functions share) with ``sft``, ``preferences`` and ``prompts``, and ``collate``
+(padding and packing). The names below are imported on first use, so that light modules (the report,
+the labelling app) can use ``rlhfkit.data.jsonl`` without loading torch, datasets and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .collate import collate_groups, collate_sequences, pack_batch, pack_shared_prompts, pad_batch
+    from .formats import (
+        PREFERENCE_FORMATS,
+        PROMPT_FORMATS,
+        SFT_FORMATS,
+        DataFormat,
+        describe_format,
+        detect_format,
+        split_implicit_prompt,
+    )
+    from .loading import LINE_COLUMN, dataset_source, load_rows, row_number
+    from .preferences import expand_to_pairs, prepare_preferences
+    from .prompts import prepare_prompts
+    from .sft import prepare_sft
+    from .tokenize import PrepareReport
+
+# name -> the module that defines it
+_HOMES = {
+    "collate_groups": "collate", "collate_sequences": "collate", "pack_batch": "collate",
+    "pack_shared_prompts": "collate", "pad_batch": "collate",
+    "PREFERENCE_FORMATS": "formats", "PROMPT_FORMATS": "formats", "SFT_FORMATS": "formats",
+    "DataFormat": "formats", "describe_format": "formats", "detect_format": "formats",
+    "split_implicit_prompt": "formats",
+    "LINE_COLUMN": "loading", "dataset_source": "loading", "load_rows": "loading", "row_number": "loading",
+    "expand_to_pairs": "preferences", "prepare_preferences": "preferences",
+    "prepare_prompts": "prompts",
+    "prepare_sft": "sft",
+    "PrepareReport": "tokenize",
+}
 
 __all__ = [
     "LINE_COLUMN",
@@ -36,3 +66,16 @@ __all__ = [
     "row_number",
     "split_implicit_prompt",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'rlhfkit.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # the next look-up skips this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

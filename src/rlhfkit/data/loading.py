@@ -1,6 +1,6 @@
 """Load rows from JSONL / JSON / Parquet files, local dataset folders or hub dataset names.
 
-JSON and JSONL are parsed here, line by line, instead of by ``datasets``: its errors name neither the file
+JSON is parsed here and JSONL in :mod:`.jsonl`, line by line, instead of by ``datasets``: its errors name neither the file
 nor the line, and a user with 100k rows needs "train.jsonl, row 5213: malformed JSON" to fix the data.
 Everything else goes through :func:`datasets.load_dataset`.
 """
@@ -8,7 +8,6 @@ Everything else goes through :func:`datasets.load_dataset`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import weakref
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from typing import Any
 import datasets
 
 from ..errors import DataError
+from .jsonl import json_kind, numbered_rows
 
 __all__ = ["LINE_COLUMN", "dataset_source", "load_rows", "one_line", "row_number"]
 
@@ -75,7 +75,7 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix == ".jsonl":
-            ds = _from_rows(_read_jsonl(path, source), source, lines=True)
+            ds = _from_rows(numbered_rows(path, source), source, lines=True)
         elif suffix == ".json":
             rows, lines = _read_json(path, source)
             ds = _from_rows(rows, source, lines=lines)
@@ -123,30 +123,6 @@ def _load(source: str, path: str, **kwargs: Any) -> datasets.Dataset:
     return ds
 
 
-def _read_jsonl(path: Path, source: str) -> list[tuple[int, Any]]:
-    """(line number, parsed object) for every non-blank line, with precise errors."""
-    rows: list[tuple[int, Any]] = []
-    with path.open("rb") as fh:  # bytes, so one bad line is reported instead of failing the whole file
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError("not valid UTF-8", source=source, row=line_no) from None
-            if line_no == 1:
-                text = text.lstrip("\ufeff")  # tolerate a byte-order mark
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", source=source,
-                                row=line_no) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"expected a JSON object, got {_kind(obj)}", source=source, row=line_no)
-            rows.append((line_no, obj))
-    return rows
-
-
 def _read_json(path: Path, source: str) -> tuple[list[tuple[int, Any]], bool]:
     """Rows of a ``.json`` file: a list of objects, or {"data"/"train": [...]}; JSONL content is accepted."""
     raw = path.read_bytes()
@@ -158,7 +134,7 @@ def _read_json(path: Path, source: str) -> tuple[list[tuple[int, Any]], bool]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # several top-level values: it is JSON Lines under a .json name
-            return _read_jsonl(path, source), True
+            return numbered_rows(path, source), True
         raise DataError(f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
                         source=source) from None
     if isinstance(obj, dict):
@@ -170,10 +146,10 @@ def _read_json(path: Path, source: str) -> tuple[list[tuple[int, Any]], bool]:
             raise DataError("expected a list of objects (or {\"data\": [...]}), got an object with keys "
                             + ", ".join(list(obj)[:10]), source=source)
     if not isinstance(obj, list):
-        raise DataError(f"expected a list of objects, got {_kind(obj)}", source=source)
+        raise DataError(f"expected a list of objects, got {json_kind(obj)}", source=source)
     for i, item in enumerate(obj):
         if not isinstance(item, dict):
-            raise DataError(f"expected a JSON object, got {_kind(item)}", source=source, row=i + 1)
+            raise DataError(f"expected a JSON object, got {json_kind(item)}", source=source, row=i + 1)
     return list(enumerate(obj, start=1)), False
 
 
@@ -209,23 +185,9 @@ def _first_inconsistent(rows: list[tuple[int, Any]], key: str) -> tuple[int | No
         value = obj.get(key)
         if value is None:
             continue
-        kind = _kind(value)
+        kind = json_kind(value)
         if first_kind is None:
             first_kind = kind
         elif kind != first_kind:
             return line, f": expected {first_kind} like the earlier rows, got {kind}"
     return None, ""
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number" if not (isinstance(value, float) and math.isnan(value)) else "NaN"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return "null" if value is None else type(value).__name__

@@ -7,11 +7,14 @@ leaves at most a ``.tmp`` folder behind, which resume ignores and the next save 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+logger = logging.getLogger("rlhfkit")
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -117,8 +120,28 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resume_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the newest complete one (a warning when there is none)."""
+    found = latest_checkpoint(output_dir)
+    if found is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", output_dir)
+    return found
+
+
 def read_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def write_state(folder: Path, state: dict) -> None:
+    """Write the run state (step, total_steps, config, ...) that marks ``folder`` as a complete checkpoint."""
+    (Path(folder) / STATE_FILE).write_text(json.dumps(state, default=str))
+
+
+def resume_hint(checkpoint: Path | None, label: str = "the last good checkpoint is") -> str:
+    """The end of the message of an error that stopped a run: the checkpoint to rerun from with --resume."""
+    if checkpoint is None:
+        return "; no checkpoint was saved yet (use --save-steps)"
+    return f"; {label} {checkpoint} (fix the cause, then rerun with --resume)"
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:

@@ -9,68 +9,30 @@ crash-safe checkpoints and resume.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import json
 import logging
 import math
-import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from ..errors import ConfigError, RlhfkitError
-from .checkpoint import (
-    STATE_FILE,
-    atomic_write_text,
-    commit_dir,
-    fresh_staging_dir,
-    fsync_tree,
-    latest_checkpoint,
-    prune_checkpoints,
-    read_state,
-    staging_dir,
-    truncate_jsonl,
-)
+from .checkpoint import read_state, resume_checkpoint
 from .config import TrainConfig
+from .metrics import MetricSums, StepResult, append_row, restart_logs, task_postfix
+from .parallel import ParallelMixin
+from .saving import SavingMixin
+from .seeds import epoch_seed
+from .setup import cpu_process_group, distributed_on_cpu, resolve_precision, resolve_trackers
 
 logger = logging.getLogger("rlhfkit")
-
-MetricSums = dict[str, tuple[float, float]]  # name -> (sum, count), averaged over a whole optimizer step
 
 
 class TrainingError(RlhfkitError):
     """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
-
-
-@dataclass
-class StepResult:
-    """What one optimizer update measured: the loss and metric sums over all its micro-batches."""
-
-    total_weight: float
-    loss_sum: float = 0.0
-    tokens: int = 0
-    grad_norm: float | None = None
-    sums: dict[str, list[float]] = field(default_factory=dict)
-
-    def row(self) -> dict[str, float]:
-        """Step averages: the loss over the step's weight, every metric over its own count."""
-        out = {"loss": self.loss_sum / self.total_weight}
-        if self.grad_norm is not None:
-            out["grad_norm"] = self.grad_norm
-        out.update({name: s / max(c, 1e-12) for name, (s, c) in self.sums.items()})
-        return out
-
-
-def task_postfix(task: Any, row: dict[str, Any]) -> list[str]:
-    """Keys shown on the progress bar: the task's choice (``progress_keys``) or the loss."""
-    keys = getattr(task, "progress_keys", ("loss",)) + ("tokens_per_s",)
-    return [k for k in keys if isinstance(row.get(k), int | float)]
 
 
 class Task(Protocol):
@@ -91,78 +53,7 @@ class Task(Protocol):
         """Held-out metrics (keys without the ``eval_`` prefix); {} when there is no eval data."""
 
 
-_TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
-
-
-def resolve_precision(requested: str) -> tuple[str, str]:
-    """Map ``--precision`` to accelerate's mixed_precision value, with the reason for the log line."""
-    requested = requested.lower()
-    aliases = {"fp32": "no", "float32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
-    if requested == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bf16", "auto: GPU with bf16 support"
-        return "no", "auto: no GPU with bf16; bf16 on a CPU without bf16 units is many times slower"
-    if requested not in aliases:
-        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not '{requested}'")
-    if aliases[requested] == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16 on CPU")
-    return aliases[requested], "as requested"
-
-
-def distributed_on_cpu() -> bool:
-    """Launched with several processes (torchrun, accelerate launch) on a machine with no GPU: accelerate
-    only sets up the gloo process group when told ``cpu=True``; otherwise every process would train alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    xpu = getattr(torch, "xpu", None)
-    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
-
-
-def _cpu_process_group() -> None:
-    """Set up accelerate's process state for a multi-process run on CPU (gloo).
-
-    accelerate only builds the gloo group when told ``cpu=True``, and then files the run as MULTI_CPU,
-    which turns FSDP off. Under an FSDP launch the state is re-filed as a multi-device run, so that
-    accelerate's own FSDP2 path (``fully_shard`` on a CPU mesh) runs: the same code as on GPUs.
-    DeepSpeed (``DS_ACCELERATOR=cpu``) builds the group itself once it is told the backend (gloo).
-    """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        PartialState(backend="gloo")
-        return
-    state = PartialState(cpu=True)
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        state.distributed_type = DistributedType.MULTI_GPU
-
-
-def shutdown_distributed() -> None:
-    """End a multi-process run together: wait for every rank, then tear the process group down.
-
-    A rank that leaves while another is still writing the checkpoint, with the gloo group alive, can
-    abort at interpreter exit ("terminate called without an active exception"): the launcher then
-    reports the whole run as failed although its work was done.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _trackers(report_to: str) -> list[str]:
-    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
-    for name in names:
-        if name not in _TRACKER_MODULES:
-            raise ConfigError(f"--report-to: unknown tracker '{name}' (choose from tensorboard, wandb, mlflow)")
-        if not any(importlib.util.find_spec(m) for m in _TRACKER_MODULES[name]):
-            raise ConfigError(f"--report-to {name}: the '{name}' package is not installed (pip install {name})")
-    return names
-
-
-class Engine:
+class Engine(ParallelMixin, SavingMixin):
     """Runs a :class:`Task` under accelerate. Create one per training run."""
 
     def __init__(self, config: TrainConfig):
@@ -177,10 +68,10 @@ class Engine:
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         mixed_precision, why = resolve_precision(config.precision)
-        self.trackers = _trackers(config.report_to)
+        self.trackers = resolve_trackers(config.report_to)
         self._unwrapped: tuple[torch.nn.Module, torch.nn.Module] | None = None
         if distributed_on_cpu():
-            _cpu_process_group()
+            cpu_process_group()
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision,
             log_with=self.trackers or None,
@@ -220,7 +111,7 @@ class Engine:
         micro = self._micro_batches_per_epoch(n_records)
         return max(math.ceil(self.config.num_epochs * micro / self.config.gradient_accumulation_steps), 1)
 
-    def _records_for(self, records: Sequence[Any], micro_index: int, cache: dict[int, list[int]],
+    def records_for(self, records: Sequence[Any], micro_index: int, cache: dict[int, list[int]],
                      batch_size: int | None = None) -> list:
         """Records of one micro-batch for this rank; the order is a pure function of (seed, epoch)."""
         b, w = batch_size or self.config.per_device_batch_size, self.world_size
@@ -228,7 +119,7 @@ class Engine:
         epoch, pos = divmod(micro_index, per_epoch)
         if epoch not in cache:
             cache.clear()
-            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            gen = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch))
             cache[epoch] = torch.randperm(len(records), generator=gen).tolist()
         order = cache[epoch]
         chunk = order[pos * b * w:(pos + 1) * b * w]
@@ -272,89 +163,14 @@ class Engine:
         """Append one JSON object to metrics.jsonl (rank 0 only) and to any trackers."""
         if not self.is_main:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
+        append_row(self.metrics_path, row)
         if self.trackers:
             numeric = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
             self.accelerator.log(numeric, step=int(row["step"]))
 
-    def _truncate_log(self, path: Path, step: int) -> None:
-        if self.is_main:
-            truncate_jsonl(path, step)
-
-    # ------------------------------------------------------------------ checkpoints
-    @property
-    def sharded(self) -> bool:
-        """FSDP or DeepSpeed: parameters and optimizer state are split over ranks, so saving is collective."""
-        from accelerate.utils import DistributedType
-
-        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-    def save_checkpoint(self, step: int, total_steps: int) -> Path:
-        """Every rank writes its part (model/optimizer shards, its RNG state) into one staging folder; rank 0
-        adds the run state and renames the folder into place, so ``checkpoint-N`` is always complete."""
-        path = self.output_dir / f"checkpoint-{step}"
-        tmp = staging_dir(path)
-        if self.is_main:
-            fresh_staging_dir(path)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps,
-                                                      "world_size": self.world_size,
-                                                      "config": self.config.as_dict()}, default=str))
-            commit_dir(tmp, path)
-            prune_checkpoints(self.output_dir, self.config.save_total_limit)
-        self.accelerator.wait_for_everyone()
-        return path
-
-    def save_final(self, model: torch.nn.Module, tokenizer: Any, extra_files: dict[str, str] | None = None,
-                   submodule: str | None = None) -> None:
-        """Save a model ``from_pretrained`` loads with no rlhfkit import (LoRA merged) into output_dir.
-
-        ``model`` is the trained (possibly wrapped) model; ``submodule`` names the part to save (e.g. the
-        policy of an actor-critic). Under FSDP / DeepSpeed ZeRO-3 the full weights are gathered first: a
-        collective, so every rank calls this.
-        """
-        self.accelerator.wait_for_everyone()
-        state_dict = None
-        if self.sharded:
-            state_dict = self.accelerator.get_state_dict(model)  # (ZeRO-3: None on ranks other than 0)
-            if submodule and state_dict is not None:
-                state_dict = {k[len(submodule) + 1:]: v for k, v in state_dict.items()
-                              if k.startswith(submodule + ".")}
-        if not self.is_main:
-            return
-        unwrapped = self.accelerator.unwrap_model(model)
-        if submodule:
-            unwrapped = getattr(unwrapped, submodule)
-        if hasattr(unwrapped, "merge_and_unload"):  # peft: ship the merged weights, keep the adapter too
-            unwrapped.save_pretrained(self.output_dir / "adapter", state_dict=state_dict)
-            if state_dict is not None:  # the sharded model cannot merge in place: merge into a fresh base
-                from peft import PeftModel
-
-                from ..models.loading import load_causal_lm
-
-                base = load_causal_lm(unwrapped.peft_config["default"].base_model_name_or_path)
-                unwrapped, state_dict = PeftModel.from_pretrained(base, self.output_dir / "adapter"), None
-            unwrapped = unwrapped.merge_and_unload()
-
-        # Saved into a temporary folder, made durable, then each file renamed into output_dir: a crash
-        # never leaves a half-written weights file where from_pretrained would find it.
-        staging = self.output_dir / ".final.tmp"
-        if staging.exists():
-            shutil.rmtree(staging)
-        unwrapped.save_pretrained(staging, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
-        fsync_tree(staging)
-        for item in staging.iterdir():
-            os.replace(item, self.output_dir / item.name)
-        staging.rmdir()
+    def _logs(self, extra_logs: Sequence[str]) -> list[Path]:
+        """metrics.jsonl and the run's other per-step logs."""
+        return [self.metrics_path, *(self.output_dir / name for name in extra_logs)]
 
     # ------------------------------------------------------------------ the loop
     def _install_signal_handlers(self) -> dict:
@@ -383,7 +199,7 @@ class Engine:
         order_cache: dict[int, list[int]] = {}
 
         def step_fn(step: int) -> tuple[dict[str, Any], int]:
-            batches = [task.collate(self._records_for(records, step * accum + i, order_cache))
+            batches = [task.collate(self.records_for(records, step * accum + i, order_cache))
                        for i in range(accum)]
             result = self.optimizer_step(task, batches)
             row = {"epoch": round((step + 1) * accum / per_epoch, 4), **result.row()}
@@ -417,7 +233,7 @@ class Engine:
                 loss_value = float(loss_sum.detach())
                 if not math.isfinite(loss_value):
                     raise TrainingError(f"{task.name}: the loss became {loss_value} at step {self.step + 1}"
-                                        f"{self._checkpoint_hint()}")
+                                        f"{self.checkpoint_hint()}")
                 # DDP averages gradients over ranks, so scale by world size to get the global mean.
                 # (DeepSpeed would also divide by its accumulation count: the step weight already did that.)
                 self.accelerator.backward(loss_sum * (self.world_size / total_weight),
@@ -433,7 +249,7 @@ class Engine:
             if not math.isfinite(norm):
                 optimizer.zero_grad(set_to_none=True)
                 raise TrainingError(f"{task.name}: the gradient norm became {norm} at step {self.step + 1}"
-                                    f"{self._checkpoint_hint()}")
+                                    f"{self.checkpoint_hint()}")
             result.grad_norm = norm
         optimizer.step()  # (a no-op under DeepSpeed: the engine stepped in backward)
         optimizer.zero_grad(set_to_none=True)
@@ -467,90 +283,6 @@ class Engine:
             self.accelerator.register_for_checkpointing(obj)
         return model, optimizer, scheduler
 
-    def _configure_deepspeed(self) -> None:
-        """Fill the DeepSpeed config's batch fields from ours (accelerate needs them before ``prepare``).
-
-        Accumulation boundaries are marked per step by :meth:`optimizer_step`, so a step may hold any
-        number of micro-batches (RL minibatches do); clipping is DeepSpeed's, at ``--max-grad-norm``.
-        """
-        plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is None:
-            return
-        cfg, ds = self.config, plugin.deepspeed_config
-        accum = max(cfg.gradient_accumulation_steps, 1)
-        ds["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
-        ds["gradient_accumulation_steps"] = accum
-        ds["train_batch_size"] = cfg.per_device_batch_size * accum * self.world_size
-        ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0
-        ds.setdefault("steps_per_print", 10**9)  # our progress bar and metrics.jsonl do the reporting
-
-    def sum_across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Elementwise sum of ``tensor`` over the data-parallel ranks (itself with one process)."""
-        if self.world_size == 1:
-            return tensor
-        return self.accelerator.reduce(tensor.to(self.device), reduction="sum").to(tensor.device)
-
-    def gather_across_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``tensor`` (same shape on each) concatenated along dim 0, in rank order."""
-        if self.world_size == 1:
-            return tensor
-        return self.accelerator.gather(tensor.to(self.device)).to(tensor.device)
-
-    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Ready a frozen model (reference policy, reward model) for forward passes on every rank.
-
-        Under DeepSpeed ZeRO-3 transformers loads every model partitioned, so the frozen one runs in a
-        DeepSpeed inference engine that gathers each layer as it goes (no optimizer, no gradients), as the
-        trained model does; everywhere else it is a whole copy on this rank's device.
-        """
-        model.eval().requires_grad_(False)
-        plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is None or plugin.zero_stage != 3:
-            return model.to(self.device)
-        import deepspeed
-
-        self._configure_deepspeed()
-        config = {k: v for k, v in plugin.deepspeed_config.items() if k not in ("optimizer", "scheduler")}
-        frozen, *_ = deepspeed.initialize(model=model, config=config)
-        frozen.eval()
-        return frozen
-
-    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``accelerator.unwrap_model``, remembered for the last model asked about: accelerate walks the
-        wrappers on every call (~1 ms here), and an RL step asks twice."""
-        if self._unwrapped is None or self._unwrapped[0] is not model:
-            self._unwrapped = (model, self.accelerator.unwrap_model(model))
-        return self._unwrapped[1]
-
-    @contextlib.contextmanager
-    def full_parameters(self, model: torch.nn.Module):
-        """Whole (unsharded) parameters inside the block, for code that calls the model's layers directly
-        outside its forward (sampling, the lean decode step): gathered under ZeRO-3, unsharded under FSDP2,
-        as they are everywhere else. A collective: every rank enters it."""
-        plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is not None and plugin.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                yield
-            return
-        from torch.distributed.fsdp import FSDPModule
-
-        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        for unit in units:
-            unit.unshard()
-        try:
-            yield
-        finally:
-            for unit in units:
-                unit.reshard()
-
-    def _checkpoint_hint(self) -> str:
-        last = latest_checkpoint(self.output_dir)
-        if last is None:
-            return "; no checkpoint was saved yet (use --save-steps)"
-        return f"; the last good checkpoint is {last} (fix the cause, then rerun with --resume)"
-
     def run(self, task: Task, model: torch.nn.Module, total_steps: int,
             step_fn: Callable[[int], tuple[dict[str, Any], int]],
             checkpoint_objects: Sequence[Any] = (), extra_logs: Sequence[str] = ()) -> dict[str, Any]:
@@ -570,19 +302,15 @@ class Engine:
 
         start_step = 0
         if cfg.resume:
-            ckpt = latest_checkpoint(self.output_dir)
-            if ckpt is None:
-                logger.warning("--resume: no complete checkpoint in %s, starting from scratch", self.output_dir)
-            else:
+            ckpt = resume_checkpoint(self.output_dir)
+            if ckpt is not None:
                 self.accelerator.load_state(str(ckpt))
                 start_step = int(read_state(ckpt)["step"])
-                for log in (self.metrics_path, *(self.output_dir / name for name in extra_logs)):
-                    self._truncate_log(log, start_step)
                 if self.is_main:
+                    restart_logs(self._logs(extra_logs), start_step)
                     logger.info("resumed from %s (step %d of %d)", ckpt, start_step, total_steps)
         elif self.is_main:  # a fresh run starts fresh logs
-            for log in (self.metrics_path, *(self.output_dir / name for name in extra_logs)):
-                log.unlink(missing_ok=True)
+            restart_logs(self._logs(extra_logs), None)
         self.step = start_step
 
         initial_eval: dict[str, float] = {}
@@ -647,7 +375,3 @@ class Engine:
         self.unwrapped_model = self.accelerator.unwrap_model(model)
         self.trained_model = model
         return summary
-
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        if self.is_main:
-            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))

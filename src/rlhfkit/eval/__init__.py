@@ -1,10 +1,9 @@
-"""Evaluation: judge win rates with bootstrap intervals, length control, KL, RM accuracy, reward hacking.
+"""Evaluation: judge win rates with bootstrap intervals, length control, KL, RM accuracy.
 
-``stats`` and ``hacking`` are pure (numpy / statsmodels / python); ``runner`` samples from models and
-backs ``rlhfkit eval``.
+``stats`` is pure (numpy / statsmodels); ``runner`` samples from models and backs ``rlhfkit eval``. The
+reward-hacking detector watches training runs, so it lives with them (``rlhfkit.trainers.rl.hacking``).
 """
 
-from .hacking import RewardHackingDetector
 from .stats import (
     WinRate,
     bootstrap_mean_ci,
@@ -14,7 +13,6 @@ from .stats import (
 )
 
 __all__ = [
-    "RewardHackingDetector",
     "WinRate",
     "bootstrap_mean_ci",
     "evaluate_policies",

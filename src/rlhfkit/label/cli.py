@@ -71,7 +71,7 @@ def generate_items(model: str, prompts: list[str], num_samples: int, temperature
                    seed: int) -> tuple[list[dict], dict[str, int]]:
     """Candidates from a policy (rlhfkit's own HF generation); duplicates and empty responses dropped and
     counted, prompts left with fewer than two distinct responses skipped and counted."""
-    from ..demo_stages import sample_responses
+    from ..rollout.texts import sample_responses
 
     samples = sample_responses(model, prompts, num_samples, temperature, max_new_tokens, seed)
     items, counts = [], {"dropped_empty_or_duplicate": 0, "skipped_prompts": 0}
@@ -175,9 +175,9 @@ def _run(command: str, a) -> int:
         if not items:
             raise DataError("no prompt got two distinct non-empty responses", source=a.prompts)
         if a.out:
-            from .export import write_jsonl
+            from ..data.jsonl import write_jsonl
 
-            write_jsonl(({"prompt": it["prompt"], "responses": it["responses"]} for it in items), a.out)
+            write_jsonl(a.out, ({"prompt": it["prompt"], "responses": it["responses"]} for it in items))
         project, added = service.upsert_project(db, a.project, items, **_project_args(a))
         print(f"project '{project.name}' (id {project.id}): {added} items added from {len(prompts)} prompts; "
               f"{counts['dropped_empty_or_duplicate']} empty/duplicate responses dropped, "
@@ -200,6 +200,7 @@ def _run(command: str, a) -> int:
         result["labellers"] = {str(k): v for k, v in result["labellers"].items()}
         print(json.dumps(result, indent=2, default=str))
     elif command == "export":
+        from ..data.jsonl import write_jsonl
         from . import export
 
         with db.session() as s:
@@ -211,6 +212,6 @@ def _run(command: str, a) -> int:
             rows = export.sft_rows(db, project.id)
         else:
             rows = export.stored_labels(db, project.id)
-        n = export.write_jsonl(rows, a.out)
+        n = write_jsonl(a.out, rows)
         print(f"{n} {a.kind} rows written to {a.out}")
     return 0

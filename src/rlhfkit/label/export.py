@@ -17,10 +17,8 @@ teaching a preference. Extra columns: ``item_id``, ``votes`` {chosen, rejected, 
 from __future__ import annotations
 
 import itertools
-import json
 from collections import defaultdict
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -125,16 +123,3 @@ def sft_rows(db: Database, project_id: int) -> list[dict]:
                          "original": item.responses[c["response"]], "item_id": item.id,
                          "labeller": lab["coder"], "timestamp": lab["created_at"]})
     return rows
-
-
-def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n

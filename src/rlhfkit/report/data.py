@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.jsonl import numbered_rows
 from ..errors import RlhfkitError
+from ..registry import TRAINERS, online_trainers
 
 logger = logging.getLogger("rlhfkit")
 
-# stages in the order a pipeline runs them; other names follow alphabetically
-STAGE_ORDER = ("pretrain", "sft", "rm", "reward", "ppo", "grpo", "rloo", "dpo", "hacking")
-RL_TASKS = {"ppo", "grpo", "rloo"}
 MAX_DEPTH = 3  # how many folder levels below RUN_DIR are searched for runs and evaluations
 
 
@@ -44,22 +43,9 @@ class Notes:
 
 def read_jsonl(path: Path, notes: Notes) -> list[dict[str, Any]]:
     """Rows of a JSONL file; malformed lines and non-object rows are skipped with one counted warning."""
-    rows: list[dict[str, Any]] = []
     bad: list[int] = []
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    bad.append(number)
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-                else:
-                    bad.append(number)
+        rows = [row for _, row in numbered_rows(path, errors="replace", on_bad=bad.append)]
     except OSError as exc:
         notes.warn(f"{path}: cannot read ({exc.strerror or exc}), skipped")
         return []
@@ -140,7 +126,7 @@ class Run:
 
     @property
     def is_rl(self) -> bool:
-        return self.task in RL_TASKS or self.task == "rl" or ("kl" in self.series and "beta" in self.series)
+        return self.task in online_trainers() or self.task == "rl" or ("kl" in self.series and "beta" in self.series)
 
     @property
     def train_rows(self) -> int:
@@ -197,8 +183,10 @@ class ReportData:
 
 
 def _order(name: str) -> tuple[int, str]:
+    """Runs in the order a pipeline makes them (the registry lists the trainers so); others alphabetically."""
+    order = ("pretrain", *TRAINERS, "hacking")
     head = name.split("/")[0]
-    return (STAGE_ORDER.index(head) if head in STAGE_ORDER else len(STAGE_ORDER), name)
+    return (order.index(head) if head in order else len(order), name)
 
 
 def _walk(root: Path) -> tuple[list[Path], list[Path]]:

@@ -3,12 +3,11 @@ and preference labels from simulated annotators on a policy's samples."""
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..data.jsonl import write_jsonl as write_jsonl  # re-exported: the world's stages write with it
 from .annotators import Annotator, annotator_panel, describe_panel, pairwise_agreement
 from .generator import PADDING, Request, World, _stable_fraction
 from .judge import GoldJudge
@@ -17,15 +16,6 @@ if TYPE_CHECKING:
     from ..cai import Constitution
 
 CATEGORY_WEIGHTS = {"benign": 0.5, "harmful": 0.25, "unanswerable": 0.25}
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return out
 
 
 def chat_text(prompt: str, response: str) -> str:

@@ -1,9 +1,6 @@
-"""Pipeline stage types beyond the trainers: world, tiny_model, collect, eval, summary, report, and for AI
-feedback judge (an AI judge's agreement with known labels), cai_world (the world's Constitutional AI data),
-cai (critique -> revision) and revision_preference (does a judge prefer the revisions?).
-
-Each is registered with :func:`rlhfkit.pipeline.stage` and takes the options documented on it.
-"""
+"""The demo world's pipeline stage types: world (the world and its datasets), collect (preferences from
+simulated annotators), cai_world (Constitutional AI data) and summary (the run's summary.json), plus the
+demo's closing table. Registered through the ``rlhfkit.stages`` entry point (pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -13,8 +10,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .pipeline import StageContext, stage
+from ..errors import ConfigError
+from ..rollout.texts import sample_responses
+from ..stage import StageContext, stage
 
 logger = logging.getLogger("rlhfkit")
 
@@ -24,7 +22,7 @@ def _messages(prompt: str) -> list[dict[str, str]]:
 
 
 def _world_of(path: str | Path):
-    from .world import World
+    from . import World
 
     file = Path(path)
     file = file / "world.json" if file.is_dir() else file
@@ -42,8 +40,8 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
     mix), pretrain_copies (2). Writes world.json, pretrain.jsonl (text), sft.jsonl (chat), prompts_train.jsonl
     and prompts_eval.jsonl (chat prompts with a category column).
     """
-    from .world import build_world
-    from .world.data import chat_text, pretraining_corpus, prompt_rows, sft_demonstrations, write_jsonl
+    from . import build_world
+    from .data import chat_text, pretraining_corpus, prompt_rows, sft_demonstrations, write_jsonl
 
     out = ctx.output_dir
     world = build_world(ctx.seed, num_countries=int(ctx.option("num_countries", 12)),
@@ -68,55 +66,6 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
         counts[f"{r.split}_{r.category}"] = counts.get(f"{r.split}_{r.category}", 0) + 1
     return {"requests": len(world.requests), "pretrain_documents": len(corpus), "sft_demonstrations": len(demos),
             "held_out_prompts": len(held_out), **counts}
-
-
-@stage("tiny_model")
-def tiny_model_stage(ctx: StageContext) -> dict[str, Any]:
-    """A random-init Llama with a BPE tokenizer trained on ``corpus`` (a text file, one document per line).
-
-    Options: corpus, vocab (1024), layers (2), hidden (128), heads (4), max_positions (256).
-    """
-    from .models.tiny import build_tiny_model
-
-    ctx.require("corpus")
-    corpus_file = Path(ctx.option("corpus"))
-    if not corpus_file.exists():
-        raise ConfigError(f"stage '{ctx.name}': corpus {corpus_file} not found")
-    lines = corpus_file.read_text(encoding="utf-8").split("\n")
-    build_tiny_model(ctx.output_dir, layers=int(ctx.option("layers", 2)), hidden=int(ctx.option("hidden", 128)),
-                     heads=int(ctx.option("heads", 4)), vocab=int(ctx.option("vocab", 1024)),
-                     max_positions=int(ctx.option("max_positions", 256)), seed=ctx.seed, corpus=lines)
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(ctx.output_dir)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab": config.vocab_size}
-
-
-def sample_responses(model_path: str, prompts: list[str], num_samples: int, temperature: float,
-                     max_new_tokens: int, seed: int, batch_size: int = 32) -> list[list[str]]:
-    """``num_samples`` decoded responses per (user-turn) prompt from a causal LM, seeded."""
-    import datasets
-    import torch
-
-    from .data import prepare_prompts
-    from .models import load_causal_lm, load_tokenizer
-    from .rollout.generate import HFGenerationBackend, SamplingConfig
-
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path).eval().requires_grad_(False)
-    ds = datasets.Dataset.from_list([{"prompt": _messages(p)} for p in prompts])
-    records, _ = prepare_prompts(ds, tokenizer, max_prompt_length=256, source=model_path)
-    backend = HFGenerationBackend(tokenizer)
-    sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
-    generator = torch.Generator().manual_seed(seed)
-    out: list[list[str]] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        rollout = backend.generate(model, [r["prompt_ids"] for r in chunk], num_samples, sampling, generator)
-        texts = [t.strip() for t in backend.decode(rollout)]
-        out += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
-    return out
 
 
 def _samples_of_all(ctx: StageContext, prompts: list[str], k: int, temperature: float, max_new: int,
@@ -147,7 +96,7 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
     policy's responses, in the same order: on-policy data for DPO), pairs.jsonl (best vs worst),
     gold_pairs.jsonl (held-out prompts, labelled by the gold judge: the RM's honest test) and labels.json.
     """
-    from .world.data import default_panel, gold_pairs_from_samples, label_samples, write_jsonl
+    from .data import default_panel, gold_pairs_from_samples, label_samples, write_jsonl
 
     ctx.require("policy", "world")
     world = _world_of(ctx.option("world"))
@@ -184,75 +133,6 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
             "percent_agreement": agreement.get("percent_agreement")}
 
 
-@stage("eval")
-def eval_stage(ctx: StageContext) -> dict[str, Any]:
-    """``rlhfkit eval`` as a stage. Options: policies ({name: path}), baseline, prompts, judge, reference,
-    reward_model, pairs, num_samples (4), temperature (1.0), max_new_tokens (48), batch_size (32),
-    n_boot (1000 bootstrap rounds for the confidence intervals)."""
-    from .eval.runner import evaluate_policies
-    from .rollout.generate import SamplingConfig
-
-    ctx.require("policies", "baseline", "prompts", "judge")
-    from .data import load_rows
-
-    prompts = list(load_rows(str(ctx.option("prompts"))))
-    report = evaluate_policies(
-        {k: str(v) for k, v in dict(ctx.option("policies")).items()}, str(ctx.option("baseline")), prompts,
-        str(ctx.option("judge")), reference=ctx.option("reference"), reward_model=ctx.option("reward_model"),
-        num_samples=int(ctx.option("num_samples", 4)),
-        sampling=SamplingConfig(temperature=float(ctx.option("temperature", 1.0)),
-                                max_new_tokens=int(ctx.option("max_new_tokens", 48))),
-        seed=ctx.seed + 100, batch_size=int(ctx.option("batch_size", 32)), pairs=ctx.option("pairs"),
-        output_dir=ctx.output_dir, prompts_source=str(ctx.option("prompts")),
-        n_boot=int(ctx.option("n_boot", 1000)))
-    from .eval.runner import format_table
-
-    print(format_table(report))
-    return {"policies": report.get("policies", {}), "rm": report.get("rm", {})}
-
-
-@stage("report")
-def report_stage(ctx: StageContext) -> dict[str, Any]:
-    """The HTML report of the run folder (or of ``run_dir``): report.html at the run's root (or ``output``);
-    ``summary``: the pipeline summary file it shows (summary.json)."""
-    from .report import build_report
-
-    run_dir = Path(ctx.option("run_dir", ctx.run_dir))
-    path = build_report(run_dir, output=ctx.option("output"), summary_file=str(ctx.option("summary", "summary.json")))
-    return {"report": str(path)}
-
-
-@stage("judge")
-def judge_stage(ctx: StageContext) -> dict[str, Any]:
-    """An AI judge labels preference pairs whose preference is known (``rlhfkit judge`` as a stage): how
-    often it agrees with the reference. Options: judge (a spec: model:PATH, lm:PATH, openai:..., see
-    rlhfkit judge --help), pairs (prompt/chosen/rejected rows; each is shown in alternating order and its
-    chosen side is the reference), max_pairs (only the first N rows; 0 = all), template, principles (a
-    constitution or text file). Writes pairs.jsonl (the judge's labels) and its sidecars. Summary: accuracy
-    and Cohen's kappa against the reference, with the judge's ties, inconsistent verdicts (the two
-    presentation orders disagree) and position bias."""
-    from .judges import build_judge, label_file
-
-    ctx.require("judge", "pairs")
-    pairs = str(ctx.option("pairs"))
-    if not Path(pairs).exists():
-        raise ConfigError(f"stage '{ctx.name}': pairs file {pairs} not found")
-    principles = ""
-    if ctx.option("principles"):
-        from .cai import principles_text
-
-        principles = principles_text(str(ctx.option("principles")))
-    judge = build_judge(str(ctx.option("judge")), template=ctx.option("template"), principles=principles)
-    # a stage reruns from scratch (a done stage is skipped), so a changed input never meets old progress
-    result = label_file(pairs, judge, ctx.output_dir / "pairs.jsonl", restart=True,
-                        limit=int(ctx.option("max_pairs", 0)))
-    agreement = result.get("agreement") or {}
-    return {"judge": str(ctx.option("judge")), "pairs": result["pairs"], "compared": agreement.get("compared"),
-            "accuracy": agreement.get("accuracy"), "cohen_kappa": agreement.get("cohen_kappa"),
-            **{k: result.get(k) for k in ("ties", "unlabelled", "inconsistent", "inconsistent_rate",
-                                          "first_slot_win_rate", "position_biased")}}
-
-
 @stage("cai_world")
 def cai_world_stage(ctx: StageContext) -> dict[str, Any]:
     """The demo world's Constitutional AI data. Options: world (world stage folder), constitution (default:
@@ -265,8 +145,8 @@ def cai_world_stage(ctx: StageContext) -> dict[str, Any]:
     teaching conversations, on the other harmful training prompts), red_team.jsonl (prompt + category)."""
     from importlib import resources
 
-    from .cai import load_constitution
-    from .world.data import cai_prompt_split, cai_teaching, sft_demonstrations, write_jsonl
+    from ..judges.constitution import load_constitution
+    from .data import cai_prompt_split, cai_teaching, sft_demonstrations, write_jsonl
 
     ctx.require("world")
     world = _world_of(ctx.option("world"))
@@ -293,77 +173,6 @@ def cai_world_stage(ctx: StageContext) -> dict[str, Any]:
     return {"constitution": constitution.name, "principles": len(constitution.principles),
             "demonstrations": len(demos), "teaching": len(teaching), "teach_prompts": len(teach),
             "red_team_prompts": len(red_team)}
-
-
-@stage("cai")
-def cai_stage(ctx: StageContext) -> dict[str, Any]:
-    """``rlhfkit cai`` as a stage: critique -> revision against a constitution by one policy.
-
-    Options: policy, prompts (a file with a prompt column), constitution (default: rlhfkit's), category
-    (only rows of it), samples_per_prompt (1: each prompt is revised this many times, with its own sampled
-    principle and responses), rounds (1), temperature (0.7), top_p (1.0), max_new_tokens (48),
-    max_prompt_length (200), batch_size (32), judge (RL-CAI: a judge spec labelling initial vs final into
-    pairs_ai.jsonl). Writes sft.jsonl, pairs.jsonl (final revision > initial), trace.jsonl, summary.json."""
-    from .cai import HFChatPolicy, load_constitution, load_prompts, run_cai
-
-    ctx.require("policy", "prompts")
-    constitution = load_constitution(ctx.option("constitution"))
-    prompts = load_prompts(str(ctx.option("prompts")), ctx.option("category"))
-    repeats = int(ctx.option("samples_per_prompt", 1))
-    if repeats < 1:
-        raise ConfigError(f"stage '{ctx.name}': samples_per_prompt must be >= 1, not {repeats}")
-    judge = None
-    if ctx.option("judge"):
-        from .judges import build_judge
-
-        judge = build_judge(str(ctx.option("judge")), principles=constitution.as_text())
-    policy = HFChatPolicy(str(ctx.option("policy")), temperature=float(ctx.option("temperature", 0.7)),
-                          top_p=float(ctx.option("top_p", 1.0)),
-                          max_new_tokens=int(ctx.option("max_new_tokens", 48)),
-                          max_prompt_length=int(ctx.option("max_prompt_length", 200)),
-                          batch_size=int(ctx.option("batch_size", 32)), seed=ctx.seed)
-    summary = run_cai([p for p in prompts for _ in range(repeats)], policy, constitution, ctx.output_dir,
-                      rounds=int(ctx.option("rounds", 1)), seed=ctx.seed, judge=judge, restart=True)
-    return {k: v for k, v in summary.items() if not k.endswith("_file")}
-
-
-@stage("revision_preference")
-def revision_preference_stage(ctx: StageContext) -> dict[str, Any]:
-    """How often a judge prefers a CAI run's final revision to the initial response (ties count ½).
-
-    Options: cai (the cai stage folder), judge (a spec; gold:WORLD in the demo, so it measures, never
-    trains), n_boot (2000). The rate is the mean over prompts of each prompt's mean outcome (a prompt revised
-    several times counts once), with a percentile bootstrap interval over prompts (rlhfkit.eval.stats)."""
-    import numpy as np
-
-    from .eval.stats import win_rate
-    from .judges import build_judge
-
-    ctx.require("cai", "judge")
-    trace_file = Path(ctx.option("cai")) / "trace.jsonl"
-    if not trace_file.exists():
-        raise ConfigError(f"stage '{ctx.name}': {trace_file} not found (run the cai stage first)")
-    judge = build_judge(str(ctx.option("judge")))
-    by_prompt: dict[str, list[float]] = {}
-    rows = []
-    for line in trace_file.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        winner = judge.compare(row["prompt"], row["final"], row["initial"]).winner
-        outcome = {"a": 1.0, None: 0.5, "b": 0.0}[winner]
-        by_prompt.setdefault(json.dumps(row["prompt"]), []).append(outcome)
-        rows.append({"prompt": row["prompt"], "initial": row["initial"], "final": row["final"],
-                     "outcome": outcome})
-    if not rows:
-        raise ConfigError(f"stage '{ctx.name}': {trace_file} is empty")
-    from .world.data import write_jsonl
-
-    write_jsonl(ctx.output_dir / "outcomes.jsonl", rows)
-    per_prompt = np.asarray([np.mean(v) for v in by_prompt.values()])
-    rate = win_rate(per_prompt, int(ctx.option("n_boot", 2000)), seed=ctx.seed)
-    outcomes = [r["outcome"] for r in rows]
-    return {"judge": str(ctx.option("judge")), "revision_preferred": rate.rate, "ci_low": rate.ci_low,
-            "ci_high": rate.ci_high, "n_prompts": rate.n, "n_revisions": len(rows),
-            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
 
 
 SUMMARY_POLICY_KEYS = ("judge_score", "win_rate_vs_sft", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate",

@@ -1,0 +1,54 @@
+"""``prepare_prompts``: prompt rows -> token ids for generation (RL rollouts, evaluation, sampling).
+
+String prompts keep the tokenizer's special tokens; chat prompts are rendered with the generation prompt,
+as in :mod:`rlhfkit.data.tokenize`. Long prompts keep their end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+
+from .formats import PROMPT_FORMATS, detect_format
+from .loading import dataset_source, row_number
+from .tokenize import EMPTY_PROMPT, PrepareReport, _encode_prompt, _Encoder, _finish, _text_or_messages
+
+__all__ = ["prepare_prompts"]
+
+
+def prepare_prompts(
+    ds: datasets.Dataset,
+    tokenizer: Any,
+    max_prompt_length: int,
+    source: str = "",
+) -> tuple[list[dict[str, Any]], PrepareReport]:
+    """Tokenise prompts for generation: records ``{"prompt": str, "prompt_ids": list[int]}``.
+
+    String prompts are tokenised as is (with BOS); chat-message prompts are rendered with
+    ``add_generation_prompt=True``. Any dataset with a ``prompt`` column works (extra columns, e.g.
+    chosen/rejected, are ignored). Long prompts keep their end; ``prompt`` is then the decoded kept part.
+    """
+    if int(max_prompt_length) < 1:
+        raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+    source = source or dataset_source(ds)
+    detect_format(ds.column_names, allowed=PROMPT_FORMATS, source=source)
+    enc = _Encoder(tokenizer, source)
+    report = PrepareReport(max_length=max_prompt_length, source=source)
+    records: list[dict[str, Any]] = []
+    for index, row in enumerate(ds):
+        rownum = row_number(row, index)
+        report.total_rows += 1
+        prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt")
+        if (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
+            report.skip(EMPTY_PROMPT, rownum)
+            continue
+        p = _encode_prompt(enc, prompt, isinstance(prompt, list), rownum)
+        text, ids = p.text, p.ids
+        if len(ids) > max_prompt_length:
+            ids = ids[len(ids) - max_prompt_length:]
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            report.truncated += 1
+        records.append({"prompt": text, "prompt_ids": ids})
+    _finish(report, records, source)
+    return records, report

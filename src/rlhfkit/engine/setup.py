@@ -1,0 +1,83 @@
+"""Process-level set-up of a training run, before and after the loop: the precision picked from the
+device, the gloo process group of a multi-process run on CPU, the metrics trackers, and the shutdown of a
+multi-process run."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..errors import ConfigError
+
+_TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def resolve_precision(requested: str) -> tuple[str, str]:
+    """Map ``--precision`` to accelerate's mixed_precision value, with the reason for the log line."""
+    requested = requested.lower()
+    aliases = {"fp32": "no", "float32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
+    if requested == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16", "auto: GPU with bf16 support"
+        return "no", "auto: no GPU with bf16; bf16 on a CPU without bf16 units is many times slower"
+    if requested not in aliases:
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not '{requested}'")
+    if aliases[requested] == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return aliases[requested], "as requested"
+
+
+def distributed_on_cpu() -> bool:
+    """Launched with several processes (torchrun, accelerate launch) on a machine with no GPU: accelerate
+    only sets up the gloo process group when told ``cpu=True``; otherwise every process would train alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
+
+
+def cpu_process_group() -> None:
+    """Set up accelerate's process state for a multi-process run on CPU (gloo).
+
+    accelerate only builds the gloo group when told ``cpu=True``, and then files the run as MULTI_CPU,
+    which turns FSDP off. Under an FSDP launch the state is re-filed as a multi-device run, so that
+    accelerate's own FSDP2 path (``fully_shard`` on a CPU mesh) runs: the same code as on GPUs.
+    DeepSpeed (``DS_ACCELERATOR=cpu``) builds the group itself once it is told the backend (gloo).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        PartialState(backend="gloo")
+        return
+    state = PartialState(cpu=True)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        state.distributed_type = DistributedType.MULTI_GPU
+
+
+def shutdown_distributed() -> None:
+    """End a multi-process run together: wait for every rank, then tear the process group down.
+
+    A rank that leaves while another is still writing the checkpoint, with the gloo group alive, can
+    abort at interpreter exit ("terminate called without an active exception"): the launcher then
+    reports the whole run as failed although its work was done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def resolve_trackers(report_to: str) -> list[str]:
+    """The tracker names of ``--report-to`` (none: []), each checked to be known and installed."""
+    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+    for name in names:
+        if name not in _TRACKER_MODULES:
+            raise ConfigError(f"--report-to: unknown tracker '{name}' (choose from tensorboard, wandb, mlflow)")
+        if not any(importlib.util.find_spec(m) for m in _TRACKER_MODULES[name]):
+            raise ConfigError(f"--report-to {name}: the '{name}' package is not installed (pip install {name})")
+    return names

@@ -1,0 +1,56 @@
+"""The one list of trainers. The CLI's commands and usage text, the pipeline's trainer stage types, the
+report's stage order and its notion of an RL run, and the Ray launch all derive from it.
+
+Adding an algorithm = a pure loss (``rlhfkit.losses``) + a trainer file + one line in ``TRAINERS``.
+Entries name their module instead of importing it, so that ``rlhfkit sft`` loads only the SFT trainer and
+the report reads this list without loading any.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TRAINERS", "Trainer", "online_trainers"]
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """One trainer: its command / stage type name and where its config class and run function live."""
+
+    name: str          # the command (`rlhfkit NAME`), pipeline stage type and run folder name
+    module: str        # the module holding the config class and the run function
+    config_name: str   # the config dataclass (every field is a flag)
+    run_name: str      # run(config) -> summary dict
+    help: str          # one line for the usage text and --help
+    online: bool = False  # samples from the policy while training (RL): reward/KL curves; --ray applies
+
+    @property
+    def config(self) -> type:
+        return getattr(importlib.import_module(self.module), self.config_name)
+
+    @property
+    def run(self) -> Callable[[Any], dict[str, Any]]:
+        return getattr(importlib.import_module(self.module), self.run_name)
+
+
+TRAINERS: dict[str, Trainer] = {t.name: t for t in (
+    Trainer("sft", "rlhfkit.trainers.sft", "SFTConfig", "run_sft", "supervised fine-tuning of a causal LM"),
+    Trainer("rm", "rlhfkit.trainers.reward", "RewardConfig", "run_reward",
+            "reward model (Bradley–Terry) on preference or ranked data"),
+    Trainer("ppo", "rlhfkit.trainers.rl", "PPOConfig", "run_rl",
+            "PPO (policy + critic) against a reward model, function or endpoint, on a KL leash", online=True),
+    Trainer("grpo", "rlhfkit.trainers.rl", "GRPOConfig", "run_rl",
+            "GRPO: group-relative advantages over several samples per prompt (no critic)", online=True),
+    Trainer("rloo", "rlhfkit.trainers.rl", "RLOOConfig", "run_rl",
+            "RLOO: REINFORCE with a leave-one-out baseline over the group (no critic)", online=True),
+    Trainer("dpo", "rlhfkit.trainers.dpo", "DPOConfig", "run_dpo",
+            "direct preference optimisation (sigmoid, ipo, hinge, robust)"),
+)}
+
+
+def online_trainers() -> set[str]:
+    """Names of the trainers that sample while they learn (their runs log reward and KL)."""
+    return {name for name, t in TRAINERS.items() if t.online}

@@ -1,0 +1,176 @@
+"""The library's pipeline stage types (the trainers are stage types too, from :mod:`rlhfkit.registry`):
+tiny_model, eval, report, judge (an AI judge's agreement with known labels), cai (critique -> revision) and
+revision_preference (does a judge prefer the revisions?). Each takes the options documented on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .stage import StageContext, stage
+
+
+@stage("tiny_model")
+def tiny_model_stage(ctx: StageContext) -> dict[str, Any]:
+    """A random-init Llama with a BPE tokenizer trained on ``corpus`` (a text file, one document per line).
+
+    Options: corpus, vocab (1024), layers (2), hidden (128), heads (4), max_positions (256).
+    """
+    from .models.tiny import build_tiny_model
+
+    ctx.require("corpus")
+    corpus_file = Path(ctx.option("corpus"))
+    if not corpus_file.exists():
+        raise ConfigError(f"stage '{ctx.name}': corpus {corpus_file} not found")
+    lines = corpus_file.read_text(encoding="utf-8").split("\n")
+    build_tiny_model(ctx.output_dir, layers=int(ctx.option("layers", 2)), hidden=int(ctx.option("hidden", 128)),
+                     heads=int(ctx.option("heads", 4)), vocab=int(ctx.option("vocab", 1024)),
+                     max_positions=int(ctx.option("max_positions", 256)), seed=ctx.seed, corpus=lines)
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(ctx.output_dir)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab": config.vocab_size}
+
+
+@stage("eval")
+def eval_stage(ctx: StageContext) -> dict[str, Any]:
+    """``rlhfkit eval`` as a stage. Options: policies ({name: path}), baseline, prompts, judge, reference,
+    reward_model, pairs, num_samples (4), temperature (1.0), max_new_tokens (48), batch_size (32),
+    n_boot (1000 bootstrap rounds for the confidence intervals)."""
+    from .eval.runner import evaluate_policies
+    from .rollout.generate import SamplingConfig
+
+    ctx.require("policies", "baseline", "prompts", "judge")
+    from .data import load_rows
+
+    prompts = list(load_rows(str(ctx.option("prompts"))))
+    report = evaluate_policies(
+        {k: str(v) for k, v in dict(ctx.option("policies")).items()}, str(ctx.option("baseline")), prompts,
+        str(ctx.option("judge")), reference=ctx.option("reference"), reward_model=ctx.option("reward_model"),
+        num_samples=int(ctx.option("num_samples", 4)),
+        sampling=SamplingConfig(temperature=float(ctx.option("temperature", 1.0)),
+                                max_new_tokens=int(ctx.option("max_new_tokens", 48))),
+        seed=ctx.seed + 100, batch_size=int(ctx.option("batch_size", 32)), pairs=ctx.option("pairs"),
+        output_dir=ctx.output_dir, prompts_source=str(ctx.option("prompts")),
+        n_boot=int(ctx.option("n_boot", 1000)))
+    from .eval.runner import format_table
+
+    print(format_table(report))
+    return {"policies": report.get("policies", {}), "rm": report.get("rm", {})}
+
+
+@stage("report")
+def report_stage(ctx: StageContext) -> dict[str, Any]:
+    """The HTML report of the run folder (or of ``run_dir``): report.html at the run's root (or ``output``);
+    ``summary``: the pipeline summary file it shows (summary.json)."""
+    from .report import build_report
+
+    run_dir = Path(ctx.option("run_dir", ctx.run_dir))
+    path = build_report(run_dir, output=ctx.option("output"), summary_file=str(ctx.option("summary", "summary.json")))
+    return {"report": str(path)}
+
+
+@stage("judge")
+def judge_stage(ctx: StageContext) -> dict[str, Any]:
+    """An AI judge labels preference pairs whose preference is known (``rlhfkit judge`` as a stage): how
+    often it agrees with the reference. Options: judge (a spec: model:PATH, lm:PATH, openai:..., see
+    rlhfkit judge --help), pairs (prompt/chosen/rejected rows; each is shown in alternating order and its
+    chosen side is the reference), max_pairs (only the first N rows; 0 = all), template, principles (a
+    constitution or text file). Writes pairs.jsonl (the judge's labels) and its sidecars. Summary: accuracy
+    and Cohen's kappa against the reference, with the judge's ties, inconsistent verdicts (the two
+    presentation orders disagree) and position bias."""
+    from .judges import build_judge, label_file
+
+    ctx.require("judge", "pairs")
+    pairs = str(ctx.option("pairs"))
+    if not Path(pairs).exists():
+        raise ConfigError(f"stage '{ctx.name}': pairs file {pairs} not found")
+    principles = ""
+    if ctx.option("principles"):
+        from .judges.constitution import principles_text
+
+        principles = principles_text(str(ctx.option("principles")))
+    judge = build_judge(str(ctx.option("judge")), template=ctx.option("template"), principles=principles)
+    # a stage reruns from scratch (a done stage is skipped), so a changed input never meets old progress
+    result = label_file(pairs, judge, ctx.output_dir / "pairs.jsonl", restart=True,
+                        limit=int(ctx.option("max_pairs", 0)))
+    agreement = result.get("agreement") or {}
+    return {"judge": str(ctx.option("judge")), "pairs": result["pairs"], "compared": agreement.get("compared"),
+            "accuracy": agreement.get("accuracy"), "cohen_kappa": agreement.get("cohen_kappa"),
+            **{k: result.get(k) for k in ("ties", "unlabelled", "inconsistent", "inconsistent_rate",
+                                          "first_slot_win_rate", "position_biased")}}
+
+
+@stage("cai")
+def cai_stage(ctx: StageContext) -> dict[str, Any]:
+    """``rlhfkit cai`` as a stage: critique -> revision against a constitution by one policy.
+
+    Options: policy, prompts (a file with a prompt column), constitution (default: rlhfkit's), category
+    (only rows of it), samples_per_prompt (1: each prompt is revised this many times, with its own sampled
+    principle and responses), rounds (1), temperature (0.7), top_p (1.0), max_new_tokens (48),
+    max_prompt_length (200), batch_size (32), judge (RL-CAI: a judge spec labelling initial vs final into
+    pairs_ai.jsonl). Writes sft.jsonl, pairs.jsonl (final revision > initial), trace.jsonl, summary.json."""
+    from .cai import HFChatPolicy, load_constitution, load_prompts, run_cai
+
+    ctx.require("policy", "prompts")
+    constitution = load_constitution(ctx.option("constitution"))
+    prompts = load_prompts(str(ctx.option("prompts")), ctx.option("category"))
+    repeats = int(ctx.option("samples_per_prompt", 1))
+    if repeats < 1:
+        raise ConfigError(f"stage '{ctx.name}': samples_per_prompt must be >= 1, not {repeats}")
+    judge = None
+    if ctx.option("judge"):
+        from .judges import build_judge
+
+        judge = build_judge(str(ctx.option("judge")), principles=constitution.as_text())
+    policy = HFChatPolicy(str(ctx.option("policy")), temperature=float(ctx.option("temperature", 0.7)),
+                          top_p=float(ctx.option("top_p", 1.0)),
+                          max_new_tokens=int(ctx.option("max_new_tokens", 48)),
+                          max_prompt_length=int(ctx.option("max_prompt_length", 200)),
+                          batch_size=int(ctx.option("batch_size", 32)), seed=ctx.seed)
+    summary = run_cai([p for p in prompts for _ in range(repeats)], policy, constitution, ctx.output_dir,
+                      rounds=int(ctx.option("rounds", 1)), seed=ctx.seed, judge=judge, restart=True)
+    return {k: v for k, v in summary.items() if not k.endswith("_file")}
+
+
+@stage("revision_preference")
+def revision_preference_stage(ctx: StageContext) -> dict[str, Any]:
+    """How often a judge prefers a CAI run's final revision to the initial response (ties count ½).
+
+    Options: cai (the cai stage folder), judge (a spec; gold:WORLD in the demo, so it measures, never
+    trains), n_boot (2000). The rate is the mean over prompts of each prompt's mean outcome (a prompt revised
+    several times counts once), with a percentile bootstrap interval over prompts (rlhfkit.eval.stats)."""
+    import numpy as np
+
+    from .eval.stats import win_rate
+    from .judges import build_judge
+
+    ctx.require("cai", "judge")
+    trace_file = Path(ctx.option("cai")) / "trace.jsonl"
+    if not trace_file.exists():
+        raise ConfigError(f"stage '{ctx.name}': {trace_file} not found (run the cai stage first)")
+    judge = build_judge(str(ctx.option("judge")))
+    by_prompt: dict[str, list[float]] = {}
+    rows = []
+    for line in trace_file.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        winner = judge.compare(row["prompt"], row["final"], row["initial"]).winner
+        outcome = {"a": 1.0, None: 0.5, "b": 0.0}[winner]
+        by_prompt.setdefault(json.dumps(row["prompt"]), []).append(outcome)
+        rows.append({"prompt": row["prompt"], "initial": row["initial"], "final": row["final"],
+                     "outcome": outcome})
+    if not rows:
+        raise ConfigError(f"stage '{ctx.name}': {trace_file} is empty")
+    from .data.jsonl import write_jsonl
+
+    write_jsonl(ctx.output_dir / "outcomes.jsonl", rows)
+    per_prompt = np.asarray([np.mean(v) for v in by_prompt.values()])
+    rate = win_rate(per_prompt, int(ctx.option("n_boot", 2000)), seed=ctx.seed)
+    outcomes = [r["outcome"] for r in rows]
+    return {"judge": str(ctx.option("judge")), "revision_preferred": rate.rate, "ci_low": rate.ci_low,
+            "ci_high": rate.ci_high, "n_prompts": rate.n, "n_revisions": len(rows),
+            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}

@@ -1,0 +1,163 @@
+"""The online trainers' options: one RLConfig, with PPO, GRPO and RLOO as its three sets of defaults.
+
+The rollout engine's options come from :class:`rlhfkit.rollout.options.RolloutOptions`; the Ray launcher
+adds its own (:func:`rlhfkit.distributed.with_ray_options`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...engine import TrainConfig, arg
+from ...errors import ConfigError
+from ...losses import GROUP_ADVANTAGE_TYPES, KL_ESTIMATORS
+from ...rollout.options import RolloutOptions, check_rollout_options
+from ...rollout.rewards import REWARD_ENSEMBLES
+
+ADVANTAGE_TYPES = ("gae",) + GROUP_ADVANTAGE_TYPES
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
+KL_MODES = ("reward", "loss")
+CRITICS = ("value_head", "reward_model")
+
+
+@dataclass
+class RLConfig(TrainConfig, RolloutOptions):
+    """Settings shared by ``rlhfkit ppo``, ``grpo`` and ``rloo`` (they differ in defaults only)."""
+
+    # data and batch shape
+    max_prompt_length: int | None = arg(256, "Longest prompt in tokens (prompts keep their end).")
+    prompts_per_step: int = arg(8, "Prompts sampled per step on each device.")
+    num_generations: int = arg(1, "Responses sampled per prompt (the group size of GRPO / RLOO).")
+    per_device_batch_size: int = arg(8, "Sequences per micro-batch in the update.")
+    num_minibatches: int = arg(1, "Optimizer steps per pass over a rollout (the rollout is split in this many).")
+    ppo_epochs: int = arg(1, "Passes over each rollout.")
+    learning_rate: float = arg(1e-6, "Peak learning rate (AdamW).")
+    lr_scheduler_type: str = arg("constant", "LR schedule after warm-up (stepped once per rollout).")
+    # sampling
+    temperature: float = arg(1.0, "Sampling temperature; the policy is also scored at this temperature.")
+    top_k: int = arg(0, "Sample from the k most likely tokens (0 = off).")
+    top_p: float = arg(1.0, "Nucleus sampling mass (1.0 = off).")
+    max_new_tokens: int = arg(64, "Longest response in tokens.")
+    stop_strings: str = arg("", "Comma-separated strings that end a response (kept, text after cut).")
+    share_prompts: bool = arg(True, "Packed batches: the samples of a prompt share one copy of it in the reference "
+                              "and update forwards (same log-probs and gradients up to float rounding; the prompt's "
+                              "tokens are processed once per group, not once per sample). --no-share-prompts "
+                              "packs every sample whole. Needs rlhfkit's packed attention (not flash-attention).")
+    logprob_check_steps: int = arg(0, "Compare the rollout engine's log-probs of the sampled tokens with the "
+                                   "trainer's forward: 0 = at the first step, N = every N steps (1, N+1, ...), "
+                                   "-1 = never. Logged as rollout_logprob_diff_mean / _max and "
+                                   "rollout_importance_ratio_mean.")
+    logprob_check_tolerance: float = arg(0.1, "Stop the run when that mean |Δ log-prob| per response token exceeds "
+                                         "this many nats (inf = log only).")
+    missing_eos_penalty: float = arg(0.0, "Subtracted from the score of a response that did not end (no EOS "
+                                     "or stop string within --max-new-tokens).")
+    # reward
+    reward_model: str | None = arg(None, "Reward model(s): hub id or path, comma-separated for an ensemble.")
+    reward_fn: str | None = arg(None, "Reward function(s) 'path/to/file.py:function', comma-separated; called "
+                                "as function(prompts, responses) -> list of floats.")
+    reward_url: str | None = arg(None, "HTTP reward endpoint(s) (POST {prompts, responses} -> {scores}).")
+    reward_ensemble: str = arg("mean", f"How several reward sources combine: {', '.join(REWARD_ENSEMBLES)}.")
+    reward_std_coef: float = arg(1.0, "k in mean − k·std for --reward-ensemble mean_minus_std.")
+    reward_batch_size: int = arg(16, "Sequences per reward-model forward.")
+    reward_normalize: bool = arg(False, "Normalise scores by a running mean/std (saved in checkpoints).")
+    reward_clip: float = arg(0.0, "Clip (normalised) scores to [−c, c]; 0 = off.")
+    # KL leash
+    ref_model: str | None = arg(None, "Reference model (default: --model). With LoRA the reference is the "
+                                "policy with its adapters disabled.")
+    kl_coef: float = arg(0.05, "β: weight of the KL penalty (initial value when --kl-target is set).")
+    kl_estimator: str = arg("k1", f"Per-token KL estimator: {', '.join(KL_ESTIMATORS)} (k1 = log π − log "
+                            "π_ref, unbiased; k3 = always ≥ 0, lower variance).")
+    kl_mode: str = arg("reward", "Where the KL goes: 'reward' (per-token penalty in the reward, classic "
+                       "RLHF) or 'loss' (β·KL added to the loss, as GRPO does).")
+    kl_target: float | None = arg(None, "Adaptive β (Ziegler et al.): target KL per response; unset = fixed β.")
+    kl_horizon: int = arg(10000, "Adaptive β horizon in samples.")
+    # advantages and losses
+    advantage: str = arg("gae", f"Advantage estimator: {', '.join(ADVANTAGE_TYPES)}.")
+    gamma: float = arg(1.0, "GAE discount γ.")
+    lam: float = arg(0.95, "GAE λ.")
+    whiten_advantages: bool = arg(True, "Whiten advantages over the rollout (mean 0, std 1).")
+    clip_eps: float = arg(0.2, "PPO ratio clip ε.")
+    clip_eps_high: float | None = arg(None, "Upper ratio clip (DAPO clip-higher); default = --clip-eps.")
+    loss_aggregation: str = arg("token_mean", "token_mean (every token of the minibatch equal; DAPO), "
+                                "sequence_mean (mean per response, then over responses; GRPO) or dr_grpo "
+                                "(token sum / max_new_tokens per response).")
+    critic: str = arg("value_head", "PPO critic: value_head (a linear head on the policy's backbone) or "
+                      "reward_model (a separate value model initialised from the first --reward-model).")
+    vf_coef: float = arg(0.1, "Weight of the value loss.")
+    value_clip: float = arg(0.2, "Clip range of the value loss around the rollout's values (0 = off).")
+    entropy_coef: float = arg(0.0, "Entropy bonus weight.")
+    approx_kl_stop: float | None = arg(None, "Stop the PPO epochs of a rollout once the approximate KL to the "
+                                       "rollout policy exceeds this.")
+    # logging
+    sample_steps: int = arg(10, "Write a few samples to OUTPUT_DIR/samples.jsonl every N steps.")
+    num_logged_samples: int = arg(4, "Samples written each time.")
+    eval_num_generations: int = arg(1, "Responses per eval prompt.")
+    # reward hacking
+    heldout_judge: str | None = arg(None, "An independent judge (spec as in `rlhfkit eval --judge`: a reward "
+                                    "model folder, fn:FILE.py:FUNCTION, http:URL, gold:WORLD_DIR) that also "
+                                    "scores the --eval-dataset responses at every evaluation: logged as "
+                                    "eval_heldout_reward, fed to the reward-hacking detector, and the policy "
+                                    "with the best held-out score is kept in OUTPUT_DIR/best_heldout.")
+    hacking_window: int = arg(3, "Reward-hacking detector: evaluations averaged for smoothing.")
+    hacking_min_drop: float = arg(0.1, "Reward-hacking detector: share of its gain the held-out score must give "
+                                  "back (while the training reward rises) to count.")
+    hacking_patience: int = arg(2, "Reward-hacking detector: consecutive suspicious evaluations to fire.")
+    hacking_z: float = arg(2.0, "Reward-hacking detector: the held-out drop must also exceed this many standard "
+                           "errors (of the difference of the smoothed held-out means), so evaluation noise "
+                           "alone does not fire it.")
+
+    algorithm = "ppo"
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    ppo_epochs: int = arg(4, "Passes over each rollout.")
+    learning_rate: float = arg(3e-6, "Peak learning rate (AdamW).")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    num_generations: int = arg(8, "Responses sampled per prompt (the group size).")
+    prompts_per_step: int = arg(1, "Prompts sampled per step on each device.")
+    advantage: str = arg("grpo", f"Advantage estimator: {', '.join(ADVANTAGE_TYPES)}.")
+    kl_mode: str = arg("loss", "Where the KL goes: 'loss' (β·KL in the loss, GRPO) or 'reward'.")
+    kl_estimator: str = arg("k3", f"Per-token KL estimator: {', '.join(KL_ESTIMATORS)}.")
+    kl_coef: float = arg(0.04, "β: weight of the KL term.")
+    whiten_advantages: bool = arg(False, "Whiten advantages over the rollout (the group baseline already "
+                                  "centres them).")
+    loss_aggregation: str = arg("sequence_mean", "token_mean (DAPO), sequence_mean (GRPO) or dr_grpo.")
+
+    algorithm = "grpo"
+
+
+@dataclass
+class RLOOConfig(RLConfig):
+    num_generations: int = arg(8, "Responses sampled per prompt (the group size, ≥ 2).")
+    prompts_per_step: int = arg(1, "Prompts sampled per step on each device.")
+    advantage: str = arg("rloo", f"Advantage estimator: {', '.join(ADVANTAGE_TYPES)}.")
+    whiten_advantages: bool = arg(False, "Whiten advantages over the rollout.")
+    loss_aggregation: str = arg("token_mean", "token_mean, sequence_mean or dr_grpo.")
+
+    algorithm = "rloo"
+
+
+def check_config(config: RLConfig) -> None:
+    """One-line ConfigErrors for settings that cannot work together, before anything loads."""
+    choices = {"kl_estimator": KL_ESTIMATORS, "kl_mode": KL_MODES, "advantage": ADVANTAGE_TYPES,
+               "loss_aggregation": LOSS_AGGREGATIONS, "critic": CRITICS, "reward_ensemble": REWARD_ENSEMBLES}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                              f"not '{getattr(config, name)}'")
+    if config.advantage in ("grpo", "rloo") and config.num_generations < 2:
+        raise ConfigError(f"--advantage {config.advantage} needs --num-generations >= 2 (a group baseline)")
+    for name in ("prompts_per_step", "num_generations", "num_minibatches", "ppo_epochs", "max_new_tokens"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if config.prompts_per_step * config.num_generations < config.num_minibatches:
+        raise ConfigError("--num-minibatches is larger than the number of sequences per rollout")
+    if config.kl_coef < 0:
+        raise ConfigError("--kl-coef must be >= 0")
+    check_rollout_options(config)
+    if config.logprob_check_steps < -1 or not config.logprob_check_tolerance > 0:
+        raise ConfigError("--logprob-check-steps must be >= -1 and --logprob-check-tolerance > 0")

@@ -1,0 +1,281 @@
+"""One online RL step for the engine: sample and score a rollout, make it experience, update in minibatches.
+
+The loss of a minibatch is PPO's clipped objective on the policy tokens (+ β·KL in the loss for GRPO, an
+entropy bonus) and, where the model has a critic, vf_coef · the clipped value loss. The algorithms differ
+only in their configuration (:mod:`.config`) and in how :func:`.experience.build_experience` computes
+advantages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ...data import pack_batch, pack_shared_prompts, pad_batch
+from ...engine import Engine, MetricSums, StepResult, TrainingError, step_seed
+from ...losses import (
+    AdaptiveKLController,
+    RunningMoments,
+    approx_kl,
+    clipped_policy_loss,
+    clipped_value_loss,
+    kl_penalty,
+    selected_token_logprobs_and_entropy,
+)
+from ...models.forward import at_loss_positions, loss_logits, loss_sequence_ids, loss_targets
+from ...rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
+from ...rollout.logprob_check import check_logprob_match, compare_logprobs, response_mask
+from ...rollout.rewards import ScoringBatch, checked_scores
+from .config import RLConfig
+from .experience import TOKEN_FIELDS, Experience, build_experience, split_rows
+from .policy import ActorCritic, response_logps, tempered_logits
+from .watch import evaluate_heldout
+
+
+class RLTask:
+    """The per-minibatch loss for the engine (``Task`` protocol) plus the rollout side of a step."""
+
+    name = "rl"
+    progress_keys = ("reward_mean", "kl", "beta")
+    heldout: Any = None  # the held-out judge and its watch (.watch.HeldoutWatch), when --heldout-judge is set
+
+    def __init__(self, config: RLConfig, tokenizer: Any, packed: bool, ref_model: torch.nn.Module | None,
+                 reward, backend: HFGenerationBackend, eval_prompts: list[dict], share_prompts: bool = False):
+        self.config, self.tokenizer, self.packed = config, tokenizer, packed
+        # packed batches in which a prompt's adjacent samples share one copy of it (data.pack_shared_prompts)
+        self.share_prompts = packed and share_prompts
+        self.name = config.algorithm
+        self.ref_model = ref_model  # None: policy with adapters disabled
+        self.reward, self.backend, self.eval_prompts = reward, backend, eval_prompts
+        self.sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.max_new_tokens,
+                                       tuple(s for s in config.stop_strings.split(",") if s))
+        self.sampling.check()
+        self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.reward_stats = RunningMoments()
+        self.pad_id = tokenizer.pad_token_id
+        self.policy_version, self._synced_version = 0, None  # optimizer updates made / pushed to the engine
+        self.engine: Engine | None = None
+
+    # ------------------------------------------------------------------ batches and losses
+    def collate(self, records: list[dict]) -> dict[str, Any]:
+        if self.share_prompts:
+            batch = pack_shared_prompts([r["prompt_ids"] for r in records], [r["response_ids"] for r in records])
+        else:
+            sequences = [r["prompt_ids"] + r["response_ids"] for r in records]
+            masks = [[0] * len(r["prompt_ids"]) + [1] * len(r["response_ids"]) for r in records]
+            batch = pack_batch(sequences, masks) if self.packed else pad_batch(sequences, masks, self.pad_id)
+        for key in TOKEN_FIELDS:
+            if key in records[0]:
+                batch[key] = torch.cat([r[key] for r in records])
+        batch["response_lengths"] = torch.tensor([len(r["response_ids"]) for r in records], dtype=torch.float32)
+        return batch
+
+    def batch_weight(self, batch: dict[str, Any]) -> float:
+        return float(batch["num_loss_tokens" if self.config.loss_aggregation == "token_mean" else "num_sequences"])
+
+    def _aggregate(self, per_token: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Sum of the per-item losses for the chosen aggregation (the engine divides by the step's weight)."""
+        how = self.config.loss_aggregation
+        if how == "token_mean":
+            return per_token.sum()
+        if how == "dr_grpo":
+            return per_token.sum() / self.config.max_new_tokens
+        lengths = batch["response_lengths"].to(per_token.device)
+        return (per_token / lengths[loss_sequence_ids(batch)]).sum()
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        """Clipped policy loss (+ KL, entropy) where the model gives logits, + vf_coef · clipped value loss
+        where it gives values: an actor-critic gets both, a Ray run's policy and critic groups one each."""
+        logits, values = model(batch)
+        loss, sums = self._policy_loss(logits, batch) if logits is not None else (None, {})
+        if values is not None:
+            value_loss, value_sums = self._value_loss(values, batch)
+            loss = value_loss if loss is None else loss + value_loss
+            sums.update(value_sums)
+        return loss, sums
+
+    def _policy_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        cfg = self.config
+        logps, entropy = selected_token_logprobs_and_entropy(tempered_logits(logits, cfg.temperature),
+                                                             loss_targets(batch), entropy_grad=cfg.entropy_coef > 0)
+        old, adv = batch["old_logps"], batch["advantages"]
+        policy = clipped_policy_loss(logps, old, adv, cfg.clip_eps, cfg.clip_eps_high)
+        per_token = policy.losses
+        if cfg.kl_mode == "loss" and cfg.kl_coef > 0:
+            per_token = per_token + self.kl_controller.beta * kl_penalty(logps, batch["ref_logps"], cfg.kl_estimator)
+        if cfg.entropy_coef > 0:
+            per_token = per_token - cfg.entropy_coef * entropy
+        n = float(logps.numel())
+        return self._aggregate(per_token, batch), {
+            "policy_loss": (float(policy.losses.detach().sum()), n),
+            "clip_frac": (float(policy.clipped.sum()), n),
+            "approx_kl": (float(approx_kl(logps.detach(), old).sum()), n),
+            "entropy": (float(entropy.detach().sum()), n),
+            "ratio": (float(policy.ratio.detach().sum()), n),
+            "logprob_abs_diff": (float((logps.detach() - old).abs().sum()), n)}
+
+    def _value_loss(self, values: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        cfg = self.config
+        token_values = at_loss_positions(values, batch).float()
+        value = clipped_value_loss(token_values, batch["old_values"], batch["returns"], cfg.value_clip or None)
+        n = float(token_values.numel())
+        return cfg.vf_coef * self._aggregate(value.losses, batch), {
+            "value_loss": (float(value.losses.detach().sum()), n),
+            "value_clip_frac": (float(value.clipped.sum()), n)}
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def _reference_logps(self, model: ActorCritic | None, batch: dict[str, Any]) -> torch.Tensor:
+        if self.ref_model is not None:
+            logits, _ = loss_logits(self.ref_model, batch)
+        else:
+            with model.policy.disable_adapter():
+                logits, _ = loss_logits(model.policy, batch)
+        return response_logps(logits, batch, self.config.temperature)[0]
+
+    def score(self, prompts: list[dict], rollout: Rollout, where: str = "",
+              source: Any = None) -> tuple[torch.Tensor, list[str]]:
+        """Scores of ``rollout`` by the reward source (or by ``source``), checked finite; and the texts."""
+        texts = self.backend.decode(rollout, self.sampling.stop_strings)
+        g = len(rollout.response_ids) // len(prompts)
+        batch = ScoringBatch([p["prompt"] for p in prompts for _ in range(g)], texts, rollout.prompt_ids,
+                             self.backend.scored_ids(rollout), rollout.ended)
+        return checked_scores(self.reward if source is None else source, batch, TrainingError, where), texts
+
+    def shape_scores(self, scores: torch.Tensor, ended: list[bool],
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+        """(raw scores, training scores): the missing-EOS penalty, then the running normaliser (updated here,
+        so call it once per rollout; with ``gather``, with every data-parallel rank's scores, so that all
+        ranks share one normaliser) and the clip."""
+        cfg = self.config
+        raw = scores.clone()
+        scores = scores - cfg.missing_eos_penalty * (~torch.tensor(ended)).float()
+        if cfg.reward_normalize:
+            self.reward_stats.update(gather(scores) if gather is not None else scores)
+            scores = self.reward_stats.normalize(scores)
+        if cfg.reward_clip > 0:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        return raw, scores
+
+    def experience(self, *args: Any, **kwargs: Any) -> Experience:
+        """:func:`.experience.build_experience` with this run's config and current β."""
+        return build_experience(self.config, self.kl_controller.beta, *args, **kwargs)
+
+    def rollout_step(self, engine: Engine, model: ActorCritic, prompts: list[dict], step: int) -> Experience:
+        """Sample, score, and run the reference (and critic) over one step's rollout: its experience."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
+        policy = engine.unwrap(model).policy
+        with engine.full_parameters(model):  # sampling and weight sync read whole weights on each rank
+            self.sync_rollout_weights(policy)
+            rollout = self.backend.generate(policy, [p["prompt_ids"] for p in prompts], cfg.num_generations,
+                                            self.sampling, generator)
+        rollout_time = time.perf_counter() - t0
+        scores, texts = self.score(prompts, rollout, f" (step {step + 1}{engine.checkpoint_hint()})")
+        raw, scores = self.shape_scores(scores, rollout.ended, engine.gather_across_ranks)
+
+        records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
+        every = cfg.logprob_check_steps  # by step number, so a resumed run checks where the original did
+        check = (every > 0 and step % every == 0) or (every == 0 and step == 0)
+        recompute = check or getattr(self.backend, "recompute_logprobs", False)
+        ref_flat, value_flat, own_flat = [], [], []
+        unwrapped = engine.unwrap(model)
+        unwrapped.eval()
+        for start in range(0, len(records), cfg.per_device_eval_batch_size):
+            batch = {k: v.to(engine.device) if torch.is_tensor(v) else v
+                     for k, v in self.collate(records[start:start + cfg.per_device_eval_batch_size]).items()}
+            with engine.accelerator.autocast():
+                ref_flat.append(self._reference_logps(unwrapped, batch).float().cpu())
+                if unwrapped.critic_kind is not None or recompute:
+                    with torch.no_grad():
+                        logits, values = unwrapped(batch, with_logits=recompute)
+                    if recompute:  # the trainer's own log-probs of the sampled tokens
+                        own_flat.append(response_logps(logits, batch, cfg.temperature)[0].float().cpu())
+                    if values is not None:
+                        value_flat.append(at_loss_positions(values, batch).float().cpu())
+        unwrapped.train()
+        width = max(rollout.lengths)
+        old_logps = rollout.logprobs[:, :width]
+        logprob_metrics: dict[str, float] = {}
+        if recompute:
+            trainer_logps = split_rows(torch.cat(own_flat), rollout.lengths, width)
+            if check:
+                match = compare_logprobs(old_logps, trainer_logps, response_mask(rollout.lengths, width))
+                logprob_metrics = match.metrics()
+                where = f" at step {step + 1} ({cfg.rollout_backend} rollouts, {match.tokens} response tokens)"
+                check_logprob_match(match, cfg.logprob_check_tolerance, where)
+            if getattr(self.backend, "recompute_logprobs", False):
+                old_logps = trainer_logps  # PPO's old log-probs from the trainer's numerics, not the engine's
+        return self.experience(prompts, rollout, texts, raw, scores, torch.cat(ref_flat),
+                               torch.cat(value_flat) if value_flat else None, rollout_time,
+                               f"step {step + 1}", engine.checkpoint_hint(), old_logps=old_logps,
+                               extra_metrics=logprob_metrics, sum_across=engine.sum_across_ranks,
+                               gather=engine.gather_across_ranks)
+
+    def sync_rollout_weights(self, policy: torch.nn.Module) -> None:
+        """Push the policy into a rollout engine that keeps its own copy (vLLM) once per update phase; the
+        first rollout of a process syncs too (a resumed run's policy is not the checkpoint vLLM loaded)."""
+        if getattr(self.backend, "needs_weight_sync", False) and self._synced_version != self.policy_version:
+            self.backend.sync_weights(policy)
+            self._synced_version = self.policy_version
+
+    # ------------------------------------------------------------------ update
+    def update(self, engine: Engine, records: list[dict], step: int,
+               epochs: int | None = None) -> tuple[dict[str, float], int]:
+        """PPO epochs over minibatches of the rollout; each minibatch is one engine optimizer step.
+
+        ``epochs`` caps the passes (a Ray critic group runs as many as its policy group ran); a model without
+        a policy (critic alone) has no approximate KL, so it never stops early by itself."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, 2))
+        n = len(records)
+        bounds = [round(i * n / cfg.num_minibatches) for i in range(cfg.num_minibatches + 1)]
+        totals: dict[str, list[float]] = {}
+
+        def add(name: str, value: float, count: float) -> None:
+            acc = totals.setdefault(name, [0.0, 0.0])
+            acc[0] += value
+            acc[1] += count
+
+        updates, tokens, mismatch, epochs_run = 0, 0, None, 0
+        t0 = time.perf_counter()
+        for _ in range(cfg.ppo_epochs if epochs is None else min(epochs, cfg.ppo_epochs)):
+            epochs_run += 1
+            order = torch.randperm(n, generator=generator).tolist()
+            epoch_kl = [0.0, 0.0]
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                # a minibatch in rollout order keeps each group's samples adjacent, so they share their prompt
+                # (the loss is a sum over its tokens: the order inside a minibatch does not change it)
+                chosen = [records[i] for i in (sorted(order[lo:hi]) if self.share_prompts else order[lo:hi])]
+                micro = [self.collate(chosen[s:s + cfg.per_device_batch_size])
+                         for s in range(0, len(chosen), cfg.per_device_batch_size)]
+                result: StepResult = engine.optimizer_step(self, micro)
+                updates += 1
+                tokens += result.tokens
+                if mismatch is None and "logprob_abs_diff" in result.sums:
+                    # before any update, the trainer's log-probs should equal the sampler's
+                    mismatch = result.sums["logprob_abs_diff"][0] / max(result.sums["logprob_abs_diff"][1], 1)
+                for name, (s, c) in result.sums.items():
+                    add(name, s, c)
+                if result.grad_norm is not None:
+                    add("grad_norm", result.grad_norm, 1)
+                add("loss", result.loss_sum / result.total_weight, 1)
+                kl_sum, kl_count = result.sums.get("approx_kl", (0.0, 0.0))
+                epoch_kl = [epoch_kl[0] + kl_sum, epoch_kl[1] + kl_count]
+            if cfg.approx_kl_stop is not None and epoch_kl[0] / max(epoch_kl[1], 1) > cfg.approx_kl_stop:
+                break
+        self.policy_version += updates  # a rollout engine with its own weights needs them again
+        row = {name: s / max(c, 1e-12) for name, (s, c) in totals.items()}
+        row.update({"ppo_epochs_run": epochs_run, "optimizer_updates": updates,
+                    "rollout_logprob_mismatch": mismatch or 0.0,
+                    "train_tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)})
+        return row, tokens
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Reward, KL and length on the held-out prompts (and the held-out judge's watch): .watch."""
+        return evaluate_heldout(self, model)
