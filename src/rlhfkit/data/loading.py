@@ -1,7 +1,8 @@
 """Load rows from JSONL / JSON / Parquet files, local dataset folders or hub dataset names.
 
-JSON is parsed here and JSONL in :mod:`.jsonl`, line by line, instead of by ``datasets``: its errors name neither the file
-nor the line, and a user with 100k rows needs "train.jsonl, row 5213: malformed JSON" to fix the data.
+JSON is parsed here and JSONL in :mod:`.jsonl`, line by line, instead of by ``datasets``: its errors name
+neither the file nor the line, and a user with 100k rows needs "train.jsonl, row 5213: malformed JSON" to
+fix the data.
 Everything else goes through :func:`datasets.load_dataset`.
 """
 

@@ -8,15 +8,16 @@ step took 1.6 ms instead of 3.1 ms (bench/bench_rl_vs_trl.py has the end-to-end 
 Why a child process and AOTInductor rather than ``torch.compile`` in the trainer: the compiler's modules
 and its working memory (~90 MB on the bench model) would otherwise stay in the training process's peak RSS,
 and ``torch.compile`` checks its guards over the ~40 input tensors at every token. Here the child exports
-:func:`rlhfkit.rollout.fast_decode.decode_and_record` with the batch size and lengths dynamic, compiles
+:func:`rlhfkit.rollout.decode_step.decode_and_record` with the batch size and lengths dynamic, compiles
 it to a ``.pt2`` package in an on-disk cache, and the trainer only loads the package (a C++ runner; no
 compiler import). The weights, KV buffers and slot counter are inputs, so in-place weight updates are seen
 and the buffers are written in place, exactly as the eager step does. Tests compare its tokens and
 log-probs with the transformers loop.
 
 The cache key holds everything baked into the compiled code: the torch version, the source of the traced
-functions, the tensor shapes other than batch and length, dtypes, the norm epsilons and attention scales,
-the activation and the sampling settings. ``RLHFKIT_CACHE`` (default ``~/.cache/rlhfkit``) moves it.
+functions (:mod:`rlhfkit.rollout.decode_step`) and of the decoder that lays out their inputs, the tensor
+shapes other than batch and length, dtypes, the norm epsilons and attention scales, the activation and the
+sampling settings. ``RLHFKIT_CACHE`` (default ``~/.cache/rlhfkit``) moves it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from . import fast_decode, sampling
+from . import decode_step, sampling
 
 logger = logging.getLogger("rlhfkit")
 
@@ -62,7 +63,7 @@ class _Step(torch.nn.Module):
     def forward(self, column, uniforms, tokens, logps, lengths, done, eos, slot, embed, plan, head, keys, values,
                 attend, cos, sin_signed):
         c = self.constants
-        return fast_decode.decode_and_record(c["temperature"], c["top_k"], c["top_p"],
+        return decode_step.decode_and_record(c["temperature"], c["top_k"], c["top_p"],
                                              (column, uniforms, tokens, logps, lengths, done, eos), slot, embed,
                                              plan, head, keys, values, attend, cos, sin_signed, c["shape"],
                                              self.act)
@@ -125,20 +126,23 @@ def _spec(decoder: Any, record: tuple[torch.Tensor, ...], temperature: float, to
     act = decoder.act
     act_name = "silu" if act is torch.nn.functional.silu else getattr(decoder.model.config, "hidden_act", None)
     return {"inputs": described, "act": act_name, "temperature": float(temperature), "top_k": int(top_k),
-            "top_p": float(top_p), "shape": tuple(decoder.shape)}
+            "top_p": float(top_p), "shape": tuple(decoder.shape), "decoder": type(decoder).__module__}
 
 
 def _key(spec: dict[str, Any]) -> str:
     described = pytree.tree_map(lambda x: (tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else x,
                                 spec["inputs"])
-    text = repr((torch.__version__, _sources(), described, {k: v for k, v in spec.items() if k != "inputs"}))
+    text = repr((torch.__version__, _sources(spec["decoder"]), described,
+                 {k: v for k, v in spec.items() if k != "inputs"}))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 @functools.cache
-def _sources() -> str:
-    """The traced code: a change to it must not reuse an old package."""
-    return "".join(inspect.getsource(module) for module in (fast_decode, sampling, sys.modules[__name__]))
+def _sources(decoder_module: str) -> str:
+    """The traced code and the decoder's module (``FastDecoder.step_inputs`` orders the inputs): a change to
+    either must not reuse an old package. The decoder's module is looked up, not imported: it imports this one."""
+    modules = (decode_step, sampling, sys.modules[decoder_module], sys.modules[__name__])
+    return "".join(inspect.getsource(module) for module in modules)
 
 
 def _activation(name: str | None) -> Any:

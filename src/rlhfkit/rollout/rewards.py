@@ -1,7 +1,9 @@
 """Reward sources for RL trainers: a local reward model, a Python function, an HTTP server, or an ensemble.
 
 Every source has a ``name`` (used in messages and logs) and ``score(batch) -> Tensor``: float32 of shape
-[N] on the CPU, one scalar per response, in the batch's order.
+[N] on the CPU, one scalar per response, in the batch's order. The protocol, the batch and the checks on
+returned scores are in :mod:`rlhfkit.rollout.scoring`, the HTTP source in :mod:`rlhfkit.rollout.http_reward`;
+both are re-exported here, so ``rlhfkit.rollout.rewards`` names every source.
 
 Non-finite scores (NaN, +-inf) from a function, a server or a model are returned as they are: the trainer
 checks every reward for NaN/inf and stops with a message that names the source. Ensembles propagate
@@ -10,34 +12,26 @@ them (the mean, min or std of anything with a NaN is NaN).
 
 from __future__ import annotations
 
-import http.client
 import importlib.util
-import json
 import logging
-import math
-import numbers
-import os
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import numpy as np
 import torch
 
 from ..data.collate import pad_batch
 from ..errors import ConfigError, ModelError, RlhfkitError
 from ..models.forward import reward_scores, to_device
 from ..models.loading import load_reward_model, load_tokenizer, tokenizers_match
+from .http_reward import API_KEY_ENV, HTTPReward, describe_request_error, post_with_retries
+from .scoring import RewardSource, ScoringBatch, _as_scores, _one_line, checked_scores
 
 logger = logging.getLogger("rlhfkit")
 
 __all__ = [
+    "API_KEY_ENV",
     "REWARD_ENSEMBLES",
     "EnsembleReward",
     "FunctionReward",
@@ -46,101 +40,13 @@ __all__ = [
     "RewardSource",
     "ScoringBatch",
     "build_reward_source",
+    "checked_scores",
+    "describe_request_error",
     "load_reward_function",
+    "post_with_retries",
 ]
 
 REWARD_ENSEMBLES = ("mean", "min", "mean_minus_std")
-API_KEY_ENV = "RLHFKIT_REWARD_API_KEY"
-RETRY_AFTER_CAP_S = 60.0
-
-
-@dataclass
-class ScoringBatch:
-    """What a reward source sees of a batch of rollouts (all lists have one entry per response)."""
-
-    prompts: list[str]  # prompt text as the policy saw it (already chat-rendered)
-    responses: list[str]  # decoded response text, special tokens stripped, no padding
-    prompt_ids: list[list[int]]  # policy-tokenizer ids of each prompt
-    response_ids: list[list[int]]  # policy-tokenizer ids of each response; ends with EOS iff the response ended
-    ended: list[bool]  # whether each response produced EOS / a stop string
-
-    def __post_init__(self) -> None:
-        n = len(self.responses)
-        sizes = {"prompts": len(self.prompts), "prompt_ids": len(self.prompt_ids),
-                 "response_ids": len(self.response_ids), "ended": len(self.ended)}
-        wrong = {k: v for k, v in sizes.items() if v != n}
-        if wrong:
-            raise ValueError(f"ScoringBatch: {n} responses but " + ", ".join(f"{v} {k}" for k, v in wrong.items()))
-
-    def __len__(self) -> int:
-        return len(self.responses)
-
-
-@runtime_checkable
-class RewardSource(Protocol):
-    name: str
-
-    def score(self, batch: ScoringBatch) -> torch.Tensor:
-        """float32 [N] on CPU, one scalar per response."""
-        ...
-
-
-def checked_scores(source: RewardSource, batch: ScoringBatch, error: type[RlhfkitError] = RlhfkitError,
-                   context: str = "", role: str = "reward source") -> torch.Tensor:
-    """``source.score(batch)`` as float32; a NaN or infinite score raises ``error`` naming an example."""
-    scores = source.score(batch).float()
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        i = bad[0]
-        raise error(f"{role} '{getattr(source, 'name', 'reward')}' returned {scores[i].item()} for "
-                    f"{len(bad)} response(s){context}, e.g. prompt {batch.prompts[i][:60]!r} -> response "
-                    f"{batch.responses[i][:60]!r}")
-    return scores
-
-
-def _one_line(text: Any, limit: int = 200) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
-
-
-def _as_scores(values: Any, n: int, who: str) -> torch.Tensor:
-    """Check that ``values`` is a 1-D sequence of ``n`` numbers and return it as float32 [n] on the CPU.
-
-    Accepts a list or tuple of numbers (bools, numpy scalars and one-element tensors included), a numpy
-    array or a tensor. Non-finite values pass through. ``who`` starts every error message.
-    """
-    if torch.is_tensor(values):
-        if values.is_complex():
-            raise RlhfkitError(f"{who} returned a complex tensor; expected real numbers")
-        if values.dim() != 1:
-            raise RlhfkitError(f"{who} returned a tensor of shape {tuple(values.shape)}; expected shape ({n},)")
-        scores = values.detach().to("cpu", torch.float32)
-    elif isinstance(values, np.ndarray):
-        if values.ndim != 1:
-            raise RlhfkitError(f"{who} returned an array of shape {values.shape}; expected shape ({n},)")
-        if values.dtype.kind == "O":
-            return _as_scores(values.tolist(), n, who)
-        if values.dtype.kind not in "biuf":
-            raise RlhfkitError(f"{who} returned an array of dtype {values.dtype}; expected numbers")
-        scores = torch.from_numpy(values.astype(np.float32))
-    elif isinstance(values, (list, tuple)):
-        floats = []
-        for i, value in enumerate(values):
-            if torch.is_tensor(value) and value.numel() == 1 and not value.is_complex():
-                value = value.item()
-            elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
-                value = value.item()
-            if not isinstance(value, (bool, numbers.Real)):
-                raise RlhfkitError(f"{who} returned a non-number at index {i}: {_one_line(repr(value), 60)} "
-                                   f"({type(value).__name__})")
-            floats.append(float(value))
-        scores = torch.tensor(floats, dtype=torch.float32)
-    else:
-        raise RlhfkitError(f"{who} returned {type(values).__name__}; expected a list, tuple, numpy array or "
-                           f"tensor of {n} numbers")
-    if scores.shape[0] != n:
-        raise RlhfkitError(f"{who} returned {scores.shape[0]} scores for {n} responses")
-    return scores
 
 
 class ModelReward:
@@ -302,146 +208,6 @@ def load_reward_function(spec: str) -> FunctionReward:
         raise ConfigError(f"'{func_name}' in reward function file '{path_text}' is a {type(fn).__name__}, "
                           "not a function")
     return FunctionReward(fn, name=spec.strip())
-
-
-def _retry_after(headers) -> float | None:
-    """Seconds from a numeric Retry-After header, capped at RETRY_AFTER_CAP_S; None when absent/not numeric."""
-    value = headers.get("Retry-After") if headers is not None else None
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:  # an HTTP date: fall back to exponential back-off
-        return None
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    return min(seconds, RETRY_AFTER_CAP_S)
-
-
-def describe_request_error(exc: BaseException, timeout: float) -> str:
-    """One line for a failed HTTP request (connection refused, reset, DNS, timeout)."""
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    if isinstance(reason, TimeoutError):
-        return f"timed out after {timeout:g} s"
-    text = _one_line(reason, 120)
-    return f"{type(reason).__name__}: {text}" if isinstance(reason, BaseException) else text
-
-
-def post_with_retries(url: str, body: bytes, headers: dict[str, str], *, timeout: float, max_retries: int,
-                      backoff: float = 0.5, sleep: Callable[[float], None] = time.sleep,
-                      who: str | None = None, before_attempt: Callable[[], None] | None = None) -> bytes:
-    """POST ``body`` to ``url`` and return the reply body; the retry policy of :class:`HTTPReward`.
-
-    Connection errors, timeouts, HTTP 429 and 5xx are retried up to ``max_retries`` times, waiting
-    ``backoff * 2**k`` seconds or, for a 429 with a numeric Retry-After header, that many seconds (at most
-    RETRY_AFTER_CAP_S). Any other 4xx fails at once. Errors are one-line RlhfkitErrors starting with
-    ``who``. ``before_attempt`` (e.g. a rate limiter) is called before every attempt.
-    """
-    who = who or url
-    attempts = max_retries + 1
-    problem = "no attempt made"
-    for attempt in range(1, attempts + 1):
-        if before_attempt is not None:
-            before_attempt()
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        wait = None
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as reply:
-                return reply.read()
-        except urllib.error.HTTPError as exc:
-            try:
-                detail = _one_line(exc.read().decode("utf-8", "replace"), 120)
-            except Exception:  # the body is only for the message
-                detail = ""
-            finally:
-                exc.close()
-            problem = f"HTTP {exc.code} {exc.reason}" + (f" ({detail})" if detail else "")
-            if exc.code == 429:
-                wait = _retry_after(exc.headers)
-            elif exc.code < 500:
-                raise RlhfkitError(f"{who}: {problem}; not retried (attempt {attempt} of {attempts})") from None
-        except (OSError, http.client.HTTPException) as exc:  # refused, reset, DNS, timeouts
-            problem = describe_request_error(exc, timeout)
-        if attempt < attempts:
-            sleep(wait if wait is not None else backoff * 2 ** (attempt - 1))
-    raise RlhfkitError(f"{who}: {problem}; gave up after {attempts} attempts")
-
-
-class HTTPReward:
-    """A reward server: POST ``{"prompts": [...], "responses": [...], "ended": [...]}`` as JSON, in chunks of
-    ``batch_size`` (``ended``: whether each response produced EOS / a stop string; servers may ignore it).
-
-    The reply is ``{"scores": [...]}``, ``{"rewards": [...]}`` or a bare JSON list, one number per
-    response. Connection errors, timeouts, HTTP 429 and 5xx are retried up to ``max_retries`` times,
-    waiting ``backoff * 2**k`` seconds (0.5, 1, 2, ...) or, for a 429 with a numeric Retry-After header,
-    that many seconds (at most 60). Any other 4xx fails at once. ``Authorization: Bearer
-    $RLHFKIT_REWARD_API_KEY`` is sent when that variable is set at construction (an Authorization entry
-    in ``headers`` wins). Only the standard library is used.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        timeout: float = 30.0,
-        max_retries: int = 3,
-        batch_size: int = 64,
-        headers: dict[str, str] | None = None,
-        *,
-        backoff: float = 0.5,
-        sleep: Callable[[float], None] = time.sleep,
-    ):
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ConfigError(f"reward URL '{url}' must start with http:// or https://")
-        if timeout <= 0 or max_retries < 0 or batch_size < 1:
-            raise ConfigError(f"reward URL '{url}': need timeout > 0, max_retries >= 0 and batch_size >= 1")
-        self.url = url
-        self.name = url
-        self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
-        self.batch_size = int(batch_size)
-        self.backoff = float(backoff)
-        self._sleep = sleep
-        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(API_KEY_ENV)
-        if key:
-            self.headers["Authorization"] = f"Bearer {key}"
-        self.headers.update(headers or {})
-
-    def score(self, batch: ScoringBatch) -> torch.Tensor:
-        n = len(batch.responses)
-        parts = [torch.zeros(0, dtype=torch.float32)]
-        for start in range(0, n, self.batch_size):
-            prompts = list(batch.prompts[start:start + self.batch_size])
-            responses = list(batch.responses[start:start + self.batch_size])
-            ended = [bool(e) for e in batch.ended[start:start + self.batch_size]]
-            parts.append(self._parse(self._post(prompts, responses, ended), len(responses)))
-        return torch.cat(parts)
-
-    def _post(self, prompts: list[str], responses: list[str], ended: list[bool] | None = None) -> bytes:
-        payload: dict[str, Any] = {"prompts": prompts, "responses": responses}
-        if ended is not None:  # extra key: `rlhfkit serve-rm` adds EOS only to responses that ended
-            payload["ended"] = ended
-        body = json.dumps(payload).encode("utf-8")
-        return post_with_retries(self.url, body, self.headers, timeout=self.timeout, max_retries=self.max_retries,
-                                 backoff=self.backoff, sleep=self._sleep, who=f"reward server {self.url}")
-
-    def _parse(self, raw: bytes, n: int) -> torch.Tensor:
-        who = f"reward server {self.url}"
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            text = _one_line(raw.decode("utf-8", "replace"), 80)
-            raise RlhfkitError(f"{who}: reply is not JSON: {text!r}") from None
-        if isinstance(data, dict):
-            key = next((k for k in ("scores", "rewards") if k in data), None)
-            if key is None:
-                raise RlhfkitError(f"{who}: reply has no 'scores' or 'rewards' key (keys: "
-                                   f"{_one_line(', '.join(map(str, data)), 80)})")
-            data = data[key]
-        if not isinstance(data, list):
-            raise RlhfkitError(f"{who}: expected a JSON list of scores, got {type(data).__name__}")
-        return _as_scores(data, n, who)
 
 
 class EnsembleReward:
