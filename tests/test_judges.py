@@ -22,7 +22,7 @@ from rlhfkit.judges import (
     parse_score,
     parse_verdict,
 )
-from rlhfkit.judges.label import sidecar_paths
+from rlhfkit.judges.judge_pairs import sidecar_paths
 
 _PAIR = re.compile(r"Response A:\n(.*?)\n\nResponse B:\n(.*?)\n\n", re.S)
 
@@ -326,7 +326,7 @@ def test_responses_lists_scoring_function_and_cli(tmp_path, capsys):
 def test_scoring_judges_label_many_rows_per_call_with_the_same_verdicts(tmp_path):
     """A reward model scores a batch of rows in one call (the demo's judge stage: 849 pairs in seconds); the
     labels are those of one compare per pair, and a bad score spoils only its own pair."""
-    from rlhfkit.judges.label import SCORE_BATCH_ROWS, label_file
+    from rlhfkit.judges.judge_pairs import SCORE_BATCH_ROWS, label_file
 
     fn_file = tmp_path / "judge_fn.py"
     fn_file.write_text("CALLS = []\n\ndef score(prompts, responses):\n    CALLS.append(len(responses))\n"

@@ -224,8 +224,8 @@ def test_screenshot_shows_the_plots(rendered):
 
 
 def test_single_real_run_report_plots_its_metrics(pipeline):
-    from rlhfkit.report.data import load
     from rlhfkit.report.figures import reward_vs_kl, run_panels
+    from rlhfkit.report.runs import load
 
     root, _ = pipeline
     run_dir = root / "ppo"
@@ -262,8 +262,8 @@ def test_missing_or_empty_directory_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_malformed_lines_are_counted_and_skipped_and_odd_keys_still_render(tmp_path, caplog):
-    from rlhfkit.report.data import load
     from rlhfkit.report.figures import eval_bars
+    from rlhfkit.report.runs import load
 
     run = tmp_path / "run"
     _write_jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 2.0, "novel_metric": 5.0}])
@@ -291,8 +291,8 @@ def test_malformed_lines_are_counted_and_skipped_and_odd_keys_still_render(tmp_p
 
 
 def test_long_runs_are_thinned_but_keep_their_last_step(tmp_path):
-    from rlhfkit.report.data import load
     from rlhfkit.report.figures import MAX_POINTS, run_panels
+    from rlhfkit.report.runs import load
 
     _write_jsonl(tmp_path / "metrics.jsonl", [{"step": s, "loss": 1 / s} for s in range(1, 10_002)])
     (run,) = load(tmp_path).runs
@@ -302,7 +302,7 @@ def test_long_runs_are_thinned_but_keep_their_last_step(tmp_path):
 
 
 def test_hacking_verdict_comes_from_the_summary_or_else_the_metrics_rows():
-    from rlhfkit.report.data import Run
+    from rlhfkit.report.runs import Run
 
     rows = [{"step": 10, "eval_hacking_detected": 0.0}, {"step": 20, "eval_hacking_detected": 1.0},
             {"step": 30, "eval_hacking_detected": 1.0}]

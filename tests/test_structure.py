@@ -182,7 +182,7 @@ def test_one_registry_line_reaches_the_cli_the_pipeline_and_the_report(monkeypat
         run_pipeline(config, output_dir=str(tmp_path / "run2"), log=lambda _: None)
 
     # the report orders its run by the registry and plots it as RL when the entry is online
-    from rlhfkit.report.data import load
+    from rlhfkit.report.runs import load
 
     monkeypatch.setitem(registry.TRAINERS, "echo", dataclasses.replace(line, online=True))
     (tmp_path / "run" / "echo" / "summary.json").write_text('{"algorithm": "echo"}')

@@ -83,7 +83,7 @@ SUBCOMMANDS = {
               "agreement, export"),
     "serve-rm": (".rollout.reward_server", "main", "serve a reward model over HTTP (for --reward-url): POST /score, "
                  "GET /health"),
-    "judge": (".judges.label", "main", "label candidate responses with an AI judge into preference pairs "
+    "judge": (".judges.judge_pairs", "main", "label candidate responses with an AI judge into preference pairs "
               "(resumable)"),
     "cai": (".cai", "main", "Constitutional AI: critique -> revision against a constitution; SFT data and pairs"),
     "tiny-model": (".cli", "tiny_model_main", "build a tiny offline model + tokenizer"),

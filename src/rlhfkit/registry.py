@@ -38,7 +38,7 @@ class Trainer:
 
 TRAINERS: dict[str, Trainer] = {t.name: t for t in (
     Trainer("sft", "rlhfkit.trainers.sft", "SFTConfig", "run_sft", "supervised fine-tuning of a causal LM"),
-    Trainer("rm", "rlhfkit.trainers.reward", "RewardConfig", "run_reward",
+    Trainer("rm", "rlhfkit.trainers.reward_model", "RewardConfig", "run_reward",
             "reward model (Bradley–Terry) on preference or ranked data"),
     Trainer("ppo", "rlhfkit.trainers.rl", "PPOConfig", "run_rl",
             "PPO (policy + critic) against a reward model, function or endpoint, on a KL leash", online=True),

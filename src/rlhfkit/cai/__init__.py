@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..judges.constitution import Constitution, Principle, load_constitution, principles_text
-from .pipeline import (
+from .revise import (
     ChatPolicy,
     FunctionPolicy,
     HFChatPolicy,

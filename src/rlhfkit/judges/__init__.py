@@ -12,8 +12,8 @@ from .backends import (
     parse_verdict,
 )
 from .base import JudgeReplyError, PairwiseJudge, PositionStats, ScoringJudge, Verdict
-from .label import label_file, label_rows, summarize
-from .reward import JudgeReward
+from .judge_pairs import label_file, label_rows, summarize
+from .judge_reward import JudgeReward
 from .spec import JUDGE_KINDS, JUDGE_SPECS, build_judge, load_judge, register_judge_kind
 from .templates import JudgeTemplate, load_template
 

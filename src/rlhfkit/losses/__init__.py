@@ -1,5 +1,11 @@
 """Pure tensor loss functions shared by the rlhfkit engine and trainers."""
 
+from rlhfkit.losses.bradley_terry import (
+    bradley_terry_loss,
+    preference_probability,
+    ranked_bradley_terry_loss,
+    reward_margin_for_probability,
+)
 from rlhfkit.losses.dpo import DPO_LOSS_TYPES, DPOLossOutput, dpo_loss
 from rlhfkit.losses.logprobs import (
     masked_mean,
@@ -8,12 +14,6 @@ from rlhfkit.losses.logprobs import (
     selected_token_logprobs_and_entropy,
     sequence_logprob_sums,
     token_logprobs,
-)
-from rlhfkit.losses.reward import (
-    bradley_terry_loss,
-    preference_probability,
-    ranked_bradley_terry_loss,
-    reward_margin_for_probability,
 )
 from rlhfkit.losses.rl import (
     GROUP_ADVANTAGE_TYPES,

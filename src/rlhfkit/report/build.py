@@ -11,8 +11,8 @@ from typing import Any
 
 from ..errors import RlhfkitError
 from . import figures
-from .data import Evaluation, ReportData, Run, flatten, is_number, load
 from .page import PlotWriter, Safe, Text, duration, esc, fmt, key_values, page, slug, table
+from .runs import Evaluation, ReportData, Run, flatten, is_number, load
 
 logger = logging.getLogger("rlhfkit")
 

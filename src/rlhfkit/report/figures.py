@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .data import Evaluation, Run, Series, is_number, sqrt_kl
+from .runs import Evaluation, Run, Series, is_number, sqrt_kl
 
 COLORS = ("#4263eb", "#e8590c", "#2b8a3e", "#ae3ec9", "#f08c00", "#0c8599", "#c2255c", "#5c940d", "#495057",
           "#1971c2")

@@ -148,7 +148,7 @@ def run_cai(prompts: Sequence[Any], policy: ChatPolicy, constitution: Constituti
         **{f"{k}_file": str(v) for k, v in paths.items()},
     }
     if judge is not None:
-        from ..judges.label import label_rows
+        from ..judges.judge_pairs import label_rows
 
         candidates = [{"prompt": prompt_field(b), "response_a": reply_field(i0), "response_b": reply_field(c)}
                       for b, i0, c in zip(bases, initial, current) if c.strip() != i0.strip()]
