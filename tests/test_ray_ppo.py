@@ -20,9 +20,12 @@ import ray  # the distributed extra (make test installs it)
 import torch
 
 from rlhfkit.cli import main
+from rlhfkit.distributed import run_ray_rl, with_ray_options
 from rlhfkit.engine import TrainingError
 from rlhfkit.errors import ConfigError
 from rlhfkit.trainers.rl import PPOConfig, run_rl
+
+RayPPOConfig = with_ray_options(PPOConfig)  # PPOConfig with the Ray launcher's options (--ray ...)
 
 # PPO settings shared by the single-process and the Ray run (16 prompts a step: 8 per policy worker on Ray)
 TASK = dict(max_new_tokens=16, num_generations=1, ppo_epochs=2, kl_coef=0.05, learning_rate=1e-2, num_threads=1,
@@ -68,11 +71,9 @@ def test_per_role_groups_raise_reward_like_single_process_and_rollout_weights_eq
         synced.append(step)
 
     out = tmp_path / "ray"
-    from rlhfkit.distributed import run_ray_rl
-
-    config = PPOConfig(**_settings(tiny_model_dir, count_e_files, out, prompts_per_step=8, max_steps=steps, ray=True,
-                                   ray_placement="per_role", ray_policy_workers=2, ray_rollout_workers=2,
-                                   ray_cpus_per_worker=0.5, ray_timeout_s=120, ray_check_sync=True))
+    config = RayPPOConfig(**_settings(tiny_model_dir, count_e_files, out, prompts_per_step=8, max_steps=steps,
+                                      ray=True, ray_placement="per_role", ray_policy_workers=2, ray_rollout_workers=2,
+                                      ray_cpus_per_worker=0.5, ray_timeout_s=120, ray_check_sync=True))
     summary = run_ray_rl(config, on_sync=check_weights)
 
     assert synced == list(range(steps))  # a broadcast before every rollout, each one exact
@@ -119,8 +120,8 @@ def test_one_worker_per_role_reproduces_the_single_process_run(algorithm, ray_se
                                         reward_fn=None, reward_model=rm, max_grad_norm=0.0, kl_target=1.0)
     single, spread = tmp_path / "single", tmp_path / "ray"
     run_rl(cls(**_settings(tiny_model_dir, count_e_files, single, max_steps=3, **settings)))
-    run_rl(cls(**_settings(tiny_model_dir, count_e_files, spread, max_steps=3, **settings, ray=True,
-                           ray_placement="colocated", ray_cpus_per_worker=1.0)))
+    run_ray_rl(with_ray_options(cls)(**_settings(tiny_model_dir, count_e_files, spread, max_steps=3, **settings,
+                                                 ray=True, ray_placement="colocated", ray_cpus_per_worker=1.0)))
     keys = ["reward_mean", "kl", "beta", "loss", "policy_loss", "entropy", "clip_frac", "response_length"]
     if algorithm == "ppo":
         keys += ["value_loss", "explained_variance", "value_mean"]
@@ -199,18 +200,17 @@ def test_killed_workers_end_the_run_with_a_named_error_and_a_resumable_checkpoin
 
 def test_bad_ray_settings_are_one_line_errors(tiny_model_dir, count_e_files, tmp_path):
     base = _settings(tiny_model_dir, count_e_files, tmp_path / "x", ray=True)
-    from rlhfkit.distributed import run_ray_rl
 
     with pytest.raises(ConfigError, match="--ray-placement must be one of colocated, per_role"):
-        run_ray_rl(PPOConfig(**base, ray_placement="spread"))
+        run_ray_rl(RayPPOConfig(**base, ray_placement="spread"))
     with pytest.raises(ConfigError, match="--ray-rollout-workers .* more than the 4 prompts"):
-        run_ray_rl(PPOConfig(**{**base, "prompts_per_step": 4}, ray_rollout_workers=5))
+        run_ray_rl(RayPPOConfig(**{**base, "prompts_per_step": 4}, ray_rollout_workers=5))
     with pytest.raises(ConfigError, match="LoRA is not supported with --ray"):
-        run_ray_rl(PPOConfig(**base, lora_r=4))
+        run_ray_rl(RayPPOConfig(**base, lora_r=4))
     with pytest.raises(ConfigError, match="--ray-critic-workers must equal --ray-policy-workers"):
-        run_ray_rl(PPOConfig(**base, ray_placement="colocated", ray_policy_workers=2))
+        run_ray_rl(RayPPOConfig(**base, ray_placement="colocated", ray_policy_workers=2))
     with pytest.raises(ConfigError, match="needs at least --num-minibatches"):
-        run_ray_rl(PPOConfig(**{**base, "prompts_per_step": 2, "num_minibatches": 2}, ray_critic_workers=2))
+        run_ray_rl(RayPPOConfig(**{**base, "prompts_per_step": 2, "num_minibatches": 2}, ray_critic_workers=2))
 
 
 def test_help_documents_the_ray_options(capsys):
@@ -222,7 +222,8 @@ def test_help_documents_the_ray_options(capsys):
 
 
 def test_training_error_names_the_role():
-    from rlhfkit.distributed.ray_ppo import WorkerFailure, _failure_message
+    from rlhfkit.distributed.cluster import WorkerFailure
+    from rlhfkit.distributed.driver import _failure_message
 
     failure = WorkerFailure("timeout", "reference", 0, "reference and values")
     failure.waited = 30
@@ -233,7 +234,7 @@ def test_training_error_names_the_role():
 
 
 def test_placement_plans():
-    from rlhfkit.distributed.ray_ppo import placement_plan
+    from rlhfkit.distributed.cluster import placement_plan
 
     counts = {"policy": 2, "critic": 2, "reference": 1, "reward": 3, "rollout": 1}
     groups, hosts = placement_plan(counts, "colocated", 2.0, use_gpu=True)

@@ -127,28 +127,28 @@ def test_logits_only_at_loss_positions_equal_the_full_forward(tiny_model_dir, ti
 
     from rlhfkit.data import collate_sequences, prepare_sft
     from rlhfkit.losses import sequence_logprob_sums, token_logprobs
-    from rlhfkit.trainers import common
+    from rlhfkit.models import forward
 
     rows = [{"prompt": "what is the sea", "completion": "blue water"}, {"prompt": "hi", "completion": "hello"},
             {"prompt": "a longer question about the sky", "completion": "x"}]
     records, _ = prepare_sft(Dataset.from_list(rows), tiny_tokenizer, 64)
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert common.supports_logits_mask(lm)
+    assert forward.supports_logits_mask(lm)
     for packed in (False, True):
         batch = collate_sequences(records, tiny_tokenizer.pad_token_id, packed)
-        logits = lm(**common.forward_inputs(batch)).logits
+        logits = lm(**forward.forward_inputs(batch)).logits
         reference = sequence_logprob_sums(token_logprobs(logits.double() / 0.7, batch["input_ids"]),
                                           batch["loss_mask"], batch.get("sequence_index"), 3)
         (ref_grad,) = torch.autograd.grad(reference.sum(), lm.lm_head.weight)
-        fast = common.sequence_logps(lm, batch, temperature=0.7)
+        fast = forward.sequence_logps(lm, batch, temperature=0.7)
         (fast_grad,) = torch.autograd.grad(fast.sum(), lm.lm_head.weight)
         torch.testing.assert_close(fast.double(), reference, atol=1e-5, rtol=1e-6)
         torch.testing.assert_close(fast_grad, ref_grad, atol=1e-5, rtol=1e-5)
-        kept, _ = common.loss_logits(lm, batch)
+        kept, _ = forward.loss_logits(lm, batch)
         assert kept.shape == (int(batch["num_loss_tokens"]), lm.config.vocab_size)
-        monkeypatch.setitem(common._LOGITS_MASK_SUPPORT, type(lm), False)  # the fallback: same numbers
-        torch.testing.assert_close(common.sequence_logps(lm, batch, temperature=0.7), fast, atol=1e-6, rtol=0)
-        monkeypatch.setitem(common._LOGITS_MASK_SUPPORT, type(lm), True)
+        monkeypatch.setitem(forward._LOGITS_MASK_SUPPORT, type(lm), False)  # the fallback: same numbers
+        torch.testing.assert_close(forward.sequence_logps(lm, batch, temperature=0.7), fast, atol=1e-6, rtol=0)
+        monkeypatch.setitem(forward._LOGITS_MASK_SUPPORT, type(lm), True)
 
 
 def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir, tiny_tokenizer):
@@ -225,8 +225,8 @@ def test_shared_prompt_batches_equal_whole_sequences(arch, tiny_model_dir, monke
 
     from rlhfkit.data import pack_batch, pack_shared_prompts
     from rlhfkit.losses import selected_token_logprobs
+    from rlhfkit.models import forward
     from rlhfkit.models.attention import use_packed_attention
-    from rlhfkit.trainers import common
 
     torch.manual_seed(0)
     if arch == "llama":
@@ -246,16 +246,16 @@ def test_shared_prompt_batches_equal_whole_sequences(arch, tiny_model_dir, monke
     whole = pack_batch([p + r for p, r in zip(prompts, responses)],
                        [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)])
     assert shared["num_tokens"] == whole["num_tokens"] - 4 * len(first)  # 3 + 1 repeats of it saved
-    torch.testing.assert_close(common.loss_targets(shared), common.loss_targets(whole))
-    torch.testing.assert_close(common.loss_sequence_ids(shared), common.loss_sequence_ids(whole))
+    torch.testing.assert_close(forward.loss_targets(shared), forward.loss_targets(whole))
+    torch.testing.assert_close(forward.loss_sequence_ids(shared), forward.loss_sequence_ids(whole))
     weights = torch.randn(shared["num_loss_tokens"])
-    assert common.supports_logits_index(lm)  # the probe's answer; then both paths are forced below
+    assert forward.supports_logits_index(lm)  # the probe's answer; then both paths are forced below
     results = []
     for batch, index_support in ((whole, True), (shared, True), (shared, False)):
-        monkeypatch.setitem(common._LOGITS_INDEX_SUPPORT, type(lm), index_support)
+        monkeypatch.setitem(forward._LOGITS_INDEX_SUPPORT, type(lm), index_support)
         lm.zero_grad()
-        logits, _ = common.loss_logits(lm, batch)
-        logps = selected_token_logprobs(logits, common.loss_targets(batch))
+        logits, _ = forward.loss_logits(lm, batch)
+        logps = selected_token_logprobs(logits, forward.loss_targets(batch))
         (logps * weights).sum().backward()
         results.append((logps.detach(), [p.grad.clone() for p in lm.parameters()]))
     for logps, grads in results[1:]:

@@ -38,7 +38,6 @@ from .watch import evaluate_heldout
 class RLTask:
     """The per-minibatch loss for the engine (``Task`` protocol) plus the rollout side of a step."""
 
-    name = "rl"
     progress_keys = ("reward_mean", "kl", "beta")
     heldout: Any = None  # the held-out judge and its watch (.watch.HeldoutWatch), when --heldout-judge is set
 
