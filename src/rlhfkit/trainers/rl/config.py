@@ -21,7 +21,7 @@ CRITICS = ("value_head", "reward_model")
 
 
 @dataclass
-class RLConfig(TrainConfig, RolloutOptions):
+class RLConfig(RolloutOptions, TrainConfig):
     """Settings shared by ``rlhfkit ppo``, ``grpo`` and ``rloo`` (they differ in defaults only)."""
 
     # data and batch shape
