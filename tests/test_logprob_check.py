@@ -109,7 +109,7 @@ class PerturbedBackend(HFGenerationBackend):
 
 def test_perturbed_rollout_logprobs_stop_the_run_with_a_clear_message(tiny_model_dir, count_e_files, tmp_path,
                                                                       monkeypatch, capsys):
-    import rlhfkit.trainers.rl as rl
+    import rlhfkit.trainers.rl.run as rl
 
     monkeypatch.setattr(rl, "build_rollout_backend", lambda config, tok: PerturbedBackend(tok))
     with pytest.raises(LogprobMismatchError) as info:

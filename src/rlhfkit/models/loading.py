@@ -36,6 +36,10 @@ def _hub_kwargs(name_or_path: str, trust_remote_code: bool, revision: str | None
 
 
 def _load(loader, name_or_path: str, what: str, **kwargs):
+    # transformers >= 5 swaps layers for Hub kernels by default on CUDA (``use_kernels``), downloading them at
+    # the first ``model.train()``: offline that fails, online it changes the numerics under rlhfkit's own
+    # packed attention and decode step. rlhfkit's models run the code their checkpoint names, nothing fetched.
+    kwargs.setdefault("use_kernels", False)
     try:
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:  # transformers raises these for unknown ids / broken folders
