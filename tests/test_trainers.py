@@ -262,3 +262,12 @@ def test_shared_prompt_batches_equal_whole_sequences(arch, tiny_model_dir, monke
         torch.testing.assert_close(logps, results[0][0], atol=1e-5, rtol=1e-5)
         for got, want in zip(grads, results[0][1], strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_models_load_without_hub_kernels(tiny_model_dir):
+    """transformers >= 5 kernelizes by default (fetching Hub kernels at train() on CUDA); rlhfkit's loaders
+    keep the checkpoint's own code, so a run is offline and its numerics are the model's."""
+    from rlhfkit.models import load_causal_lm, load_reward_model
+
+    for model in (load_causal_lm(tiny_model_dir), load_reward_model(tiny_model_dir)):
+        assert getattr(model, "use_kernels", False) is False

@@ -146,6 +146,7 @@ def revision_preference_stage(ctx: StageContext) -> dict[str, Any]:
     several times counts once), with a percentile bootstrap interval over prompts (rlhfkit.eval.stats)."""
     import numpy as np
 
+    from .data.jsonl import read_jsonl, write_jsonl
     from .eval.stats import win_rate
     from .judges import build_judge
 
@@ -156,8 +157,7 @@ def revision_preference_stage(ctx: StageContext) -> dict[str, Any]:
     judge = build_judge(str(ctx.option("judge")))
     by_prompt: dict[str, list[float]] = {}
     rows = []
-    for line in trace_file.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(trace_file):
         winner = judge.compare(row["prompt"], row["final"], row["initial"]).winner
         outcome = {"a": 1.0, None: 0.5, "b": 0.0}[winner]
         by_prompt.setdefault(json.dumps(row["prompt"]), []).append(outcome)
@@ -165,8 +165,6 @@ def revision_preference_stage(ctx: StageContext) -> dict[str, Any]:
                      "outcome": outcome})
     if not rows:
         raise ConfigError(f"stage '{ctx.name}': {trace_file} is empty")
-    from .data.jsonl import write_jsonl
-
     write_jsonl(ctx.output_dir / "outcomes.jsonl", rows)
     per_prompt = np.asarray([np.mean(v) for v in by_prompt.values()])
     rate = win_rate(per_prompt, int(ctx.option("n_boot", 2000)), seed=ctx.seed)
