@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-hacking demo-cai test test-fast lint bench clean
+.PHONY: demo demo-hacking demo-cai test test-fast lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ demo-hacking: $(STAMP)
 demo-cai: $(STAMP)
 	$(PY) -m rlhfkit demo --config cai --output-dir runs/demo
 
-test: $(STAMP)
+# Chromium and PostgreSQL from Debian's packages (installed when root or passwordless sudo, else the command
+# to run is printed and make stops).
+system-deps:
+	bash scripts/system-deps.sh
+
+test: $(STAMP) system-deps
 	$(PY) -m ruff check src tests $(wildcard bench)
 	$(PY) -m pytest -q
 

@@ -139,3 +139,14 @@ def test_tiny_model_command_builds_loadable_models(tmp_path):
         model = cls.from_pretrained(out)
         assert model.config.num_hidden_layers == 1 and len(tok) <= 512
         assert tok.pad_token and tok.eos_token and tok.chat_template
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_impossible_max_steps_is_one_line_error(tiny_model_dir, tmp_path, capsys, steps):
+    data = write_jsonl(preference_rows(4), tmp_path / "prefs.jsonl")
+    assert main(["dpo", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir",
+                 str(tmp_path / "out"), "--max-steps", str(steps), "--no-progress-bar"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"rlhfkit dpo: error: --max-steps {steps}: give a number of optimizer steps >= 1, or -1 to "
+                   "derive it from --num-epochs")
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -67,6 +67,9 @@ def start_run(config: TrainConfig) -> Engine:
     require(config, "model", "dataset", "output_dir")
     if config.per_device_batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ConfigError("--per-device-batch-size and --gradient-accumulation-steps must be >= 1")
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise ConfigError(f"--max-steps {config.max_steps}: give a number of optimizer steps >= 1, or -1 to "
+                          "derive it from --num-epochs")
     return Engine(config)
 
 
