@@ -443,11 +443,13 @@ def test_prepare_prompts(tiny_tokenizer):
             {"prompt": [user("hi")], "chosen": "x", "rejected": "y"}, {"prompt": " ", "chosen": "x", "rejected": "y"}]
     # Mixed string / list prompts cannot share one Arrow column, so build the two datasets separately.
     strings, report = prepare_prompts(ds_of([rows[0], rows[2]]), tok, 64)
-    assert strings == [{"prompt": "tell me a story", "prompt_ids": tok("tell me a story").input_ids}]
+    assert strings == [{"prompt": "tell me a story", "prompt_ids": tok("tell me a story").input_ids,
+                        "raw_prompt": "tell me a story", "columns": {"chosen": "x", "rejected": "y"}}]
     assert report.skipped == {"empty prompt": 1} and report.first_row == {"empty prompt": 2}
     (chat,), _ = prepare_prompts(ds_of([rows[1]]), tok, 64)
     assert chat["prompt"] == "<|bos|><|user|>\nhi\n<|assistant|>\n"
     assert chat["prompt_ids"] == text_ids(tok, chat["prompt"])
+    assert chat["raw_prompt"] == [user("hi")] and chat["columns"] == {"chosen": "x", "rejected": "y"}
     (short,), report = prepare_prompts(ds_of([rows[0]]), tok, 3)
     assert short["prompt_ids"] == tok("tell me a story").input_ids[-3:] and report.truncated == 1
     assert short["prompt"] == tok.decode(short["prompt_ids"])

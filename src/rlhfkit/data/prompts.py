@@ -23,7 +23,11 @@ def prepare_prompts(
     max_prompt_length: int,
     source: str = "",
 ) -> tuple[list[dict[str, Any]], PrepareReport]:
-    """Tokenise prompts for generation: records ``{"prompt": str, "prompt_ids": list[int]}``.
+    """Tokenise prompts for generation: records ``{"prompt", "prompt_ids", "raw_prompt", "columns"}``.
+
+    ``prompt`` is the text the policy sees (chat-rendered), ``prompt_ids`` its token ids, ``raw_prompt``
+    the row's prompt as the user wrote it (a string or a list of messages) and ``columns`` every other
+    column of the row (``{"answer": ...}``; hidden ``__`` columns left out), for reward functions.
 
     String prompts are tokenised as is (with BOS); chat-message prompts are rendered with
     ``add_generation_prompt=True``. Any dataset with a ``prompt`` column works (extra columns, e.g.
@@ -49,6 +53,7 @@ def prepare_prompts(
             ids = ids[len(ids) - max_prompt_length:]
             text = tokenizer.decode(ids, skip_special_tokens=False)
             report.truncated += 1
-        records.append({"prompt": text, "prompt_ids": ids})
+        columns = {k: v for k, v in row.items() if k != "prompt" and not k.startswith("__")}
+        records.append({"prompt": text, "prompt_ids": ids, "raw_prompt": prompt, "columns": columns})
     _finish(report, records, source)
     return records, report
