@@ -147,7 +147,7 @@ def run_rlhfkit(spec: dict) -> dict:
             "--kl-coef", str(spec["beta"]), "--reward-fn", f"{spec['reward_file']}:reward",
             "--seed", str(spec["seed"]), "--num-threads", str(spec["threads"]), "--precision", "fp32",
             "--logging-steps", "1", "--save-steps", "0", "--sample-steps", "0", "--report-to", "none",
-            "--no-progress-bar", "--no-eval-on-start"]  # fmt: skip
+            "--no-progress-bar", "--no-eval-on-start", "--overwrite"]  # fmt: skip
     if spec["library"] == "rlhfkit-compiled":
         argv.append("--compile-decode")
     rc = cli(argv)

@@ -311,6 +311,7 @@ def run_rlhfkit(spec: dict) -> dict:
         eval_on_start=False,
         logging_steps=1,
         packing=spec["rlhfkit_packing"],
+        overwrite=True,  # each repeat replaces the previous repeat's run in the same folder
     )
     stage = spec["stage"]
     if stage == "sft":

@@ -179,7 +179,8 @@ def test_parquet_and_local_directory_via_datasets(tmp_path):
     assert load_rows(str(folder), split="test")["prompt"] == ["p1"]
     with pytest.raises(DataError) as excinfo:
         load_rows(str(folder), split="validation")
-    assert one_line_error(excinfo).startswith(f"{folder}: cannot load dataset:")
+    assert one_line_error(excinfo) == (f"{folder}: no split 'validation'; it has splits train, test "
+                                       "(pick one with --dataset-split)")
 
 
 # ----------------------------------------------------------------------------------- bad rows & reports
@@ -254,24 +255,25 @@ def test_truncation_keeps_prompt_end_and_response_start(tiny_tokenizer):
     p, r = tok(prompt).input_ids, text_ids(tok, response) + [eos]
     assert len(p) > 6 and len(r) > 6
     records, report = prepare_sft(ds_of([{"prompt": prompt, "completion": response}]), tok, 12)
-    # Both too long: the prompt keeps its last max_length // 2 = 6 tokens, the completion its first 6.
-    assert records[0]["input_ids"] == p[-6:] + r[:6]
+    # Both too long: the prompt keeps max_length // 2 = 6 tokens (BOS and its last 5), the completion its first 6.
+    assert p[0] == tok.bos_token_id
+    assert records[0]["input_ids"] == p[:1] + p[-5:] + r[:6]
     assert records[0]["loss_mask"] == [0] * 6 + [1] * 6
     assert report.truncated == 1 and report.summary("s").endswith("truncated 1 to max_length 12")
 
     groups, report = prepare_preferences(ds_of([{"prompt": prompt, "chosen": response, "rejected": "no"}]), tok, 12)
-    assert groups[0]["prompt_ids"] == p[-6:]
+    assert groups[0]["prompt_ids"] == p[:1] + p[-5:]
     assert groups[0]["responses"] == [r[:6], text_ids(tok, "no") + [eos]]
     assert report.truncated == 1
 
     # A short response leaves more room for the prompt (cut only as far as needed)...
     groups, _ = prepare_preferences(ds_of([{"prompt": prompt, "chosen": "yes", "rejected": "no"}]), tok, len(p))
     longest = max(len(x) for x in groups[0]["responses"])
-    assert groups[0]["prompt_ids"] == p[-(len(p) - longest):]
+    assert groups[0]["prompt_ids"] == p[:1] + p[-(len(p) - longest - 1):]
     # ...unless max_prompt_length is given explicitly.
     groups, _ = prepare_preferences(ds_of([{"prompt": prompt, "chosen": "yes", "rejected": "no"}]), tok, 64,
                                     max_prompt_length=3)
-    assert groups[0]["prompt_ids"] == p[-3:]
+    assert groups[0]["prompt_ids"] == p[:1] + p[-2:]
 
     # Plain text keeps its start.
     records, _ = prepare_sft(ds_of([{"text": prompt}]), tok, 5)
@@ -451,7 +453,8 @@ def test_prepare_prompts(tiny_tokenizer):
     assert chat["prompt_ids"] == text_ids(tok, chat["prompt"])
     assert chat["raw_prompt"] == [user("hi")] and chat["columns"] == {"chosen": "x", "rejected": "y"}
     (short,), report = prepare_prompts(ds_of([rows[0]]), tok, 3)
-    assert short["prompt_ids"] == tok("tell me a story").input_ids[-3:] and report.truncated == 1
+    full = tok("tell me a story").input_ids
+    assert short["prompt_ids"] == full[:1] + full[-2:] and full[0] == tok.bos_token_id and report.truncated == 1
     assert short["prompt"] == tok.decode(short["prompt_ids"])
 
 

@@ -28,7 +28,7 @@ stages:
   rm_judge: {{type: judge, judge: "model:${{rm}}", pairs: "${{preferences}}/gold_pairs.jsonl", max_pairs: 6}}
   ppo: {{type: ppo, model: "${{sft}}", reward_model: "${{rm}}", dataset: "${{world}}/prompts_train.jsonl",
         eval_dataset: "${{world}}/prompts_eval.jsonl", heldout_judge: "gold:${{world}}", eval_steps: 1,
-        max_steps: 2, prompts_per_step: 4, num_generations: 2, max_new_tokens: 10, learning_rate: 1.0e-4}}
+        eval_on_start: true, max_steps: 2, prompts_per_step: 4, num_generations: 2, max_new_tokens: 10, learning_rate: 1.0e-4}}
   dpo: {{type: dpo, model: "${{sft}}", dataset: "${{preferences}}/ranked.jsonl", max_steps: 3}}
   eval: {{type: eval, policies: {{sft: "${{sft}}", ppo: "${{ppo}}", dpo: "${{dpo}}"}}, baseline: sft,
          prompts: "${{world}}/prompts_eval.jsonl", judge: "gold:${{world}}", reference: "${{sft}}",
@@ -71,6 +71,10 @@ def test_pipeline_runs_every_stage_and_writes_a_stable_summary(tiny_pipeline):
     # its standard error (the detector's noise floor): positive, below the gold judge's score range
     assert all(0 < r["eval_heldout_reward_se"] < 1.6 for r in ppo_rows if "eval_heldout_reward" in r)
     assert (run / "ppo" / "best_heldout" / "config.json").exists()
+    # evaluations at steps 0 (eval_on_start), 1 and 2; the best policy is named by its metrics row's step
+    assert [r["step"] for r in ppo_rows if "eval_heldout_reward" in r] == [0, 1, 2]
+    best = max((r for r in ppo_rows if "eval_heldout_reward" in r), key=lambda r: r["eval_heldout_reward"])
+    assert int((run / "ppo" / "best_heldout" / "step.txt").read_text()) == best["step"]
     assert "hacking" in json.loads((run / "ppo" / "summary.json").read_text())
     assert (run / "report.html").stat().st_size > 10_000
 
@@ -266,3 +270,57 @@ def test_bundled_configs_share_their_common_stages():
         for name in shared:
             assert demo["stages"][name] == other["stages"][name], (other_name, name)
         assert demo["defaults"] == other["defaults"], other_name
+
+
+# -------------------------------------------------- the whole file is checked before its first stage runs (issue 20)
+
+
+@pytest.mark.parametrize("defaults, stage, message", [
+    ("{}", "{type: sft, model: x, learnig_rate: 0.1}",
+     "stage 'late': unknown sft option 'learnig_rate'; did you mean 'learning_rate'? (see rlhfkit sft --help)"),
+    ("{num_thread: 1}", "{type: sft, model: x}",
+     "defaults: unknown option 'num_thread'; did you mean 'num_threads'?"),
+    ("{}", "{type: eval, policies: {a: x}, prompts: p.jsonl, judge: 'gold:w', num_sample: 2}",
+     "stage 'late': unknown eval option 'num_sample'; did you mean 'num_samples'?"),
+    ("{}", "{type: collect, policy: x, world: w, temprature: 0.5}",
+     "stage 'late': unknown collect option 'temprature'; did you mean 'temperature'?"),
+    ("{}", "{type: sft, model: x, max_steps: many}", "stage 'late': option 'max_steps' = 'many' is not a int"),
+    ("{}", "{type: tiny-model}", "stage 'late': unknown type 'tiny-model'; did you mean 'tiny_model'?"),
+])
+def test_a_misspelt_key_anywhere_stops_the_pipeline_before_any_stage_ran(tmp_path, capsys, defaults, stage,
+                                                                         message):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a tiny corpus\n" * 20)
+    config = tmp_path / "p.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\ndefaults: {defaults}\nstages:\n"
+                      f"  early: {{type: tiny_model, corpus: {corpus}, vocab: 300, layers: 1, hidden: 16}}\n"
+                      f"  late: {stage}\n")
+    assert main(["pipeline", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"rlhfkit pipeline: error: {config}: ") and message in err, err
+    assert not (tmp_path / "run").exists()  # not even the first stage ran
+
+
+def test_eval_stage_options_default_as_the_eval_command(tmp_path, monkeypatch, tiny_model_dir):
+    """The eval stage and `rlhfkit eval` given the same options reach evaluate_policies with the same
+    arguments: the stage's defaults are the command's (once they differed: 4 samples vs 1, 48 vs 128 tokens)."""
+    from rlhfkit.eval import runner
+    from rlhfkit.stage import StageContext
+    from rlhfkit.stages import eval_stage
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "world"}\n')
+    calls = []
+    monkeypatch.setattr(runner, "evaluate_policies", lambda *a, **k: calls.append((a, k)) or {"policies": {}})
+    monkeypatch.setattr(runner, "format_table", lambda report: "")
+    out = tmp_path / "eval"
+    eval_stage(StageContext(name="eval", output_dir=out, options={
+        "policies": {"base": str(tiny_model_dir)}, "prompts": str(prompts), "judge": "fn:j.py:f"},
+        run_dir=tmp_path, seed=0, defaults={}, results={}))
+    runner.main(["--policy", f"base={tiny_model_dir}", "--prompts", str(prompts), "--judge", "fn:j.py:f",
+                 "--seed", "100", "--output-dir", str(out)])
+    (stage_args, stage_kwargs), (cli_args, cli_kwargs) = calls
+    assert stage_args == cli_args and stage_kwargs == cli_kwargs
+    assert stage_kwargs["num_samples"] == 1 and stage_kwargs["sampling"].max_new_tokens == 128
+    assert stage_kwargs["n_boot"] == 2000 and stage_kwargs["batch_size"] == 8

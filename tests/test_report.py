@@ -323,3 +323,27 @@ def test_chat_prompts_show_as_role_lines():
     assert _prompt_text(chat) == "system: Be brief.\nuser: <b>Hi</b>"
     assert _prompt_text("plain prompt") == "plain prompt"
     assert _prompt_text([1, 2]) == "[1, 2]"
+
+
+def test_overview_fills_wall_time_and_names_what_its_columns_count(tmp_path):
+    """Wall time from summary.json (trainers write wall_seconds) or else the pipeline's stage_done.json; the
+    overview's columns say what they count (optimizer steps, logged training steps, evaluations)."""
+    rows = [{"step": 0, "eval_loss": 2.0}, {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5},
+            {"step": 2, "eval_loss": 1.4}]
+    _write_jsonl(tmp_path / "sft" / "metrics.jsonl", rows)
+    _write_json(tmp_path / "sft" / "summary.json", {"task": "sft", "steps": 2, "wall_seconds": 12.5})
+    _write_jsonl(tmp_path / "rm" / "metrics.jsonl", rows)
+    _write_json(tmp_path / "rm" / "summary.json", {"task": "reward", "steps": 2})  # written before wall time
+    _write_json(tmp_path / "rm" / "stage_done.json", {"type": "rm", "summary": {"wall_seconds": 75.0}})
+    html = build_report(tmp_path).read_text(encoding="utf-8")
+    overview = html[html.index('<section id="overview">'):]
+    overview = overview[:overview.index("</section>")]
+    headers = re.findall(r"<th>(.*?)</th>", overview)
+    assert headers == ["run", "task", "optimizer steps", "logged training steps", "evaluations", "wall time",
+                       "final held-out metrics"]
+    cells = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", overview[overview.index("<tbody>"):], flags=re.S):
+        values = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)]
+        cells[values[0]] = values
+    assert cells["sft"][2:6] == ["2", "2", "2", "12.5 s"]
+    assert cells["rm"][5] == "1m 15s"

@@ -61,6 +61,11 @@ def test_sigkill_and_sigterm_then_resume_match_uninterrupted_run(tiny_model_dir,
     _assert_checkpoints_complete(out)
     killed_at = list_checkpoints(out)[-1][0]
     assert killed_at < STEPS
+    # the same command without --resume is refused, and leaves the checkpoints as they were
+    refused = subprocess.run(_sft_cmd(tiny_model_dir, data, out), env=_env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "holds an unfinished run" in refused.stderr
+    assert "pass --resume to continue it" in refused.stderr.strip().splitlines()[-1]
+    assert list_checkpoints(out)[-1][0] == killed_at
 
     # resume, then stop politely with SIGTERM: a checkpoint is written at that step before exiting
     proc = subprocess.Popen(_sft_cmd(tiny_model_dir, data, out, "--resume"), env=_env(), stderr=subprocess.PIPE,

@@ -108,6 +108,7 @@ def test_cli_grpo_logs_every_step_and_writes_samples(tiny_model_dir, rl_files, t
                 "approx_kl", "response_length", "no_eos_rate", "rollout_tokens_per_s", "train_tokens_per_s",
                 "loss", "learning_rate"):
         assert all(key in r and r[key] == r[key] for r in rows), key  # present and not NaN
+    assert all(r["reward/count_e"] == pytest.approx(r["reward_mean"], abs=1e-6) for r in rows)  # the one source
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # before any update the policy is the reference
     assert rows[0]["rollout_logprob_mismatch"] < 1e-4  # sampler and trainer agree on log-probs
     assert rows[0]["clip_frac"] == 0.0  # one update per rollout: the ratio is exactly 1
@@ -117,6 +118,7 @@ def test_cli_grpo_logs_every_step_and_writes_samples(tiny_model_dir, rl_files, t
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
              if "eval_reward_mean" in line]
     assert evals and "eval_kl" in evals[-1]
+    assert evals[-1]["eval_reward/count_e"] == pytest.approx(evals[-1]["eval_reward_mean"], abs=1e-6)
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out) is not None

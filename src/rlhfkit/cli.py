@@ -8,11 +8,12 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ConfigError, RlhfkitError
-from .options import parse_trainer_args, run_trainer, trainer_config_class
+from .options import OneLineParser, closest, parse_trainer_args, run_trainer, trainer_config_class
 from .registry import TRAINERS
 
 logger = logging.getLogger("rlhfkit")
@@ -21,7 +22,7 @@ logger = logging.getLogger("rlhfkit")
 def tiny_model_main(argv: Sequence[str]) -> int:
     from .models.tiny import build_tiny_model
 
-    p = argparse.ArgumentParser(prog="rlhfkit tiny-model",
+    p = OneLineParser(prog="rlhfkit tiny-model",
                                 description="Build a tiny random-init model and a locally trained tokenizer "
                                             "(no network), loadable with from_pretrained.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -73,6 +74,46 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
+def _only_errors(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def quiet_libraries() -> None:
+    """One progress bar per run (rlhfkit's own): no transformers loading/saving bars, no datasets map/filter
+    bars, and no DeepSpeed banner when DeepSpeed is not the launcher. Hub download bars stay."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
+    if "datasets" in sys.modules:  # already imported (rlhfkit used in-process): tell it directly
+        sys.modules["datasets"].disable_progress_bars()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        # accelerate imports deepspeed (when installed) to recognise its wrappers, and deepspeed logs on import
+        deepspeed_logger = logging.getLogger("DeepSpeed")
+        if _only_errors not in deepspeed_logger.filters:
+            deepspeed_logger.addFilter(_only_errors)
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()  # this also turns the hub's bars off: back on
+    huggingface_hub.utils.enable_progress_bars()
+
+
+# the summary keys worth a line at the end of a run, in this order (eval_* metrics follow)
+_HEADLINE = ("train_loss", "train_reward_mean", "train_kl", "train_accuracy", "train_reward_accuracy")
+
+
+def end_block(command: str, summary: dict, output_dir: str | None, seconds: float) -> str:
+    """The few lines a finished run ends with: where the model is, how long it took, its headline metrics."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    took = f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f}s"
+    steps = summary.get("steps")
+    lines = [f"{command} finished in {took}" + (f" ({steps} steps)" if steps is not None else ""),
+             f"model: {output_dir} (summary.json and metrics.jsonl beside it)"]
+    scalar = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    keys = [k for k in _HEADLINE if k in scalar] + [k for k in scalar if k.startswith("eval_")][:4]
+    if keys:
+        lines.append("metrics: " + ", ".join(f"{k} {scalar[k]:.4g}" for k in keys))
+    return "\n".join(lines)
+
+
 # command -> (module, function(argv) -> exit code, one line of help) of the commands that are not trainers;
 # imported on use, so that `rlhfkit sft` need not load FastAPI or plotly
 SUBCOMMANDS = {
@@ -112,17 +153,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command in SUBCOMMANDS:
             module_name, function_name, _ = SUBCOMMANDS[command]
+            if command not in ("report", "label") and not {"-h", "--help"} & set(rest):
+                quiet_libraries()
             return getattr(importlib.import_module(module_name, __package__), function_name)(rest)
         if command not in TRAINERS:
-            print(f"rlhfkit: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
+            hint = closest(command, [*TRAINERS, *SUBCOMMANDS], quote="'")
+            print(f"rlhfkit: error: unknown command '{command}'{hint} (rlhfkit --help lists them)", file=sys.stderr)
             return 2
         trainer = TRAINERS[command]
         config = parse_trainer_args(trainer_config_class(trainer), rest, f"rlhfkit {command}", trainer.help)
+        quiet_libraries()
+        start = time.perf_counter()
         summary = run_trainer(trainer, config)
         from .engine import shutdown_distributed
 
         shutdown_distributed()
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: rank 0 reports
+        # under torchrun / accelerate launch the logger speaks for rank 0 only
+        logger.info("%s", end_block(command, summary, config.output_dir, time.perf_counter() - start)
+                    .replace("\n", "\n[rlhfkit] "))
+        if not sys.stdout.isatty() and int(os.environ.get("RANK", "0")) == 0:  # piped: the summary for scripts
             print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)},
                              indent=2, default=str))
         return 0

@@ -15,6 +15,8 @@ Each stage writes to ``OUTPUT_DIR/<stage name>``; ``${name}`` in any string opti
 cai, revision_preference) and those other packages register (:mod:`rlhfkit.stage`; the demo world's world,
 collect, cai_world and summary). A stage whose folder holds ``stage_done.json`` is
 skipped; ``--force`` reruns everything, ``--force a,b`` the named stages. ``--only a,b`` runs a subset.
+A trainer stage that was interrupted continues from its checkpoints (as with --resume); a forced one replaces
+its earlier run (as with --overwrite).
 """
 
 from __future__ import annotations
@@ -29,9 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .options import config_from_options, read_yaml, run_trainer, trainer_config_class
+from .options import (
+    OneLineParser,
+    closest,
+    coerce_options,
+    config_from_options,
+    read_yaml,
+    run_trainer,
+    trainer_config_class,
+)
 from .registry import TRAINERS, Trainer
-from .stage import StageContext, StageFn, stage_types
+from .stage import StageContext, StageFn, stage_options, stage_types
 
 DONE_FILE = "stage_done.json"
 _REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
@@ -58,13 +68,21 @@ def _resolve(value: Any, refs: dict[str, str], where: str) -> Any:
     return value
 
 
-def _run_trainer(trainer: Trainer, ctx: StageContext) -> dict[str, Any]:
+def _run_trainer(trainer: Trainer, ctx: StageContext, forced: bool = False) -> dict[str, Any]:
+    from .engine.run_folder import holds_run
+
     config_cls = trainer_config_class(trainer)
     known = {f.name for f in dataclasses.fields(config_cls)}
     options: dict[str, Any] = {"seed": ctx.seed}
     options.update({k: v for k, v in ctx.defaults.items() if k in known})
     options.update(ctx.options)
     options["output_dir"] = str(ctx.output_dir)
+    # The stage's folder is the pipeline's: --force reruns it from scratch; otherwise what an earlier attempt
+    # left is continued (checkpoints) or reused (a run that finished before its stage was marked done).
+    if forced:
+        options.update(overwrite=True, resume=False)
+    elif not options.get("overwrite") and holds_run(ctx.output_dir):
+        options["resume"] = True
     return run_trainer(trainer, config_from_options(trainer, options, f"stage '{ctx.name}'"))
 
 
@@ -79,6 +97,50 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
         if not isinstance(options, dict) or "type" not in options:
             raise ConfigError(f"{path}: stage '{name}' needs a mapping with a 'type'")
     return data
+
+
+def _check_stage_options(path: str | Path, name: str, kind: str, options: dict[str, Any],
+                         steps: dict[str, StageFn]) -> None:
+    """A stage's type and option names (and, for a trainer, the option values' types) are known."""
+    if kind not in steps and kind not in TRAINERS:
+        hint = closest(kind, [*TRAINERS, *steps], quote="'")
+        raise ConfigError(f"{path}: stage '{name}': unknown type '{kind}'{hint} (types: "
+                          f"{', '.join(sorted([*TRAINERS, *steps]))})")
+    if kind in TRAINERS:
+        config_cls = trainer_config_class(TRAINERS[kind])
+        known = {f.name for f in dataclasses.fields(config_cls)} - {"output_dir"}
+        help_hint = f" (see rlhfkit {kind} --help)"
+    else:
+        declared = stage_options(kind)
+        if declared is None:  # a stage type that did not declare its options is not checked
+            return
+        known, help_hint = declared, ""
+    for key in options:
+        if kind in TRAINERS and str(key).replace("-", "_") == "output_dir":
+            raise ConfigError(f"{path}: stage '{name}': output_dir is the pipeline's to set (a stage writes to "
+                              f"OUTPUT_DIR/{name}); set output_dir at the top of the file")
+        if str(key).replace("-", "_") not in known:
+            hint = closest(str(key).replace("-", "_"), sorted(known), quote="'")
+            raise ConfigError(f"{path}: stage '{name}': unknown {kind} option '{key}'{hint}{help_hint}")
+    if kind in TRAINERS:  # values that do not wait for a ${stage} reference can be checked now
+        plain = {str(k).replace("-", "_"): v for k, v in options.items()
+                 if not (isinstance(v, str) and "${" in v)}
+        coerce_options(config_cls, plain, f"{path}: stage '{name}'")
+
+
+def check_pipeline(path: str | Path, defaults: dict[str, Any], stages: dict[str, dict[str, Any]],
+                   steps: dict[str, StageFn]) -> None:
+    """The whole file, before its first stage runs: every stage's type and options, and ``defaults:`` (each
+    key must be an option of some trainer, since defaults go to the trainer stages). One line per mistake."""
+    trainer_options = {f.name for t in TRAINERS.values() for f in dataclasses.fields(trainer_config_class(t))}
+    for key in defaults:
+        if str(key).replace("-", "_") not in trainer_options:
+            hint = closest(str(key).replace("-", "_"), sorted(trainer_options), quote="'")
+            raise ConfigError(f"{path}: defaults: unknown option '{key}'{hint} (defaults go to the trainer "
+                              "stages: any option of rlhfkit sft, rm, dpo, ppo, grpo or rloo)")
+    for name, opts in stages.items():
+        _check_stage_options(path, name, str(opts.get("type")), {k: v for k, v in opts.items() if k != "type"},
+                             steps)
 
 
 def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: int | None = None,
@@ -99,6 +161,7 @@ def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: i
         if name not in stages:
             raise ConfigError(f"--set: no stage named '{name}' in {config_path}")
         stages[name].update(opts)
+    check_pipeline(config_path, defaults, stages, steps)
     names = list(stages)
     forced = set(names) if force is True else {s for s in str(force or "").split(",") if s}
     selected = {s for s in (only or "").split(",") if s} or set(names)
@@ -112,9 +175,6 @@ def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: i
     for i, name in enumerate(names, 1):
         opts = stages[name]
         kind = str(opts.pop("type"))
-        if kind not in steps and kind not in TRAINERS:
-            raise ConfigError(f"stage '{name}': unknown type '{kind}' (types: "
-                              f"{', '.join(sorted([*TRAINERS, *steps]))})")
         out = run_dir / name
         refs_here = dict(refs)
         options = _resolve(opts, refs_here, f"stage '{name}'")
@@ -131,7 +191,7 @@ def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: i
         ctx = StageContext(name=name, output_dir=out, options=options, run_dir=run_dir, seed=seed,
                            defaults=defaults, results=results)
         t = time.perf_counter()
-        summary = _run_trainer(TRAINERS[kind], ctx) if kind in TRAINERS else steps[kind](ctx)
+        summary = _run_trainer(TRAINERS[kind], ctx, name in forced) if kind in TRAINERS else steps[kind](ctx)
         timings[name] = time.perf_counter() - t
         summary = dict(summary or {})
         summary.setdefault("wall_seconds", timings[name])
@@ -159,7 +219,7 @@ def parse_sets(values: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def pipeline_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="rlhfkit pipeline", description=__doc__,
+    p = OneLineParser(prog="rlhfkit pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="pipeline YAML file")
     p.add_argument("--output-dir", help="override the config's output_dir")

@@ -26,28 +26,34 @@ class Trainer:
     run_name: str      # run(config) -> summary dict
     help: str          # one line for the usage text and --help
     online: bool = False  # samples from the policy while training (RL): reward/KL curves; --ray applies
+    config_module: str = ""  # where the config class lives when not in ``module`` (torch-free, for --help)
 
     @property
     def config(self) -> type:
-        return getattr(importlib.import_module(self.module), self.config_name)
+        return getattr(importlib.import_module(self.config_module or self.module), self.config_name)
 
     @property
     def run(self) -> Callable[[Any], dict[str, Any]]:
         return getattr(importlib.import_module(self.module), self.run_name)
 
 
+_OFFLINE_CONFIGS, _RL_CONFIGS = "rlhfkit.trainers.configs", "rlhfkit.trainers.rl.config"
 TRAINERS: dict[str, Trainer] = {t.name: t for t in (
-    Trainer("sft", "rlhfkit.trainers.sft", "SFTConfig", "run_sft", "supervised fine-tuning of a causal LM"),
+    Trainer("sft", "rlhfkit.trainers.sft", "SFTConfig", "run_sft", "supervised fine-tuning of a causal LM",
+            config_module=_OFFLINE_CONFIGS),
     Trainer("rm", "rlhfkit.trainers.reward_model", "RewardConfig", "run_reward",
-            "reward model (Bradley–Terry) on preference or ranked data"),
+            "reward model (Bradley–Terry) on preference or ranked data", config_module=_OFFLINE_CONFIGS),
     Trainer("ppo", "rlhfkit.trainers.rl", "PPOConfig", "run_rl",
-            "PPO (policy + critic) against a reward model, function or endpoint, on a KL leash", online=True),
+            "PPO (policy + critic) against a reward model, function or endpoint, on a KL leash", online=True,
+            config_module=_RL_CONFIGS),
     Trainer("grpo", "rlhfkit.trainers.rl", "GRPOConfig", "run_rl",
-            "GRPO: group-relative advantages over several samples per prompt (no critic)", online=True),
+            "GRPO: group-relative advantages over several samples per prompt (no critic)", online=True,
+            config_module=_RL_CONFIGS),
     Trainer("rloo", "rlhfkit.trainers.rl", "RLOOConfig", "run_rl",
-            "RLOO: REINFORCE with a leave-one-out baseline over the group (no critic)", online=True),
+            "RLOO: REINFORCE with a leave-one-out baseline over the group (no critic)", online=True,
+            config_module=_RL_CONFIGS),
     Trainer("dpo", "rlhfkit.trainers.dpo", "DPOConfig", "run_dpo",
-            "direct preference optimisation (sigmoid, ipo, hinge, robust)"),
+            "direct preference optimisation (sigmoid, ipo, hinge, robust)", config_module=_OFFLINE_CONFIGS),
 )}
 
 

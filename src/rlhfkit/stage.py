@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ENTRY_POINT_GROUP", "StageContext", "StageFn", "stage", "stage_types"]
+__all__ = ["ENTRY_POINT_GROUP", "StageContext", "StageFn", "stage", "stage_options", "stage_types"]
 
 ENTRY_POINT_GROUP = "rlhfkit.stages"
 
@@ -45,16 +45,31 @@ class StageContext:
 
 StageFn = Callable[[StageContext], dict[str, Any]]
 _STAGES: dict[str, StageFn] = {}
+# type -> the option names it reads (or a function giving them, imported late); None: not checked
+_OPTIONS: dict[str, Iterable[str] | Callable[[], Iterable[str]] | None] = {}
 
 
-def stage(type_name: str) -> Callable[[StageFn], StageFn]:
-    """Register a stage type: ``fn(ctx) -> summary dict`` (written to the stage's stage_done.json)."""
+def stage(type_name: str, options: Iterable[str] | Callable[[], Iterable[str]] | None = None
+          ) -> Callable[[StageFn], StageFn]:
+    """Register a stage type: ``fn(ctx) -> summary dict`` (written to the stage's stage_done.json).
+
+    ``options``: the names it reads, so that a pipeline file with a misspelt one fails before any stage runs.
+    """
 
     def register(fn: StageFn) -> StageFn:
         _STAGES[type_name] = fn
+        _OPTIONS[type_name] = options
         return fn
 
     return register
+
+
+def stage_options(type_name: str) -> set[str] | None:
+    """The option names a registered stage type declared (None when it declared none)."""
+    options = _OPTIONS.get(type_name)
+    if options is None:
+        return None
+    return set(options() if callable(options) else options)
 
 
 def stage_types(*modules: str) -> dict[str, StageFn]:

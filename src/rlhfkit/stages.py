@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .stage import StageContext, stage
 
 
-@stage("tiny_model")
+@stage("tiny_model", options=("corpus", "vocab", "layers", "hidden", "heads", "max_positions"))
 def tiny_model_stage(ctx: StageContext) -> dict[str, Any]:
     """A random-init Llama with a BPE tokenizer trained on ``corpus`` (a text file, one document per line).
 
@@ -36,34 +36,28 @@ def tiny_model_stage(ctx: StageContext) -> dict[str, Any]:
     return {"parameters": sum(p.numel() for p in model.parameters()), "vocab": config.vocab_size}
 
 
-@stage("eval")
+def _eval_options() -> set[str]:
+    from .eval.runner import option_defaults
+
+    return {*option_defaults(), "policies"} - {"output_dir"}
+
+
+@stage("eval", options=_eval_options)
 def eval_stage(ctx: StageContext) -> dict[str, Any]:
-    """``rlhfkit eval`` as a stage. Options: policies ({name: path}), baseline, prompts, judge, reference,
-    reward_model, pairs, num_samples (4), temperature (1.0), max_new_tokens (48), batch_size (32),
-    n_boot (1000 bootstrap rounds for the confidence intervals)."""
-    from .eval.runner import evaluate_policies
-    from .rollout.generate import SamplingConfig
+    """``rlhfkit eval`` as a stage: the same options, with the same defaults, by their names with
+    underscores (num_samples, temperature, max_new_tokens, batch_size, n_boot, ...); ``policies`` is a
+    {name: path} mapping (or ``policy``: NAME=PATH as on the command line). The seed is the pipeline's + 100
+    unless given; eval.json and samples.jsonl go to the stage's folder."""
+    from .eval.runner import evaluate_from_options, format_table
 
-    ctx.require("policies", "baseline", "prompts", "judge")
-    from .data import load_rows
-
-    prompts = list(load_rows(str(ctx.option("prompts"))))
-    report = evaluate_policies(
-        {k: str(v) for k, v in dict(ctx.option("policies")).items()}, str(ctx.option("baseline")), prompts,
-        str(ctx.option("judge")), reference=ctx.option("reference"), reward_model=ctx.option("reward_model"),
-        num_samples=int(ctx.option("num_samples", 4)),
-        sampling=SamplingConfig(temperature=float(ctx.option("temperature", 1.0)),
-                                max_new_tokens=int(ctx.option("max_new_tokens", 48))),
-        seed=ctx.seed + 100, batch_size=int(ctx.option("batch_size", 32)), pairs=ctx.option("pairs"),
-        output_dir=ctx.output_dir, prompts_source=str(ctx.option("prompts")),
-        n_boot=int(ctx.option("n_boot", 1000)))
-    from .eval.runner import format_table
-
+    ctx.require("prompts", "judge")
+    report = evaluate_from_options({**ctx.options, "seed": int(ctx.option("seed", ctx.seed + 100)),
+                                    "output_dir": str(ctx.output_dir)})
     print(format_table(report))
     return {"policies": report.get("policies", {}), "rm": report.get("rm", {})}
 
 
-@stage("report")
+@stage("report", options=("run_dir", "output", "summary"))
 def report_stage(ctx: StageContext) -> dict[str, Any]:
     """The HTML report of the run folder (or of ``run_dir``): report.html at the run's root (or ``output``);
     ``summary``: the pipeline summary file it shows (summary.json)."""
@@ -74,7 +68,7 @@ def report_stage(ctx: StageContext) -> dict[str, Any]:
     return {"report": str(path)}
 
 
-@stage("judge")
+@stage("judge", options=("judge", "pairs", "max_pairs", "template", "principles"))
 def judge_stage(ctx: StageContext) -> dict[str, Any]:
     """An AI judge labels preference pairs whose preference is known (``rlhfkit judge`` as a stage): how
     often it agrees with the reference. Options: judge (a spec: model:PATH, lm:PATH, openai:..., see
@@ -105,7 +99,8 @@ def judge_stage(ctx: StageContext) -> dict[str, Any]:
                                           "first_slot_win_rate", "position_biased")}}
 
 
-@stage("cai")
+@stage("cai", options=("policy", "prompts", "constitution", "category", "samples_per_prompt", "rounds", "temperature",
+                     "top_p", "max_new_tokens", "max_prompt_length", "batch_size", "judge"))
 def cai_stage(ctx: StageContext) -> dict[str, Any]:
     """``rlhfkit cai`` as a stage: critique -> revision against a constitution by one policy.
 
@@ -137,7 +132,7 @@ def cai_stage(ctx: StageContext) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if not k.endswith("_file")}
 
 
-@stage("revision_preference")
+@stage("revision_preference", options=("cai", "judge", "n_boot"))
 def revision_preference_stage(ctx: StageContext) -> dict[str, Any]:
     """How often a judge prefers a CAI run's final revision to the initial response (ties count ½).
 

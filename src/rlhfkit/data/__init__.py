@@ -23,11 +23,25 @@ if TYPE_CHECKING:
         detect_format,
         split_implicit_prompt,
     )
-    from .loading import LINE_COLUMN, dataset_source, load_rows, row_number
+    from .loading import (
+        LINE_COLUMN,
+        apply_column_map,
+        choose_split,
+        dataset_source,
+        load_rows,
+        parse_column_map,
+        row_number,
+    )
     from .preferences import expand_to_pairs, prepare_preferences
     from .prompts import prepare_prompts
     from .sft import prepare_sft
-    from .tokenize import PrepareReport
+    from .tokenize import (
+        PROMPT_FORMAT_CHOICES,
+        PrepareReport,
+        has_own_chat_template,
+        resolve_prompt_format,
+        template_tail_ids,
+    )
 
 # name -> the module that defines it
 _HOMES = {
@@ -37,34 +51,43 @@ _HOMES = {
     "DataFormat": "formats", "describe_format": "formats", "detect_format": "formats",
     "split_implicit_prompt": "formats",
     "LINE_COLUMN": "loading", "dataset_source": "loading", "load_rows": "loading", "row_number": "loading",
+    "apply_column_map": "loading", "choose_split": "loading", "parse_column_map": "loading",
     "expand_to_pairs": "preferences", "prepare_preferences": "preferences",
     "prepare_prompts": "prompts",
     "prepare_sft": "sft",
-    "PrepareReport": "tokenize",
+    "PrepareReport": "tokenize", "PROMPT_FORMAT_CHOICES": "tokenize", "has_own_chat_template": "tokenize",
+    "resolve_prompt_format": "tokenize", "template_tail_ids": "tokenize",
 }
 
 __all__ = [
     "LINE_COLUMN",
     "PREFERENCE_FORMATS",
+    "PROMPT_FORMAT_CHOICES",
     "PROMPT_FORMATS",
     "SFT_FORMATS",
     "DataFormat",
     "PrepareReport",
+    "apply_column_map",
+    "choose_split",
     "collate_groups",
     "collate_sequences",
     "dataset_source",
     "describe_format",
     "detect_format",
     "expand_to_pairs",
+    "has_own_chat_template",
     "load_rows",
     "pack_batch",
     "pack_shared_prompts",
     "pad_batch",
+    "parse_column_map",
     "prepare_preferences",
     "prepare_prompts",
     "prepare_sft",
+    "resolve_prompt_format",
     "row_number",
     "split_implicit_prompt",
+    "template_tail_ids",
 ]
 
 

@@ -1,9 +1,10 @@
-"""Load rows from JSONL / JSON / Parquet files, local dataset folders or hub dataset names.
+"""Load rows from JSONL / JSON / Parquet / CSV files, saved datasets, local dataset folders or hub names.
 
 JSON is parsed here and JSONL in :mod:`.jsonl`, line by line, instead of by ``datasets``: its errors name
 neither the file nor the line, and a user with 100k rows needs "train.jsonl, row 5213: malformed JSON" to
-fix the data.
-Everything else goes through :func:`datasets.load_dataset`.
+fix the data. Folders written by ``save_to_disk`` go through :func:`datasets.load_from_disk`; other folders
+and hub names through :func:`datasets.load_dataset`. A source with several splits gives one split, chosen by
+:func:`choose_split` (never merged). A column map (``prompt=question``) renames columns right after loading.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 import datasets
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .jsonl import json_kind, numbered_rows
 
-__all__ = ["LINE_COLUMN", "dataset_source", "load_rows", "one_line", "row_number"]
+__all__ = ["LINE_COLUMN", "apply_column_map", "choose_split", "dataset_source", "load_rows", "one_line",
+           "parse_column_map", "row_number"]
 
 # Hidden column holding the 1-based source line of every JSONL row. A column (rather than a side list)
 # survives shuffle/select/filter, so messages keep naming the right line. Columns starting with "__" are
@@ -63,18 +65,24 @@ def row_number(ds_or_row: datasets.Dataset | Mapping[str, Any], index: int) -> i
     return int(line) if line is not None else index + 1
 
 
-def load_rows(source: str, split: str = "train") -> datasets.Dataset:
+def load_rows(source: str, split: str | None = None, *, columns: Any = None, purpose: str = "train",
+              split_flag: str | None = None) -> datasets.Dataset:
     """Load ``source`` as a :class:`datasets.Dataset`.
 
-    ``source`` is a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, a local dataset folder (loaded
-    with ``datasets.load_dataset(folder, split=split)``) or, when nothing exists at that path, a hub
-    dataset name. ``split`` applies to folders and hub datasets; a single file is always its own split.
+    ``source`` is a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` / ``.tsv`` file, a folder written by
+    ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``, a folder of data files (``train.jsonl``,
+    ``test.jsonl``, ...) or, when nothing exists at that path, a hub dataset name. ``split`` picks a split
+    by its own name; None applies :func:`choose_split`'s rule for ``purpose`` ("train" or "eval");
+    ``split_flag`` is the flag named in messages (default ``--dataset-split`` / ``--eval-split``).
+    ``columns`` (``"prompt=question,chosen=good"`` or a mapping NEW -> OLD) renames columns after loading.
     Any problem raises :class:`DataError` with a one-line message naming the source (and the line).
     """
     source = str(source)
+    flag = split_flag or ("--eval-split" if purpose == "eval" else "--dataset-split")
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_file():
+        _check_single_split(source, split, flag, path.stem)
         if suffix == ".jsonl":
             ds = _from_rows(numbered_rows(path, source), source, lines=True)
         elif suffix == ".json":
@@ -88,12 +96,15 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
         else:
             raise DataError(f"unsupported file type '{suffix or path.name}': use .jsonl, .json, .parquet or "
                             ".csv, a dataset folder or a hub dataset name", source=source)
+    elif path.is_dir() and _saved_to_disk(path):
+        ds = _from_disk(source, path, split, purpose, flag)
     elif path.is_dir():
-        ds = _load(source, str(path), split=split)
+        ds = _load_split(source, str(path), split, purpose, flag)
     elif _looks_like_file(source):
         raise DataError("file not found", source=source)
     else:
-        ds = _load(source, source, split=split)
+        ds = _load_split(source, source, split, purpose, flag)
+    ds = apply_column_map(ds, parse_column_map(columns), source)
     if len(ds) == 0:
         raise DataError("no rows", source=source)
     try:
@@ -101,6 +112,115 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
     except TypeError:
         pass
     return ds
+
+
+# Split names a trainer takes without being told: train, train_prefs, sft_train, ... (and the eval kinds).
+_SPLIT_WORDS = {"train": ("train",), "eval": ("test", "validation", "valid", "val", "eval", "dev")}
+
+
+def _is_kind(name: str, words: tuple[str, ...]) -> bool:
+    low = name.lower()
+    return any(low == w or low.startswith(w + "_") or low.endswith("_" + w) for w in words)
+
+
+def choose_split(names: list[str], split: str | None, source: str, purpose: str = "train",
+                 flag: str = "--dataset-split") -> str:
+    """The split to use among ``names``: the named one, else the only one, else the only one of its kind.
+
+    Kinds by name: ``train``, ``train_*`` or ``*_train`` for training; test / validation / eval (the same
+    way) for ``purpose="eval"``. Splits are never merged: an ambiguous or unknown name is a DataError
+    listing the splits there are.
+    """
+    listed = ", ".join(names) if names else "(none)"
+    if split is not None:
+        if split not in names:
+            raise DataError(f"no split '{split}'; it has splits {listed} (pick one with {flag})", source=source)
+        return split
+    if len(names) == 1:
+        return names[0]
+    kind = [n for n in names if _is_kind(n, _SPLIT_WORDS.get(purpose, _SPLIT_WORDS["train"]))]
+    if len(kind) == 1:
+        return kind[0]
+    raise DataError(f"has splits {listed}: pick one with {flag}", source=source)
+
+
+def _check_single_split(source: str, split: str | None, flag: str, own: str | None) -> None:
+    """A single file (or saved Dataset) is one split, which ``datasets`` calls "train"."""
+    if split is not None and split not in ("train", own):
+        raise DataError(f"no split '{split}'; it is a single split (train): drop {flag}", source=source)
+
+
+def _saved_to_disk(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+def _from_disk(source: str, path: Path, split: str | None, purpose: str, flag: str) -> datasets.Dataset:
+    """A folder written by ``save_to_disk``: a Dataset, or one split of a DatasetDict."""
+    try:
+        obj = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"cannot load saved dataset: {one_line(exc)}", source=source) from None
+    if isinstance(obj, datasets.DatasetDict):
+        return obj[choose_split(list(obj), split, source, purpose, flag)]
+    _check_single_split(source, split, flag, str(obj.split) if obj.split else None)
+    return obj
+
+
+def _load_split(source: str, path: str, split: str | None, purpose: str, flag: str) -> datasets.Dataset:
+    """One split of a folder of data files or a hub dataset (its split names are read first)."""
+    try:
+        names = list(datasets.get_dataset_split_names(path))
+    except Exception as exc:  # no such hub dataset, offline, unreadable folder, ...
+        raise DataError(f"cannot load dataset: {one_line(exc)}", source=source) from None
+    return _load(source, path, split=choose_split(names, split, source, purpose, flag))
+
+
+def parse_column_map(spec: Any) -> dict[str, str]:
+    """``"prompt=question,chosen=good"`` (or a mapping, from YAML) -> ``{"prompt": "question", ...}``."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, Mapping):
+        pairs = [(str(k).strip(), str(v).strip()) for k, v in spec.items()]
+    elif isinstance(spec, str):
+        pairs = []
+        for item in (p.strip() for p in spec.split(",")):
+            new, sep, old = item.partition("=")
+            if not item:
+                continue
+            if not sep:
+                raise ConfigError(f"--columns '{item}': expected NEW=OLD, e.g. prompt=question")
+            pairs.append((new.strip(), old.strip()))
+    else:
+        raise ConfigError(f"--columns: expected NEW=OLD pairs or a mapping, got {type(spec).__name__}")
+    out: dict[str, str] = {}
+    for new, old in pairs:
+        if not new or not old:
+            raise ConfigError(f"--columns '{new}={old}': expected NEW=OLD, e.g. prompt=question")
+        if new in out:
+            raise ConfigError(f"--columns: '{new}' is given twice")
+        out[new] = old
+    olds = list(out.values())
+    for old in olds:
+        if olds.count(old) > 1:
+            raise ConfigError(f"--columns: column '{old}' is mapped twice")
+    return out
+
+
+def apply_column_map(ds: datasets.Dataset, mapping: Mapping[str, str], source: str) -> datasets.Dataset:
+    """Rename columns (NEW -> OLD); a missing OLD or a NEW that would overwrite a column is a DataError."""
+    if not mapping:
+        return ds
+    present = [c for c in ds.column_names if not c.startswith("__")]
+    renamed = {old for new, old in mapping.items() if new != old}
+    for new, old in mapping.items():
+        if old not in ds.column_names:
+            raise DataError(f"--columns {new}={old}: no column '{old}'; columns: {', '.join(present)}",
+                            source=source)
+        if new != old and new in ds.column_names and new not in renamed:
+            raise DataError(f"--columns {new}={old}: there is already a column '{new}' (it would be lost); "
+                            f"map it to another name too, e.g. {new}_orig={new}", source=source)
+    return ds.rename_columns({old: new for new, old in mapping.items() if new != old})
 
 
 def _looks_like_file(source: str) -> bool:

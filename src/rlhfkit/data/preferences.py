@@ -65,6 +65,8 @@ def prepare_preferences(
     max_length: int,
     max_prompt_length: int | None = None,
     source: str = "",
+    prompt_format: str = "auto",
+    keep_template_tail: bool = False,
 ) -> tuple[list[dict[str, Any]], PrepareReport]:
     """Tokenise preference rows into groups ``{"prompt_ids", "responses", "ranks", "margin"}``.
 
@@ -76,13 +78,19 @@ def prepare_preferences(
 
     Chosen/rejected may be strings or chat-message lists, in TRL's conversational layout (prompt = the
     history, responses = assistant messages) or UltraFeedback's (responses = whole conversations).
-    Every response ends with EOS. Rows with an empty response, identical chosen/rejected, fewer than two
+    String prompt/responses become a user turn and assistant turns under ``prompt_format`` chat (auto:
+    when the tokenizer has its own chat template); chosen/rejected strings that hold their prompt
+    (HH-RLHF) stay text, since they carry their own turn markers.
+    Every response ends with EOS; ``keep_template_tail`` (reward models) adds the text the tokenizer's own
+    chat template writes after it (:func:`~rlhfkit.data.tokenize.template_tail_ids`), so that chat rows
+    equal ``apply_chat_template``'s rendering and every row ends as ``ModelReward`` scores it.
+    Rows with an empty response, identical chosen/rejected, fewer than two
     responses or only ties are skipped and counted.
     """
     _check_max_length(max_length)
     source = source or dataset_source(ds)
     fmt = detect_format(ds.column_names, allowed=PREFERENCE_FORMATS, source=source)
-    enc = _Encoder(tokenizer, source)
+    enc = _Encoder(tokenizer, source, prompt_format, keep_template_tail)
     report = PrepareReport(max_length=max_length, source=source)
     has_margin = "margin" in ds.column_names
     has_ranks = "ranks" in ds.column_names
@@ -138,11 +146,12 @@ def prepare_preferences(
             report.skip(NO_PREFERENCE, rownum)
             continue
 
-        chat = isinstance(prompt, list) or any(isinstance(r, list) for r in responses)
+        chat = isinstance(prompt, list) or any(isinstance(r, list) for r in responses) or (
+            enc.chat_strings and fmt is not DataFormat.PREFERENCE_IMPLICIT)
         p = _encode_prompt(enc, prompt, chat, rownum)
         ids = [_encode_response(enc, p, r, rownum, n) for r, n in zip(responses, names)]
         prompt_ids, ids, truncated = _truncate(_ensure_not_empty_prompt(enc, p), ids, max_length,
-                                               max_prompt_length, max_prompt_length is not None)
+                                               max_prompt_length, max_prompt_length is not None, p.heads)
         report.truncated += int(truncated)
         records.append({"prompt_ids": prompt_ids, "responses": ids, "ranks": ranks, "margin": margin})
     _finish(report, records, source)

@@ -27,6 +27,7 @@ from .tokenize import (
     _Encoder,
     _ensure_not_empty_prompt,
     _finish,
+    _heads,
     _is_empty,
     _require,
     _text_or_messages,
@@ -42,10 +43,13 @@ def prepare_sft(
     max_length: int,
     completion_only_loss: bool = True,
     source: str = "",
+    prompt_format: str = "auto",
 ) -> tuple[list[dict[str, list[int]]], PrepareReport]:
     """Tokenise SFT rows into ``{"input_ids", "loss_mask"}`` records.
 
     * prompt/completion: loss on the completion tokens (incl. EOS); either side may be chat messages.
+      Under ``prompt_format`` chat (auto: the tokenizer has its own template) string rows become a user
+      turn and its assistant turn; under raw they stay text.
     * messages: loss on every assistant turn (through its EOS); system/user turns and the assistant
       headers get mask 0. Rendered prefix by prefix, each chunk tokenised separately.
     * text: loss on every token but the first (EOS appended).
@@ -56,7 +60,7 @@ def prepare_sft(
     _check_max_length(max_length)
     source = source or dataset_source(ds)
     fmt = detect_format(ds.column_names, allowed=SFT_FORMATS, source=source)
-    enc = _Encoder(tokenizer, source)
+    enc = _Encoder(tokenizer, source, prompt_format)
     report = PrepareReport(max_length=max_length, source=source)
     records: list[dict[str, list[int]]] = []
     for index, row in enumerate(ds):
@@ -71,6 +75,7 @@ def prepare_sft(
                 report.skip(EMPTY_TEXT, rownum)
                 continue
             prompt_ids: list[int] = []
+            heads: tuple[int, ...] = ()
             resp_ids = enc.prompt_text_ids(text) + [enc.eos]
             resp_mask = [1] * len(resp_ids)
         elif fmt is DataFormat.SFT_MESSAGES:
@@ -78,15 +83,17 @@ def prepare_sft(
             if parts is None:
                 continue
             prompt_ids, resp_ids, resp_mask = parts
+            messages = _clean_messages(row["messages"], source, rownum, "messages")
+            heads = _heads(enc, prompt_ids, messages, rownum)
         else:
             prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt")
             completion = _text_or_messages(row.get("completion"), source, rownum, "completion")
             if _is_empty(completion):
                 report.skip(EMPTY_RESPONSE, rownum)
                 continue
-            chat = isinstance(prompt, list) or isinstance(completion, list)
+            chat = isinstance(prompt, list) or isinstance(completion, list) or enc.chat_strings
             p = _encode_prompt(enc, prompt, chat, rownum)
-            prompt_ids = _ensure_not_empty_prompt(enc, p)
+            prompt_ids, heads = _ensure_not_empty_prompt(enc, p), p.heads
             resp_ids = _encode_response(enc, p, completion, rownum, "completion")
             resp_mask = [1] * len(resp_ids)
         # Text rows have no prompt: right-truncate the whole sequence (keep its start).
@@ -95,7 +102,8 @@ def prepare_sft(
             resp_ids, resp_mask = resp_ids[:max_length], resp_mask[:max_length]
             truncated = len(resp_ids) < was
         else:
-            prompt_ids, (resp_ids,), truncated = _truncate(prompt_ids, [resp_ids], max_length, None, False)
+            prompt_ids, (resp_ids,), truncated = _truncate(prompt_ids, [resp_ids], max_length, None, False,
+                                                           heads)
             resp_mask = resp_mask[: len(resp_ids)]
         report.truncated += int(truncated)
         input_ids = prompt_ids + resp_ids

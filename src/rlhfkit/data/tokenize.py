@@ -10,15 +10,20 @@ Conventions (shared by SFT, reward modelling, DPO and RL):
 
 * Prompt and response are tokenised separately and concatenated; a merged string is never re-tokenised,
   so the boundary (and therefore the loss mask) is exact even where BPE would merge across it.
-* String prompt: ``tokenizer(prompt).input_ids`` (with the tokenizer's special tokens, e.g. BOS).
+* Prompt format (``--prompt-format``, :func:`resolve_prompt_format`): with ``chat`` (``auto``'s choice
+  when the tokenizer ships its own chat template) a string prompt becomes one user turn and a string
+  response the assistant turn, rendered as below; with ``raw`` strings stay text:
+  String prompt: ``tokenizer(prompt).input_ids`` (with the tokenizer's special tokens, e.g. BOS).
   String response: ``tokenizer(response, add_special_tokens=False).input_ids + [eos]``.
 * Chat messages: the prompt is rendered with ``add_generation_prompt=True``; the response chunk is the
   text the chat template adds for the response messages (full rendering minus the prompt rendering). Both
   are tokenised with ``add_special_tokens=False`` (the template supplies BOS). The response ids stop at the
   template's last EOS (text after it, usually a newline, carries no signal); EOS is appended when the
-  template emits none.
+  template emits none. Reward models keep that text (:func:`template_tail_ids`): they are read at the last
+  token, and users feed them ``apply_chat_template``'s rendering.
 * Truncation keeps the END of the prompt and the START of the response; at least one response token
-  always survives.
+  always survives. A cut prompt keeps its first token when that is BOS (models such as Gemma depend on
+  it), and a leading system turn whole when it fits.
 * Position 0 of every sequence has loss mask 0: nothing predicts the first token, and packing relies on
   it (position 0 of a packed sequence is "predicted" by the previous sequence's last token).
 """
@@ -30,10 +35,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from ..models.tiny import DEFAULT_CHAT_TEMPLATE
 
-__all__ = ["PrepareReport"]
+__all__ = ["PROMPT_FORMAT_CHOICES", "PrepareReport", "has_own_chat_template", "resolve_prompt_format",
+           "template_tail_ids"]
 
 _LOGGER = logging.getLogger("rlhfkit")
 
@@ -88,6 +94,67 @@ class PrepareReport:
         logger = logger or _LOGGER
         level = logging.WARNING if (self.skipped or self.truncated) else logging.INFO
         logger.log(level, "%s", self.summary(source))
+
+
+# -------------------------------------------------------------------------------------- prompt format
+
+PROMPT_FORMAT_CHOICES = ("auto", "chat", "raw")
+
+
+def has_own_chat_template(tokenizer: Any) -> bool:
+    """True when the tokenizer ships a chat template of its own.
+
+    rlhfkit's fallback template (given by ``load_tokenizer`` to tokenizers without one, and used by the
+    tiny test models) does not count: it is compared by value, so the answer survives a save and reload.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    return bool(template) and template != DEFAULT_CHAT_TEMPLATE
+
+
+def resolve_prompt_format(tokenizer: Any, requested: str = "auto", model: str = "", log: bool = False) -> str:
+    """``auto`` / ``chat`` / ``raw`` -> ``"chat"`` or ``"raw"``: how plain-string prompts are tokenised.
+
+    auto = chat when the tokenizer has its own chat template, raw otherwise. Chat-message data are
+    rendered with a template either way. ``log=True`` logs the choice (once per run, by the caller).
+    """
+    mode = str(requested or "auto").lower()
+    if mode not in PROMPT_FORMAT_CHOICES:
+        raise ConfigError(f"--prompt-format must be auto, chat or raw, not '{requested}'")
+    own = has_own_chat_template(tokenizer)
+    name = f" of '{model}'" if model else ""
+    if mode == "chat" and not own:
+        raise ConfigError(f"--prompt-format chat: the tokenizer{name} has no chat template of its own; use "
+                          "--prompt-format raw, or give the data as chat messages")
+    resolved = "chat" if mode == "chat" or (mode == "auto" and own) else "raw"
+    if log:
+        if resolved == "chat":
+            why = "tokenizer has a chat template" if mode == "auto" else "--prompt-format chat"
+            _LOGGER.info("prompt format: chat (%s; string prompts become one user turn)", why)
+        else:
+            why = "tokenizer has no chat template of its own" if mode == "auto" else "--prompt-format raw"
+            _LOGGER.info("prompt format: raw (%s; string prompts stay text)", why)
+    return resolved
+
+
+def template_tail_ids(tokenizer: Any) -> list[int]:
+    """Ids of the text a tokenizer's own chat template writes after an assistant turn's EOS (Qwen, Gemma and
+    Phi-3 write a newline), [] when it writes none or has no template of its own.
+
+    A reward model is scored at its last token, and users score a conversation as
+    ``apply_chat_template(messages)`` renders it: reward models therefore train (``prepare_preferences(...,
+    keep_template_tail=True)``) and score (``ModelReward``) with this tail after EOS.
+    """
+    eos = getattr(tokenizer, "eos_token", None)
+    if not has_own_chat_template(tokenizer) or not eos:
+        return []
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                             tokenize=False)
+    except Exception:  # a template that refuses this conversation: no tail known
+        return []
+    cut = text.rfind(eos) if isinstance(text, str) else -1
+    tail = text[cut + len(eos):] if cut >= 0 else ""
+    return list(tokenizer(tail, add_special_tokens=False).input_ids) if tail else []
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -157,8 +224,10 @@ def _same(a: str | list, b: str | list) -> bool:
 class _Encoder:
     """Tokenisation helpers bound to one tokenizer (and the chat template to use with it)."""
 
-    def __init__(self, tokenizer: Any, source: str):
+    def __init__(self, tokenizer: Any, source: str, prompt_format: str = "auto", keep_template_tail: bool = False):
         self.tok, self.source = tokenizer, source
+        self.tail = template_tail_ids(tokenizer) if keep_template_tail else []  # reward models: see above
+        self.chat_strings = resolve_prompt_format(tokenizer, prompt_format) == "chat"  # strings -> chat turns
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise ModelError("the tokenizer has no eos_token: set one so that responses can end with EOS")
@@ -213,25 +282,54 @@ class _Prompt:
     text: str
     ids: list[int]
     messages: list[dict[str, Any]] | None  # None: a plain-text prompt
+    heads: tuple[int, ...] = ()  # prefix lengths a left cut keeps, best first (system turn, BOS)
+
+
+def _heads(enc: _Encoder, ids: list[int], messages: list[dict[str, Any]] | None, rownum: int) -> tuple[int, ...]:
+    """The leading ids a left cut keeps: a system turn (when it renders as a token prefix), else BOS."""
+    heads: list[int] = []
+    if messages and len(messages) > 1 and messages[0].get("role") == "system":
+        try:
+            system_ids = enc.ids(enc.render(messages[:1], False, rownum))
+        except DataError:  # templates that refuse a system-only conversation: keep BOS only
+            system_ids = []
+        if system_ids and ids[: len(system_ids)] == system_ids and len(system_ids) < len(ids):
+            heads.append(len(system_ids))
+    if ids and enc.bos is not None and ids[0] == enc.bos:
+        heads.append(1)
+    return tuple(heads)
+
+
+def _keep_end(ids: list[int], keep: int, heads: tuple[int, ...] = ()) -> list[int]:
+    """The last ``keep`` tokens, with the first protected head that leaves room for >= 1 tail token."""
+    if keep >= len(ids):
+        return ids
+    for head in heads:
+        if head < keep:
+            return ids[:head] + ids[len(ids) - (keep - head):]
+    return ids[len(ids) - keep:] if keep > 0 else []
 
 
 def _encode_prompt(enc: _Encoder, prompt: str | list, chat: bool, rownum: int) -> _Prompt:
     """Prompt ids; in chat mode a string prompt becomes one user message."""
     if not chat:
         assert isinstance(prompt, str)
-        return _Prompt(prompt, enc.prompt_text_ids(prompt), None)
+        ids = enc.prompt_text_ids(prompt)
+        return _Prompt(prompt, ids, None, _heads(enc, ids, None, rownum))
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     text = enc.render(messages, True, rownum)
-    return _Prompt(text, enc.ids(text), messages)
+    ids = enc.ids(text)
+    return _Prompt(text, ids, messages, _heads(enc, ids, messages, rownum))
 
 
 def _encode_response(enc: _Encoder, prompt: _Prompt, response: str | list, rownum: int, name: str) -> list[int]:
+    """Response ids through EOS (plus the template tail for reward models, on every row as ModelReward reads)."""
     if prompt.messages is None:
         assert isinstance(response, str)
-        return enc.response_text_ids(response)
+        return enc.response_text_ids(response) + enc.tail
     messages = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
     chunk = enc.chat_suffix(prompt.text, prompt.messages + messages, rownum, name)
-    return enc.end_with_eos(enc.ids(chunk))
+    return enc.end_with_eos(enc.ids(chunk)) + enc.tail
 
 
 def _split_conversations(prompt: Any, responses: list, names: list[str], source: str,
@@ -260,23 +358,23 @@ def _split_conversations(prompt: Any, responses: list, names: list[str], source:
 
 
 def _truncate(prompt: list[int], responses: list[list[int]], max_length: int, prompt_limit: int | None,
-              enforce_limit: bool) -> tuple[list[int], list[list[int]], bool]:
+              enforce_limit: bool, heads: tuple[int, ...] = ()) -> tuple[list[int], list[list[int]], bool]:
     """Fit prompt + each response into max_length: keep the prompt's end and the responses' starts.
 
     The prompt is cut only as far as needed, but never below ``prompt_limit`` (default max_length // 2,
     at most max_length - 1) while the responses are too long; ``enforce_limit`` (an explicit
-    max_prompt_length) always applies the limit.
+    max_prompt_length) always applies the limit. A cut keeps the protected ``heads`` (see :func:`_keep_end`).
     """
     limit = min(prompt_limit if prompt_limit is not None else max_length // 2, max_length - 1)
     limit = max(limit, 0)
     truncated = False
     if enforce_limit and len(prompt) > limit:
-        prompt, truncated = prompt[len(prompt) - limit:], True
+        prompt, truncated = _keep_end(prompt, limit, heads), True
     longest = max((len(r) for r in responses), default=0)
     if len(prompt) + longest > max_length:
         keep = min(len(prompt), max(max_length - longest, limit))
         if keep < len(prompt):
-            prompt, truncated = prompt[len(prompt) - keep:], True
+            prompt, truncated = _keep_end(prompt, keep, heads), True
         room = max_length - len(prompt)
         responses = [r[:room] for r in responses]
         truncated = True

@@ -23,11 +23,14 @@ from ..data import PROMPT_FORMATS, prepare_prompts
 from ..engine import TrainingError, atomic_dir_write, atomic_write_text, epoch_seed, latest_checkpoint
 from ..engine.checkpoint import prune_checkpoints, read_state, resume_checkpoint, resume_hint, write_state
 from ..engine.metrics import append_row, restart_logs, task_postfix, write_summary
+from ..engine.run_folder import begin_run, check_output_dir
 from ..errors import ConfigError, RlhfkitError
 from ..models import check_same_tokenizer, load_tokenizer
 from ..rollout.generate import HFGenerationBackend, Rollout
-from ..trainers.common import prepare_datasets, require
+from ..rollout.rewards import source_metrics
+from ..trainers.common import prepare_datasets, require, trainer_name
 from ..trainers.rl import RLConfig, RLTask, write_samples
+from ..trainers.rl.run import check_reward_inputs
 from .cluster import TRAINING_ROLES, RayCluster, WorkerFailure, import_ray, roles_of
 from .options import RayOptions, check_ray_config
 
@@ -112,14 +115,16 @@ def run_ray_rl(config: RLConfig, on_sync: Callable[[int, RayCluster], None] | No
         raise ConfigError("give a reward source: --reward-model, --reward-fn or --reward-url")
     if config.critic == "reward_model" and config.advantage == "gae" and not config.reward_model:
         raise ConfigError("--critic reward_model needs --reward-model (the value model starts from it)")
+    check_output_dir(config)  # before Ray starts: refused, or --resume on a finished run
     ray = import_ray()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    begin_run(config, trainer_name(config))  # --overwrite clears the folder; config.yaml
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     if config.ref_model and config.ref_model != config.model:
         check_same_tokenizer(tokenizer, load_tokenizer(config.ref_model), config.model, config.ref_model)
     prepare = partial(prepare_prompts, max_prompt_length=config.max_prompt_length or config.max_length // 2)
     prompts, _, report = prepare_datasets(config, tokenizer, PROMPT_FORMATS, prepare)
+    check_reward_inputs(config, prompts, [])  # weights and reward-function columns, before any actor starts
     # the driver's RLTask: the KL controller, reward statistics and experience() of the single-process step
     task = RLTask(config, tokenizer, False, None, None,
                   HFGenerationBackend(tokenizer, config.fast_decode, config.compile_decode), [])
@@ -265,11 +270,12 @@ class _Driver:
         g = cfg.num_generations
         hint = f" (step {step + 1}{self.checkpoint_hint()})"
         bounds = shard_bounds(len(chosen), c.counts["reward"])
-        scored = c.call("reward", "score", [([{"prompt": p["prompt"]} for p in chosen[lo:hi]],
-                                             slice_rollout(rollout, lo * g, hi * g), hint) for lo, hi in bounds],
-                        "scoring")
-        scores = torch.cat([s for s, _ in scored])
-        texts = [t for _, part in scored for t in part]
+        rows = [{k: p[k] for k in ("prompt", "raw_prompt", "columns") if k in p} for p in chosen]  # for reward fns
+        scored = c.call("reward", "score", [(rows[lo:hi], slice_rollout(rollout, lo * g, hi * g), hint)
+                                            for lo, hi in bounds], "scoring")
+        scores = torch.cat([s for s, _, _ in scored])
+        texts = [t for _, part, _ in scored for t in part]
+        source_scores = {name: torch.cat([by_source[name] for _, _, by_source in scored]) for name in scored[0][2]}
         raw, scores = task.shape_scores(scores, rollout.ended)
 
         records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
@@ -284,7 +290,7 @@ class _Driver:
         value_flat = torch.cat(results[len(ref_bounds):]) if self.has_critic else None
         self.phase_calls = []
         exp = task.experience(chosen, rollout, texts, raw, scores, ref_flat, value_flat, rollout_time,
-                              f"step {step + 1}", self.checkpoint_hint())
+                              f"step {step + 1}", self.checkpoint_hint(), extra_metrics=source_metrics(source_scores))
 
         records, beta = exp.records, task.kl_controller.beta
         per_rank = cfg.prompts_per_step * g

@@ -21,9 +21,10 @@ import torch
 from ..engine import Engine, TrainingError, resolve_precision, step_seed
 from ..errors import ConfigError
 from ..models import load_causal_lm, load_reward_model, load_tokenizer
+from ..models.dropout import apply_dropout_setting
 from ..models.forward import at_loss_positions, to_device
 from ..rollout.generate import HFGenerationBackend, Rollout
-from ..rollout.rewards import build_reward_source
+from ..rollout.rewards import build_reward_source, parse_reward_weights
 from ..trainers.common import resolve_packing
 from ..trainers.rl import ActorCritic, RLConfig, RLTask
 
@@ -58,7 +59,7 @@ def _free_port() -> int:
 
 
 def _autocast(device: torch.device, precision: str):
-    mixed, _ = resolve_precision(precision)
+    mixed, _ = resolve_precision(precision, force=True)  # the worker's Engine already applied the check
     if mixed == "no":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if mixed == "bf16" else torch.float16)
@@ -185,12 +186,14 @@ class TrainWorker(_Worker):
         device = engine.device
         if self.role == "policy":
             policy = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code).to(device)
+            apply_dropout_setting(policy, cfg.keep_dropout, "policy")
             model = ActorCritic(policy, None)
             packed = resolve_packing(cfg, policy)
         else:
             start = cfg.reward_model.split(",")[0] if cfg.critic == "reward_model" else cfg.model
             value_model = load_reward_model(start, trust_remote_code=cfg.trust_remote_code,
                                             pad_token_id=self.tokenizer.pad_token_id)
+            apply_dropout_setting(value_model, cfg.keep_dropout, "value model")
             if cfg.critic != "reward_model":  # a fresh head on the policy's weights: values start at 0
                 head = getattr(value_model, "score", None) or value_model.classifier
                 torch.nn.init.zeros_(head.weight)
@@ -275,10 +278,13 @@ class RewardWorker(_Worker):
             [s for s in (cfg.reward_model or "").split(",") if s], [s for s in (cfg.reward_fn or "").split(",") if s],
             [s for s in (cfg.reward_url or "").split(",") if s], self.tokenizer, device=self.device,
             ensemble=cfg.reward_ensemble, std_coef=cfg.reward_std_coef, batch_size=cfg.reward_batch_size,
-            trust_remote_code=cfg.trust_remote_code)
+            trust_remote_code=cfg.trust_remote_code, weights=parse_reward_weights(cfg.reward_weights))
         self.task = self._task(reward=reward)
 
-    def score(self, prompts: list[dict], rollout: Rollout, where: str) -> tuple[torch.Tensor, list[str]]:
+    def score(self, prompts: list[dict], rollout: Rollout,
+              where: str) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]:
+        """Scores of a share of the rollout, its texts, and each source's scores (``reward/<name>``).
+        ``prompts`` are the share's prompt records (prompt, raw_prompt, columns) for reward functions."""
         with _autocast(self.device, self.config.precision):
             return self.task.score(prompts, rollout, where)
 

@@ -16,12 +16,22 @@ def arg(default, help: str, **kwargs):  # noqa: A002 - mirrors argparse's keywor
 class TrainConfig:
     # what to train, on what
     model: str | None = arg(None, "Model to start from: a hub id or a local folder.")
-    dataset: str | None = arg(None, "Training data: a .jsonl/.json/.parquet file, a local folder or a hub "
-                              "dataset name.")
-    dataset_split: str = arg("train", "Split of --dataset to use (folders and hub datasets).")
+    dataset: str | None = arg(None, "Training data: a .jsonl/.json/.parquet/.csv file, a folder (save_to_disk "
+                              "or data files) or a hub dataset name.")
+    dataset_split: str | None = arg(None, "Split of --dataset, by its own name (train_prefs, test_sft, ...). "
+                                    "Default: the only split, else the only train/train_*/*_train one; "
+                                    "otherwise an error lists the splits.")
     eval_dataset: str | None = arg(None, "Held-out data in the same formats, evaluated every --eval-steps "
                                    "and at the end.")
-    eval_split: str = arg("train", "Split of --eval-dataset to use.")
+    eval_split: str | None = arg(None, "Split of --eval-dataset. Default: the only split, else the only "
+                                 "test/validation/eval one (also as test_*, *_test, ...).")
+    columns: str | None = arg(None, "Rename dataset columns after loading, NEW=OLD comma-separated: "
+                              "prompt=question,chosen=good (a YAML config may give a mapping). Applies to "
+                              "--dataset and --eval-dataset.")
+    prompt_format: str = arg("auto", "How string prompts meet the model: chat = one user turn (string "
+                             "completions/chosen/rejected the assistant turn) in the tokenizer's chat "
+                             "template; raw = plain text; auto = chat when the tokenizer has its own chat "
+                             "template. Chat-message data always use the template.")
     output_dir: str | None = arg(None, "Where metrics.jsonl, summary.json, checkpoints and the final model go.")
     # length
     max_length: int = arg(512, "Longest prompt+response in tokens; longer rows are truncated (counted).")
@@ -50,6 +60,8 @@ class TrainConfig:
                          "bf16 without CPU bf16 units is many times slower).")
     packing: str = arg("auto", "Padding-free packing: sequences concatenated with position ids reset and no "
                        "attention across them. auto = on when the model supports it; on; off (padded).")
+    force_precision: bool = arg(False, "Use --precision as given even where it would be slow (bf16 on a CPU "
+                                "without bf16 units, which is otherwise refused).")
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward to save memory.")
     num_threads: int = arg(0, "CPU threads for torch (0 = torch's default).")
     # LoRA
@@ -63,11 +75,17 @@ class TrainConfig:
     eval_on_start: bool = arg(True, "Evaluate once before training too (step 0), so runs show where they began.")
     save_steps: int = arg(0, "Save a resumable checkpoint every N steps (0 = only the final model).")
     save_total_limit: int = arg(2, "Keep at most this many resumable checkpoints (oldest deleted).")
-    resume: bool = arg(False, "Resume from the newest complete checkpoint in --output-dir.")
+    resume: bool = arg(False, "Resume from the newest complete checkpoint in --output-dir (a finished run "
+                       "there: nothing to do).")
+    overwrite: bool = arg(False, "Replace the run --output-dir holds (its metrics, checkpoints, summary and "
+                          "model; other files stay). Without it a trainer refuses a folder that holds a run.")
     report_to: str = arg("none", "Extra trackers, comma-separated: tensorboard, wandb, mlflow (when "
                          "installed).")
     progress_bar: bool = arg(True, "Show a progress bar with loss, tokens/s and ETA.")
     trust_remote_code: bool = arg(False, "Allow model code from the hub.")
+    keep_dropout: bool = arg(False, "Keep the model's dropout in RL and preference training (ppo, grpo, rloo, "
+                             "dpo, rm), where it is off by default as in TRL: it makes pi/pi_old and the "
+                             "log-ratios to the reference noisy. SFT always keeps it.")
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

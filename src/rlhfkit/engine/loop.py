@@ -63,11 +63,12 @@ class Engine(ParallelMixin, SavingMixin):
         if not config.output_dir:
             raise ConfigError("--output-dir is required")
         self.config = config
+        self.started = time.perf_counter()  # the summary's wall time counts from here
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
-        mixed_precision, why = resolve_precision(config.precision)
+        mixed_precision, why = resolve_precision(config.precision, getattr(config, "force_precision", False))
         self.trackers = resolve_trackers(config.report_to)
         self._unwrapped: tuple[torch.nn.Module, torch.nn.Module] | None = None
         if distributed_on_cpu():
@@ -87,6 +88,7 @@ class Engine(ParallelMixin, SavingMixin):
         set_seed(config.seed)
         self._stop_signal: int | None = None
         self.step = 0  # the step being run (0-based), for messages
+        self.eval_step = 0  # the step an evaluation describes: its metrics row's step (0 = before training)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -315,6 +317,7 @@ class Engine(ParallelMixin, SavingMixin):
 
         initial_eval: dict[str, float] = {}
         if cfg.eval_on_start and start_step == 0:
+            self.eval_step = 0
             initial_eval = self.evaluate(task, model)
             if initial_eval:
                 self.log_metrics({"step": 0, **initial_eval})
@@ -348,6 +351,7 @@ class Engine(ParallelMixin, SavingMixin):
                     last.update(row)
                     window_tokens, window_start = 0, time.perf_counter()
                 if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != total_steps:
+                    self.eval_step = done
                     eval_row = self.evaluate(task, model)
                     if eval_row:
                         self.log_metrics({"step": done, **eval_row})
@@ -364,10 +368,12 @@ class Engine(ParallelMixin, SavingMixin):
                 signal.signal(sig, handler)
             bar.close()
 
+        self.eval_step = total_steps
         eval_row = self.evaluate(task, model)
         if eval_row:
             self.log_metrics({"step": total_steps, **eval_row})
         summary = {"task": task.name, "steps": total_steps, "precision": self.precision_note,
+                   "wall_seconds": time.perf_counter() - self.started,  # this process's, set-up included
                    **{f"train_{k}": v for k, v in last.items() if k != "step"}, **eval_row,
                    **{f"initial_{k}": v for k, v in initial_eval.items()}}
         if self.trackers:

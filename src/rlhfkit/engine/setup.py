@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -14,8 +15,32 @@ from ..errors import ConfigError
 _TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
-def resolve_precision(requested: str) -> tuple[str, str]:
-    """Map ``--precision`` to accelerate's mixed_precision value, with the reason for the log line."""
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.lower().startswith(("flags", "features"))
+            for flag in line.split(":", 1)[-1].split()}
+
+
+def cpu_has_bf16_units() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX, Arm BF16); None when it cannot be told."""
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "AMX" in capability or "BF16" in capability:
+        return True
+    flags = _cpu_flags()
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(requested: str, force: bool = False) -> tuple[str, str]:
+    """Map ``--precision`` to accelerate's mixed_precision value, with the reason for the log line.
+
+    bf16 on a CPU without bf16 units is emulated, 25-80x slower than fp32: refused unless ``force``.
+    """
     requested = requested.lower()
     aliases = {"fp32": "no", "float32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
     if requested == "auto":
@@ -26,6 +51,12 @@ def resolve_precision(requested: str) -> tuple[str, str]:
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, not '{requested}'")
     if aliases[requested] == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if aliases[requested] == "bf16" and not torch.cuda.is_available() and cpu_has_bf16_units() is False:
+        if not force:
+            raise ConfigError("--precision bf16: this CPU has no bf16 units (no avx512_bf16 or amx_bf16), so bf16 "
+                              "would run many times slower than fp32 here; use --precision fp32 (or auto), or "
+                              "pass --precision bf16 --force-precision to insist")
+        return "bf16", "as requested with --force-precision, on a CPU without bf16 units (slow)"
     return aliases[requested], "as requested"
 
 

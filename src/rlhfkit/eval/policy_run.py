@@ -34,11 +34,11 @@ def _bind_tokenizer(source: Any, tokenizer: Any) -> Any:
     if isinstance(source, ModelReward):
         bound = ModelReward(source.model, tokenizer, device=source.device, batch_size=source.batch_size,
                             tokenizer=source.tokenizer)
-        bound.name = source.name
+        bound.name, bound.metric_name = source.name, source.metric_name
         return bound
     if isinstance(source, EnsembleReward):
         bound = EnsembleReward([_bind_tokenizer(s, tokenizer) for s in source.sources], source.reduce,
-                               source.std_coef)
+                               source.std_coef, getattr(source, "weights", None))
         bound.name = source.name
         return bound
     return source
@@ -125,18 +125,22 @@ def _clean_rows(prompts: Sequence[Mapping[str, Any]], source: str) -> list[dict[
 
 
 def _prompt_records(rows: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int,
-                    source: str) -> list[dict[str, Any]]:
+                    source: str, prompt_format: str = "auto", model: str = "") -> list[dict[str, Any]]:
     import datasets
 
-    from ..data import LINE_COLUMN, prepare_prompts
+    from ..data import LINE_COLUMN, prepare_prompts, resolve_prompt_format
 
     ds = datasets.Dataset.from_list([{"prompt": r["prompt"], LINE_COLUMN: r[LINE_COLUMN]} for r in rows])
-    records, report = prepare_prompts(ds, tokenizer, max_prompt_length, source=source)
+    fmt = resolve_prompt_format(tokenizer, prompt_format, model, log=True)  # policies may differ: one line each
+    records, report = prepare_prompts(ds, tokenizer, max_prompt_length, source=source, prompt_format=fmt)
     if report.truncated:
         report.log(logger, source)
     if len(records) != len(rows):  # empty prompts were removed before; nothing else is skipped
         raise DataError(f"{len(rows) - len(records)} prompts could not be used ({report.summary('')})",
                         source=source)
+    for record, row in zip(records, rows):  # the row's other columns, for fn: judges (taken from the row as
+        # it is: a Dataset built from every column could fail on mixed types that a reward function copes with)
+        record["columns"] = {k: v for k, v in row.items() if k != "prompt" and not k.startswith("__")}
     return records
 
 
@@ -157,20 +161,21 @@ class _PolicyRun:
 def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, reward: ModelReward | None,
                 reference: torch.nn.Module | None, reference_path: str | None, num_samples: int,
                 sampling: SamplingConfig, seed: int, batch_size: int, max_prompt_length: int,
-                device: torch.device, source: str) -> _PolicyRun:
+                device: torch.device, source: str, prompt_format: str = "auto",
+                decode: Mapping[str, bool] | None = None) -> _PolicyRun:
     from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
     from ..rollout.generate import HFGenerationBackend
-    from ..rollout.rewards import ScoringBatch, checked_scores
+    from ..rollout.rewards import ScoringBatch, checked_scores, row_fields
 
     tokenizer = load_tokenizer(path)
     if reference is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(reference_path), path, reference_path)
-    records = _prompt_records(rows, tokenizer, max_prompt_length, source)
+    records = _prompt_records(rows, tokenizer, max_prompt_length, source, prompt_format, path)
     judge = _bind_tokenizer(judge, tokenizer)
     reward = _bind_tokenizer(reward, tokenizer) if reward is not None else None
     model = load_causal_lm(path).to(device)
     model.eval().requires_grad_(False)
-    backend = HFGenerationBackend(tokenizer)
+    backend = HFGenerationBackend(tokenizer, **dict(decode or {}))  # fast_decode / compile_decode
     generator = torch.Generator().manual_seed(int(seed))
     stops = tuple(s for s in sampling.stop_strings if s)
     texts: list[str] = []
@@ -183,9 +188,10 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
             chunk = records[start:start + batch_size]
             rollout = backend.generate(model, [r["prompt_ids"] for r in chunk], k, sampling, generator)
             batch_texts = backend.decode(rollout, stops)
-            prompt_texts = [r["prompt"] for r in chunk for _ in range(k)]
-            scoring = ScoringBatch(prompt_texts, batch_texts, rollout.prompt_ids, backend.scored_ids(rollout),
-                                   rollout.ended)
+            fields = row_fields(chunk, k)  # rendered prompts, prompts as written and columns, for fn: judges
+            prompt_texts = fields["prompts"]
+            scoring = ScoringBatch(responses=batch_texts, prompt_ids=rollout.prompt_ids,
+                                   response_ids=backend.scored_ids(rollout), ended=rollout.ended, **fields)
             judged = checked_scores(judge, scoring, RlhfkitError, f" of policy '{name}'", role="judge")
             scores.append(judged.numpy().astype(np.float64))
             if reward is not None:

@@ -32,8 +32,9 @@ import torch
 
 from ..errors import ConfigError
 from ..judges.spec import JUDGE_SPECS, load_judge
+from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
-from ..rollout.rewards import ModelReward, RewardSource
+from ..rollout.rewards import ModelReward, RewardSource, check_reward_columns
 from .policy_run import (
     _bind_tokenizer,
     _clean_rows,
@@ -164,6 +165,8 @@ def evaluate_policies(
     max_prompt_length: int = 256,
     device: torch.device | str | None = None,
     prompts_source: str = "prompts",
+    prompt_format: str = "auto",
+    decode: Mapping[str, bool] | None = None,
 ) -> dict[str, Any]:
     """Sample from every policy, judge, compare with ``baseline``; returns (and writes) the eval report.
 
@@ -186,6 +189,7 @@ def evaluate_policies(
     for a KL you report). The reference must share the policies' tokenizer.
 
     With ``output_dir``: ``eval.json`` (this dict) and ``samples.jsonl`` (one row per response).
+    ``decode``: the decoding backend's switches (``fast_decode``, ``compile_decode``; as the RL trainers').
     """
     from ..models import load_causal_lm, load_tokenizer
 
@@ -214,6 +218,8 @@ def evaluate_policies(
     judge_name = judge if isinstance(judge, str) else getattr(judge, "name", type(judge).__name__)
     if isinstance(judge, str):
         judge = load_judge(judge, base_tokenizer, device)
+    columns = list(dict.fromkeys(k for row in rows for k in row if not k.startswith("__")))
+    check_reward_columns([judge], columns, f"--prompts {prompts_source}")  # an fn: judge's columns, before sampling
     rm = ModelReward(reward_model, base_tokenizer, device=device, batch_size=batch_size) if reward_model else None
     ref_model = None
     if reference:
@@ -224,7 +230,8 @@ def evaluate_policies(
     runs: dict[str, _PolicyRun] = {}
     for name in order:
         runs[name] = _run_policy(name, policies[name], rows, judge, rm, ref_model, reference, num_samples,
-                                 sampling, seed, batch_size, max_prompt_length, device, prompts_source)
+                                 sampling, seed, batch_size, max_prompt_length, device, prompts_source,
+                                 prompt_format=prompt_format, decode=decode)
     categories = [r.get("category") for r in rows] if any("category" in r for r in rows) else None
     report: dict[str, Any] = {
         "judge": judge_name, "baseline": baseline, "num_prompts": len(rows), "num_samples": num_samples,
@@ -337,11 +344,16 @@ def _parse_policies(values: Sequence[str]) -> dict[str, str]:
     return policies
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``rlhfkit eval``: parse flags, run :func:`evaluate_policies`, print the table."""
-    from ..data import PROMPT_FORMATS, detect_format, load_rows
+class _OneLineParser(argparse.ArgumentParser):
+    """Mistakes in the flags are one-line ConfigErrors (the CLI prints them), not usage text."""
 
-    p = argparse.ArgumentParser(
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``rlhfkit eval``'s flags; the pipeline's eval stage takes the same options, with the same defaults."""
+    p = _OneLineParser(
         prog="rlhfkit eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Sample from policies and compare them with a baseline under a judge: win rate and "
                     "length-controlled win rate with bootstrap intervals, reward, KL to a reference, length.")
@@ -361,34 +373,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-prompt-length", type=int, default=256, help="longest prompt in tokens (keeps its end)")
-    p.add_argument("--split", default="train", help="split of a dataset folder or hub dataset")
+    p.add_argument("--split", default=None, help="split of a dataset folder or hub dataset, by its own name "
+                   "(None: the only split, else the only test/validation/eval one)")
+    p.add_argument("--columns", default=None, help="rename prompt-set columns, NEW=OLD comma-separated "
+                   "(prompt=question)")
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"],
+                   help="string prompts: chat = one user turn in the policy's chat template; raw = text; "
+                   "auto = chat when the tokenizer has its own chat template")
+    p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode Llama/Mistral/Qwen2 policies with rlhfkit's lean step (same tokens and log-probs)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="CPU: run that decode step ahead-of-time compiled (needs a C++ compiler; built once, cached)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--output-dir", help="write eval.json and samples.jsonl here")
-    a = p.parse_args(list(argv) if argv is not None else None)
+    return p
 
-    policies = _parse_policies(a.policy)
-    baseline = a.baseline or next(iter(policies))
+
+def option_defaults() -> dict[str, Any]:
+    """Every ``rlhfkit eval`` option's default, by its name with underscores."""
+    return {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+
+
+def _option_policies(o: Any) -> dict[str, str]:
+    if isinstance(o.policies, Mapping):  # the eval stage's {name: path}
+        return {str(k): str(v) for k, v in o.policies.items()}
+    return _parse_policies(o.policy or [])
+
+
+def evaluate_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The report for a mapping of ``rlhfkit eval`` options (underscored names; the flags' defaults fill in
+    the rest; ``policies`` may be a {name: path} mapping instead of ``policy``): the CLI and the pipeline's
+    eval stage both run this."""
+    from ..data import PROMPT_FORMATS, detect_format, load_rows
+
+    o = argparse.Namespace(**{"policies": None, **option_defaults(), **options})
+
+    policies = _option_policies(o)
+    for name in ("prompts", "judge"):
+        if not o.__dict__.get(name):
+            raise ConfigError(f"--{name} is required")
+    baseline = o.baseline or next(iter(policies))
     if baseline not in policies:
         raise ConfigError(f"--baseline '{baseline}' is not one of the policies: {', '.join(policies)}")
-    if a.max_prompts is not None and a.max_prompts < 1:
+    if o.max_prompts is not None and o.max_prompts < 1:
         raise ConfigError("--max-prompts must be >= 1")
-    for flag, path in (("--reference", a.reference), ("--reward-model", a.reward_model)):
-        if path and (path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()):
-            raise ConfigError(f"{flag} '{path}' does not exist")
-    sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                              max_new_tokens=a.max_new_tokens)
+    for flag, path in (("--reference", o.reference), ("--reward-model", o.reward_model),
+                       *(("--policy", p) for p in policies.values())):
+        if path:
+            check_model_path(str(path), flag)  # not a hub error, and before any sampling
+    sampling = SamplingConfig(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                              max_new_tokens=o.max_new_tokens)
     sampling.check()
-    ds = load_rows(a.prompts, split=a.split)
-    detect_format(ds.column_names, allowed=PROMPT_FORMATS, source=a.prompts)
-    if a.max_prompts is not None:
-        ds = ds.select(range(min(a.max_prompts, len(ds))))
-    report = evaluate_policies(policies, baseline, ds.to_list(), a.judge, reference=a.reference,
-                               reward_model=a.reward_model, num_samples=a.num_samples, sampling=sampling,
-                               seed=a.seed, batch_size=a.batch_size, pairs=a.pairs, output_dir=a.output_dir,
-                               n_boot=a.n_boot, confidence=a.confidence, max_prompt_length=a.max_prompt_length,
-                               prompts_source=a.prompts)
-    print(format_table(report))
+    ds = load_rows(o.prompts, split=o.split, columns=o.columns, purpose="eval", split_flag="--split")
+    detect_format(ds.column_names, allowed=PROMPT_FORMATS, source=o.prompts)
+    if o.max_prompts is not None:
+        ds = ds.select(range(min(o.max_prompts, len(ds))))
+    report = evaluate_policies(policies, baseline, ds.to_list(), o.judge, reference=o.reference,
+                               reward_model=o.reward_model, num_samples=o.num_samples, sampling=sampling,
+                               seed=o.seed, batch_size=o.batch_size, pairs=o.pairs, output_dir=o.output_dir,
+                               n_boot=o.n_boot, confidence=o.confidence, max_prompt_length=o.max_prompt_length,
+                               prompts_source=o.prompts, prompt_format=o.prompt_format,
+                               decode={"fast_decode": o.fast_decode, "compile_decode": o.compile_decode})
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rlhfkit eval``: parse flags, run :func:`evaluate_from_options`, print the table."""
+    a = build_parser().parse_args(list(argv) if argv is not None else None)
+    print(format_table(evaluate_from_options(vars(a))))
     return 0

@@ -277,7 +277,7 @@ class SourceJudge(ScoringJudge):
         batch = ScoringBatch(prompts=[self._prompt(p) for p in prompts],
                              responses=[response_text(r) for r in responses],
                              prompt_ids=[[] for _ in range(n)], response_ids=[[] for _ in range(n)],
-                             ended=[True] * n)
+                             ended=[True] * n, raw_prompts=list(prompts))  # a function's prompt= keyword
         with self._lock:  # models are not shared across threads concurrently
             scores = self.source.score(batch)
         if torch.is_tensor(scores):

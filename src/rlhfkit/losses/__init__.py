@@ -1,63 +1,56 @@
-"""Pure tensor loss functions shared by the rlhfkit engine and trainers."""
+"""Pure tensor loss functions shared by the rlhfkit engine and trainers.
 
-from rlhfkit.losses.bradley_terry import (
-    bradley_terry_loss,
-    preference_probability,
-    ranked_bradley_terry_loss,
-    reward_margin_for_probability,
-)
-from rlhfkit.losses.dpo import DPO_LOSS_TYPES, DPOLossOutput, dpo_loss
-from rlhfkit.losses.logprobs import (
-    masked_mean,
-    masked_sum,
-    selected_token_logprobs,
-    selected_token_logprobs_and_entropy,
-    sequence_logprob_sums,
-    token_logprobs,
-)
-from rlhfkit.losses.rl import (
-    GROUP_ADVANTAGE_TYPES,
-    KL_ESTIMATORS,
-    AdaptiveKLController,
-    PolicyLossOutput,
-    RunningMoments,
-    ValueLossOutput,
-    approx_kl,
-    clipped_policy_loss,
-    clipped_value_loss,
-    entropy_from_logits,
-    gae,
-    group_advantages,
-    kl_penalty,
-    whiten,
-)
+The names below are imported on first use, so that the config classes can read the variants' names
+(:mod:`.names`) without loading torch.
+"""
 
-__all__ = [
-    "DPO_LOSS_TYPES",
-    "GROUP_ADVANTAGE_TYPES",
-    "KL_ESTIMATORS",
-    "AdaptiveKLController",
-    "DPOLossOutput",
-    "PolicyLossOutput",
-    "RunningMoments",
-    "ValueLossOutput",
-    "approx_kl",
-    "bradley_terry_loss",
-    "clipped_policy_loss",
-    "clipped_value_loss",
-    "dpo_loss",
-    "entropy_from_logits",
-    "gae",
-    "group_advantages",
-    "kl_penalty",
-    "masked_mean",
-    "masked_sum",
-    "preference_probability",
-    "ranked_bradley_terry_loss",
-    "reward_margin_for_probability",
-    "sequence_logprob_sums",
-    "selected_token_logprobs",
-    "selected_token_logprobs_and_entropy",
-    "token_logprobs",
-    "whiten",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> the module that defines it
+_HOMES = {
+    "bradley_terry_loss": "bradley_terry",
+    "preference_probability": "bradley_terry",
+    "ranked_bradley_terry_loss": "bradley_terry",
+    "reward_margin_for_probability": "bradley_terry",
+    "DPOLossOutput": "dpo",
+    "dpo_loss": "dpo",
+    "masked_mean": "logprobs",
+    "masked_sum": "logprobs",
+    "selected_token_logprobs": "logprobs",
+    "selected_token_logprobs_and_entropy": "logprobs",
+    "sequence_logprob_sums": "logprobs",
+    "token_logprobs": "logprobs",
+    "DPO_LOSS_TYPES": "names",
+    "GROUP_ADVANTAGE_TYPES": "names",
+    "KL_ESTIMATORS": "names",
+    "AdaptiveKLController": "rl",
+    "PolicyLossOutput": "rl",
+    "RunningMoments": "rl",
+    "ValueLossOutput": "rl",
+    "approx_kl": "rl",
+    "clipped_policy_loss": "rl",
+    "clipped_value_loss": "rl",
+    "entropy_from_logits": "rl",
+    "gae": "rl",
+    "group_advantages": "rl",
+    "kl_penalty": "rl",
+    "whiten": "rl",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'rlhfkit.losses' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # the next look-up skips this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 __all__ = ["DPO_LOSS_TYPES", "DPOLossOutput", "dpo_loss"]
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+from .names import DPO_LOSS_TYPES
 
 
 class DPOLossOutput(NamedTuple):

@@ -31,8 +31,7 @@ __all__ = [
     "whiten",
 ]
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-GROUP_ADVANTAGE_TYPES = ("grpo", "dr_grpo", "rloo")
+from .names import GROUP_ADVANTAGE_TYPES, KL_ESTIMATORS
 
 # Same budget as `token_logprobs`: at most 2**24 logit elements are upcast / exponentiated at once.
 _MAX_CHUNK_ELEMENTS = 1 << 24

@@ -36,8 +36,20 @@ def _runs(lengths: list[int] | tuple[int, ...]) -> list[list[int]]:
     return runs
 
 
+def _causal(q, k, v, dropout: float, scaling: float | None, window: int | None) -> torch.Tensor:
+    """Causal SDPA over [.., n, dim] q/k/v; with a sliding ``window`` shorter than n (Mistral, Phi-3, Gemma's
+    local layers) a query sees only the keys less than ``window`` positions back, as transformers' mask does."""
+    n = q.shape[-2]
+    if window is None or n <= window:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+    rows = torch.arange(n, device=q.device)[:, None]
+    cols = torch.arange(n, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(cols <= rows) & (cols > rows - window),
+                                          dropout_p=dropout, scale=scaling)
+
+
 def _shared_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: tuple,
-                             dropout: float, scaling: float | None) -> torch.Tensor:
+                             dropout: float, scaling: float | None, window: int | None = None) -> torch.Tensor:
     """[1, heads, N, dim] q/k/v (kv heads already repeated) of a shared-prompt row -> [1, heads, N, dim].
 
     Per group: causal SDPA over the prompt; then per run of equal-length responses one batched call whose
@@ -57,8 +69,7 @@ def _shared_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     out, at = [], 0
     for prompt_length, runs in plan:
         prompt_k, prompt_v = pieces_k[at], pieces_v[at]
-        out.append(F.scaled_dot_product_attention(pieces_q[at], prompt_k, prompt_v, dropout_p=dropout,
-                                                  is_causal=True, scale=scaling))
+        out.append(_causal(pieces_q[at], prompt_k, prompt_v, dropout, scaling, window))
         at += 1
         for n, count in runs:
             q, k, v = (t[at].view(heads, count, n, dim).transpose(0, 1) for t in (pieces_q, pieces_k, pieces_v))
@@ -67,6 +78,8 @@ def _shared_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torc
             rows = torch.arange(n, device=query.device)[:, None]
             cols = torch.arange(prompt_length + n, device=query.device)[None, :]
             mask = (cols < prompt_length) | (cols - prompt_length <= rows)  # [n, P + n]
+            if window is not None:  # a key's column is its position; response token i sits at P + i
+                mask &= cols > prompt_length + rows - window
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
             out.append(attended.transpose(0, 1).reshape(1, heads, n * count, dim))
             at += 1
@@ -85,9 +98,13 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if kwargs.get("softcap") is not None:  # as transformers' SDPA: it cannot soft-cap scores (Gemma-2)
+        raise ValueError("rlhfkit's packed attention does not support soft-capped attention scores")
     p = dropout if module.training else 0.0
+    window = kwargs.get("sliding_window")
     if shared is not None:
-        return _shared_prompt_attention(query, key, value, shared, p, scaling).transpose(1, 2).contiguous(), None
+        return _shared_prompt_attention(query, key, value, shared, p, scaling,
+                                        window).transpose(1, 2).contiguous(), None
     bounds = cu_seq_lens.tolist()
     if bounds[0] != 0 or bounds[-1] > query.shape[2]:
         raise ValueError(f"packed attention: sequence boundaries {bounds[0]}..{bounds[-1]} do not fit a row of "
@@ -105,7 +122,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     for q, k, v, (n, count) in zip(query.split(spans, dim=2), key.split(spans, dim=2),
                                    value.split(spans, dim=2), runs, strict=True):
         q, k, v = (t.view(heads, count, n, dim).transpose(0, 1) for t in (q, k, v))  # [count, heads, n, dim]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling)
+        out = _causal(q, k, v, p, scaling, window)
         pieces.append(out.transpose(0, 1).reshape(1, heads, n * count, dim))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 

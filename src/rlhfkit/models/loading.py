@@ -35,7 +35,40 @@ def _hub_kwargs(name_or_path: str, trust_remote_code: bool, revision: str | None
     return kwargs
 
 
+# the files a saved tokenizer leaves in its folder (fast, sentencepiece, BPE and WordPiece layouts)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """Whether a model name is meant as a local path rather than a hub id (``org/name``): it starts with
+    / ./ ../ ~, has more than one '/', uses backslashes, or its parent folder exists here."""
+    text = str(name_or_path)
+    if text.startswith(("/", "./", "../", "~", ".\\")) or text in (".", "..") or "\\" in text:
+        return True
+    if text.count("/") > 1:
+        return True
+    parent = Path(text).expanduser().parent
+    return text.count("/") == 1 and parent.is_dir()
+
+
+def check_model_path(name_or_path: str, flag: str = "") -> None:
+    """A path that does not exist is a one-line ModelError, before transformers takes it for a hub id."""
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise ModelError(f"{flag + ' ' if flag else ''}{name_or_path}: no such file or folder")
+
+
+def check_tokenizer_folder(name_or_path: str) -> None:
+    """A local model folder must hold its tokenizer; else one sentence saying what to do."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise ModelError(f"{name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}): save the "
+                         f"tokenizer the model was trained with into it, e.g. "
+                         f"AutoTokenizer.from_pretrained(BASE).save_pretrained('{name_or_path}').")
+
+
 def _load(loader, name_or_path: str, what: str, **kwargs):
+    check_model_path(name_or_path)
     # transformers >= 5 swaps layers for Hub kernels by default on CUDA (``use_kernels``), downloading them at
     # the first ``model.train()``: offline that fails, online it changes the numerics under rlhfkit's own
     # packed attention and decode step. rlhfkit's models run the code their checkpoint names, nothing fetched.
@@ -57,6 +90,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
 
     from .tiny import DEFAULT_CHAT_TEMPLATE
 
+    check_tokenizer_folder(name_or_path)
     tok = _load(AutoTokenizer.from_pretrained, name_or_path, "tokenizer",
                 **_hub_kwargs(name_or_path, trust_remote_code, revision))
     if tok.pad_token_id is None:

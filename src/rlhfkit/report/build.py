@@ -12,20 +12,15 @@ from typing import Any
 from ..errors import RlhfkitError
 from . import figures
 from .page import PlotWriter, Safe, Text, duration, esc, fmt, key_values, page, slug, table
-from .runs import Evaluation, ReportData, Run, flatten, is_number, load
+from .runs import WALL_KEYS, Evaluation, ReportData, Run, flatten, is_number, load
 
 logger = logging.getLogger("rlhfkit")
 
-WALL_KEYS = ("wall_seconds", "wall_time_s", "wall_s", "runtime_s", "train_runtime", "elapsed_s", "total_time_s")
 HEADLINE_KEYS = ("eval_reward_mean", "eval_heldout_reward", "eval_kl", "eval_loss", "eval_accuracy",
                  "eval_reward_accuracy", "eval_token_accuracy")
 MAX_EVAL_PROMPTS = 30  # prompts shown in the sample generations of an evaluation
 MAX_RUN_SAMPLES = 16  # rows of a run's samples.jsonl shown (its first and last logged steps)
 POLICY_SAMPLE_KEYS = ("prompt", "category", "policy", "sample", "response", "score", "length")
-
-
-def _wall(summary: dict[str, Any]) -> Any:
-    return next((summary[k] for k in WALL_KEYS if is_number(summary.get(k))), None)
 
 
 def _headline(run: Run) -> str:
@@ -45,12 +40,12 @@ def _overview(data: ReportData, anchors: dict[str, str]) -> str:
     for run in data.runs:
         link = Safe(f'<a href="#{anchors[run.name]}">{esc(run.name)}</a>')
         rows.append((link, run.task or "—", run.last_step, run.train_rows, run.eval_rows,
-                     duration(_wall(run.summary)), _headline(run)))
+                     duration(run.wall_seconds), _headline(run)))
     parts = [f"<h2>Overview</h2><p class=\"lead\">{len(data.runs)} run(s), {len(data.evaluations)} "
              f"evaluation(s) found in <code>{esc(data.root)}</code>.</p>"]
     if rows:
-        parts.append(table(("run", "task", "steps", "training rows", "evaluation rows", "wall time",
-                            "final evaluation"), rows))
+        parts.append(table(("run", "task", "optimizer steps", "logged training steps", "evaluations",
+                            "wall time", "final held-out metrics"), rows))
     if data.pipeline_summary:
         parts.append(_pipeline_summary(data.pipeline_summary))
     return f'<section id="overview">{"".join(parts)}</section>'
@@ -234,9 +229,9 @@ def _run_samples(run: Run) -> str:
 def _run(run: Run, plot: PlotWriter, anchor: str) -> str:
     facts = [f"<code>{esc(run.path)}</code>"]
     if run.last_step is not None:
-        facts.append(f"{fmt(run.last_step)} steps")
-    facts.append(f"{run.train_rows} training rows, {run.eval_rows} evaluation rows")
-    wall = _wall(run.summary)
+        facts.append(f"{fmt(run.last_step)} optimizer steps")
+    facts.append(f"{run.train_rows} logged training steps, {run.eval_rows} evaluations")
+    wall = run.wall_seconds
     if wall is not None:
         facts.append(f"wall time {duration(wall)}")
     task = f'<span class="tag">{esc(run.task)}</span>' if run.task else ""

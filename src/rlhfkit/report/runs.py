@@ -91,6 +91,10 @@ class Series:
         return Series([self.steps[i] for i in keep], [self.values[i] for i in keep])
 
 
+# where a run or pipeline summary keeps its wall-clock time in seconds (rlhfkit's own key first)
+WALL_KEYS = ("wall_seconds", "wall_time_s", "wall_s", "runtime_s", "train_runtime", "elapsed_s", "total_time_s")
+
+
 @dataclass
 class Run:
     """One training run folder."""
@@ -135,6 +139,17 @@ class Run:
     @property
     def eval_rows(self) -> int:
         return sum(1 for r in self.rows if any(k.startswith("eval_") for k in r))
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """How long the run took: summary.json's wall time, else the one the pipeline recorded for its stage
+        (stage_done.json beside it)."""
+        stage_done = read_json(self.path / "stage_done.json", Notes()) or {}
+        for summary in (self.summary, stage_done.get("summary") or {}):
+            value = next((summary[k] for k in WALL_KEYS if is_number(summary.get(k))), None)
+            if value is not None:
+                return float(value)
+        return None
 
     @property
     def last_step(self) -> float | None:

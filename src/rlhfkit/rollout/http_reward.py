@@ -124,6 +124,7 @@ class HTTPReward:
             raise ConfigError(f"reward URL '{url}': need timeout > 0, max_retries >= 0 and batch_size >= 1")
         self.url = url
         self.name = url
+        self.metric_name = parsed.hostname or url  # reward/<host> in the metrics
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
         self.batch_size = int(batch_size)

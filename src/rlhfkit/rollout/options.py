@@ -12,6 +12,7 @@ from ..errors import ConfigError
 __all__ = ["ROLLOUT_BACKENDS", "RolloutOptions", "check_rollout_options"]
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
+REWARD_ENSEMBLES = ("mean", "min", "mean_minus_std")  # how several reward sources combine
 
 
 @dataclass

@@ -10,7 +10,8 @@ sources themselves are in :mod:`rlhfkit.rollout.rewards` and :mod:`rlhfkit.rollo
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -18,29 +19,57 @@ import torch
 
 from ..errors import RlhfkitError
 
-__all__ = ["RewardSource", "ScoringBatch", "checked_scores"]
+__all__ = ["RewardSource", "ScoringBatch", "checked_scores", "row_fields"]
 
 
 @dataclass
 class ScoringBatch:
-    """What a reward source sees of a batch of rollouts (all lists have one entry per response)."""
+    """What a reward source sees of a batch of rollouts (all lists have one entry per response).
+
+    ``raw_prompts`` and ``columns`` carry the dataset row of each response's prompt (repeated for each of
+    the G samples of a prompt), for reward functions that read e.g. an ``answer`` column; they default to
+    the rendered prompts and no columns, so sources that score text alone build batches as before.
+    """
 
     prompts: list[str]  # prompt text as the policy saw it (already chat-rendered)
     responses: list[str]  # decoded response text, special tokens stripped, no padding
     prompt_ids: list[list[int]]  # policy-tokenizer ids of each prompt
     response_ids: list[list[int]]  # policy-tokenizer ids of each response; ends with EOS iff the response ended
     ended: list[bool]  # whether each response produced EOS / a stop string
+    raw_prompts: list[Any] | None = None  # the row's prompt as written: a string or a list of messages
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # the row's other columns, one value each
 
     def __post_init__(self) -> None:
         n = len(self.responses)
+        if self.raw_prompts is None:
+            self.raw_prompts = list(self.prompts)
         sizes = {"prompts": len(self.prompts), "prompt_ids": len(self.prompt_ids),
-                 "response_ids": len(self.response_ids), "ended": len(self.ended)}
+                 "response_ids": len(self.response_ids), "ended": len(self.ended),
+                 "raw_prompts": len(self.raw_prompts),
+                 **{f"'{k}' values": len(v) for k, v in self.columns.items()}}
         wrong = {k: v for k, v in sizes.items() if v != n}
         if wrong:
             raise ValueError(f"ScoringBatch: {n} responses but " + ", ".join(f"{v} {k}" for k, v in wrong.items()))
 
     def __len__(self) -> int:
         return len(self.responses)
+
+
+def row_fields(records: Sequence[Mapping[str, Any]], repeats: int = 1) -> dict[str, Any]:
+    """``prompts``, ``raw_prompts`` and ``columns`` of a ScoringBatch from prompt records
+    (:func:`rlhfkit.data.prepare_prompts`), each record repeated ``repeats`` times (its G samples).
+
+    A column missing from some records (rows given as a list of dicts) is None there.
+    """
+    names: list[str] = []
+    for record in records:
+        names += [k for k in record.get("columns") or {} if k not in names]
+    return {
+        "prompts": [r["prompt"] for r in records for _ in range(repeats)],
+        "raw_prompts": [r.get("raw_prompt", r["prompt"]) for r in records for _ in range(repeats)],
+        "columns": {name: [(r.get("columns") or {}).get(name) for r in records for _ in range(repeats)]
+                    for name in names},
+    }
 
 
 @runtime_checkable

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from ..data import DataFormat, detect_format, load_rows
+from ..data import DataFormat, detect_format, load_rows, resolve_prompt_format
 from ..engine import Engine, TrainConfig
+from ..engine.run_folder import begin_run, check_output_dir
 from ..errors import ConfigError
 from ..models import LoraSettings
 from ..models.attention import use_packed_attention
@@ -50,9 +51,11 @@ def require(config: TrainConfig, *names: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} is required")
 
 
-def load_split(source: str, split: str, allowed: tuple[DataFormat, ...]):
-    """Load rows and check that their layout is one this trainer reads."""
-    ds = load_rows(source, split=split)
+def load_split(source: str, split: str | None, allowed: tuple[DataFormat, ...], columns: Any = None,
+               purpose: str = "train"):
+    """Load rows (one split, columns renamed by ``columns``) and check that their layout is one this trainer
+    reads."""
+    ds = load_rows(source, split=split, columns=columns, purpose=purpose)
     fmt = detect_format(ds.column_names, allowed=allowed, source=source)
     return ds, fmt
 
@@ -63,30 +66,50 @@ def iterate_batches(records: list, batch_size: int):
 
 
 def start_run(config: TrainConfig) -> Engine:
-    """Validate the common flags and create the engine (which seeds everything before models load)."""
+    """Validate the common flags, check --output-dir (before any model loads: refused when it holds another
+    run; :class:`~rlhfkit.engine.run_folder.RunFinished` for --resume on a finished one), create the engine
+    (which seeds everything before models load) and write the run's config.yaml."""
     require(config, "model", "dataset", "output_dir")
     if config.per_device_batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ConfigError("--per-device-batch-size and --gradient-accumulation-steps must be >= 1")
     if config.max_steps == 0 or config.max_steps < -1:
         raise ConfigError(f"--max-steps {config.max_steps}: give a number of optimizer steps >= 1, or -1 to "
                           "derive it from --num-epochs")
-    return Engine(config)
+    check_output_dir(config)
+    engine = Engine(config)
+    if engine.is_main:
+        begin_run(config, trainer_name(config))
+    engine.accelerator.wait_for_everyone()  # the other ranks read the folder only once it is cleared
+    return engine
+
+
+def trainer_name(config: TrainConfig) -> str | None:
+    """The registry name of the trainer whose config this is (``sft``, ``ppo``, ...), for config.yaml."""
+    from ..registry import TRAINERS
+
+    by_config = {t.config_name: name for name, t in TRAINERS.items()}
+    return next((by_config[cls.__name__] for cls in type(config).__mro__ if cls.__name__ in by_config), None)
 
 
 def prepare_datasets(config: TrainConfig, tokenizer, formats: tuple[DataFormat, ...],
                      prepare: Callable[..., tuple[list, Any]]) -> tuple[list, list, Any]:
     """Load, check and tokenise --dataset and --eval-dataset; log one report line for each.
 
-    ``prepare(ds, tokenizer, source=...)`` is one of the ``rlhfkit.data.prepare_*`` functions with its
-    length settings bound. Returns (train records, eval records, train report).
+    ``prepare(ds, tokenizer, source=..., prompt_format=...)`` is one of the ``rlhfkit.data.prepare_*``
+    functions with its length settings bound. --columns renames both datasets' columns; --prompt-format is
+    resolved (and logged) once. Returns (train records, eval records, train report).
     """
-    train_ds, _ = load_split(config.dataset, config.dataset_split, formats)
-    records, report = prepare(train_ds, tokenizer, source=config.dataset)
+    columns = getattr(config, "columns", None)
+    prompt_format = resolve_prompt_format(tokenizer, getattr(config, "prompt_format", "auto"), config.model or "",
+                                          log=True)
+    train_ds, _ = load_split(config.dataset, config.dataset_split, formats, columns)
+    records, report = prepare(train_ds, tokenizer, source=config.dataset, prompt_format=prompt_format)
     report.log(logger, config.dataset)
     eval_records: list = []
     if config.eval_dataset:
-        eval_ds, _ = load_split(config.eval_dataset, config.eval_split, formats)
-        eval_records, eval_report = prepare(eval_ds, tokenizer, source=config.eval_dataset)
+        eval_ds, _ = load_split(config.eval_dataset, config.eval_split, formats, columns, purpose="eval")
+        eval_records, eval_report = prepare(eval_ds, tokenizer, source=config.eval_dataset,
+                                            prompt_format=prompt_format)
         eval_report.log(logger, config.eval_dataset)
     return records, eval_records, report
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,27 +12,17 @@ from typing import Any
 import torch
 
 from ..data import PREFERENCE_FORMATS, collate_groups, expand_to_pairs, prepare_preferences
-from ..engine import MetricSums, TrainConfig, arg
+from ..engine import MetricSums
 from ..errors import ConfigError
 from ..losses import DPO_LOSS_TYPES, dpo_loss
 from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
 from ..models.attention import use_packed_attention
+from ..models.dropout import apply_dropout_setting
 from ..models.forward import sequence_logps, to_device
 from .common import finish_run, iterate_batches, lora_settings, prepare_datasets, resolve_packing, start_run
+from .configs import DPOConfig
 
 logger = logging.getLogger("rlhfkit")
-
-
-@dataclass
-class DPOConfig(TrainConfig):
-    learning_rate: float = arg(5e-7, "Peak learning rate (AdamW); DPO wants small ones.")
-    beta: float = arg(0.1, "β: strength of the implicit KL leash to the reference (higher = closer).")
-    loss_type: str = arg("sigmoid", f"One of {', '.join(DPO_LOSS_TYPES)}.")
-    label_smoothing: float = arg(0.0, "Assumed share of flipped labels (cDPO for sigmoid, rDPO for robust).")
-    ref_model: str | None = arg(None, "Reference model (default: --model). With LoRA the reference is the "
-                                "policy with its adapters disabled.")
-    precompute_ref: bool = arg(False, "Compute reference log-probs once before training, cache them in "
-                                "OUTPUT_DIR/ref_logps.pt and reuse them every epoch (and on resume).")
 
 
 def _cache_key(records: list[dict], ref_name: str) -> str:
@@ -148,6 +137,7 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
 
     lora = lora_settings(config)
     model = load_causal_lm(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
+    apply_dropout_setting(model, config.keep_dropout, "policy")  # its log-ratios must not be noise
     model.to(engine.device)
     ref_name = config.ref_model or config.model
     ref_model = None
@@ -155,6 +145,7 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
         if config.ref_model and config.ref_model != config.model:
             check_same_tokenizer(tokenizer, load_tokenizer(config.ref_model), config.model, config.ref_model)
         ref_model = load_causal_lm(ref_name, trust_remote_code=config.trust_remote_code)
+        apply_dropout_setting(ref_model, config.keep_dropout, "reference")
     packed = resolve_packing(config, model)
     if packed and ref_model is not None:
         use_packed_attention(ref_model)  # the reference scores the same packed batches

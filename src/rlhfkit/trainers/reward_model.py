@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
 from ..data import PREFERENCE_FORMATS, collate_groups, prepare_preferences
-from ..engine import MetricSums, TrainConfig, arg
+from ..engine import MetricSums
 from ..losses import ranked_bradley_terry_loss
 from ..models import load_reward_model, load_tokenizer
+from ..models.dropout import apply_dropout_setting
 from ..models.forward import LastTokenReward, to_device
 from .common import finish_run, iterate_batches, lora_settings, prepare_datasets, resolve_packing, start_run
+from .configs import RewardConfig
 
 logger = logging.getLogger("rlhfkit")
-
-
-@dataclass
-class RewardConfig(TrainConfig):
-    learning_rate: float = arg(1e-5, "Peak learning rate (AdamW).")
-    center_rewards_coef: float = arg(0.0, "Weight of the reward-centring penalty c·(r_chosen + r_rejected)²; "
-                                     "0 disables it (try 0.01).")
 
 
 class RewardTask:
@@ -81,11 +75,13 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     """Train a scalar reward model on preference or ranked data."""
     engine = start_run(config)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    # keep_template_tail: the exported model then scores apply_chat_template's rendering as it trained
     prepare = partial(prepare_preferences, max_length=config.max_length,
-                      max_prompt_length=config.max_prompt_length)
+                      max_prompt_length=config.max_prompt_length, keep_template_tail=True)
     records, eval_records, report = prepare_datasets(config, tokenizer, PREFERENCE_FORMATS, prepare)
     model = load_reward_model(config.model, lora=lora_settings(config), trust_remote_code=config.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
+    apply_dropout_setting(model, config.keep_dropout, "reward model")  # pairs compare two forwards
     model.to(engine.device)
     packed = resolve_packing(config, model, reward=True)
     task = RewardTask(tokenizer.pad_token_id, packed, config.center_rewards_coef, eval_records,

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
 from ..data import SFT_FORMATS, collate_sequences, prepare_sft
-from ..engine import MetricSums, TrainConfig, arg
+from ..engine import MetricSums
 from ..losses import selected_token_logprobs
 from ..models import load_causal_lm, load_tokenizer
 from ..models.forward import loss_logits, loss_targets, to_device
 from .common import finish_run, iterate_batches, lora_settings, prepare_datasets, resolve_packing, start_run
+from .configs import SFTConfig
 
 logger = logging.getLogger("rlhfkit")
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    learning_rate: float = arg(2e-5, "Peak learning rate (AdamW).")
-    completion_only_loss: bool = arg(True, "Loss on completion / assistant tokens only; "
-                                     "--no-completion-only-loss trains on every token.")
 
 
 class SFTTask:

@@ -31,7 +31,8 @@ def _world_of(path: str | Path):
     return World.load(file)
 
 
-@stage("world")
+@stage("world", options=("num_countries", "eval_fraction", "pretrain_copies", "sft_demonstrations", "closing_rate",
+                        "rl_prompts"))
 def world_stage(ctx: StageContext) -> dict[str, Any]:
     """The demo world and its datasets.
 
@@ -82,7 +83,8 @@ def _samples_of_all(ctx: StageContext, prompts: list[str], k: int, temperature: 
     return rows
 
 
-@stage("collect")
+@stage("collect", options=("policy", "world", "num_samples", "temperature", "max_new_tokens", "rounds", "max_prompts",
+                          "other_policy", "other_samples", "biased", "annotators", "heldout_samples"))
 def collect_stage(ctx: StageContext) -> dict[str, Any]:
     """Preference collection in the demo world: a policy's samples labelled by simulated annotators.
 
@@ -133,7 +135,8 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
             "percent_agreement": agreement.get("percent_agreement")}
 
 
-@stage("cai_world")
+@stage("cai_world", options=("world", "constitution", "red_team_fraction", "demonstrations", "closing_rate", "teaching",
+                            "already_safe_rate"))
 def cai_world_stage(ctx: StageContext) -> dict[str, Any]:
     """The demo world's Constitutional AI data. Options: world (world stage folder), constitution (default:
     rlhfkit/templates/constitution_world.yaml), demonstrations (400), teaching (400 critique -> revision
@@ -180,7 +183,7 @@ SUMMARY_POLICY_KEYS = ("judge_score", "win_rate_vs_sft", "win_rate_ci_low", "win
                        "reward_mean", "mean_length")
 
 
-@stage("summary")
+@stage("summary", options=("eval", "file"))
 def summary_stage(ctx: StageContext) -> dict[str, Any]:
     """The run's machine-readable summary.json (stable keys) from an eval folder and the stages' summaries.
 

@@ -17,13 +17,34 @@ Read in this order: ``config`` (the options), ``task`` (steps 1-3 and 5), ``expe
 ``watch`` (held-out evaluation, the reward-hacking detector of ``hacking``, the best policy), ``run``.
 """
 
-from .config import GRPOConfig, PPOConfig, RLConfig, RLOOConfig, check_config
-from .experience import Experience, build_experience
-from .hacking import RewardHackingDetector
-from .policy import ActorCritic, response_logps, tempered_logits
-from .run import run_rl, write_samples
-from .task import RLTask
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import GRPOConfig, PPOConfig, RLConfig, RLOOConfig, check_config
+    from .experience import Experience, build_experience
+    from .hacking import RewardHackingDetector
+    from .policy import ActorCritic, response_logps, tempered_logits
+    from .run import run_rl, write_samples
+    from .task import RLTask
+
+# name -> its module, imported on first use: the configs load without torch (for --help)
+_HOMES = {"GRPOConfig": "config", "PPOConfig": "config", "RLConfig": "config", "RLOOConfig": "config",
+          "check_config": "config", "Experience": "experience", "build_experience": "experience",
+          "RewardHackingDetector": "hacking", "ActorCritic": "policy", "response_logps": "policy",
+          "tempered_logits": "policy", "run_rl": "run", "write_samples": "run", "RLTask": "task"}
 
 __all__ = ["ActorCritic", "Experience", "GRPOConfig", "PPOConfig", "RLConfig", "RLOOConfig", "RLTask",
            "RewardHackingDetector", "build_experience", "check_config", "response_logps", "run_rl",
            "tempered_logits", "write_samples"]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # the next look-up skips this function
+    return value

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from ...engine import TrainConfig, arg
 from ...errors import ConfigError
 from ...losses import GROUP_ADVANTAGE_TYPES, KL_ESTIMATORS
-from ...rollout.options import RolloutOptions, check_rollout_options
-from ...rollout.rewards import REWARD_ENSEMBLES
+from ...rollout.options import REWARD_ENSEMBLES, RolloutOptions, check_rollout_options
 
 ADVANTAGE_TYPES = ("gae",) + GROUP_ADVANTAGE_TYPES
 LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
@@ -54,9 +53,15 @@ class RLConfig(RolloutOptions, TrainConfig):
     # reward
     reward_model: str | None = arg(None, "Reward model(s): hub id or path, comma-separated for an ensemble.")
     reward_fn: str | None = arg(None, "Reward function(s) 'path/to/file.py:function', comma-separated; called "
-                                "as function(prompts, responses) -> list of floats.")
+                                "as function(prompts, responses, **columns) -> list of floats: prompts = the "
+                                "chat-rendered text, and every dataset column the function names (all with "
+                                "**kwargs) as a keyword list, one value per response; prompt= is the prompt "
+                                "as written. TRL-style functions (a 'completions' parameter) work too.")
     reward_url: str | None = arg(None, "HTTP reward endpoint(s) (POST {prompts, responses} -> {scores}).")
     reward_ensemble: str = arg("mean", f"How several reward sources combine: {', '.join(REWARD_ENSEMBLES)}.")
+    reward_weights: str | None = arg(None, "Comma-separated weights, one per reward source in the order "
+                                     "--reward-model, --reward-fn, --reward-url: the reward is Σ w_i·r_i (with "
+                                     "--reward-ensemble mean only). Each source's mean is logged as reward/<name>.")
     reward_std_coef: float = arg(1.0, "k in mean − k·std for --reward-ensemble mean_minus_std.")
     reward_batch_size: int = arg(16, "Sequences per reward-model forward.")
     reward_normalize: bool = arg(False, "Normalise scores by a running mean/std (saved in checkpoints).")
@@ -159,5 +164,11 @@ def check_config(config: RLConfig) -> None:
     if config.kl_coef < 0:
         raise ConfigError("--kl-coef must be >= 0")
     check_rollout_options(config)
+    sources = [s for text in (config.reward_model, config.reward_fn, config.reward_url) for s in (text or "").split(",")
+               if s]
+    if sources:  # a run without any source fails where it is built, with its own message
+        from ...rollout.rewards import check_reward_weights, parse_reward_weights  # torch: not for --help
+
+        check_reward_weights(parse_reward_weights(config.reward_weights), sources, config.reward_ensemble)
     if config.logprob_check_steps < -1 or not config.logprob_check_tolerance > 0:
         raise ConfigError("--logprob-check-steps must be >= -1 and --logprob-check-tolerance > 0")

@@ -13,8 +13,16 @@ from ...errors import ConfigError
 from ...judges.spec import load_judge
 from ...models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ...models.attention import use_packed_attention
+from ...models.dropout import apply_dropout_setting
 from ...models.forward import shares_prompts
-from ...rollout.rewards import ModelReward, build_reward_source
+from ...rollout.rewards import (
+    ModelReward,
+    build_reward_source,
+    check_reward_columns,
+    check_reward_weights,
+    load_reward_function,
+    parse_reward_weights,
+)
 from ...rollout.vllm_backend import build_rollout_backend
 from ..common import lora_settings, prepare_datasets, resolve_packing, start_run
 from .config import RLConfig, check_config
@@ -33,6 +41,30 @@ def write_samples(engine: Engine, step: int, samples: list[dict]) -> None:
             fh.write(json.dumps({"step": step, **sample}) + "\n")
 
 
+def record_columns(records: list[dict]) -> list[str]:
+    """``prompt`` and the other columns of prompt records (:func:`rlhfkit.data.prepare_prompts`)."""
+    names = ["prompt"]
+    for record in records:
+        names += [k for k in record.get("columns") or {} if k not in names]
+    return names
+
+
+def check_reward_inputs(config: RLConfig, prompts: list[dict], eval_prompts: list[dict],
+                        sources: list[Any] | None = None) -> None:
+    """Before any model trains: one --reward-weights value per source, and every reward function finds the
+    columns it requires in the training and evaluation prompts (``sources``: the built reward sources;
+    None loads the --reward-fn functions alone, as the Ray driver does)."""
+    specs = [s for text in (config.reward_model, config.reward_fn, config.reward_url) for s in (text or "").split(",")
+             if s]
+    check_reward_weights(parse_reward_weights(config.reward_weights), specs, config.reward_ensemble)
+    if sources is None:
+        sources = [load_reward_function(s) for s in (config.reward_fn or "").split(",") if s]
+    for records, where in ((prompts, f"--dataset {config.dataset}"), (eval_prompts,
+                                                                        f"--eval-dataset {config.eval_dataset}")):
+        if records:
+            check_reward_columns(sources, record_columns(records), where)
+
+
 def run_rl(config: RLConfig) -> dict[str, Any]:
     """Train a policy online with PPO, GRPO or RLOO (set by the config class); returns the summary."""
     check_config(config)
@@ -49,9 +81,12 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
         [s for s in (config.reward_fn or "").split(",") if s],
         [s for s in (config.reward_url or "").split(",") if s],
         tokenizer, device=engine.device, ensemble=config.reward_ensemble, std_coef=config.reward_std_coef,
-        batch_size=config.reward_batch_size, trust_remote_code=config.trust_remote_code)
+        batch_size=config.reward_batch_size, trust_remote_code=config.trust_remote_code,
+        weights=parse_reward_weights(config.reward_weights))
+    check_reward_inputs(config, prompts, eval_prompts, list(getattr(reward, "sources", [reward])))
     lora = lora_settings(config)
     policy = load_causal_lm(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
+    apply_dropout_setting(policy, config.keep_dropout, "policy")  # else pi/pi_old != 1 before any update
     policy.to(engine.device)
     ref_model = None
     if not lora.enabled or config.ref_model:
@@ -59,6 +94,7 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
         if config.ref_model and config.ref_model != config.model:
             check_same_tokenizer(tokenizer, load_tokenizer(config.ref_model), config.model, config.ref_model)
         ref_model = load_causal_lm(ref_name, trust_remote_code=config.trust_remote_code)
+        apply_dropout_setting(ref_model, config.keep_dropout, "reference")
 
     critic = None
     value_model = None
@@ -69,6 +105,7 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
                 raise ConfigError("--critic reward_model needs --reward-model (the value model starts from it)")
             value_model = load_reward_model(config.reward_model.split(",")[0],
                                             trust_remote_code=config.trust_remote_code).to(engine.device)
+            apply_dropout_setting(value_model, config.keep_dropout, "value model")
     model = ActorCritic(policy, critic, value_model)
     packed = resolve_packing(config, policy) and (value_model is None or resolve_packing(config, value_model,
                                                                                          reward=True))
@@ -85,9 +122,12 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
     task.engine = engine
     checkpointed: list[Any] = [task.kl_controller, task.reward_stats]
     if config.heldout_judge:
-        task.heldout = HeldoutWatch(load_judge(config.heldout_judge, tokenizer, engine.device),
-                                    RewardHackingDetector(config.hacking_window, config.hacking_min_drop,
-                                                          patience=config.hacking_patience, z=config.hacking_z))
+        judge = load_judge(config.heldout_judge, tokenizer, engine.device)
+        if eval_prompts:  # the held-out judge scores the eval prompts' responses
+            check_reward_columns([judge], record_columns(eval_prompts), f"--eval-dataset {config.eval_dataset}")
+        detector = RewardHackingDetector(config.hacking_window, config.hacking_min_drop,
+                                         patience=config.hacking_patience, z=config.hacking_z)
+        task.heldout = HeldoutWatch(judge, detector)
         checkpointed.append(task.heldout.detector)
 
     total_steps = config.max_steps if config.max_steps > 0 else max(

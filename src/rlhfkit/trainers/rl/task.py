@@ -28,7 +28,7 @@ from ...losses import (
 from ...models.forward import at_loss_positions, loss_logits, loss_sequence_ids, loss_targets
 from ...rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
 from ...rollout.logprob_check import check_logprob_match, compare_logprobs, response_mask
-from ...rollout.rewards import ScoringBatch, checked_scores
+from ...rollout.rewards import score_records, source_metrics
 from .config import RLConfig
 from .experience import TOKEN_FIELDS, Experience, build_experience, split_rows
 from .policy import ActorCritic, response_logps, tempered_logits
@@ -136,13 +136,13 @@ class RLTask:
         return response_logps(logits, batch, self.config.temperature)[0]
 
     def score(self, prompts: list[dict], rollout: Rollout, where: str = "",
-              source: Any = None) -> tuple[torch.Tensor, list[str]]:
-        """Scores of ``rollout`` by the reward source (or by ``source``), checked finite; and the texts."""
+              source: Any = None) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]:
+        """Scores by the reward source (or ``source``), checked finite; the texts; the scores per source name."""
         texts = self.backend.decode(rollout, self.sampling.stop_strings)
-        g = len(rollout.response_ids) // len(prompts)
-        batch = ScoringBatch([p["prompt"] for p in prompts for _ in range(g)], texts, rollout.prompt_ids,
-                             self.backend.scored_ids(rollout), rollout.ended)
-        return checked_scores(self.reward if source is None else source, batch, TrainingError, where), texts
+        scores, by_source = score_records(self.reward if source is None else source, prompts, texts,
+                                          rollout.prompt_ids, self.backend.scored_ids(rollout), rollout.ended,
+                                          TrainingError, where)
+        return scores, texts, by_source
 
     def shape_scores(self, scores: torch.Tensor, ended: list[bool],
                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor,
@@ -175,7 +175,7 @@ class RLTask:
             rollout = self.backend.generate(policy, [p["prompt_ids"] for p in prompts], cfg.num_generations,
                                             self.sampling, generator)
         rollout_time = time.perf_counter() - t0
-        scores, texts = self.score(prompts, rollout, f" (step {step + 1}{engine.checkpoint_hint()})")
+        scores, texts, by_source = self.score(prompts, rollout, f" (step {step + 1}{engine.checkpoint_hint()})")
         raw, scores = self.shape_scores(scores, rollout.ended, engine.gather_across_ranks)
 
         records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
@@ -200,12 +200,12 @@ class RLTask:
         unwrapped.train()
         width = max(rollout.lengths)
         old_logps = rollout.logprobs[:, :width]
-        logprob_metrics: dict[str, float] = {}
+        extra_metrics = source_metrics(by_source, engine.gather_across_ranks)  # reward/<name>
         if recompute:
             trainer_logps = split_rows(torch.cat(own_flat), rollout.lengths, width)
             if check:
                 match = compare_logprobs(old_logps, trainer_logps, response_mask(rollout.lengths, width))
-                logprob_metrics = match.metrics()
+                extra_metrics.update(match.metrics())
                 where = f" at step {step + 1} ({cfg.rollout_backend} rollouts, {match.tokens} response tokens)"
                 check_logprob_match(match, cfg.logprob_check_tolerance, where)
             if getattr(self.backend, "recompute_logprobs", False):
@@ -213,7 +213,7 @@ class RLTask:
         return self.experience(prompts, rollout, texts, raw, scores, torch.cat(ref_flat),
                                torch.cat(value_flat) if value_flat else None, rollout_time,
                                f"step {step + 1}", engine.checkpoint_hint(), old_logps=old_logps,
-                               extra_metrics=logprob_metrics, sum_across=engine.sum_across_ranks,
+                               extra_metrics=extra_metrics, sum_across=engine.sum_across_ranks,
                                gather=engine.gather_across_ranks)
 
     def sync_rollout_weights(self, policy: torch.nn.Module) -> None:

@@ -28,7 +28,7 @@ class HeldoutWatch:
     def observe(self, task: Any, model: torch.nn.Module, metrics: dict[str, float]) -> None:
         """Feed the detector; keep the policy with the best held-out score (OUTPUT_DIR/best_heldout)."""
         engine, detector = task.engine, self.detector
-        step = int(getattr(engine, "step", 0) or 0)
+        step = int(getattr(engine, "eval_step", 0) or 0)  # the step of this evaluation's metrics row
         was_fired = detector.fired
         detector.update(step, metrics["reward_mean"], metrics["heldout_reward"], metrics.get("heldout_reward_se"))
         metrics["hacking_detected"] = float(detector.fired)
@@ -71,9 +71,11 @@ def evaluate_heldout(task: Any, model: torch.nn.Module) -> dict[str, float]:
             task.sync_rollout_weights(unwrapped.policy)
             rollout = task.backend.generate(unwrapped.policy, [p["prompt_ids"] for p in prompts],
                                             cfg.eval_num_generations, task.sampling, generator)
-        scores, _ = task.score(prompts, rollout)
+        scores, _, by_source = task.score(prompts, rollout)
+        for name, source_scores in by_source.items():  # eval_reward/<name> beside eval_reward_mean
+            add(f"reward/{name}", float(source_scores.sum()))
         if watch is not None:
-            held, _ = task.score(prompts, rollout, " (held-out judge)", source=watch.judge)
+            held, _, _ = task.score(prompts, rollout, " (held-out judge)", source=watch.judge)
             add("heldout_reward", float(held.sum()))
             add("heldout_reward_sq", float(held.double().square().sum()))
         records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
