@@ -20,8 +20,9 @@ from rlhfkit.trainers import DPOConfig, RewardConfig, SFTConfig, run_dpo, run_re
 from rlhfkit.trainers.rl import GRPOConfig, PPOConfig, run_rl
 
 ARCHITECTURES = ("gpt2", "gpt_neox", "phi3", "gemma2", "qwen3")
-COMMON = {"progress_bar": False, "max_length": 48, "num_threads": 2, "seed": 0, "max_steps": 1,
-          "eval_on_start": False, "per_device_batch_size": 4}
+# fp32 everywhere: on a GPU, precision auto is bf16, whose rounding alone moves the ratio by ~1e-2
+COMMON = {"progress_bar": False, "precision": "fp32", "max_length": 48, "num_threads": 2, "seed": 0,
+          "max_steps": 1, "eval_on_start": False, "per_device_batch_size": 4}
 RL = {"max_new_tokens": 8, "prompts_per_step": 2, "num_generations": 2, "learning_rate": 1e-3,
       "num_minibatches": 1, "ppo_epochs": 1, "logprob_check_tolerance": 1e-5}
 
@@ -161,7 +162,8 @@ def test_keep_dropout_keeps_it(files, tmp_path, tiny_tokenizer):
     code = main(["grpo", "--model", str(lm), "--dataset", str(files["root"] / "prompts.jsonl"),
                  "--output-dir", str(out), "--reward-fn", f"{files['root'] / 'reward.py'}:count_e",
                  "--keep-dropout", "--max-steps", "1", "--max-new-tokens", "8", "--num-generations", "2",
-                 "--prompts-per-step", "2", "--no-progress-bar", "--num-threads", "2", "--max-length", "48"])
+                 "--prompts-per-step", "2", "--no-progress-bar", "--num-threads", "2", "--max-length", "48",
+                 "--precision", "fp32"])
     assert code == 0
     row = [r for r in _rows(out) if "ratio" in r][0]
     assert row["rollout_logprob_mismatch"] > 1e-3, row  # dropout noise in the update's forward

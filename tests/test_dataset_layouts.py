@@ -249,7 +249,10 @@ def test_left_truncation_keeps_bos_and_system_turn(tiny_tokenizer, own_tokenizer
 # --------------------------------------------------------------------------- reward model as users score it
 
 
-def test_exported_reward_model_scores_chat_template_text_as_trained(own_tokenizer, tmp_path):
+@pytest.mark.parametrize("template", ["own", "fallback"])
+def test_exported_reward_model_scores_chat_template_text_as_trained(template, own_tokenizer, tiny_tokenizer,
+                                                                    tmp_path):
+    """Own template: text after EOS (a newline) is kept as a tail; rlhfkit's fallback: nothing follows EOS."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -258,7 +261,9 @@ def test_exported_reward_model_scores_chat_template_text_as_trained(own_tokenize
     from rlhfkit.rollout.scoring import ScoringBatch
     from rlhfkit.trainers import RewardConfig, run_reward
 
-    base = build_tiny_model(tmp_path / "base", tokenizer=own_tokenizer, layers=1, hidden=32)
+    own = template == "own"
+    base = build_tiny_model(tmp_path / "base", tokenizer=own_tokenizer if own else tiny_tokenizer, layers=1,
+                            hidden=32)
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in PREFS]
     data = tmp_path / "prefs.jsonl"
@@ -277,7 +282,8 @@ def test_exported_reward_model_scores_chat_template_text_as_trained(own_tokenize
     trained = group["prompt_ids"] + group["responses"][0]
     messages = rows[1]["prompt"] + [{"role": "assistant", "content": rows[1]["chosen"]}]
     text = tok.apply_chat_template(messages, tokenize=False)
-    assert text.endswith("<|eos|>\n") and tok.decode(trained) == text  # rlhfkit's training text is the template's
+    assert text.endswith("<|eos|>\n" if own else "<|eos|>")
+    assert tok.decode(trained) == text  # rlhfkit's training text is the template's
     # the way HF documents it: the template's text holds BOS, so no second one is added
     user = tok(text, add_special_tokens=False).input_ids
     assert user == trained
@@ -287,10 +293,11 @@ def test_exported_reward_model_scores_chat_template_text_as_trained(own_tokenize
     # rlhfkit's own scorer (RL, eval, judges) reads the sequence a policy produced (ending at EOS) the same way
     rm = ModelReward(str(tmp_path / "rm"), tok)
     response = group["responses"][0][: len(group["responses"][0]) - len(rm.tail_ids)]
-    assert rm.tail_ids and response[-1] == tok.eos_token_id
+    assert bool(rm.tail_ids) == own and response[-1] == tok.eos_token_id
     batch = ScoringBatch([text], [rows[1]["chosen"]], [group["prompt_ids"]], [response], [True])
     assert float(rm.score(batch)[0]) == pytest.approx(score(user), abs=1e-4)
-    assert abs(score(user) - score(user[:-len(rm.tail_ids)])) > 1e-3  # the tail matters: reading at EOS differs
+    if own:  # the tail matters: reading at EOS differs
+        assert abs(score(user) - score(user[:-len(rm.tail_ids)])) > 1e-3
 
 
 def test_cli_names_the_splits_in_one_line(tiny_model_dir, ultrafeedback_dir, tmp_path, capsys):

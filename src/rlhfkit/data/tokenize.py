@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, DataError, ModelError
-from ..models.tiny import DEFAULT_CHAT_TEMPLATE
+from ..models.tiny import DEFAULT_CHAT_TEMPLATE, FALLBACK_CHAT_TEMPLATES
 
 __all__ = ["PROMPT_FORMAT_CHOICES", "PrepareReport", "has_own_chat_template", "resolve_prompt_format",
            "template_tail_ids"]
@@ -108,7 +108,7 @@ def has_own_chat_template(tokenizer: Any) -> bool:
     tiny test models) does not count: it is compared by value, so the answer survives a save and reload.
     """
     template = getattr(tokenizer, "chat_template", None)
-    return bool(template) and template != DEFAULT_CHAT_TEMPLATE
+    return bool(template) and template not in FALLBACK_CHAT_TEMPLATES
 
 
 def resolve_prompt_format(tokenizer: Any, requested: str = "auto", model: str = "", log: bool = False) -> str:

@@ -17,12 +17,23 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>"]
 
 # Used when a tokenizer ships without a chat template. Every assistant turn ends with EOS so that a
-# model trained on it learns to stop; the prompt ends with the assistant header.
+# model trained on it learns to stop, and nothing follows that EOS: a conversation's text then ends at the
+# token a reward model reads (users score apply_chat_template(messages) text); the prompt ends with the
+# assistant header.
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "<|{{ message['role'] }}|>{{ '\\n' }}{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
+)
+# Every fallback template rlhfkit has written into saved tokenizers (the first one put a newline after an
+# assistant's EOS): a tokenizer carrying one of them has no chat template of its own.
+FALLBACK_CHAT_TEMPLATES = (
+    DEFAULT_CHAT_TEMPLATE,
+    "{{ bos_token }}{% for message in messages %}"
+    "<|{{ message['role'] }}|>{{ '\\n' }}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}",
 )
 
 _WORDS = (
