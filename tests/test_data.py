@@ -84,7 +84,8 @@ def test_detect_format_errors_list_expected_layouts_and_found_columns():
         detect_format(["question", "answer", LINE_COLUMN], allowed=PREFERENCE_FORMATS, source="data.jsonl")
     assert one_line_error(excinfo) == (
         "data.jsonl: cannot tell the data format: expected prompt/chosen/rejected, chosen/rejected or "
-        "prompt/responses[/ranks]; found columns: question, answer")
+        "prompt/responses[/ranks]; found columns: question, answer (rename with --columns NEW=OLD, e.g. "
+        "prompt=question)")
     # A recognised layout that the trainer cannot use is also an error, naming what was found.
     with pytest.raises(DataError) as excinfo:
         detect_format(["prompt", "completion"], allowed=PREFERENCE_FORMATS)

@@ -102,6 +102,33 @@ def test_folder_of_jsonl_files(tmp_path):
     assert len(load_rows(str(folder), split="test")) == 2
 
 
+def test_configurations_of_a_data_folder_as_on_the_hub(tmp_path):
+    """A dataset with several configurations (openai/gsm8k: main, socratic), declared in its README as the hub
+    does: --dataset-config picks one; none given -> an error listing them; a file takes none."""
+    folder = tmp_path / "gsm8k"
+    for config, n in (("main", 3), ("socratic", 2)):
+        (folder / config).mkdir(parents=True)
+        for split, k in (("train", n), ("test", 1)):
+            rows = [{"question": f"{config} {split} {i}?", "answer": str(i)} for i in range(k)]
+            (folder / config / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+        f"  - split: test\n    path: {c}/test.jsonl\n" for c in ("main", "socratic")) + "---\n")
+    main = load_rows(str(folder), config="main", columns="prompt=question")
+    assert main["prompt"] == ["main train 0?", "main train 1?", "main train 2?"]
+    assert load_rows(str(folder), config="socratic", purpose="eval")["question"] == ["socratic test 0?"]
+    with pytest.raises(DataError) as excinfo:
+        load_rows(str(folder))
+    assert one_line(excinfo) == f"{folder}: has configurations main, socratic: pick one with --dataset-config"
+    with pytest.raises(DataError) as excinfo:
+        load_rows(str(folder), config="mian", purpose="eval")
+    assert one_line(excinfo) == (f"{folder}: no configuration 'mian'; it has main, socratic (pick one with "
+                                 "--eval-dataset-config)")
+    with pytest.raises(DataError) as excinfo:
+        load_rows(str(folder / "main" / "train.jsonl"), config="main")
+    assert "a file or a save_to_disk folder has no configurations" in one_line(excinfo)
+
+
 # -------------------------------------------------------------------------------------- column map
 
 

@@ -57,6 +57,7 @@ def test_finished_run_survives_a_second_command(finished, tiny_model_dir, capsys
     assert main(_sft_args(tiny_model_dir, data, out, "--resume")) == 0
     captured = capsys.readouterr()
     assert f"nothing to do: the run in {out} is finished (step 3)" in captured.err
+    assert "finished in" not in captured.err  # no end block: nothing ran
     assert _files(out) == before
     config = parse_trainer_args(SFTConfig, _sft_args(tiny_model_dir, data, out, "--resume")[1:], "rlhfkit sft", "")
     assert run_trainer(TRAINERS["sft"], config) == json.loads(before["summary.json"])  # its own summary back

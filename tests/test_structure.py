@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "rlhfkit"
 
 # bottom up: a module may import its own layer or lower ones (DESIGN.md)
-LAYERS = [["errors", "losses"], ["models", "data"], ["engine", "rollout"], ["judges"],
+LAYERS = [["errors", "lazy", "losses"], ["models", "data"], ["engine", "rollout"], ["judges"],
           ["trainers", "registry", "stage"], ["eval", "report", "distributed"], ["cai", "label"], ["world"],
           ["pipeline", "stages", "options", "cli", "demo", "__main__"]]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

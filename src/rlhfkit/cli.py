@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ConfigError, RlhfkitError
-from .options import OneLineParser, closest, parse_trainer_args, run_trainer, trainer_config_class
+from .options import (
+    EarlierSummary,
+    OneLineParser,
+    closest,
+    parse_trainer_args,
+    run_trainer,
+    trainer_config_class,
+)
 from .registry import TRAINERS
 
 logger = logging.getLogger("rlhfkit")
@@ -169,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         shutdown_distributed()
         # under torchrun / accelerate launch the logger speaks for rank 0 only
-        logger.info("%s", end_block(command, summary, config.output_dir, time.perf_counter() - start)
-                    .replace("\n", "\n[rlhfkit] "))
+        if not isinstance(summary, EarlierSummary):  # --resume on a finished run said "nothing to do" already
+            logger.info("%s", end_block(command, summary, config.output_dir, time.perf_counter() - start)
+                        .replace("\n", "\n[rlhfkit] "))
         if not sys.stdout.isatty() and int(os.environ.get("RANK", "0")) == 0:  # piped: the summary for scripts
             print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)},
                              indent=2, default=str))

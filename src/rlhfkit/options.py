@@ -13,7 +13,7 @@ from typing import Any
 from .errors import ConfigError
 from .registry import Trainer
 
-__all__ = ["OneLineParser", "build_parser", "check_before_loading", "closest", "coerce_options", "config_from_options",
+__all__ = ["EarlierSummary", "OneLineParser", "build_parser", "check_before_loading", "closest", "coerce_options", "config_from_options",
            "load_yaml_config", "parse_trainer_args", "read_yaml", "run_trainer", "trainer_config_class"]
 
 
@@ -59,7 +59,11 @@ def run_trainer(trainer: Trainer, config: Any) -> dict[str, Any]:
         import logging
 
         logging.getLogger("rlhfkit").info("%s", finished)
-        return finished.summary
+        return EarlierSummary(finished.summary)
+
+
+class EarlierSummary(dict):
+    """The summary.json of a run that had already finished: ``--resume`` found nothing to train."""
 
 
 def config_from_options(trainer: Trainer, options: dict[str, Any], where: str) -> Any:

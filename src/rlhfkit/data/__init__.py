@@ -9,8 +9,9 @@ the labelling app) can use ``rlhfkit.data.jsonl`` without loading torch, dataset
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .collate import collate_groups, collate_sequences, pack_batch, pack_shared_prompts, pad_batch
@@ -90,15 +91,4 @@ __all__ = [
     "template_tail_ids",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'rlhfkit.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value  # the next look-up skips this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

@@ -89,6 +89,8 @@ def detect_format(
                    f"({_DESCRIPTIONS[matches[0]]} layout)")
     else:
         message = f"cannot tell the data format: expected {expected}; found columns: {found}"
+    if names and not matches:  # the data may hold the right things under other names
+        message += " (rename with --columns NEW=OLD, e.g. prompt=question)"
     raise DataError(message, source=source)
 
 

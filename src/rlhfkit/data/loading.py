@@ -66,7 +66,8 @@ def row_number(ds_or_row: datasets.Dataset | Mapping[str, Any], index: int) -> i
 
 
 def load_rows(source: str, split: str | None = None, *, columns: Any = None, purpose: str = "train",
-              split_flag: str | None = None) -> datasets.Dataset:
+              split_flag: str | None = None, config: str | None = None,
+              config_flag: str | None = None) -> datasets.Dataset:
     """Load ``source`` as a :class:`datasets.Dataset`.
 
     ``source`` is a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` / ``.tsv`` file, a folder written by
@@ -75,12 +76,18 @@ def load_rows(source: str, split: str | None = None, *, columns: Any = None, pur
     by its own name; None applies :func:`choose_split`'s rule for ``purpose`` ("train" or "eval");
     ``split_flag`` is the flag named in messages (default ``--dataset-split`` / ``--eval-split``).
     ``columns`` (``"prompt=question,chosen=good"`` or a mapping NEW -> OLD) renames columns after loading.
+    ``config`` names the configuration (subset) of a hub dataset or data folder that has several
+    (``config_flag``, default ``--dataset-config`` / ``--eval-dataset-config``, is named in messages).
     Any problem raises :class:`DataError` with a one-line message naming the source (and the line).
     """
     source = str(source)
     flag = split_flag or ("--eval-split" if purpose == "eval" else "--dataset-split")
+    config_flag = config_flag or ("--eval-dataset-config" if purpose == "eval" else "--dataset-config")
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
+    if config and (path.is_file() or (path.is_dir() and _saved_to_disk(path))):
+        raise DataError(f"{config_flag} {config}: a file or a save_to_disk folder has no configurations; "
+                        f"drop {config_flag}", source=source)
     if path.is_file():
         _check_single_split(source, split, flag, path.stem)
         if suffix == ".jsonl":
@@ -99,11 +106,11 @@ def load_rows(source: str, split: str | None = None, *, columns: Any = None, pur
     elif path.is_dir() and _saved_to_disk(path):
         ds = _from_disk(source, path, split, purpose, flag)
     elif path.is_dir():
-        ds = _load_split(source, str(path), split, purpose, flag)
+        ds = _load_split(source, str(path), split, purpose, flag, config, config_flag)
     elif _looks_like_file(source):
         raise DataError("file not found", source=source)
     else:
-        ds = _load_split(source, source, split, purpose, flag)
+        ds = _load_split(source, source, split, purpose, flag, config, config_flag)
     ds = apply_column_map(ds, parse_column_map(columns), source)
     if len(ds) == 0:
         raise DataError("no rows", source=source)
@@ -167,13 +174,22 @@ def _from_disk(source: str, path: Path, split: str | None, purpose: str, flag: s
     return obj
 
 
-def _load_split(source: str, path: str, split: str | None, purpose: str, flag: str) -> datasets.Dataset:
-    """One split of a folder of data files or a hub dataset (its split names are read first)."""
+def _load_split(source: str, path: str, split: str | None, purpose: str, flag: str, config: str | None = None,
+                config_flag: str = "--dataset-config") -> datasets.Dataset:
+    """One split of one configuration of a folder of data files or a hub dataset (names are read first)."""
     try:
-        names = list(datasets.get_dataset_split_names(path))
+        configs = list(datasets.get_dataset_config_names(path))
+        if config is None and len(configs) > 1 and datasets.get_dataset_default_config_name(path) is None:
+            raise DataError(f"has configurations {', '.join(configs)}: pick one with {config_flag}", source=source)
+        if config is not None and configs and config not in configs:
+            raise DataError(f"no configuration '{config}'; it has {', '.join(configs)} (pick one with "
+                            f"{config_flag})", source=source)
+        names = list(datasets.get_dataset_split_names(path, config))
+    except DataError:
+        raise
     except Exception as exc:  # no such hub dataset, offline, unreadable folder, ...
         raise DataError(f"cannot load dataset: {one_line(exc)}", source=source) from None
-    return _load(source, path, split=choose_split(names, split, source, purpose, flag))
+    return _load(source, path, name=config, split=choose_split(names, split, source, purpose, flag))
 
 
 def parse_column_map(spec: Any) -> dict[str, str]:

@@ -7,8 +7,9 @@ process groups, trackers), ``parallel`` (models on the ranks), ``checkpoint`` (c
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .checkpoint import atomic_dir_write, atomic_write_text, latest_checkpoint, list_checkpoints
@@ -25,15 +26,6 @@ _HOMES = {"atomic_dir_write": "checkpoint", "atomic_write_text": "checkpoint", "
           "Task": "loop", "TrainingError": "loop", "MetricSums": "metrics", "StepResult": "metrics",
           "epoch_seed": "seeds", "step_seed": "seeds", "resolve_precision": "setup",
           "shutdown_distributed": "setup"}
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'rlhfkit.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value  # the next look-up skips this function
-    return value
 
 
 __all__ = [
@@ -53,3 +45,5 @@ __all__ = [
     "shutdown_distributed",
     "step_seed",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

@@ -21,8 +21,11 @@ class TrainConfig:
     dataset_split: str | None = arg(None, "Split of --dataset, by its own name (train_prefs, test_sft, ...). "
                                     "Default: the only split, else the only train/train_*/*_train one; "
                                     "otherwise an error lists the splits.")
+    dataset_config: str | None = arg(None, "Configuration (subset) of a hub dataset or data folder that has "
+                                     "several, e.g. main for openai/gsm8k; an error lists them when needed.")
     eval_dataset: str | None = arg(None, "Held-out data in the same formats, evaluated every --eval-steps "
                                    "and at the end.")
+    eval_dataset_config: str | None = arg(None, "Configuration (subset) of --eval-dataset, as --dataset-config.")
     eval_split: str | None = arg(None, "Split of --eval-dataset. Default: the only split, else the only "
                                  "test/validation/eval one (also as test_*, *_test, ...).")
     columns: str | None = arg(None, "Rename dataset columns after loading, NEW=OLD comma-separated: "

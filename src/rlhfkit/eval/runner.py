@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-length", type=int, default=256, help="longest prompt in tokens (keeps its end)")
     p.add_argument("--split", default=None, help="split of a dataset folder or hub dataset, by its own name "
                    "(None: the only split, else the only test/validation/eval one)")
+    p.add_argument("--prompts-config", default=None, help="configuration (subset) of a hub dataset or data "
+                   "folder that has several, e.g. main for openai/gsm8k")
     p.add_argument("--columns", default=None, help="rename prompt-set columns, NEW=OLD comma-separated "
                    "(prompt=question)")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"],
@@ -427,7 +429,8 @@ def evaluate_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
     sampling = SamplingConfig(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                               max_new_tokens=o.max_new_tokens)
     sampling.check()
-    ds = load_rows(o.prompts, split=o.split, columns=o.columns, purpose="eval", split_flag="--split")
+    ds = load_rows(o.prompts, split=o.split, columns=o.columns, purpose="eval", split_flag="--split",
+                   config=o.prompts_config, config_flag="--prompts-config")
     detect_format(ds.column_names, allowed=PROMPT_FORMATS, source=o.prompts)
     if o.max_prompts is not None:
         ds = ds.select(range(min(o.max_prompts, len(ds))))

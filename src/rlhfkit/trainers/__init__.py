@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .configs import DPOConfig, RewardConfig, SFTConfig
@@ -17,11 +18,4 @@ _HOMES = {"DPOConfig": "configs", "RewardConfig": "configs", "SFTConfig": "confi
 
 __all__ = ["DPOConfig", "RewardConfig", "SFTConfig", "run_dpo", "run_reward", "run_sft"]
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value  # the next look-up skips this function
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

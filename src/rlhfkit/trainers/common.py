@@ -52,10 +52,10 @@ def require(config: TrainConfig, *names: str) -> None:
 
 
 def load_split(source: str, split: str | None, allowed: tuple[DataFormat, ...], columns: Any = None,
-               purpose: str = "train"):
+               purpose: str = "train", config: str | None = None):
     """Load rows (one split, columns renamed by ``columns``) and check that their layout is one this trainer
     reads."""
-    ds = load_rows(source, split=split, columns=columns, purpose=purpose)
+    ds = load_rows(source, split=split, columns=columns, purpose=purpose, config=config)
     fmt = detect_format(ds.column_names, allowed=allowed, source=source)
     return ds, fmt
 
@@ -102,12 +102,14 @@ def prepare_datasets(config: TrainConfig, tokenizer, formats: tuple[DataFormat, 
     columns = getattr(config, "columns", None)
     prompt_format = resolve_prompt_format(tokenizer, getattr(config, "prompt_format", "auto"), config.model or "",
                                           log=True)
-    train_ds, _ = load_split(config.dataset, config.dataset_split, formats, columns)
+    train_ds, _ = load_split(config.dataset, config.dataset_split, formats, columns,
+                             config=getattr(config, "dataset_config", None))
     records, report = prepare(train_ds, tokenizer, source=config.dataset, prompt_format=prompt_format)
     report.log(logger, config.dataset)
     eval_records: list = []
     if config.eval_dataset:
-        eval_ds, _ = load_split(config.eval_dataset, config.eval_split, formats, columns, purpose="eval")
+        eval_ds, _ = load_split(config.eval_dataset, config.eval_split, formats, columns, purpose="eval",
+                                config=getattr(config, "eval_dataset_config", None))
         eval_records, eval_report = prepare(eval_ds, tokenizer, source=config.eval_dataset,
                                             prompt_format=prompt_format)
         eval_report.log(logger, config.eval_dataset)

@@ -19,8 +19,9 @@ Read in this order: ``config`` (the options), ``task`` (steps 1-3 and 5), ``expe
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ...lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .config import GRPOConfig, PPOConfig, RLConfig, RLOOConfig, check_config
@@ -40,11 +41,4 @@ __all__ = ["ActorCritic", "Experience", "GRPOConfig", "PPOConfig", "RLConfig", "
            "RewardHackingDetector", "build_experience", "check_config", "response_logps", "run_rl",
            "tempered_logits", "write_samples"]
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value  # the next look-up skips this function
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
