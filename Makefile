@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-hacking demo-cai test test-fast lint bench clean system-deps
+.PHONY: demo demo-seeds demo-hacking demo-cai test test-fast lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m rlhfkit demo --output-dir runs/demo
+
+# The demo on seeds 0-9, one table with the mean and worst case (SEEDS=0-2 for fewer; about 35 min for ten).
+SEEDS ?= 0-9
+demo-seeds: $(STAMP)
+	$(PY) bench/demo_seeds.py --seeds $(SEEDS) --out runs/seeds
 
 # The reward-hacking experiment (reuses the demo's world, pretrained and SFT models when present).
 demo-hacking: $(STAMP)

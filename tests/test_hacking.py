@@ -75,6 +75,24 @@ def test_noise_floor_from_standard_errors():
         RewardHackingDetector().update(0, 1.0, 1.0, -0.1)
 
 
+def test_flat_proxy_with_a_falling_heldout_score_is_drift_not_hacking():
+    """The β = 2 control of the hacking demo: the held-out score falls well beyond its noise while the proxy
+    moves 0.012, inside its own noise (SE 0.05 per evaluation). With the proxy's standard errors the detector
+    stays silent; without them any rise counts and it fires. A proxy that climbs beyond its noise still fires."""
+    heldout = [0.0, 0.15, 0.21, 0.20, 0.14, 0.08, 0.03, 0.003, 0.0, -0.02]
+    flat = [0.500, 0.508, 0.510, 0.515, 0.518, 0.520, 0.521, 0.522, 0.522, 0.522]
+    climbing = [0.5 + 0.15 * i for i in range(10)]
+    for proxy, proxy_se, fires in ((flat, None, True), (flat, 0.05, False), (climbing, 0.05, True)):
+        det = RewardHackingDetector(window=3, min_drop=0.1, patience=2, z=2.0)
+        for i, (p, h) in enumerate(zip(proxy, heldout)):
+            det.update(10 * i, p, h, 0.02, proxy_se)
+        assert det.fired == fires, (proxy, proxy_se, det.reason)
+    # the rise the climbing proxy made must clear 2·sqrt(2·0.05²/3) = 0.0816, which 0.15 per point does
+    assert "noise floor 0.0816" in det.reason
+    with pytest.raises(ValueError, match="proxy_se"):
+        RewardHackingDetector().update(0, 1.0, 1.0, 0.1, float("nan"))
+
+
 def test_both_falling_is_not_hacking():
     det = RewardHackingDetector(window=3, min_drop=0.1, patience=2)
     for i in range(20):

@@ -247,6 +247,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             v = row.get(key)
             cells.append(f"{v:>{width}.3f}" if isinstance(v, int | float) else f"{'-':>{width}}")
         lines.append(f"{name:<8}" + "".join(cells))
+    if any(isinstance(row, dict) and "lc_win_rate" in row for row in summary.values()):
+        lines.append("LC win: the win rate at equal length. This world's gold judge rewards concision (-0.05 a "
+                     "word past the ideal reply), so shorter replies are partly real gains: LC win < 0.5 says the "
+                     "wins come through length, not that they are fake.")
     rm = summary.get("rm", {})
     if "gold_accuracy" in rm:
         lines.append(f"reward model accuracy on gold-labelled held-out pairs: {rm['gold_accuracy']:.3f}")

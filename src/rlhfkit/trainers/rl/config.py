@@ -107,9 +107,9 @@ class RLConfig(RolloutOptions, TrainConfig):
     hacking_min_drop: float = arg(0.1, "Reward-hacking detector: share of its gain the held-out score must give "
                                   "back (while the training reward rises) to count.")
     hacking_patience: int = arg(2, "Reward-hacking detector: consecutive suspicious evaluations to fire.")
-    hacking_z: float = arg(2.0, "Reward-hacking detector: the held-out drop must also exceed this many standard "
-                           "errors (of the difference of the smoothed held-out means), so evaluation noise "
-                           "alone does not fire it.")
+    hacking_z: float = arg(2.0, "Reward-hacking detector: the held-out drop and the proxy's rise must each exceed "
+                           "this many standard errors (of the difference of the smoothed means), so evaluation "
+                           "noise alone, or drift under a flat proxy, does not fire it.")
 
     algorithm = "ppo"
 

@@ -34,13 +34,19 @@ class RewardHackingDetector:
         H̃_k − H̃_i > z · SE(H̃_k − H̃_i)          (and more than its evaluation noise, when the standard
                                                  errors of the held-out means are given)
         P̃_i − P̃_k > min_rise                   (while the proxy stayed above its value at the peak)
+        P̃_i − P̃_k > z · SE(P̃_i − P̃_k)          (by more than its own evaluation noise, when the proxy's
+                                                 standard errors are given: a flat proxy is drift, not
+                                                 hacking)
     The detector fires at the ``patience``-th consecutive suspicious point and then stays fired.
 
     The drop threshold is relative to the gain, so the rule does not depend on the judge's scale or
     offset. A held-out mean over n prompts has a standard error s/√n; when :meth:`update` gets it
     (``heldout_se``), the drop must also clear ``z`` standard errors of the difference of the two smoothed
     means, SE(H̃_k − H̃_i)² = mean(se²[k-w+1..k])/w + mean(se²[i-w+1..i])/w (independent evaluations), so a
-    run whose small gain wanders within its noise (a β > 0 run on a plateau) does not fire; ``min_rise`` is in proxy units (default 0: any rise). Smoothing and ``patience`` keep
+    run whose small gain wanders within its noise (a β > 0 run on a plateau) does not fire. The proxy's rise
+    is held to the same standard with the proxy means' errors (``proxy_se``): a held-out score that falls
+    while the proxy stays flat within its noise is a run getting worse, not one exploiting its reward.
+    ``min_rise`` is in proxy units (default 0: any rise). Smoothing and ``patience`` keep
     noise from firing it: on a plateau, noise must push the smoothed held-out more than ``min_drop`` of the
     whole gain below its smoothed maximum, for ``patience`` points in a row, while the smoothed proxy
     also sits above its value at that maximum. Measured with the defaults on 60-point runs that rise for
@@ -69,6 +75,7 @@ class RewardHackingDetector:
         self.proxy: list[float] = []
         self.heldout: list[float] = []
         self.heldout_se: list[float] = []  # 0 where unknown
+        self.proxy_se: list[float] = []  # 0 where unknown
         self.smoothed_proxy: list[float] = []
         self.smoothed_heldout: list[float] = []
         self.peak_index: int | None = None
@@ -92,21 +99,25 @@ class RewardHackingDetector:
         return None if self.peak_index is None else self.steps[self.peak_index]
 
     # ------------------------------------------------------------------ updating
-    def update(self, step: int, proxy: float, heldout: float, heldout_se: float | None = None) -> bool:
-        """Add one evaluation point (``heldout_se``: the standard error of the held-out mean, if known);
-        returns ``self.fired`` (True from the firing point on)."""
+    def update(self, step: int, proxy: float, heldout: float, heldout_se: float | None = None,
+               proxy_se: float | None = None) -> bool:
+        """Add one evaluation point (``heldout_se`` / ``proxy_se``: the standard errors of the held-out and
+        proxy means, if known); returns ``self.fired`` (True from the firing point on)."""
         proxy, heldout = float(proxy), float(heldout)
         se = 0.0 if heldout_se is None else float(heldout_se)
+        pse = 0.0 if proxy_se is None else float(proxy_se)
         if not (math.isfinite(proxy) and math.isfinite(heldout)):
             raise ValueError(f"step {step}: proxy {proxy} and heldout {heldout} must be finite")
-        if not math.isfinite(se) or se < 0:
-            raise ValueError(f"step {step}: heldout_se {heldout_se} must be a finite number >= 0")
+        for name, value in (("heldout_se", se), ("proxy_se", pse)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"step {step}: {name} {value} must be a finite number >= 0")
         if self.steps and step <= self.steps[-1]:
             raise ValueError(f"step {step} does not come after step {self.steps[-1]}")
         self.steps.append(int(step))
         self.proxy.append(proxy)
         self.heldout.append(heldout)
         self.heldout_se.append(se)
+        self.proxy_se.append(pse)
         self.smoothed_proxy.append(_mean(self.proxy[-self.window:]))
         self.smoothed_heldout.append(_mean(self.heldout[-self.window:]))
         i = len(self.steps) - 1
@@ -120,22 +131,25 @@ class RewardHackingDetector:
         gain = self.smoothed_heldout[k] - self.heldout[0]
         drop = self.smoothed_heldout[k] - self.smoothed_heldout[i]
         rise = self.smoothed_proxy[i] - self.smoothed_proxy[k]
-        noise = self.z * math.sqrt(self._smoothed_variance(k) + self._smoothed_variance(i))
+        noise = self.z * math.sqrt(self._smoothed_variance(self.heldout_se, k)
+                                   + self._smoothed_variance(self.heldout_se, i))
+        proxy_noise = self.z * math.sqrt(self._smoothed_variance(self.proxy_se, k)
+                                         + self._smoothed_variance(self.proxy_se, i))
         suspicious = (i > k and gain > 0 and drop > self.min_drop * gain and drop > noise
-                      and rise > self.min_rise)
+                      and rise > self.min_rise and rise > proxy_noise)
         self.streak = self.streak + 1 if suspicious else 0
         if self.streak >= self.patience:
             self.fired, self.fired_step = True, int(step)
             self.reason = (f"held-out score fell {drop:.4g} below its peak {self.smoothed_heldout[k]:.4g} at step "
                            f"{self.steps[k]} ({100 * drop / gain:.0f}% of its gain {gain:.4g}; threshold "
                            f"{100 * self.min_drop:.0f}%; noise floor {noise:.3g}) while the proxy reward rose {rise:.4g} above its value "
-                           f"there, for {self.streak} evaluations in a row (smoothed over {self.window}); "
+                           f"there (noise floor {proxy_noise:.3g}), for {self.streak} evaluations in a row (smoothed over {self.window}); "
                            f"best held-out checkpoint: step {self.best_step}")
         return self.fired
 
-    def _smoothed_variance(self, i: int) -> float:
-        """Variance of the smoothed held-out mean at point i: mean(se²) / w over its window."""
-        window = self.heldout_se[max(0, i - self.window + 1):i + 1]
+    def _smoothed_variance(self, ses: list[float], i: int) -> float:
+        """Variance of a smoothed mean at point i from its points' standard errors: mean(se²) / w."""
+        window = ses[max(0, i - self.window + 1):i + 1]
         return sum(se * se for se in window) / len(window) ** 2
 
     # ------------------------------------------------------------------ checkpoints
@@ -143,7 +157,8 @@ class RewardHackingDetector:
         """Everything needed to continue after a resume (plain python values, JSON-serialisable)."""
         return {"window": self.window, "min_drop": self.min_drop, "min_rise": self.min_rise,
                 "patience": self.patience, "z": self.z, "steps": list(self.steps), "proxy": list(self.proxy),
-                "heldout": list(self.heldout), "heldout_se": list(self.heldout_se), "fired": self.fired, "fired_step": self.fired_step,
+                "heldout": list(self.heldout), "heldout_se": list(self.heldout_se),
+                "proxy_se": list(self.proxy_se), "fired": self.fired, "fired_step": self.fired_step,
                 "reason": self.reason, "streak": self.streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -151,8 +166,9 @@ class RewardHackingDetector:
         self.__init__(state["window"], state["min_drop"], state["min_rise"], state["patience"],
                       state.get("z", 2.0))
         ses = state.get("heldout_se") or [0.0] * len(state["steps"])
-        for step, proxy, heldout, se in zip(state["steps"], state["proxy"], state["heldout"], ses):
-            self.update(step, proxy, heldout, se)
+        proxy_ses = state.get("proxy_se") or [0.0] * len(state["steps"])  # absent in older checkpoints
+        for step, proxy, heldout, se, pse in zip(state["steps"], state["proxy"], state["heldout"], ses, proxy_ses):
+            self.update(step, proxy, heldout, se, pse)
         # replaying reproduces the firing decision; keep the saved one verbatim in case it was set by hand
         self.fired, self.fired_step = bool(state["fired"]), state["fired_step"]
         self.reason, self.streak = state["reason"], int(state["streak"])

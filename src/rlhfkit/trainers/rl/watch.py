@@ -30,7 +30,8 @@ class HeldoutWatch:
         engine, detector = task.engine, self.detector
         step = int(getattr(engine, "eval_step", 0) or 0)  # the step of this evaluation's metrics row
         was_fired = detector.fired
-        detector.update(step, metrics["reward_mean"], metrics["heldout_reward"], metrics.get("heldout_reward_se"))
+        detector.update(step, metrics["reward_mean"], metrics["heldout_reward"], metrics.get("heldout_reward_se"),
+                        metrics.get("reward_se"))
         metrics["hacking_detected"] = float(detector.fired)
         if detector.fired and not was_fired:
             logger.warning("reward hacking suspected at step %d: %s; best held-out policy (step %s) is in %s",
@@ -85,14 +86,17 @@ def evaluate_heldout(task: Any, model: torch.nn.Module) -> dict[str, float]:
         own = rollout.logprobs[:, :width]
         k = len(rollout.lengths)
         add("reward_mean", float(scores.sum()))
+        add("reward_sq", float(scores.double().square().sum()))
         add("kl", float((kl_penalty(own, ref, "k1") * response_mask(rollout.lengths, width)).sum()))
         add("response_length", float(sum(rollout.lengths)))
         add("no_eos_rate", float(k - sum(rollout.ended)))
         count += k
     metrics = {name: value / max(count, 1) for name, value in totals.items()}
-    if "heldout_reward_sq" in metrics:  # standard error of the held-out mean: the detector's noise floor
-        variance = max(metrics.pop("heldout_reward_sq") - metrics["heldout_reward"] ** 2, 0.0)
-        metrics["heldout_reward_se"] = math.sqrt(variance / max(count - 1, 1))
+    for name in ("reward", "heldout_reward"):  # standard errors of the means: the detector's noise floors
+        if f"{name}_sq" in metrics:
+            mean = metrics["reward_mean" if name == "reward" else name]
+            variance = max(metrics.pop(f"{name}_sq") - mean ** 2, 0.0)
+            metrics[f"{name}_se"] = math.sqrt(variance / max(count - 1, 1))
     if watch is not None:
         watch.observe(task, model, metrics)
     return metrics
