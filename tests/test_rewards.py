@@ -324,6 +324,15 @@ def test_http_success_in_chunks_and_reply_shapes(server, sleeps, monkeypatch):
     assert [r["body"]["responses"] for r in server.requests] == [RESPONSES[0:2], RESPONSES[2:4], RESPONSES[4:]]
     assert [r["body"]["prompts"] for r in server.requests] == [PROMPTS[0:2], PROMPTS[2:4], PROMPTS[4:]]
     assert all("Authorization" not in r["headers"] for r in server.requests)
+    # the row goes along, chunked like the rest: the prompt as written and the other columns
+    server.requests.clear()
+    answers = [str(i) for i in range(len(RESPONSES))]
+    messages = [[{"role": "user", "content": p}] for p in PROMPTS]
+    batch = ScoringBatch(list(PROMPTS), list(RESPONSES), [[] for _ in RESPONSES], [[] for _ in RESPONSES],
+                         [True] * len(RESPONSES), raw_prompts=messages, columns={"answer": answers})
+    assert reward.score(batch).tolist() == LENGTHS
+    assert [r["body"]["columns"] for r in server.requests] == [
+        {"prompt": messages[s:s + 2], "answer": answers[s:s + 2]} for s in (0, 2, 4)]
     server.script = [(200, {}, {"rewards": [1, 2.5]}), (200, {}, [3, -4])]
     assert http(server.url, sleeps).score(text_batch(PROMPTS[:2], RESPONSES[:2])).tolist() == [1.0, 2.5]
     assert http(server.url, sleeps).score(text_batch(PROMPTS[:2], RESPONSES[:2])).tolist() == [3.0, -4.0]

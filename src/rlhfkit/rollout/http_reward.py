@@ -95,8 +95,10 @@ def post_with_retries(url: str, body: bytes, headers: dict[str, str], *, timeout
 
 
 class HTTPReward:
-    """A reward server: POST ``{"prompts": [...], "responses": [...], "ended": [...]}`` as JSON, in chunks of
-    ``batch_size`` (``ended``: whether each response produced EOS / a stop string; servers may ignore it).
+    """A reward server: POST ``{"prompts": [...], "responses": [...], "ended": [...], "columns": {...}}`` as
+    JSON, in chunks of ``batch_size`` (``ended``: whether each response produced EOS / a stop string;
+    ``columns``: the dataset row of each response's prompt, as reward functions get it: ``prompt`` as the
+    user wrote it and every other column by name, one value per response; servers may ignore both).
 
     The reply is ``{"scores": [...]}``, ``{"rewards": [...]}`` or a bare JSON list, one number per
     response. Connection errors, timeouts, HTTP 429 and 5xx are retried up to ``max_retries`` times,
@@ -143,14 +145,19 @@ class HTTPReward:
             prompts = list(batch.prompts[start:start + self.batch_size])
             responses = list(batch.responses[start:start + self.batch_size])
             ended = [bool(e) for e in batch.ended[start:start + self.batch_size]]
-            parts.append(self._parse(self._post(prompts, responses, ended), len(responses)))
+            row = {name: list(values[start:start + self.batch_size])
+                   for name, values in {"prompt": batch.raw_prompts, **batch.columns}.items()}
+            parts.append(self._parse(self._post(prompts, responses, ended, row), len(responses)))
         return torch.cat(parts)
 
-    def _post(self, prompts: list[str], responses: list[str], ended: list[bool] | None = None) -> bytes:
+    def _post(self, prompts: list[str], responses: list[str], ended: list[bool] | None = None,
+              columns: dict[str, list[Any]] | None = None) -> bytes:
         payload: dict[str, Any] = {"prompts": prompts, "responses": responses}
         if ended is not None:  # extra key: `rlhfkit serve-rm` adds EOS only to responses that ended
             payload["ended"] = ended
-        body = json.dumps(payload).encode("utf-8")
+        if columns:
+            payload["columns"] = columns
+        body = json.dumps(payload, default=str).encode("utf-8")  # dates and other non-JSON cells as text
         return post_with_retries(self.url, body, self.headers, timeout=self.timeout, max_retries=self.max_retries,
                                  backoff=self.backoff, sleep=self._sleep, who=f"reward server {self.url}")
 
