@@ -61,8 +61,10 @@ def _question(i: int) -> str:
 
 
 def _write_dataset(path: Path, chat: bool) -> Path:
-    """A GSM8K-style set built with ``datasets``: prompt (a string, or one user message) and answer."""
-    rows = {"prompt": [[{"role": "user", "content": _question(i)}] if chat else _question(i) for i in range(12)],
+    """A GSM8K-style set built with ``datasets``: GSM8K's own ``question`` (a string; the run maps it with
+    --columns prompt=question) or a ``prompt`` of one user message, and ``answer``."""
+    key = "prompt" if chat else "question"
+    rows = {key: [[{"role": "user", "content": _question(i)}] if chat else _question(i) for i in range(12)],
             "answer": [str(7 * i) for i in range(12)]}
     datasets.Dataset.from_dict(rows).to_json(path)
     return path
@@ -96,7 +98,9 @@ def test_grpo_reward_functions_get_their_rows_answers_and_log_each_source(chat, 
     dataset = _write_dataset(tmp_path / "gsm.jsonl", chat)
     out = tmp_path / "run"
     fns = f"{reward_file}:exact_match,{reward_file}:trl_style"
-    assert _grpo(tiny_model_dir, dataset, reward_file, out, "--reward-fn", fns, "--reward-weights", "1.0,0.5") == 0
+    columns = [] if chat else ["--columns", "prompt=question"]
+    assert _grpo(tiny_model_dir, dataset, reward_file, out, "--reward-fn", fns, "--reward-weights", "1.0,0.5",
+                 *columns) == 0
 
     calls = _calls(reward_file)
     exact = [c for c in calls if c["kind"] == "exact_match"]
@@ -136,7 +140,8 @@ def test_missing_column_and_weight_count_are_one_line_errors_before_training(tin
     dataset = _write_dataset(tmp_path / "gsm.jsonl", chat=False)
     capsys.readouterr()  # the datasets writer's progress bar
     out = tmp_path / "run"
-    assert _grpo(tiny_model_dir, dataset, reward_file, out, "--reward-fn", f"{reward_file}:needs_solution") == 2
+    assert _grpo(tiny_model_dir, dataset, reward_file, out, "--reward-fn", f"{reward_file}:needs_solution",
+                 "--columns", "prompt=question") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1, err
     assert (f"reward function '{reward_file}:needs_solution' has a required parameter 'solution' that is not a "
@@ -144,7 +149,8 @@ def test_missing_column_and_weight_count_are_one_line_errors_before_training(tin
     assert not (out / "model.safetensors").exists() and not (out / "metrics.jsonl").exists()
 
     fns = f"{reward_file}:exact_match,{reward_file}:trl_style"
-    assert _grpo(tiny_model_dir, dataset, reward_file, out, "--reward-fn", fns, "--reward-weights", "1") == 2
+    assert _grpo(tiny_model_dir, dataset, reward_file, out, "--reward-fn", fns, "--reward-weights", "1",
+                 "--columns", "prompt=question") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "--reward-weights has 1 weight(s) for 2 reward source(s)" in err[0], err
     assert not (reward_file.parent / "calls.jsonl").exists()  # nothing was scored
