@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-seeds demo-hacking demo-cai test test-fast lint bench clean system-deps
+.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-cai test test-fast lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 SEEDS ?= 0-9
 demo-seeds: $(STAMP)
 	$(PY) bench/demo_seeds.py --seeds $(SEEDS) --out runs/seeds
+
+# The reward-hacking demo on the same seeds: per seed and PPO run, did the detector fire and when, and how
+# many seeds give the expected verdicts (beta=0 and ensemble fire, beta=2 stays silent).
+demo-hacking-seeds: $(STAMP)
+	$(PY) bench/demo_seeds.py --hacking --seeds $(SEEDS) --out runs/seeds
 
 # The reward-hacking experiment (reuses the demo's world, pretrained and SFT models when present).
 demo-hacking: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 
@@ -22,7 +23,7 @@ stages:
              per_device_batch_size: 16, learning_rate: 3.0e-3}}
   sft: {{type: sft, model: "${{pretrain}}", dataset: "${{world}}/sft.jsonl", max_steps: 6, learning_rate: 1.0e-3}}
   preferences: {{type: collect, policy: "${{sft}}", world: "${{world}}", num_samples: 3, max_prompts: 24,
-                heldout_samples: 2, max_new_tokens: 12}}
+                heldout_samples: 2, max_new_tokens: 12, explore_samples: 1, explore_temperature: 1.6}}
   rm: {{type: rm, model: "${{sft}}", dataset: "${{preferences}}/ranked.jsonl",
        eval_dataset: "${{preferences}}/gold_pairs.jsonl", max_steps: 4}}
   rm_judge: {{type: judge, judge: "model:${{rm}}", pairs: "${{preferences}}/gold_pairs.jsonl", max_pairs: 6}}
@@ -64,6 +65,13 @@ def test_pipeline_runs_every_stage_and_writes_a_stable_summary(tiny_pipeline):
     assert abs(summary["sft"]["kl_to_sft"]) < 1e-4
     assert 0.0 <= summary["rm"]["gold_accuracy"] <= 1.0
     assert summary["wall_seconds"] > 0 and summary["annotators"]["prompts_labelled"] > 0
+    # the policy's hot samples are ranked beside its own, never put in the on-policy file DPO reads
+    ranked = _rows(run / "preferences" / "ranked.jsonl")
+    sources = Counter(s for r in ranked for s in r["sources"])
+    assert sources["explore"] > 0 and sources["policy"] > 0, sources
+    own = {(json.dumps(r["prompt"]), x) for r in ranked for x, s in zip(r["responses"], r["sources"]) if s == "policy"}
+    on_policy = _rows(run / "preferences" / "ranked_policy.jsonl")
+    assert on_policy and all((json.dumps(r["prompt"]), x) in own for r in on_policy for x in r["responses"])
     # the PPO run was watched by the held-out gold judge
     ppo_rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     held = [r["eval_heldout_reward"] for r in ppo_rows if "eval_heldout_reward" in r]

@@ -131,8 +131,9 @@ class GoldJudge:
                          flags=flags)
 
     def _stated_answers(self, req, text: str) -> set[str]:
-        """The answers of ``req``'s kind that the reply asserts (for sums: what follows the last 'is')."""
-        low = text.lower()
+        """The answers of ``req``'s kind that the reply asserts (for sums: what follows an 'is'). A question
+        repeated back asserts nothing: "How much is one plus four?" does not claim the sum is one."""
+        low = text.lower().replace(req.prompt.lower(), " ")
         if req.kind == "math":
             claims = re.findall(r"\bis ([a-z]+)", low)
             return {c for c in claims if c == req.answer.lower() or c in map(str.lower, req.wrong_answers)}

@@ -70,21 +70,30 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
 
 
 def _samples_of_all(ctx: StageContext, prompts: list[str], k: int, temperature: float, max_new: int,
-                    seed: int) -> list[dict[str, Any]]:
-    """Rows {prompt, responses, sources}: ``k`` samples of the policy, plus the other policy's if set."""
-    samples = sample_responses(ctx.option("policy"), prompts, k, temperature, max_new, seed)
+                    seed: int, explore: bool = True) -> list[dict[str, Any]]:
+    """Rows {prompt, responses, sources}: ``k`` samples of the policy, plus the other policy's and the
+    policy's hotter samples (source "explore") where set."""
+    policy = ctx.option("policy")
+    samples = sample_responses(policy, prompts, k, temperature, max_new, seed)
     rows = [{"prompt": p, "responses": s, "sources": ["policy"] * len(s)} for p, s in zip(prompts, samples)]
     other, other_k = ctx.option("other_policy"), int(ctx.option("other_samples", 0))
+    explore_k = int(ctx.option("explore_samples", 0)) if explore else 0
+    extras = []
     if other and other_k:
-        extra = sample_responses(other, prompts, other_k, temperature, max_new, seed + 7)
+        extras.append(("other", sample_responses(other, prompts, other_k, temperature, max_new, seed + 7)))
+    if explore_k:
+        hot = float(ctx.option("explore_temperature", 1.5))
+        extras.append(("explore", sample_responses(policy, prompts, explore_k, hot, max_new, seed + 11)))
+    for source, extra in extras:
         for row, more in zip(rows, extra):
             row["responses"] = row["responses"] + more
-            row["sources"] = row["sources"] + ["other"] * len(more)
+            row["sources"] = row["sources"] + [source] * len(more)
     return rows
 
 
 @stage("collect", options=("policy", "world", "num_samples", "temperature", "max_new_tokens", "rounds", "max_prompts",
-                          "other_policy", "other_samples", "biased", "annotators", "heldout_samples"))
+                          "other_policy", "other_samples", "explore_samples", "explore_temperature", "biased",
+                          "annotators", "heldout_samples"))
 def collect_stage(ctx: StageContext) -> dict[str, Any]:
     """Preference collection in the demo world: a policy's samples labelled by simulated annotators.
 
@@ -93,7 +102,10 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
     flattery | length: a panel that shares that taste), max_prompts (all), heldout_samples (4: samples per
     held-out prompt for the gold-labelled test pairs; 0 = none), other_policy + other_samples (responses
     from a second model put beside the policy's in each comparison, as InstructGPT's labellers compared
-    outputs of several models: it shows the annotators, and so the reward model, more kinds of mistakes).
+    outputs of several models: it shows the annotators, and so the reward model, more kinds of mistakes),
+    explore_samples (0) + explore_temperature (1.5): the policy's own samples at a higher temperature, whose
+    near misses (a wrong sum, a wrong capital) are the mistakes RL's exploration finds first; labelled
+    before RL, they teach the reward model what the policy is about to try.
     Writes ranked.jsonl (prompt + responses best first, for rlhfkit rm / dpo), ranked_policy.jsonl (only the
     policy's responses, in the same order: on-policy data for DPO), pairs.jsonl (best vs worst),
     gold_pairs.jsonl (held-out prompts, labelled by the gold judge: the RM's honest test) and labels.json.
@@ -123,7 +135,8 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
     held_k = int(ctx.option("heldout_samples", 4))
     if held_k:
         held = [r.prompt for r in world.split("eval")]
-        held_samples = _samples_of_all(ctx, held, held_k, temperature, max_new, seed + 2)
+        # the held-out test keeps the sources of the demo's first build (no hot samples): its figures compare
+        held_samples = _samples_of_all(ctx, held, held_k, temperature, max_new, seed + 2, explore=False)
         gold = gold_pairs_from_samples(world, held_samples)
         write_jsonl(out / "gold_pairs.jsonl", ({**r, "prompt": _messages(r["prompt"])} for r in gold))
         report["gold_pairs"] = len(gold)
