@@ -411,4 +411,5 @@ def test_dpo_invalid_arguments() -> None:
             dpo_loss(x, x, x, x, label_smoothing=eps)
     with pytest.raises(ValueError):
         dpo_loss(x, x, x, x, beta=0.0)
-    assert set(DPO_LOSS_TYPES) == {"sigmoid", "ipo", "hinge", "robust"}
+    assert set(DPO_LOSS_TYPES) == {"sigmoid", "ipo", "hinge", "robust", "ipo_normalized", "sigmoid_norm", "apo_zero",
+                                   "apo_down"}  # the new ones: tests/test_preference_losses.py

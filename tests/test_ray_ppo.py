@@ -207,6 +207,8 @@ def test_bad_ray_settings_are_one_line_errors(tiny_model_dir, count_e_files, tmp
         run_ray_rl(RayPPOConfig(**{**base, "prompts_per_step": 4}, ray_rollout_workers=5))
     with pytest.raises(ConfigError, match="LoRA is not supported with --ray"):
         run_ray_rl(RayPPOConfig(**base, lora_r=4))
+    with pytest.raises(ConfigError, match="--dynamic-sampling is not supported with --ray"):
+        run_ray_rl(RayPPOConfig(**base, dynamic_sampling=True))
     with pytest.raises(ConfigError, match="--ray-critic-workers must equal --ray-policy-workers"):
         run_ray_rl(RayPPOConfig(**base, ray_placement="colocated", ray_policy_workers=2))
     with pytest.raises(ConfigError, match="needs at least --num-minibatches"):

@@ -52,8 +52,22 @@ TRAINERS: dict[str, Trainer] = {t.name: t for t in (
     Trainer("rloo", "rlhfkit.trainers.rl", "RLOOConfig", "run_rl",
             "RLOO: REINFORCE with a leave-one-out baseline over the group (no critic)", online=True,
             config_module=_RL_CONFIGS),
+    Trainer("gspo", "rlhfkit.trainers.rl", "GSPOConfig", "run_rl",
+            "GSPO: GRPO with one clipped importance ratio per response", online=True, config_module=_RL_CONFIGS),
+    Trainer("reinforce_pp", "rlhfkit.trainers.rl", "ReinforcePPConfig", "run_rl",
+            "REINFORCE++: KL-penalised returns whitened over the batch (no critic)", online=True,
+            config_module=_RL_CONFIGS),
     Trainer("dpo", "rlhfkit.trainers.dpo", "DPOConfig", "run_dpo",
-            "direct preference optimisation (sigmoid, ipo, hinge, robust)", config_module=_OFFLINE_CONFIGS),
+            "direct preference optimisation (sigmoid, ipo, hinge, robust, ipo_normalized, sigmoid_norm, APO; "
+            "LD-DPO, TR-DPO)", config_module=_OFFLINE_CONFIGS),
+    Trainer("simpo", "rlhfkit.trainers.reference_free", "SimPOConfig", "run_reference_free",
+            "SimPO: length-averaged log-prob margin, no reference model", config_module=_OFFLINE_CONFIGS),
+    Trainer("orpo", "rlhfkit.trainers.reference_free", "ORPOConfig", "run_reference_free",
+            "ORPO: SFT loss plus an odds-ratio preference term, no reference model", config_module=_OFFLINE_CONFIGS),
+    Trainer("cpo", "rlhfkit.trainers.reference_free", "CPOConfig", "run_reference_free",
+            "CPO: reference-free DPO plus a behaviour-cloning NLL term", config_module=_OFFLINE_CONFIGS),
+    Trainer("kto", "rlhfkit.trainers.kto", "KTOConfig", "run_kto",
+            "KTO on unpaired desirable/undesirable rows (or split preference pairs)", config_module=_OFFLINE_CONFIGS),
 )}
 
 

@@ -16,6 +16,7 @@ from ..lazy import lazy_exports
 if TYPE_CHECKING:
     from .collate import collate_groups, collate_sequences, pack_batch, pack_shared_prompts, pad_batch
     from .formats import (
+        KTO_FORMATS,
         PREFERENCE_FORMATS,
         PROMPT_FORMATS,
         SFT_FORMATS,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
         detect_format,
         split_implicit_prompt,
     )
+    from .kto import count_labels, mismatched_completions, prepare_kto
     from .loading import (
         LINE_COLUMN,
         apply_column_map,
@@ -48,12 +50,13 @@ if TYPE_CHECKING:
 _HOMES = {
     "collate_groups": "collate", "collate_sequences": "collate", "pack_batch": "collate",
     "pack_shared_prompts": "collate", "pad_batch": "collate",
-    "PREFERENCE_FORMATS": "formats", "PROMPT_FORMATS": "formats", "SFT_FORMATS": "formats",
+    "KTO_FORMATS": "formats", "PREFERENCE_FORMATS": "formats", "PROMPT_FORMATS": "formats", "SFT_FORMATS": "formats",
     "DataFormat": "formats", "describe_format": "formats", "detect_format": "formats",
     "split_implicit_prompt": "formats",
     "LINE_COLUMN": "loading", "dataset_source": "loading", "load_rows": "loading", "row_number": "loading",
     "apply_column_map": "loading", "choose_split": "loading", "parse_column_map": "loading",
     "expand_to_pairs": "preferences", "prepare_preferences": "preferences",
+    "count_labels": "kto", "mismatched_completions": "kto", "prepare_kto": "kto",
     "prepare_prompts": "prompts",
     "prepare_sft": "sft",
     "PrepareReport": "tokenize", "PROMPT_FORMAT_CHOICES": "tokenize", "has_own_chat_template": "tokenize",
@@ -61,6 +64,7 @@ _HOMES = {
 }
 
 __all__ = [
+    "KTO_FORMATS",
     "LINE_COLUMN",
     "PREFERENCE_FORMATS",
     "PROMPT_FORMAT_CHOICES",
@@ -72,16 +76,19 @@ __all__ = [
     "choose_split",
     "collate_groups",
     "collate_sequences",
+    "count_labels",
     "dataset_source",
     "describe_format",
     "detect_format",
     "expand_to_pairs",
     "has_own_chat_template",
     "load_rows",
+    "mismatched_completions",
     "pack_batch",
     "pack_shared_prompts",
     "pad_batch",
     "parse_column_map",
+    "prepare_kto",
     "prepare_preferences",
     "prepare_prompts",
     "prepare_sft",

@@ -12,6 +12,7 @@ __all__ = [
     "PREFERENCE_FORMATS",
     "PROMPT_FORMATS",
     "SFT_FORMATS",
+    "KTO_FORMATS",
     "DataFormat",
     "describe_format",
     "detect_format",
@@ -28,6 +29,7 @@ class DataFormat(str, Enum):
     PREFERENCE_EXPLICIT = "preference_explicit"  # prompt + chosen + rejected
     PREFERENCE_IMPLICIT = "preference_implicit"  # chosen + rejected, prompt inside both (HH-RLHF)
     RANKED = "ranked"  # prompt + responses (best first) [+ ranks]
+    UNPAIRED = "unpaired"  # prompt + completion + label (true = desirable): KTO
     PROMPT_ONLY = "prompt_only"  # prompt (RL rollouts)
 
 
@@ -38,6 +40,8 @@ PREFERENCE_FORMATS: tuple[DataFormat, ...] = (
     DataFormat.PREFERENCE_EXPLICIT, DataFormat.PREFERENCE_IMPLICIT, DataFormat.RANKED,
 )
 PROMPT_FORMATS: tuple[DataFormat, ...] = (DataFormat.PROMPT_ONLY,)
+# KTO reads unpaired labelled rows, and splits preference pairs (and rankings) into such rows
+KTO_FORMATS: tuple[DataFormat, ...] = (DataFormat.UNPAIRED, *PREFERENCE_FORMATS)
 
 # Required columns of each layout, in detection priority order: the most specific layout first, so that
 # e.g. prompt/chosen/rejected is a preference set and not "prompt only with extra columns".
@@ -46,6 +50,7 @@ _LAYOUTS: tuple[tuple[DataFormat, frozenset[str], str], ...] = (
     (DataFormat.PREFERENCE_IMPLICIT, frozenset({"chosen", "rejected"}), "chosen/rejected"),
     (DataFormat.RANKED, frozenset({"prompt", "responses"}), "prompt/responses[/ranks]"),
     (DataFormat.SFT_MESSAGES, frozenset({"messages"}), "messages"),
+    (DataFormat.UNPAIRED, frozenset({"prompt", "completion", "label"}), "prompt/completion/label"),
     (DataFormat.SFT_PROMPT_COMPLETION, frozenset({"prompt", "completion"}), "prompt/completion"),
     (DataFormat.SFT_TEXT, frozenset({"text"}), "text"),
     (DataFormat.PROMPT_ONLY, frozenset({"prompt"}), "prompt"),

@@ -26,7 +26,7 @@ from ..engine.metrics import append_row, restart_logs, task_postfix, write_summa
 from ..engine.run_folder import begin_run, check_output_dir
 from ..errors import ConfigError, RlhfkitError
 from ..models import check_same_tokenizer, load_tokenizer
-from ..rollout.generate import HFGenerationBackend, Rollout
+from ..rollout.generate import HFGenerationBackend, concat_rollouts, slice_rollout
 from ..rollout.rewards import source_metrics
 from ..trainers.common import prepare_datasets, require, trainer_name
 from ..trainers.rl import RLConfig, RLTask, write_samples
@@ -63,20 +63,6 @@ def step_prompts(prompts: Sequence[Any], step: int, n: int, seed: int, pad: bool
     if pad and len(chunk) < n:
         chunk = chunk + order[:n - len(chunk)]
     return [prompts[i] for i in chunk]
-
-
-def slice_rollout(rollout: Rollout, lo: int, hi: int) -> Rollout:
-    """Rows [lo, hi) of a rollout."""
-    return Rollout(rollout.prompt_ids[lo:hi], rollout.response_ids[lo:hi], rollout.ended[lo:hi],
-                   rollout.logprobs[lo:hi], rollout.decode_steps)
-
-
-def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
-    """Rows of several rollouts in order (log-probs zero-padded to the widest)."""
-    width = max(p.logprobs.shape[1] for p in parts)
-    logprobs = torch.cat([torch.nn.functional.pad(p.logprobs, (0, width - p.logprobs.shape[1])) for p in parts])
-    return Rollout([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.response_ids],
-                   [x for p in parts for x in p.ended], logprobs, max(p.decode_steps for p in parts))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -276,7 +262,7 @@ class _Driver:
         scores = torch.cat([s for s, _, _ in scored])
         texts = [t for _, part, _ in scored for t in part]
         source_scores = {name: torch.cat([by_source[name] for _, _, by_source in scored]) for name in scored[0][2]}
-        raw, scores = task.shape_scores(scores, rollout.ended)
+        raw, scores = task.shape_scores(scores, rollout.ended, lengths=rollout.lengths)
 
         records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
         ref_bounds = shard_bounds(len(records), c.counts["reference"])

@@ -132,12 +132,14 @@ def main(argv: Sequence[str]) -> int:
     elif command == "export":
         p.add_argument("--project", required=True)
         p.add_argument("--out", required=True)
-        p.add_argument("--kind", choices=["pairs", "sft", "labels"], default="pairs")
+        p.add_argument("--kind", choices=["pairs", "sft", "kto", "labels"], default="pairs",
+                       help="pairs (rm, dpo), sft (rewrites), kto (binary accept/reject: prompt/completion/label) "
+                       "or labels (raw)")
         p.add_argument("--aggregate", choices=["majority", "soft"], default="majority")
         p.add_argument("--ties", choices=["drop", "keep"], default="drop")
         p.add_argument("--tasks", default="pairwise,ranking",
                        help="label types that give preference votes: pairwise, ranking, likert, binary")
-        p.add_argument("--exclude-gold", action="store_true", help="leave gold items out of the pairs")
+        p.add_argument("--exclude-gold", action="store_true", help="leave gold items out of the pairs / KTO rows")
     elif command == "migrate":
         pass
     else:
@@ -210,6 +212,8 @@ def _run(command: str, a) -> int:
                                           include_gold=not a.exclude_gold)
         elif a.kind == "sft":
             rows = export.sft_rows(db, project.id)
+        elif a.kind == "kto":
+            rows = export.kto_rows(db, project.id, include_gold=not a.exclude_gold)
         else:
             rows = export.stored_labels(db, project.id)
         n = write_jsonl(a.out, rows)

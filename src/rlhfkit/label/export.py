@@ -1,4 +1,4 @@
-"""Labels -> training data that ``rlhfkit rm`` / ``rlhfkit dpo`` / ``rlhfkit sft`` read unchanged.
+"""Labels -> training data that ``rlhfkit rm`` / ``rlhfkit dpo`` / ``rlhfkit sft`` / ``rlhfkit kto`` read unchanged.
 
 Preference export (``prompt``, ``chosen``, ``rejected`` + extra columns the trainers ignore): every label is
 turned into pairwise votes (a ranking gives all its K(K-1)/2 pairs; a pairwise choice one vote or a tie;
@@ -122,4 +122,33 @@ def sft_rows(db: Database, project_id: int) -> list[dict]:
             rows.append({"prompt": item.prompt, "completion": c["rewrite"], "critique": c["critique"],
                          "original": item.responses[c["response"]], "item_id": item.id,
                          "labeller": lab["coder"], "timestamp": lab["created_at"]})
+    return rows
+
+
+def kto_rows(db: Database, project_id: int, include_gold: bool = True) -> list[dict]:
+    """Binary accept/reject labels -> KTO rows ``prompt`` / ``completion`` / ``label`` that ``rlhfkit kto`` reads.
+
+    Votes are pooled per item and response; the majority decides (``label`` true = accepted = desirable), and
+    a response with as many accepts as rejects has no binary label and is left out. Extra columns:
+    ``item_id``, ``response`` (its index in the item), ``votes`` {accept, reject}, ``labellers``,
+    ``timestamps`` (ISO 8601, UTC), ``gold``.
+    """
+    with db.session() as s:
+        items = {it.id: it for it in s.scalars(sa.select(Item).where(Item.project_id == project_id))}
+    pooled: dict[tuple[int, int], list[tuple[bool, str, str]]] = defaultdict(list)
+    for lab in stored_labels(db, project_id):
+        binary = lab["answers"].get("binary")
+        for index, accept in enumerate(binary["accept"] if binary else ()):
+            pooled[(lab["item_id"], index)].append((bool(accept), lab["coder"], lab["created_at"]))
+    rows = []
+    for (item_id, index), votes in sorted(pooled.items()):
+        item = items[item_id]
+        accepts = sum(a for a, _, _ in votes)
+        rejects = len(votes) - accepts
+        if accepts == rejects or (item.gold is not None and not include_gold):
+            continue
+        rows.append({"prompt": item.prompt, "completion": item.responses[index], "label": accepts > rejects,
+                     "item_id": item_id, "response": index, "votes": {"accept": accepts, "reject": rejects},
+                     "labellers": [c for _, c, _ in votes], "timestamps": [t for _, _, t in votes],
+                     "gold": item.gold is not None})
     return rows

@@ -160,7 +160,8 @@ ADMIN = """{% extends "base.html" %}{% block title %}Admin · rlhfkit label{% en
 <a class="button" id="export-{{ p.id }}-majority" href="/admin/projects/{{ p.id }}/export.jsonl?kind=pairs&amp;aggregate=majority&amp;ties=drop">pairs (majority, ties dropped)</a>
 <a class="button" href="/admin/projects/{{ p.id }}/export.jsonl?kind=pairs&amp;aggregate=soft&amp;ties=keep">pairs (soft, ties kept)</a>
 <a class="button" href="/admin/projects/{{ p.id }}/export.jsonl?kind=sft">SFT from rewrites</a>
-<a class="button" href="/admin/projects/{{ p.id }}/export.jsonl?kind=labels">raw labels</a></p>
+{% if 'binary' in p.tasks %}<a class="button" href="/admin/projects/{{ p.id }}/export.jsonl?kind=kto">KTO rows (accept/reject)</a>
+{% endif %}<a class="button" href="/admin/projects/{{ p.id }}/export.jsonl?kind=labels">raw labels</a></p>
 </section>{% endfor %}
 {% endblock %}
 """

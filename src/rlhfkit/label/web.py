@@ -269,9 +269,11 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
                                               [t.strip() for t in tasks.split(",") if t.strip()])
         if kind == "sft":
             return export_mod.sft_rows(db, project_id)
+        if kind == "kto":
+            return export_mod.kto_rows(db, project_id)
         if kind == "labels":
             return export_mod.stored_labels(db, project_id)
-        raise service.LabelError(422, f"kind must be pairs, sft or labels, got {kind!r}")
+        raise service.LabelError(422, f"kind must be pairs, sft, kto or labels, got {kind!r}")
 
     @app.get("/api/admin/projects/{project_id}/export")
     def get_export(project_id: Id, kind: str = Query("pairs", max_length=20),

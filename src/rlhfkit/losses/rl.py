@@ -349,7 +349,10 @@ def clipped_value_loss(
     With c = clip_range, R the returns and V_old the values at rollout time:
         V_clip  = V_old + clip(V - V_old, -c, c)
         loss    = 1/2 * max((V - R)^2, (V_clip - R)^2)
-        clipped = 1 where (V_clip - R)^2 > (V - R)^2 strictly, else 0
+        clipped = 1 where clamp(V, V_old - c, V_old + c) != V (V left the range) and (V_clip - R)^2 > (V - R)^2
+                  strictly (the clipped term is the larger one), else 0
+    The gradient is zero exactly where clipped = 1. The range test is on the unrounded V: inside the range
+    V_clip can differ from V by one rounding step, which alone once counted ~2% of unclipped tokens.
     clip_range=None disables clipping: loss = 1/2 (V - R)^2 and clipped is all zeros.
     """
     unclipped = (values - returns).square()
@@ -360,7 +363,8 @@ def clipped_value_loss(
     values_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     clipped_sq = (values_clipped - returns).square()
     losses = 0.5 * torch.maximum(unclipped, clipped_sq)
-    return ValueLossOutput(losses=losses, clipped=(clipped_sq > unclipped).to(losses.dtype))
+    outside = torch.clamp(values, old_values - clip_range, old_values + clip_range) != values
+    return ValueLossOutput(losses=losses, clipped=(outside & (clipped_sq > unclipped)).to(losses.dtype))
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

@@ -25,7 +25,8 @@ from .sampling import draw_and_record, filter_logits
 
 logger = logging.getLogger("rlhfkit")
 
-__all__ = ["GenerationBackend", "HFGenerationBackend", "Rollout", "SamplingConfig", "filter_logits"]
+__all__ = ["GenerationBackend", "HFGenerationBackend", "Rollout", "SamplingConfig", "concat_rollouts", "filter_logits",
+           "slice_rollout"]
 
 
 @dataclass
@@ -66,6 +67,20 @@ class Rollout:
     @property
     def lengths(self) -> list[int]:
         return [len(r) for r in self.response_ids]
+
+
+def slice_rollout(rollout: Rollout, lo: int, hi: int) -> Rollout:
+    """Rows [lo, hi) of a rollout."""
+    return Rollout(rollout.prompt_ids[lo:hi], rollout.response_ids[lo:hi], rollout.ended[lo:hi],
+                   rollout.logprobs[lo:hi], rollout.decode_steps)
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """Rows of several rollouts in order (log-probs zero-padded to the widest)."""
+    width = max(p.logprobs.shape[1] for p in parts)
+    logprobs = torch.cat([torch.nn.functional.pad(p.logprobs, (0, width - p.logprobs.shape[1])) for p in parts])
+    return Rollout([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.response_ids],
+                   [x for p in parts for x in p.ended], logprobs, max(p.decode_steps for p in parts))
 
 
 class GenerationBackend(Protocol):

@@ -1,4 +1,4 @@
-"""The online trainers' options: one RLConfig, with PPO, GRPO and RLOO as its three sets of defaults.
+"""The online trainers' options: one RLConfig, with PPO, GRPO, RLOO, GSPO and REINFORCE++ as its sets of defaults.
 
 The rollout engine's options come from :class:`rlhfkit.rollout.options.RolloutOptions`; the Ray launcher
 adds its own (:func:`rlhfkit.distributed.with_ray_options`).
@@ -10,18 +10,25 @@ from dataclasses import dataclass
 
 from ...engine import TrainConfig, arg
 from ...errors import ConfigError
-from ...losses import GROUP_ADVANTAGE_TYPES, KL_ESTIMATORS
+from ...losses import (
+    GROUP_ADVANTAGE_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+    REINFORCE_PP_TYPES,
+    SCALE_REWARDS,
+)
 from ...rollout.options import REWARD_ENSEMBLES, RolloutOptions, check_rollout_options
 
-ADVANTAGE_TYPES = ("gae",) + GROUP_ADVANTAGE_TYPES
-LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
+ADVANTAGE_TYPES = ("gae",) + GROUP_ADVANTAGE_TYPES + REINFORCE_PP_TYPES
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo", "bnpo")
 KL_MODES = ("reward", "loss")
 CRITICS = ("value_head", "reward_model")
 
 
 @dataclass
 class RLConfig(RolloutOptions, TrainConfig):
-    """Settings shared by ``rlhfkit ppo``, ``grpo`` and ``rloo`` (they differ in defaults only)."""
+    """Settings shared by ``rlhfkit ppo``, ``grpo``, ``rloo``, ``gspo`` and ``reinforce_pp`` (they differ in
+    defaults only)."""
 
     # data and batch shape
     max_prompt_length: int | None = arg(256, "Longest prompt in tokens (prompts keep their end).")
@@ -84,8 +91,9 @@ class RLConfig(RolloutOptions, TrainConfig):
     clip_eps: float = arg(0.2, "PPO ratio clip ε.")
     clip_eps_high: float | None = arg(None, "Upper ratio clip (DAPO clip-higher); default = --clip-eps.")
     loss_aggregation: str = arg("token_mean", "token_mean (every token of the minibatch equal; DAPO), "
-                                "sequence_mean (mean per response, then over responses; GRPO) or dr_grpo "
-                                "(token sum / max_new_tokens per response).")
+                                "sequence_mean (mean per response, then over responses; GRPO), dr_grpo "
+                                "(token sum / max_new_tokens per response) or bnpo (token mean of each "
+                                "micro-batch, then the mean over micro-batches and ranks; TRL's bnpo).")
     critic: str = arg("value_head", "PPO critic: value_head (a linear head on the policy's backbone) or "
                       "reward_model (a separate value model initialised from the first --reward-model).")
     vf_coef: float = arg(0.1, "Weight of the value loss.")
@@ -93,6 +101,22 @@ class RLConfig(RolloutOptions, TrainConfig):
     entropy_coef: float = arg(0.0, "Entropy bonus weight.")
     approx_kl_stop: float | None = arg(None, "Stop the PPO epochs of a rollout once the approximate KL to the "
                                        "rollout policy exceeds this.")
+    # later variants (issue 22): GSPO, GRPO's reward scaling, DAPO, truncated importance sampling
+    importance_sampling_level: str = arg("token", "PPO ratio per token, or one per response: sequence = GSPO's "
+                                         "exp(mean log-ratio over the response), clipped per response.")
+    scale_rewards: str = arg("group", "--advantage grpo: divide by the group's reward std (group), the whole "
+                             "batch's (batch) or not at all (none), as TRL's scale_rewards.")
+    dynamic_sampling: bool = arg(False, "DAPO: drop groups whose rewards are all equal and refill the batch "
+                                 "from further prompts (logged as dynamic_sampling_dropped / _rounds).")
+    dynamic_sampling_max_rounds: int = arg(4, "DAPO: most extra sampling rounds per step; then the batch is "
+                                           "topped up with dropped groups (zero group advantage).")
+    overlong_buffer: int = arg(0, "DAPO overlong shaping: penalise a response linearly over its last N tokens "
+                               "before --max-new-tokens (0 at the start of the buffer, -factor at the limit); 0 = off.")
+    overlong_penalty_factor: float = arg(1.0, "DAPO overlong shaping: the penalty at --max-new-tokens.")
+    mask_truncated: bool = arg(False, "DAPO: no loss on responses cut by --max-new-tokens (no EOS or stop string).")
+    tis_cap: float = arg(0.0, "Truncated importance sampling: weight each token's policy-gradient loss by "
+                         "min(π_trainer/π_rollout, C) when the rollout engine's log-probs are not the trainer's "
+                         "(vLLM); C = this; 0 = off. Logged as tis_ratio_mean / _max.")
     # logging
     sample_steps: int = arg(10, "Write a few samples to OUTPUT_DIR/samples.jsonl every N steps.")
     num_logged_samples: int = arg(4, "Samples written each time.")
@@ -146,6 +170,28 @@ class RLOOConfig(RLConfig):
     algorithm = "rloo"
 
 
+@dataclass
+class GSPOConfig(GRPOConfig):
+    importance_sampling_level: str = arg("sequence", "One PPO ratio per response (GSPO), or per token.")
+    clip_eps: float = arg(3e-4, "Ratio clip ε (GSPO's sequence ratios need small ranges).")
+    clip_eps_high: float | None = arg(4e-4, "Upper ratio clip.")
+    kl_coef: float = arg(0.0, "β: weight of the KL term (GSPO trains without one).")
+    num_minibatches: int = arg(4, "Optimizer steps per pass over a rollout (the ratio moves from 1 only "
+                               "after the first).")
+
+    algorithm = "gspo"
+
+
+@dataclass
+class ReinforcePPConfig(RLConfig):
+    advantage: str = arg("reinforce_pp", f"Advantage estimator: {', '.join(ADVANTAGE_TYPES)} (reinforce_pp_baseline "
+                         "subtracts the group mean first; needs --num-generations >= 2).")
+    kl_coef: float = arg(0.01, "β: weight of the per-token KL penalty in the reward.")
+    whiten_advantages: bool = arg(False, "Whiten advantages again (REINFORCE++ already whitens over the batch).")
+
+    algorithm = "reinforce_pp"
+
+
 def check_config(config: RLConfig) -> None:
     """One-line ConfigErrors for settings that cannot work together, before anything loads."""
     choices = {"kl_estimator": KL_ESTIMATORS, "kl_mode": KL_MODES, "advantage": ADVANTAGE_TYPES,
@@ -154,7 +200,20 @@ def check_config(config: RLConfig) -> None:
         if getattr(config, name) not in allowed:
             raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                               f"not '{getattr(config, name)}'")
-    if config.advantage in ("grpo", "rloo") and config.num_generations < 2:
+    for name, allowed in (("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS), ("scale_rewards", SCALE_REWARDS)):
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                              f"not '{getattr(config, name)}'")
+    if config.scale_rewards != "group" and config.advantage != "grpo":
+        raise ConfigError("--scale-rewards applies to --advantage grpo only")
+    if config.dynamic_sampling and (config.advantage in ("gae", "reinforce_pp") or config.num_generations < 2):
+        raise ConfigError("--dynamic-sampling needs a group advantage (--num-generations >= 2 and --advantage "
+                          "grpo, dr_grpo, rloo or reinforce_pp_baseline)")
+    if config.dynamic_sampling_max_rounds < 0 or config.tis_cap < 0:
+        raise ConfigError("--dynamic-sampling-max-rounds and --tis-cap must be >= 0")
+    if not 0 <= config.overlong_buffer <= config.max_new_tokens:
+        raise ConfigError("--overlong-buffer must be in [0, --max-new-tokens]")
+    if config.advantage in ("grpo", "rloo", "reinforce_pp_baseline") and config.num_generations < 2:
         raise ConfigError(f"--advantage {config.advantage} needs --num-generations >= 2 (a group baseline)")
     for name in ("prompts_per_step", "num_generations", "num_minibatches", "ppo_epochs", "max_new_tokens"):
         if getattr(config, name) < 1:

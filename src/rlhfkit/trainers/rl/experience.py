@@ -14,13 +14,15 @@ from typing import Any
 import torch
 
 from ...engine import TrainingError
-from ...losses import gae, group_advantages, kl_penalty, whiten
+from ...losses import gae, kl_penalty, whiten
 from ...rollout.generate import Rollout
 from ...rollout.logprob_check import response_mask
 from .config import RLConfig
+from .variants import advantages as critic_free_advantages
 
 # the per-token tensors of a record, flat in (sequence, position) order once collated
-TOKEN_FIELDS = ("old_logps", "ref_logps", "advantages", "returns", "old_values")
+TOKEN_FIELDS = ("old_logps", "ref_logps", "advantages", "returns", "old_values",  # and, from .variants,
+                "loss_keep", "is_weights")  # 0 on truncated responses (--mask-truncated); TIS weights (--tis-cap)
 
 
 @dataclass
@@ -44,13 +46,14 @@ def split_rows(flat: torch.Tensor, lengths: list[int], width: int) -> torch.Tens
 def build_experience(config: RLConfig, beta: float, prompts: list[dict], rollout: Rollout, texts: list[str],
                      raw: torch.Tensor, scores: torch.Tensor, ref_flat: torch.Tensor, value_flat: torch.Tensor | None,
                      rollout_time: float, where: str, hint: str = "", *, old_logps: torch.Tensor | None = None,
-                     extra_metrics: dict[str, float] | None = None,
+                     extra_metrics: dict[str, float] | None = None, is_weights: torch.Tensor | None = None,
                      sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Experience:
     """Per-token KL, rewards, advantages (GAE with the critic's values, or a group baseline), whitening.
 
     ``ref_flat`` / ``value_flat`` are the reference log-probs / values of the response tokens, flat in
-    (sequence, position) order; ``old_logps`` replaces the sampler's log-probs. With data-parallel ranks,
+    (sequence, position) order; ``old_logps`` replaces the sampler's log-probs; ``is_weights`` [N, width]: TIS
+    weights (.variants). With data-parallel ranks,
     ``sum_across`` (an all-reduce) whitens with the whole batch's statistics and ``gather`` makes the metrics
     and the KL that steers β those of every rank's rollouts.
     """
@@ -77,15 +80,16 @@ def build_experience(config: RLConfig, beta: float, prompts: list[dict], rollout
         rewards[torch.arange(len(lengths)), torch.as_tensor(lengths) - 1] += scores
         values = split_rows(value_flat, lengths, width) if value_flat is not None else torch.zeros_like(rewards)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    else:
-        seq_reward = scores - beta * kl_seq if cfg.kl_mode == "reward" else scores
-        advantages = group_advantages(seq_reward, cfg.num_generations, cfg.advantage)[:, None] * mask
+    else:  # a group baseline or REINFORCE++ (.variants)
+        advantages = critic_free_advantages(cfg, beta, scores, kl_tokens, kl_seq, mask, sum_across, gather)
     if cfg.whiten_advantages:
         advantages = whiten(advantages, mask, sum_across=sum_across)
     # 3. one record per sequence, its tensors cut to its length (cloned: a record travels alone, e.g. to Ray)
     per_token = {"old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages}
     if value_flat is not None and values is not None:
         per_token.update(old_values=values, returns=returns)
+    per_token.update({"loss_keep": ended.float()[:, None].expand(-1, width)} if cfg.mask_truncated else {},  # DAPO
+                     **({"is_weights": is_weights} if is_weights is not None else {}))
     records = [{"prompt_ids": p, "response_ids": r,
                 **{k: t[i, :lengths[i]].float().clone() for k, t in per_token.items()}}
                for i, (p, r) in enumerate(zip(rollout.prompt_ids, rollout.response_ids))]

@@ -66,7 +66,8 @@ def check_reward_inputs(config: RLConfig, prompts: list[dict], eval_prompts: lis
 
 
 def run_rl(config: RLConfig) -> dict[str, Any]:
-    """Train a policy online with PPO, GRPO or RLOO (set by the config class); returns the summary."""
+    """Train a policy online with PPO, GRPO, RLOO, GSPO or REINFORCE++ (set by the config class); returns the
+    summary."""
     check_config(config)
     if getattr(config, "ray", False):
         raise ConfigError("ray=True runs on Ray: call rlhfkit.distributed.run_ray_rl (the CLI's --ray does)")
@@ -120,6 +121,7 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
     task = RLTask(config, tokenizer, packed, ref_model, reward, build_rollout_backend(config, tokenizer),
                   eval_prompts, share_prompts=share)
     task.engine = engine
+    task.train_prompts = prompts
     checkpointed: list[Any] = [task.kl_controller, task.reward_stats]
     if config.heldout_judge:
         judge = load_judge(config.heldout_judge, tokenizer, engine.device)

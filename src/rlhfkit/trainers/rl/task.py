@@ -14,24 +14,24 @@ from typing import Any
 
 import torch
 
-from ...data import pack_batch, pack_shared_prompts, pad_batch
 from ...engine import Engine, MetricSums, StepResult, TrainingError, step_seed
 from ...losses import (
     AdaptiveKLController,
     RunningMoments,
     approx_kl,
-    clipped_policy_loss,
     clipped_value_loss,
     kl_penalty,
     selected_token_logprobs_and_entropy,
 )
-from ...models.forward import at_loss_positions, loss_logits, loss_sequence_ids, loss_targets
+from ...models.forward import at_loss_positions, loss_logits, loss_targets
 from ...rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
 from ...rollout.logprob_check import check_logprob_match, compare_logprobs, response_mask
 from ...rollout.rewards import score_records, source_metrics
+from .batches import aggregate, batch_weight, collate_records
 from .config import RLConfig
-from .experience import TOKEN_FIELDS, Experience, build_experience, split_rows
+from .experience import Experience, build_experience, split_rows
 from .policy import ActorCritic, response_logps, tempered_logits
+from .variants import dynamic_sampling, shaped_scores, surrogate, tis_weights
 from .watch import evaluate_heldout
 
 
@@ -55,35 +55,19 @@ class RLTask:
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.reward_stats = RunningMoments()
         self.pad_id = tokenizer.pad_token_id
+        self.train_prompts: list[dict] = []  # where DAPO's dynamic sampling draws further prompts (run_rl sets it)
         self.policy_version, self._synced_version = 0, None  # optimizer updates made / pushed to the engine
         self.engine: Engine | None = None
 
     # ------------------------------------------------------------------ batches and losses
     def collate(self, records: list[dict]) -> dict[str, Any]:
-        if self.share_prompts:
-            batch = pack_shared_prompts([r["prompt_ids"] for r in records], [r["response_ids"] for r in records])
-        else:
-            sequences = [r["prompt_ids"] + r["response_ids"] for r in records]
-            masks = [[0] * len(r["prompt_ids"]) + [1] * len(r["response_ids"]) for r in records]
-            batch = pack_batch(sequences, masks) if self.packed else pad_batch(sequences, masks, self.pad_id)
-        for key in TOKEN_FIELDS:
-            if key in records[0]:
-                batch[key] = torch.cat([r[key] for r in records])
-        batch["response_lengths"] = torch.tensor([len(r["response_ids"]) for r in records], dtype=torch.float32)
-        return batch
+        return collate_records(records, self.share_prompts, self.packed, self.pad_id)
 
     def batch_weight(self, batch: dict[str, Any]) -> float:
-        return float(batch["num_loss_tokens" if self.config.loss_aggregation == "token_mean" else "num_sequences"])
+        return batch_weight(self.config.loss_aggregation, batch)
 
     def _aggregate(self, per_token: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """Sum of the per-item losses for the chosen aggregation (the engine divides by the step's weight)."""
-        how = self.config.loss_aggregation
-        if how == "token_mean":
-            return per_token.sum()
-        if how == "dr_grpo":
-            return per_token.sum() / self.config.max_new_tokens
-        lengths = batch["response_lengths"].to(per_token.device)
-        return (per_token / lengths[loss_sequence_ids(batch)]).sum()
+        return aggregate(self.config.loss_aggregation, self.config.max_new_tokens, per_token, batch)
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
         """Clipped policy loss (+ KL, entropy) where the model gives logits, + vf_coef · clipped value loss
@@ -100,16 +84,18 @@ class RLTask:
         cfg = self.config
         logps, entropy = selected_token_logprobs_and_entropy(tempered_logits(logits, cfg.temperature),
                                                              loss_targets(batch), entropy_grad=cfg.entropy_coef > 0)
-        old, adv = batch["old_logps"], batch["advantages"]
-        policy = clipped_policy_loss(logps, old, adv, cfg.clip_eps, cfg.clip_eps_high)
-        per_token = policy.losses
+        old = batch["old_logps"]
+        policy, pg_losses = surrogate(cfg, logps, batch)  # PPO's or GSPO's, TIS-weighted (.variants)
+        per_token = pg_losses
         if cfg.kl_mode == "loss" and cfg.kl_coef > 0:
             per_token = per_token + self.kl_controller.beta * kl_penalty(logps, batch["ref_logps"], cfg.kl_estimator)
         if cfg.entropy_coef > 0:
             per_token = per_token - cfg.entropy_coef * entropy
+        if "loss_keep" in batch:  # --mask-truncated
+            per_token = per_token * batch["loss_keep"]
         n = float(logps.numel())
         return self._aggregate(per_token, batch), {
-            "policy_loss": (float(policy.losses.detach().sum()), n),
+            "policy_loss": (float(pg_losses.detach().sum()), n),
             "clip_frac": (float(policy.clipped.sum()), n),
             "approx_kl": (float(approx_kl(logps.detach(), old).sum()), n),
             "entropy": (float(entropy.detach().sum()), n),
@@ -121,7 +107,8 @@ class RLTask:
         token_values = at_loss_positions(values, batch).float()
         value = clipped_value_loss(token_values, batch["old_values"], batch["returns"], cfg.value_clip or None)
         n = float(token_values.numel())
-        return cfg.vf_coef * self._aggregate(value.losses, batch), {
+        losses = value.losses * batch["loss_keep"] if "loss_keep" in batch else value.losses
+        return cfg.vf_coef * self._aggregate(losses, batch), {
             "value_loss": (float(value.losses.detach().sum()), n),
             "value_clip_frac": (float(value.clipped.sum()), n)}
 
@@ -145,14 +132,14 @@ class RLTask:
         return scores, texts, by_source
 
     def shape_scores(self, scores: torch.Tensor, ended: list[bool],
-                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor,
-                                                                                           torch.Tensor]:
-        """(raw scores, training scores): the missing-EOS penalty, then the running normaliser (updated here,
-        so call it once per rollout; with ``gather``, with every data-parallel rank's scores, so that all
-        ranks share one normaliser) and the clip."""
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw scores, training scores): the missing-EOS and overlong penalties (``lengths``: the response
+        lengths), then the running normaliser (updated here, so call it once per rollout; with ``gather``,
+        with every data-parallel rank's scores, so that all ranks share one normaliser) and the clip."""
         cfg = self.config
         raw = scores.clone()
-        scores = scores - cfg.missing_eos_penalty * (~torch.tensor(ended)).float()
+        scores = shaped_scores(cfg, scores, ended, lengths)
         if cfg.reward_normalize:
             self.reward_stats.update(gather(scores) if gather is not None else scores)
             scores = self.reward_stats.normalize(scores)
@@ -168,15 +155,12 @@ class RLTask:
         """Sample, score, and run the reference (and critic) over one step's rollout: its experience."""
         cfg = self.config
         t0 = time.perf_counter()
-        generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
-        policy = engine.unwrap(model).policy
-        with engine.full_parameters(model):  # sampling and weight sync read whole weights on each rank
-            self.sync_rollout_weights(policy)
-            rollout = self.backend.generate(policy, [p["prompt_ids"] for p in prompts], cfg.num_generations,
-                                            self.sampling, generator)
+        rollout = self.generate(engine, model, prompts, step_seed(cfg.seed, step, 1))
         rollout_time = time.perf_counter() - t0
-        scores, texts, by_source = self.score(prompts, rollout, f" (step {step + 1}{engine.checkpoint_hint()})")
-        raw, scores = self.shape_scores(scores, rollout.ended, engine.gather_across_ranks)
+        where = f" (step {step + 1}{engine.checkpoint_hint()})"
+        prompts, rollout, scores, texts, by_source, sampling_metrics = dynamic_sampling(  # (when --dynamic-sampling)
+            self, engine, model, step, where, (prompts, rollout, *self.score(prompts, rollout, where)))
+        raw, scores = self.shape_scores(scores, rollout.ended, engine.gather_across_ranks, rollout.lengths)
 
         records = [{"prompt_ids": p, "response_ids": r} for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
         every = cfg.logprob_check_steps  # by step number, so a resumed run checks where the original did
@@ -201,6 +185,8 @@ class RLTask:
         width = max(rollout.lengths)
         old_logps = rollout.logprobs[:, :width]
         extra_metrics = source_metrics(by_source, engine.gather_across_ranks)  # reward/<name>
+        extra_metrics.update(sampling_metrics)
+        is_weights = None
         if recompute:
             trainer_logps = split_rows(torch.cat(own_flat), rollout.lengths, width)
             if check:
@@ -209,12 +195,22 @@ class RLTask:
                 where = f" at step {step + 1} ({cfg.rollout_backend} rollouts, {match.tokens} response tokens)"
                 check_logprob_match(match, cfg.logprob_check_tolerance, where)
             if getattr(self.backend, "recompute_logprobs", False):
+                is_weights, tis_metrics = tis_weights(cfg, engine, trainer_logps, old_logps, rollout.lengths)
+                extra_metrics.update(tis_metrics)
                 old_logps = trainer_logps  # PPO's old log-probs from the trainer's numerics, not the engine's
         return self.experience(prompts, rollout, texts, raw, scores, torch.cat(ref_flat),
                                torch.cat(value_flat) if value_flat else None, rollout_time,
                                f"step {step + 1}", engine.checkpoint_hint(), old_logps=old_logps,
                                extra_metrics=extra_metrics, sum_across=engine.sum_across_ranks,
-                               gather=engine.gather_across_ranks)
+                               gather=engine.gather_across_ranks, is_weights=is_weights)
+
+    def generate(self, engine: Engine, model: ActorCritic, prompts: list[dict], seed: int) -> Rollout:
+        """``num_generations`` samples of each prompt from the current policy, the sampler seeded ``seed``."""
+        policy = engine.unwrap(model).policy
+        with engine.full_parameters(model):  # sampling and weight sync read whole weights on each rank
+            self.sync_rollout_weights(policy)
+            return self.backend.generate(policy, [p["prompt_ids"] for p in prompts], self.config.num_generations,
+                                         self.sampling, torch.Generator().manual_seed(seed))
 
     def sync_rollout_weights(self, policy: torch.nn.Module) -> None:
         """Push the policy into a rollout engine that keeps its own copy (vLLM) once per update phase; the
