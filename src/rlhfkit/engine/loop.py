@@ -52,6 +52,8 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Held-out metrics (keys without the ``eval_`` prefix); {} when there is no eval data."""
 
+    # Optional: ``after_optimizer_step()``, called after every optimizer step (TR-DPO moves its reference).
+
 
 class Engine(ParallelMixin, SavingMixin):
     """Runs a :class:`Task` under accelerate. Create one per training run."""
@@ -255,6 +257,9 @@ class Engine(ParallelMixin, SavingMixin):
             result.grad_norm = norm
         optimizer.step()  # (a no-op under DeepSpeed: the engine stepped in backward)
         optimizer.zero_grad(set_to_none=True)
+        after_step = getattr(task, "after_optimizer_step", None)  # optional: e.g. TR-DPO's reference sync
+        if after_step is not None:
+            after_step()
         if self.world_size > 1:  # one all-reduce for the loss and every metric: the logged row is global
             names = sorted(result.sums)
             local = [result.loss_sum] + [v for n in names for v in result.sums[n]]

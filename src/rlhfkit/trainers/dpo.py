@@ -103,9 +103,12 @@ class DPOTask:
         with inner.disable_adapter():
             return response_logps(inner, batch, self.ld_alpha)[0].float()
 
-    def _loss(self, model, batch):
+    def after_optimizer_step(self) -> None:
+        """Called by the engine after each optimizer step: TR-DPO moves the reference then."""
         if self.reference_sync is not None:
-            self.reference_sync.attach()
+            self.reference_sync.after_step()
+
+    def _loss(self, model, batch):
         ref = self.reference_logps(model, batch) if self.uses_reference else None
         logps, lengths = response_logps(model, batch, self.ld_alpha)
         return self.objective(logps, lengths, ref), logps.detach(), lengths
@@ -146,21 +149,14 @@ class ReferenceSync:
     """TR-DPO's reference update (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
     Alignment"): after every ``every``-th optimizer step, for every parameter
         ref <- alpha * policy + (1 - alpha) * ref        (alpha = 1: hard copy)
-    It runs as a post-step hook of the engine's optimizer and its state (the reference's weights and the
-    step count) rides in every checkpoint, so a resumed run continues with the reference it had."""
+    The engine calls it after each optimizer step (through the task's ``after_optimizer_step``); its state
+    (the reference's weights and the step count) rides in every checkpoint, so a resumed run continues with
+    the reference it had."""
 
     def __init__(self, engine: Engine, ref_model: torch.nn.Module, alpha: float, every: int):
         self.engine, self.ref_model, self.alpha, self.every = engine, ref_model, alpha, every
         self.updates = 0
-        self._hooked = False
         engine.accelerator.register_for_checkpointing(self)
-
-    def attach(self) -> None:
-        """Hook the engine's optimizer (it exists once training set up, before the first loss)."""
-        if not self._hooked:
-            optimizer = self.engine.optimizer
-            getattr(optimizer, "optimizer", optimizer).register_step_post_hook(lambda *_: self.after_step())
-            self._hooked = True
 
     @torch.no_grad()
     def after_step(self) -> None:
