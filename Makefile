@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-cai test test-fast lint bench clean system-deps
+.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-cai demo-compare demo-compare-seeds test test-fast lint \
+	bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,17 @@ demo-hacking: $(STAMP)
 # pretrained model when present).
 demo-cai: $(STAMP)
 	$(PY) -m rlhfkit demo --config cai --output-dir runs/demo
+
+# PPO, GRPO, DPO, KTO, SimPO and ORPO from the same SFT model, one table by the gold judge (reuses the demo's
+# world, models, preferences, reward model, PPO and DPO when present; up to ~30 min on 2 cores from scratch).
+demo-compare: $(STAMP)
+	$(PY) -m rlhfkit demo --config compare --output-dir runs/demo
+
+# The comparison on seeds 0-2 (SEEDS=0-4 for more): per seed and method, then the mean and worst case.
+# (SEEDS ?= 0-2 for this target: the 0-9 above is the file's default, a SEEDS given to make wins.)
+demo-compare-seeds: SEEDS := $(if $(filter file,$(origin SEEDS)),0-2,$(SEEDS))
+demo-compare-seeds: $(STAMP)
+	$(PY) bench/demo_seeds.py --config compare --seeds $(SEEDS) --out runs/seeds
 
 # Chromium and PostgreSQL from Debian's packages (installed when root or passwordless sudo, else the command
 # to run is printed and make stops).

@@ -260,7 +260,7 @@ def test_pipeline_cli_reports_errors_without_traceback(tmp_path, capsys):
 
 
 def test_bundled_configs_share_their_common_stages():
-    """The hacking config reuses the demo's folder: a stage both define must be defined the same way, or
+    """The other bundled configs reuse the demo's folder: a stage both define must be defined the same way, or
     whichever config ran first would silently decide the other's world / models."""
     from importlib.resources import files
 
@@ -269,7 +269,8 @@ def test_bundled_configs_share_their_common_stages():
     configs = files("rlhfkit") / "configs"
     demo = read_yaml(str(configs / "demo.yaml"))
     for other_name, common in (("hacking", {"world", "base", "pretrain", "sft"}),
-                               ("cai", {"world", "base", "pretrain"})):
+                               ("cai", {"world", "base", "pretrain"}),
+                               ("compare", {"world", "base", "pretrain", "sft", "preferences", "rm", "ppo", "dpo"})):
         other = read_yaml(str(configs / f"{other_name}.yaml"))
         assert demo["output_dir"] == other["output_dir"] and demo["seed"] == other["seed"]
         # (a shared name means "done before": a report stage shared with the demo would never rebuild)
@@ -278,6 +279,129 @@ def test_bundled_configs_share_their_common_stages():
         for name in shared:
             assert demo["stages"][name] == other["stages"][name], (other_name, name)
         assert demo["defaults"] == other["defaults"], other_name
+    # the comparison evaluates as the demo does, over more policies (its own stage: the demo's eval is done)
+    compare = read_yaml(str(configs / "compare.yaml"))["stages"]
+    assert {k: v for k, v in compare["compare_eval"].items() if k != "policies"} == \
+        {k: v for k, v in demo["stages"]["eval"].items() if k != "policies"}
+    assert demo["stages"]["eval"]["policies"].items() <= compare["compare_eval"]["policies"].items()
+
+
+# -------------------------------------------------- the methods comparison (compare.yaml, issue 22)
+
+# compare.yaml's stages, shrunk: option overrides by stage name (every trainer capped by max_steps)
+COMPARE_SHRINK: dict[str, dict] = {
+    "world": {"sft_demonstrations": 60, "rl_prompts": 64, "num_countries": 6},
+    "base": {"vocab": 400, "layers": 1, "hidden": 32},
+    "pretrain": {"max_steps": 12, "per_device_batch_size": 16},
+    "sft": {"max_steps": 6, "num_epochs": 1},
+    "preferences": {"num_samples": 3, "rounds": 1, "max_prompts": 16, "heldout_samples": 2, "max_new_tokens": 12,
+                    "other_samples": 1, "explore_samples": 1},
+    "rm": {"max_steps": 4},
+    "ppo": {"max_steps": 2, "prompts_per_step": 4, "max_new_tokens": 10},
+    "grpo": {"max_steps": 2, "prompts_per_step": 2, "max_new_tokens": 10},
+    **{name: {"max_steps": 2} for name in ("dpo", "kto", "simpo", "orpo")},
+    "compare_eval": {"num_samples": 1, "max_new_tokens": 10, "n_boot": 100, "batch_size": 32, "max_prompts": 24},
+}
+
+
+@pytest.mark.slow
+def test_compare_config_shrunk_runs_every_method_into_one_summary(tmp_path):
+    """compare.yaml itself, every stage shrunk to a tiny size: each method trains from the SFT model and lands
+    in summary_compare.json (and the closing table) with finite figures."""
+    from importlib.resources import files
+
+    import yaml
+
+    from rlhfkit.options import read_yaml
+    from rlhfkit.registry import TRAINERS
+    from rlhfkit.world.stages import format_summary
+
+    data = read_yaml(str(files("rlhfkit") / "configs" / "compare.yaml"))
+    stages = data["stages"]
+    assert {stages[n]["type"] for n in stages} >= {"ppo", "grpo", "dpo", "kto", "simpo", "orpo", "eval", "summary"}
+    assert set(COMPARE_SHRINK) <= set(stages)
+    for name, opts in stages.items():
+        opts.update(COMPARE_SHRINK.get(name, {}))
+        if opts["type"] in TRAINERS:
+            assert opts.get("max_steps", -1) > 0, name  # nothing trains for epochs in the smoke test
+    # one torch thread: on cores busy with other work, two threads wait on each other (90 s -> 16 s here)
+    data.update(output_dir=str(tmp_path / "run"), seed=3,
+                defaults={**data["defaults"], "progress_bar": False, "max_length": 64, "num_threads": 1})
+    config = tmp_path / "compare_tiny.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    run_pipeline(config, log=lambda _: None)
+
+    summary = json.loads((tmp_path / "run" / "summary_compare.json").read_text())
+    policies = stages["compare_eval"]["policies"]
+    assert set(policies) >= {"sft", "ppo", "grpo", "dpo", "kto", "simpo", "orpo"}
+    for policy in policies:
+        for key in ("win_rate_vs_sft", "win_rate_ci_low", "judge_score", "kl_to_sft", "mean_length"):
+            assert isinstance(summary[policy][key], float) and math.isfinite(summary[policy][key]), (policy, key)
+    assert summary["sft"]["win_rate_vs_sft"] == 0.5
+    assert all(summary[p]["train_seconds"] > 0 for p in policies)  # each method's cost, from its stage
+    table = format_summary(summary)
+    assert all(any(line.split()[0] == p for line in table.splitlines() if line.strip()) for p in policies), table
+    assert (tmp_path / "run" / "report_compare.html").exists()
+    assert not (tmp_path / "run" / "summary.json").exists()  # the demo's summary is the demo's
+
+
+def test_summary_and_closing_table_take_any_set_of_policies(tmp_path):
+    """A fake eval.json with policies beyond base/sft/ppo/dpo (one with a long name): every one becomes a
+    summary row with kl_to_<baseline> and the training stage's wall time, and a row of the closing table."""
+    from rlhfkit.stage import StageContext
+    from rlhfkit.world.stages import format_summary, summary_stage
+
+    names = ["sft", "ppo", "grpo", "kto", "simpo", "orpo", "reinforce_pp_long_name"]
+    metrics = {n: {"judge_score": 0.1 * i, "win_rate_vs_sft": 0.5 + 0.05 * i, "win_rate_ci_low": 0.4 + 0.05 * i,
+                   "kl": 0.01 * i, "mean_length": 10.0 + i} for i, n in enumerate(names)}
+    eval_dir = tmp_path / "compare_eval"
+    eval_dir.mkdir()
+    (eval_dir / "eval.json").write_text(json.dumps({"baseline": "sft", "judge": "gold:w", "policies": metrics}))
+    # the pipeline's record of the eval stage: its policies are stage folders of the run (but one)
+    paths = {n: str(tmp_path / n) for n in names if n != "orpo"} | {"orpo": "/elsewhere/orpo"}
+    (eval_dir / "stage_done.json").write_text(json.dumps({"type": "eval", "options": {"policies": paths}}))
+    results = {n: {"wall_seconds": 10.0 + i} for i, n in enumerate(names)}
+    summary_stage(StageContext(name="s", output_dir=tmp_path / "s", options={"eval": str(eval_dir),
+                               "file": "summary_x.json"}, run_dir=tmp_path, seed=0, defaults={}, results=results))
+    summary = json.loads((tmp_path / "summary_x.json").read_text())
+    for i, n in enumerate(names):
+        assert summary[n]["kl_to_sft"] == pytest.approx(0.01 * i) and "kl" not in summary[n]
+        assert summary[n].get("train_seconds") == (None if n == "orpo" else 10.0 + i), n
+    lines = format_summary(summary).splitlines()
+    rows = [line for line in lines if line.split() and line.split()[0] in names]
+    assert [r.split()[0] for r in rows] == names
+    header = lines[0]
+    assert all(len(r) == len(header) for r in rows)  # a long name widens the first column, not the rest
+    assert rows[-1].split()[1:4] == [f"{0.6:.3f}", f"{0.8:.3f}", f"{0.7:.3f}"]
+
+
+def test_demo_seeds_lists_the_policies_of_the_summary():
+    """bench/demo_seeds.py: the main demo's table keeps its rows (sft, ppo, dpo: not the pretrained base); a
+    compare summary lists every method, with its training time; the other methods' bar is CI low > 0.5."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_seeds", Path(__file__).resolve().parents[1] / "bench" / "demo_seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+
+    def fake(names, ci_low):
+        row = {key: 0.6 for key, _ in seeds.COLUMNS.values()}
+        return {"baseline": "sft", **{n: {**row, "win_rate_ci_low": ci_low, "train_seconds": 7.0} for n in names},
+                "rm": {"gold_accuracy": 0.9}, "annotators": {"krippendorff_alpha": 0.5}, "wall_seconds": 100.0}
+
+    demo = {0: fake(["base", "sft", "ppo", "dpo"], 0.6)}
+    lines = seeds.table(demo).splitlines()
+    assert [line.split()[1] for line in lines[1:]] == ["sft", "ppo", "dpo"] * 3 and "train s" not in lines[0]
+    methods = ["sft", "ppo", "grpo", "dpo", "kto", "simpo", "orpo"]
+    compare = {0: fake(["base", *methods], 0.6), 1: fake(["base", *methods], 0.4)}
+    lines = seeds.table(compare, train_time=True).splitlines()
+    assert [line.split()[1] for line in lines[1:]] == methods * 4 and "train s" in lines[0]
+    missed = seeds.misses(compare)
+    assert {m.split(":")[1].split()[0] for m in missed if m.startswith("seed 1") and "CI low" in m} == \
+        set(methods) - {"sft"}
+    assert seeds.summary_name(None) == "summary.json" and seeds.summary_name("compare") == "summary_compare.json"
 
 
 # -------------------------------------------------- the whole file is checked before its first stage runs (issue 20)

@@ -203,7 +203,8 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
     Per policy: the evaluation's numbers (``kl`` is renamed ``kl_to_<baseline>``, ``judge_score`` is the
     absolute gold score); ``rm.gold_accuracy`` (the reward model on gold-labelled held-out pairs);
     ``annotators`` (their agreement); ``ai_judges`` (per judge stage: agreement with the reference labels);
-    ``cai`` (per revision_preference stage: how often the judge prefers the revisions); ``stage_seconds``
+    ``cai`` (per revision_preference stage: how often the judge prefers the revisions); per policy
+    ``train_seconds`` (the wall time of the stage whose folder the policy is, when it is one); ``stage_seconds``
     and ``wall_seconds`` (their sum). Option ``file``: the file name in the run folder (summary.json).
     """
     ctx.require("eval")
@@ -214,10 +215,15 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
     baseline = report.get("baseline", "sft")
     summary: dict[str, Any] = {"seed": ctx.seed, "judge": report.get("judge"), "baseline": baseline,
                                "num_prompts": report.get("num_prompts"), "num_samples": report.get("num_samples")}
+    made_by = _stages_of_policies(Path(ctx.option("eval")), ctx.run_dir)
     for name, metrics in report.get("policies", {}).items():
         row = dict(metrics)
         if "kl" in row:
             row[f"kl_to_{baseline}"] = row.pop("kl")
+        # the wall time of the stage that trained the policy (a method's cost, beside its figures)
+        seconds = (ctx.results.get(made_by.get(name, "")) or {}).get("wall_seconds")
+        if isinstance(seconds, int | float):
+            row["train_seconds"] = float(seconds)
         summary[name] = row
     rm = dict(report.get("rm") or {})
     if "accuracy" in rm:  # the eval's pairs are gold-labelled held-out pairs in the demo
@@ -243,6 +249,21 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
     return {"summary": str(out)}
 
 
+def _stages_of_policies(eval_dir: Path, run_dir: Path) -> dict[str, str]:
+    """{policy: name of the stage whose folder it is} from the eval stage's stage_done.json (its resolved
+    options); policies from elsewhere, or an eval folder made outside a pipeline, map to nothing."""
+    done = eval_dir / "stage_done.json"
+    if not done.exists():
+        return {}
+    policies = (json.loads(done.read_text(encoding="utf-8")).get("options") or {}).get("policies") or {}
+    out = {}
+    for name, path in policies.items() if isinstance(policies, dict) else ():
+        folder = Path(str(path))
+        if folder.parent.resolve() == Path(run_dir).resolve():
+            out[str(name)] = folder.name
+    return out
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's closing table: one row per policy, then the reward model, AI judges, CAI and wall time."""
     baseline = str(summary.get("baseline") or "sft")
@@ -251,15 +272,16 @@ def format_summary(summary: dict[str, Any]) -> str:
             ("over-refusal", "benign_over_refusal_rate"), ("halluc.", "hallucination_rate"),
             (f"KL to {baseline}", f"kl_to_{baseline}"), ("length", "mean_length"))
     width = max(14, *(len(c) + 1 for c, _ in cols))
-    lines = [f"{'policy':<8}" + "".join(f"{c:>{width}}" for c, _ in cols)]
-    for name, row in summary.items():
-        if not isinstance(row, dict) or "judge_score" not in row:  # the policies are the rows with a score
-            continue
+    # the policies are the rows with a score, whatever their names and number (compare.yaml has eight)
+    policies = {name: row for name, row in summary.items() if isinstance(row, dict) and "judge_score" in row}
+    first = max(8, *(len(str(name)) + 1 for name in policies)) if policies else 8
+    lines = [f"{'policy':<{first}}" + "".join(f"{c:>{width}}" for c, _ in cols)]
+    for name, row in policies.items():
         cells = []
         for _, key in cols:
             v = row.get(key)
             cells.append(f"{v:>{width}.3f}" if isinstance(v, int | float) else f"{'-':>{width}}")
-        lines.append(f"{name:<8}" + "".join(cells))
+        lines.append(f"{name:<{first}}" + "".join(cells))
     if any(isinstance(row, dict) and "lc_win_rate" in row for row in summary.values()):
         lines.append("LC win: the win rate at equal length. This world's gold judge rewards concision (-0.05 a "
                      "word past the ideal reply), so shorter replies are partly real gains: LC win < 0.5 says the "
