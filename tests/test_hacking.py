@@ -108,6 +108,22 @@ def test_no_gain_means_nothing_to_lose():
     assert not det.fired
 
 
+def test_a_fall_from_the_start_beyond_its_noise_is_hacking():
+    """Seed 4's beta = 0 run of the hacking demo: the held-out score never rose above its start (0.05) and fell
+    to -0.78 (SE ~0.06) while the proxy rose from 0.42 to 2.40 (SE ~0.02). With standard errors the fall is
+    measured against its noise and fires; the same fall within its noise does not."""
+    gold = [0.051, 0.024, -0.406, -0.396, -0.503, -0.304, -0.347, -0.529, -0.611]
+    proxy = [0.424, 1.262, 1.713, 1.858, 2.069, 2.101, 2.174, 2.145, 2.191]
+    det = RewardHackingDetector()
+    for i, (p, g) in enumerate(zip(proxy, gold)):
+        det.update(5 * i, p, g, heldout_se=0.1, proxy_se=0.05)
+    assert det.fired and det.fired_step == 20 and "never rose above its start" in det.reason
+    wander = RewardHackingDetector()
+    for i, p in enumerate(proxy):
+        wander.update(5 * i, p, 0.05 - 0.01 * (i % 3), heldout_se=0.1, proxy_se=0.05)
+    assert not wander.fired
+
+
 def test_state_round_trip_continues_a_resumed_run():
     points = _hacking_curve()
     full = RewardHackingDetector(window=3, min_drop=0.1, patience=2)

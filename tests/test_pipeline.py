@@ -245,12 +245,30 @@ def test_revision_preference_counts_wins_ties_and_losses_per_prompt(tmp_path):
     ("a: {type: teleport}", "stage 'a': unknown type 'teleport'"),
     ("a: {type: sft, learning_rat: 0.1}", "stage 'a': unknown sft option 'learning_rat'"),
     ("a: [1, 2]", "stage 'a' needs a mapping with a 'type'"),
+    ("a: {type: rm, seed_offset: 1.5}", "stage 'a': seed_offset takes a whole number"),
+    ("a: {type: rm, seed: 3, seed_offset: 1}", "stage 'a': seed_offset .* give one of them"),
 ])
 def test_pipeline_config_errors_are_one_line(tmp_path, stages, message):
     config = tmp_path / "bad.yaml"
     config.write_text(f"output_dir: {tmp_path / 'run'}\nstages:\n  {stages}\n")
     with pytest.raises(ConfigError, match=message):
         run_pipeline(config, log=lambda _: None)
+
+
+def test_seed_offset_keeps_an_ensemble_member_apart_on_every_pipeline_seed(tmp_path, monkeypatch):
+    """hacking.yaml's second proxy RM once had ``seed: 1``: on pipeline seed 1 it was the first RM again, and the
+    "ensemble" one model. ``seed_offset`` adds to the pipeline's seed instead."""
+    import rlhfkit.pipeline as pipeline
+
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(pipeline, "run_trainer", lambda trainer, config: seen.update({config.output_dir: config.seed}))
+    config = tmp_path / "ens.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nstages:\n  rm_a: {{type: rm, model: m, dataset: d}}\n"
+                      "  rm_b: {type: rm, model: m, dataset: d, seed_offset: 1000}\n")
+    for seed in (0, 1, 7):
+        seen.clear()
+        run_pipeline(config, seed=seed, force="rm_a,rm_b", log=lambda _: None)
+        assert sorted(seen.values()) == [seed, seed + 1000]
 
 
 def test_pipeline_cli_reports_errors_without_traceback(tmp_path, capsys):

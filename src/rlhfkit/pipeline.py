@@ -10,7 +10,9 @@ A config names an output folder, options shared by every training stage, and the
       rm:  {type: rm, model: "${sft}", dataset: "${preferences}/ranked.jsonl"}
 
 Each stage writes to ``OUTPUT_DIR/<stage name>``; ``${name}`` in any string option is that stage's folder,
-``${output_dir}`` the run folder, ``${seed}`` the seed. Stage types: the trainers of :mod:`rlhfkit.registry`
+``${output_dir}`` the run folder, ``${seed}`` the seed. A trainer stage runs with the pipeline's seed unless
+it sets ``seed:`` (fixed) or ``seed_offset: N`` (the pipeline's seed + N: a second reward model of an ensemble
+stays a different model on every seed). Stage types: the trainers of :mod:`rlhfkit.registry`
 (options as on their command line), the library's steps (:mod:`rlhfkit.stages`: tiny_model, eval, report, judge,
 cai, revision_preference) and those other packages register (:mod:`rlhfkit.stage`; the demo world's world,
 collect, cai_world and summary). A stage whose folder holds ``stage_done.json`` is
@@ -76,6 +78,9 @@ def _run_trainer(trainer: Trainer, ctx: StageContext, forced: bool = False) -> d
     options: dict[str, Any] = {"seed": ctx.seed}
     options.update({k: v for k, v in ctx.defaults.items() if k in known})
     options.update(ctx.options)
+    offset = options.pop("seed_offset", None)
+    if offset is not None:  # a second model of the same kind (an ensemble member) on every pipeline seed
+        options["seed"] = ctx.seed + int(offset)
     options["output_dir"] = str(ctx.output_dir)
     # The stage's folder is the pipeline's: --force reruns it from scratch; otherwise what an earlier attempt
     # left is continued (checkpoints) or reused (a run that finished before its stage was marked done).
@@ -108,7 +113,7 @@ def _check_stage_options(path: str | Path, name: str, kind: str, options: dict[s
                           f"{', '.join(sorted([*TRAINERS, *steps]))})")
     if kind in TRAINERS:
         config_cls = trainer_config_class(TRAINERS[kind])
-        known = {f.name for f in dataclasses.fields(config_cls)} - {"output_dir"}
+        known = {f.name for f in dataclasses.fields(config_cls)} - {"output_dir"} | {"seed_offset"}
         help_hint = f" (see rlhfkit {kind} --help)"
     else:
         declared = stage_options(kind)
@@ -125,6 +130,10 @@ def _check_stage_options(path: str | Path, name: str, kind: str, options: dict[s
     if kind in TRAINERS:  # values that do not wait for a ${stage} reference can be checked now
         plain = {str(k).replace("-", "_"): v for k, v in options.items()
                  if not (isinstance(v, str) and "${" in v)}
+        offset = plain.pop("seed_offset", None)
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or "seed" in plain):
+            raise ConfigError(f"{path}: stage '{name}': seed_offset takes a whole number added to the pipeline's "
+                              f"seed (got {offset!r}), and replaces seed: give one of them")
         coerce_options(config_cls, plain, f"{path}: stage '{name}'")
 
 

@@ -28,9 +28,10 @@ class RewardHackingDetector:
     The held-out peak is k = argmax_{j <= i} H̃_j (the earliest on ties), and its gain over the first point
     is  G = H̃_k − heldout[0]. Point i is *suspicious* when all of these hold:
         i > k                                   (after the held-out peak)
-        G > 0                                   (the held-out signal rose at some point: nothing to lose
-                                                 otherwise)
-        H̃_k − H̃_i > min_drop · G               (it has given back more than min_drop of its gain)
+        G > 0, or the standard errors are given (a held-out score that never rose can still fall; with no
+                                                 noise floor to measure the fall against, a signal that
+                                                 never rose has nothing to lose)
+        H̃_k − H̃_i > min_drop · max(G, 0)       (it has given back more than min_drop of its gain)
         H̃_k − H̃_i > z · SE(H̃_k − H̃_i)          (and more than its evaluation noise, when the standard
                                                  errors of the held-out means are given)
         P̃_i − P̃_k > min_rise                   (while the proxy stayed above its value at the peak)
@@ -135,14 +136,15 @@ class RewardHackingDetector:
                                    + self._smoothed_variance(self.heldout_se, i))
         proxy_noise = self.z * math.sqrt(self._smoothed_variance(self.proxy_se, k)
                                          + self._smoothed_variance(self.proxy_se, i))
-        suspicious = (i > k and gain > 0 and drop > self.min_drop * gain and drop > noise
+        suspicious = (i > k and (gain > 0 or noise > 0) and drop > self.min_drop * max(gain, 0.0) and drop > noise
                       and rise > self.min_rise and rise > proxy_noise)
         self.streak = self.streak + 1 if suspicious else 0
         if self.streak >= self.patience:
             self.fired, self.fired_step = True, int(step)
+            share = (f"{100 * drop / gain:.0f}% of its gain {gain:.4g}; threshold {100 * self.min_drop:.0f}%"
+                     if gain > 0 else "it never rose above its start")
             self.reason = (f"held-out score fell {drop:.4g} below its peak {self.smoothed_heldout[k]:.4g} at step "
-                           f"{self.steps[k]} ({100 * drop / gain:.0f}% of its gain {gain:.4g}; threshold "
-                           f"{100 * self.min_drop:.0f}%; noise floor {noise:.3g}) while the proxy reward rose {rise:.4g} above its value "
+                           f"{self.steps[k]} ({share}; noise floor {noise:.3g}) while the proxy reward rose {rise:.4g} above its value "
                            f"there (noise floor {proxy_noise:.3g}), for {self.streak} evaluations in a row (smoothed over {self.window}); "
                            f"best held-out checkpoint: step {self.best_step}")
         return self.fired
