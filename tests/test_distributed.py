@@ -59,7 +59,7 @@ def _args(trainer: str, model: Path, data: Path, steps: int = 3) -> list[str]:
         return common + ["--dataset", str(data / "sft.jsonl")]
     if trainer in ("dpo", "rm"):
         return common + ["--dataset", str(data / "pref.jsonl")]
-    # PPO: top-k 1 makes sampling deterministic, so one process and two sample the same responses; one
+    # PPO, REINFORCE++: top-k 1 makes sampling deterministic, so one process and two sample the same responses; one
     # PPO epoch over one minibatch makes the step a single optimizer update on the whole rollout.
     return common + ["--dataset", str(data / "prompts.jsonl"), "--reward-fn", f"{data / 'reward.py'}:count_e",
                      "--max-new-tokens", "10", "--num-generations", "2", "--top-k", "1", "--ppo-epochs", "1",
@@ -113,9 +113,10 @@ def one_process(tiny_model_dir, data, tmp_path_factory):
     def get(trainer: str) -> Path:
         if trainer not in runs:
             out = tmp_path_factory.mktemp(f"single_{trainer}")
-            batch = ["--prompts-per-step", "8", "--per-device-batch-size", "16"] if trainer == "ppo" else \
+            online = trainer in ("ppo", "reinforce_pp")
+            batch = ["--prompts-per-step", "8", "--per-device-batch-size", "16"] if online else \
                 ["--per-device-batch-size", str(GLOBAL_BATCH)]
-            steps = 1 if trainer == "ppo" else 3
+            steps = 1 if online else 3
             assert main([trainer, *_args(trainer, tiny_model_dir, data, steps), *batch, "--output-dir", str(out)]) == 0
             runs[trainer] = out
         return runs[trainer]
@@ -161,17 +162,19 @@ def test_sharded_runs_equal_one_process_save_plain_checkpoints_and_resume(launch
         assert sorted(_per_step(resumed)) == [3]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "zero3", "fsdp2"])
-def test_ppo_two_processes_match_the_first_update(launcher, tiny_model_dir, data, one_process, tmp_path):
-    """Rollouts split over ranks; whitening, reward normalisation and the token-level loss use all of them.
-    Under ZeRO-3 sampling runs on gathered weights (transformers' decode loop: ZeRO-3 re-partitions after
-    each module forward) and the reference in a DeepSpeed inference engine; under FSDP2 the lean decode step
-    runs on the unsharded weights."""
-    out = tmp_path / f"ppo_{launcher}"
-    _launch("ppo", [*_args("ppo", tiny_model_dir, data, steps=1), "--prompts-per-step", "4",
-                    "--per-device-batch-size", "8", "--output-dir", str(out)], launcher)
-    reference = one_process("ppo")
+@pytest.mark.parametrize("launcher,trainer", [("torchrun", "ppo"), ("zero3", "ppo"), ("fsdp2", "ppo"),
+                                              ("torchrun", "reinforce_pp")])
+def test_rl_two_processes_match_the_first_update(launcher, trainer, tiny_model_dir, data, one_process, tmp_path):
+    """Rollouts split over ranks; whitening, reward normalisation and the token-level loss use all of them
+    (REINFORCE++ whitens its advantages over the whole batch: both ranks' tokens). Under ZeRO-3 sampling
+    runs on gathered weights (transformers' decode loop: ZeRO-3 re-partitions after each module forward)
+    and the reference in a DeepSpeed inference engine; under FSDP2 the lean decode step runs on the
+    unsharded weights."""
+    out = tmp_path / f"{trainer}_{launcher}"
+    _launch(trainer, [*_args(trainer, tiny_model_dir, data, steps=1), "--prompts-per-step", "4",
+                      "--per-device-batch-size", "8", "--output-dir", str(out)], launcher)
+    reference = one_process(trainer)
     _assert_same_run(reference, out)
     row, ref_row = _per_step(out)[1], _per_step(reference)[1]
-    for key in ("reward_mean", "reward_std", "kl", "response_length", "value_loss"):
+    for key in ("reward_mean", "reward_std", "kl", "response_length") + (("value_loss",) if trainer == "ppo" else ()):
         assert row[key] == pytest.approx(ref_row[key], rel=1e-5, abs=1e-6), key

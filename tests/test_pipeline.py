@@ -23,7 +23,8 @@ stages:
              per_device_batch_size: 16, learning_rate: 3.0e-3}}
   sft: {{type: sft, model: "${{pretrain}}", dataset: "${{world}}/sft.jsonl", max_steps: 6, learning_rate: 1.0e-3}}
   preferences: {{type: collect, policy: "${{sft}}", world: "${{world}}", num_samples: 3, max_prompts: 24,
-                heldout_samples: 2, max_new_tokens: 12, explore_samples: 1, explore_temperature: 1.6}}
+                heldout_samples: 2, max_new_tokens: 12, explore_samples: 1, explore_temperature: 1.6,
+                off_prompt_samples: 1}}
   rm: {{type: rm, model: "${{sft}}", dataset: "${{preferences}}/ranked.jsonl",
        eval_dataset: "${{preferences}}/gold_pairs.jsonl", max_steps: 4}}
   rm_judge: {{type: judge, judge: "model:${{rm}}", pairs: "${{preferences}}/gold_pairs.jsonl", max_pairs: 6}}
@@ -68,7 +69,7 @@ def test_pipeline_runs_every_stage_and_writes_a_stable_summary(tiny_pipeline):
     # the policy's hot samples are ranked beside its own, never put in the on-policy file DPO reads
     ranked = _rows(run / "preferences" / "ranked.jsonl")
     sources = Counter(s for r in ranked for s in r["sources"])
-    assert sources["explore"] > 0 and sources["policy"] > 0, sources
+    assert sources["explore"] > 0 and sources["policy"] > 0 and sources["off_prompt"] > 0, sources
     own = {(json.dumps(r["prompt"]), x) for r in ranked for x, s in zip(r["responses"], r["sources"]) if s == "policy"}
     on_policy = _rows(run / "preferences" / "ranked_policy.jsonl")
     assert on_policy and all((json.dumps(r["prompt"]), x) in own for r in on_policy for x in r["responses"])

@@ -9,6 +9,7 @@ import pytest
 from rlhfkit.errors import DataError
 from rlhfkit.world import GoldJudge, annotator_panel, build_world, pairwise_agreement
 from rlhfkit.world.data import gold_pairs_from_samples, label_samples, pretraining_corpus, sft_demonstrations
+from rlhfkit.world.stages import off_prompt_responses
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,26 @@ def test_cai_data_helpful_only_demonstrations_and_a_clean_red_team_split(world):
     assert cai_prompt_split(build_world(0), 0.5) == (teach, red)
     with pytest.raises(ValueError, match="red_team_fraction"):
         cai_prompt_split(world, 1.0)
+
+
+def test_off_prompt_replies_come_from_the_nearest_other_prompt(world):
+    """Each prompt borrows replies of the closest other prompt (words in order), never its own, and the
+    annotators mark a right answer to another sum down as a wrong fact."""
+    prompts = ["What is one plus two?", "What is one plus three?", "What is two plus one?",
+               "What is the capital of Norway?", "What is one plus two?"]
+    samples = [[f"reply {i}.{j}" for j in range(3)] for i in range(len(prompts))]
+    samples[4] = ["", "reply 4.1"]
+    borrowed = off_prompt_responses(prompts, samples, 2, random.Random(0))
+    assert [len(b) for b in borrowed] == [2, 2, 2, 2, 2]
+    owner = {r: p for p, s in zip(prompts, samples) for r in s}
+    assert all(owner[r] != p for p, b in zip(prompts, borrowed) for r in b)
+    # "one plus three" is nearer "one plus two" (one word changed) than "two plus one" (two moved)
+    assert {owner[r] for r in borrowed[1]} == {"What is one plus two?"}
+    assert {owner[r] for r in borrowed[3]} <= {"What is one plus two?", "What is one plus three?",
+                                               "What is two plus one?"}
+    assert off_prompt_responses(["only one prompt"], [["a", "b"]], 1, random.Random(0)) == [[]]
+    judge = GoldJudge(world)
+    maths = [r for r in world.requests if r.kind == "math"]
+    asked, other = next((a, b) for a in maths for b in maths if a.answer != b.answer)
+    right_elsewhere = world.respond(other, world.good_style(other.category), random.Random(0))
+    assert judge.judge(asked.prompt, right_elsewhere).flags["hallucination"]

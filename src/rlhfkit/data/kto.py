@@ -20,17 +20,12 @@ from .formats import KTO_FORMATS, DataFormat, detect_format
 from .loading import dataset_source, row_number
 from .preferences import prepare_preferences
 from .tokenize import (
-    EMPTY_RESPONSE,
     PrepareReport,
     _check_max_length,
-    _encode_prompt,
-    _encode_response,
     _Encoder,
-    _ensure_not_empty_prompt,
     _finish,
-    _is_empty,
+    _prompt_and_completion,
     _require,
-    _text_or_messages,
     _truncate,
 )
 
@@ -71,17 +66,12 @@ def prepare_kto(
         if not isinstance(label, bool):
             raise DataError(f"expected true or false (true = desirable), got {label!r}", source=source,
                             row=rownum, field="label")
-        prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt")
-        completion = _text_or_messages(row.get("completion"), source, rownum, "completion")
-        if _is_empty(completion):
-            report.skip(EMPTY_RESPONSE, rownum)
+        parts = _prompt_and_completion(enc, row, source, rownum, report)
+        if parts is None:
             continue
-        chat = isinstance(prompt, list) or isinstance(completion, list) or enc.chat_strings
-        p = _encode_prompt(enc, prompt, chat, rownum)
-        completion_ids = _encode_response(enc, p, completion, rownum, "completion")
+        prompt_ids, heads, completion_ids = parts
         prompt_ids, (completion_ids,), truncated = _truncate(
-            _ensure_not_empty_prompt(enc, p), [completion_ids], max_length, max_prompt_length,
-            max_prompt_length is not None, p.heads)
+            prompt_ids, [completion_ids], max_length, max_prompt_length, max_prompt_length is not None, heads)
         report.truncated += int(truncated)
         records.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids, "desirable": label})
     _finish(report, records, source)

@@ -22,15 +22,12 @@ from .tokenize import (
     PrepareReport,
     _check_max_length,
     _clean_messages,
-    _encode_prompt,
-    _encode_response,
     _Encoder,
-    _ensure_not_empty_prompt,
     _finish,
     _heads,
     _is_empty,
+    _prompt_and_completion,
     _require,
-    _text_or_messages,
     _truncate,
 )
 
@@ -86,15 +83,10 @@ def prepare_sft(
             messages = _clean_messages(row["messages"], source, rownum, "messages")
             heads = _heads(enc, prompt_ids, messages, rownum)
         else:
-            prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt")
-            completion = _text_or_messages(row.get("completion"), source, rownum, "completion")
-            if _is_empty(completion):
-                report.skip(EMPTY_RESPONSE, rownum)
+            parts = _prompt_and_completion(enc, row, source, rownum, report)
+            if parts is None:
                 continue
-            chat = isinstance(prompt, list) or isinstance(completion, list) or enc.chat_strings
-            p = _encode_prompt(enc, prompt, chat, rownum)
-            prompt_ids, heads = _ensure_not_empty_prompt(enc, p), p.heads
-            resp_ids = _encode_response(enc, p, completion, rownum, "completion")
+            prompt_ids, heads, resp_ids = parts
             resp_mask = [1] * len(resp_ids)
         # Text rows have no prompt: right-truncate the whole sequence (keep its start).
         if fmt is DataFormat.SFT_TEXT:

@@ -395,3 +395,17 @@ def _ensure_not_empty_prompt(enc: _Encoder, prompt: _Prompt) -> list[int]:
     if prompt.ids or prompt.messages is not None or enc.bos is None:
         return prompt.ids
     return [enc.bos]
+
+
+def _prompt_and_completion(enc: _Encoder, row: Mapping[str, Any], source: str, rownum: int,
+                           report: PrepareReport) -> tuple[list[int], tuple[int, ...], list[int]] | None:
+    """A prompt/completion row (SFT, KTO) -> (prompt ids, the prompt's turn heads, completion ids ending with
+    EOS); None (skipped and counted) when the completion is empty."""
+    prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt")
+    completion = _text_or_messages(row.get("completion"), source, rownum, "completion")
+    if _is_empty(completion):
+        report.skip(EMPTY_RESPONSE, rownum)
+        return None
+    chat = isinstance(prompt, list) or isinstance(completion, list) or enc.chat_strings
+    p = _encode_prompt(enc, prompt, chat, rownum)
+    return _ensure_not_empty_prompt(enc, p), p.heads, _encode_response(enc, p, completion, rownum, "completion")

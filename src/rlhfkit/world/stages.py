@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +90,47 @@ def _samples_of_all(ctx: StageContext, prompts: list[str], k: int, temperature: 
         for row, more in zip(rows, extra):
             row["responses"] = row["responses"] + more
             row["sources"] = row["sources"] + [source] * len(more)
+    off_k = int(ctx.option("off_prompt_samples", 0)) if explore else 0
+    if off_k:
+        borrowed = off_prompt_responses(prompts, samples, off_k, random.Random(seed + 13))
+        for row, more in zip(rows, borrowed):
+            row["responses"] = row["responses"] + more
+            row["sources"] = row["sources"] + ["off_prompt"] * len(more)
     return rows
+
+
+def off_prompt_responses(prompts: list[str], samples: list[list[str]], k: int,
+                         rng: random.Random) -> list[list[str]]:
+    """For each prompt, ``k`` of the policy's replies to the most similar *other* prompt (words in order,
+    difflib's ratio; ties drawn at random): "One plus one is two." beside the replies to "What is one plus
+    two?" (a word set would pick "What is two plus one?", whose answer is the same).
+
+    A reward model that has only seen replies to their own prompt can learn that a reply is good in itself
+    (a sum that adds up) without checking that it answers the question asked; replies borrowed from a close
+    prompt are the counter-examples (RRM, Liu et al. 2024, "RRM: Robust Reward Model Training Mitigates
+    Reward Hacking", augments with other prompts' responses for the same reason). The annotators rank them
+    with the rest, so a borrowed reply that does answer this prompt too is not marked down.
+    """
+    replies: dict[str, list[str]] = {}
+    for p, s in zip(prompts, samples):
+        replies.setdefault(p, []).extend(r for r in s if r.strip())
+    words = {p: re.findall(r"[a-z0-9']+", p.lower()) for p in replies}
+    nearest: dict[str, list[str]] = {}
+    for p, mine in words.items():
+        scored = [(SequenceMatcher(None, mine, w, autojunk=False).ratio(), q)
+                  for q, w in words.items() if q != p and replies[q]]
+        best = max((x for x, _ in scored), default=None)
+        nearest[p] = [q for x, q in scored if x == best]
+    out = []
+    for p in prompts:
+        pool = replies[rng.choice(nearest[p])] if nearest[p] else []
+        out.append(rng.sample(pool, min(k, len(pool))))
+    return out
 
 
 @stage("collect", options=("policy", "world", "num_samples", "temperature", "max_new_tokens", "rounds", "max_prompts",
                           "other_policy", "other_samples", "explore_samples", "explore_temperature", "biased",
-                          "annotators", "heldout_samples"))
+                          "annotators", "heldout_samples", "off_prompt_samples"))
 def collect_stage(ctx: StageContext) -> dict[str, Any]:
     """Preference collection in the demo world: a policy's samples labelled by simulated annotators.
 
@@ -105,7 +142,9 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
     outputs of several models: it shows the annotators, and so the reward model, more kinds of mistakes),
     explore_samples (0) + explore_temperature (1.5): the policy's own samples at a higher temperature, whose
     near misses (a wrong sum, a wrong capital) are the mistakes RL's exploration finds first; labelled
-    before RL, they teach the reward model what the policy is about to try.
+    before RL, they teach the reward model what the policy is about to try. off_prompt_samples (0): the
+    policy's replies to the most similar other prompt (source "off_prompt", see off_prompt_responses): a
+    right answer to another question, which the reward model must learn to mark down.
     Writes ranked.jsonl (prompt + responses best first, for rlhfkit rm / dpo), ranked_policy.jsonl (only the
     policy's responses, in the same order: on-policy data for DPO), pairs.jsonl (best vs worst),
     gold_pairs.jsonl (held-out prompts, labelled by the gold judge: the RM's honest test) and labels.json.
