@@ -17,9 +17,11 @@ from rlhfkit.label.web import create_app  # noqa: E402
 _DB = Database(str(Path(tempfile.mkdtemp(prefix="rlhfkit_fuzz_")) / "fuzz.db"))
 _ADMIN = service.create_user(_DB, "admin", "admin")[1]
 _LABELLER = service.create_user(_DB, "ann")[1]
-service.upsert_project(_DB, "fuzz", [{"prompt": "p", "responses": ["a", "b"], "gold": None}] * 3,
+service.upsert_project(_DB, "fuzz", [{"prompt": f"p{i}", "responses": ["a", "b"], "gold": None} for i in range(3)],
                        ["pairwise", "likert"], overlap=2)
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_DB))
+# the schema is served to admins only (no public /openapi.json, /docs or /redoc)
+schema = schemathesis.openapi.from_asgi("/api/admin/openapi.json", create_app(_DB),
+                                        headers={"Authorization": f"Bearer {_ADMIN}"})
 
 
 @schema.parametrize()

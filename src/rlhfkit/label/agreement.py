@@ -182,7 +182,8 @@ def project_agreement(labels: list[dict[str, Any]], min_agreement: float = 0.5,
                       min_gold_accuracy: float = 0.6) -> dict[str, Any]:
     """Per-project and per-labeller agreement, with low-agreement items and labellers flagged.
 
-    ``labels``: dicts with item_id, coder (labeller name), answers and gold_correct.
+    ``labels``: dicts with item_id, coder (labeller name), answers and gold_correct. The result also holds
+    ``labels`` (how many) and ``notes``: tasks whose answers have no agreement measure (free-text critiques).
     """
     by_measure = records_of(labels)
     project = {name: summary(recs, MEASURES[name][1]) for name, recs in by_measure.items()}
@@ -226,6 +227,10 @@ def project_agreement(labels: list[dict[str, Any]], min_agreement: float = 0.5,
         ({"item_id": item, "agreement": sum(h) / len(h), "rating_pairs": len(h)}
          for item, h in item_pairs.items() if h and sum(h) / len(h) < min_agreement),
         key=lambda r: (r["agreement"], str(r["item_id"])))
-    return {"project": project, "labellers": per_labeller, "flagged_items": flagged_items,
+    critiques = sum("critique" in lab["answers"] for lab in labels)
+    notes = [f"agreement is not defined for free-text critiques ({critiques} critique labels stored: exported, "
+             "not compared)"] if critiques else []
+    return {"labels": len(labels), "notes": notes, "project": project, "labellers": per_labeller,
+            "flagged_items": flagged_items,
             "flagged_labellers": [c for c, r in per_labeller.items() if r["flag"]],
             "thresholds": {"min_agreement": min_agreement, "min_gold_accuracy": min_gold_accuracy}}

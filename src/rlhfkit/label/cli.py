@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,21 +39,27 @@ def _project_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _project_args(a) -> dict:
+    from .text import check_text
+
     guidelines = None
     if a.guidelines:
         if not Path(a.guidelines).exists():
             raise ConfigError(f"{a.guidelines}: guidelines file not found")
-        guidelines = Path(a.guidelines).read_text(encoding="utf-8")
+        try:
+            guidelines = Path(a.guidelines).read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"not UTF-8 ({exc.reason})", source=a.guidelines) from None
+        check_text(guidelines, "guidelines", source=a.guidelines)
     tasks = a.tasks.split(",") if a.tasks else None
     return {"tasks": tasks, "overlap": a.overlap, "guidelines": guidelines}
 
 
 def _read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.exists():
-        raise DataError("file not found", source=path)
+    from .service import jsonl_lines
+    from .text import check_text
+
     prompts = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in jsonl_lines(path):
         if not line.strip():
             continue
         try:
@@ -61,7 +69,7 @@ def _read_prompts(path: str) -> list[str]:
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError("expected a non-empty string", source=path, row=n, field="prompt")
-        prompts.append(prompt)
+        prompts.append(check_text(prompt, "prompt", source=path, row=n))
     if not prompts:
         raise DataError("no prompts", source=path)
     return prompts
@@ -84,6 +92,28 @@ def generate_items(model: str, prompts: list[str], num_samples: int, temperature
         items.append({"prompt": prompt, "responses": distinct, "gold": None,
                       "meta": {"source": "generate", "model": str(model)}})
     return items, counts
+
+
+def export_path(out: str, project: str, kind: str) -> Path:
+    """``--out`` as a file path: an existing folder, or a path ending in a separator, gets a default name."""
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        return path / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', project).strip('.') or 'project'}_{kind}.jsonl"
+    return path
+
+
+def write_rows(path: Path, rows: list[dict]) -> int:
+    """:func:`write_jsonl`, with a one-line error instead of a traceback and no ``.tmp`` left behind."""
+    from ..data.jsonl import write_jsonl
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        return write_jsonl(path, rows)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the export ({exc.strerror or exc})") from None
+    finally:
+        if tmp.is_file():
+            tmp.unlink()
 
 
 def main(argv: Sequence[str]) -> int:
@@ -131,7 +161,9 @@ def main(argv: Sequence[str]) -> int:
         p.add_argument("--min-gold-accuracy", type=float, default=0.6)
     elif command == "export":
         p.add_argument("--project", required=True)
-        p.add_argument("--out", required=True)
+        p.add_argument("--out", required=True,
+                       help="JSONL file to write (atomically); an existing folder (or a path ending in '/') gets "
+                            "PROJECT_KIND.jsonl inside it")
         p.add_argument("--kind", choices=["pairs", "sft", "kto", "labels"], default="pairs",
                        help="pairs (rm, dpo), sft (rewrites), kto (binary accept/reject: prompt/completion/label) "
                        "or labels (raw)")
@@ -168,9 +200,9 @@ def _run(command: str, a) -> int:
         print(f"{role} '{user.name}' created; token (shown once, stored hashed):\n{token}")
     elif command == "import":
         items = service.read_items(a.file)
-        project, added = service.upsert_project(db, a.project, items, **_project_args(a))
-        print(f"project '{project.name}' (id {project.id}): {added} items added "
-              f"({sum(it['gold'] is not None for it in items)} gold)")
+        project, added, skipped = service.import_items(db, a.project, items, **_project_args(a))
+        print(f"project '{project.name}' (id {project.id}): {added} items added, {skipped} duplicates skipped "
+              f"({sum(it['gold'] is not None for it in items)} gold rows in the file)")
     elif command == "generate":
         prompts = _read_prompts(a.prompts)
         items, counts = generate_items(a.model, prompts, a.num_samples, a.temperature, a.max_new_tokens, a.seed)
@@ -180,8 +212,9 @@ def _run(command: str, a) -> int:
             from ..data.jsonl import write_jsonl
 
             write_jsonl(a.out, ({"prompt": it["prompt"], "responses": it["responses"]} for it in items))
-        project, added = service.upsert_project(db, a.project, items, **_project_args(a))
-        print(f"project '{project.name}' (id {project.id}): {added} items added from {len(prompts)} prompts; "
+        project, added, skipped = service.import_items(db, a.project, items, **_project_args(a))
+        print(f"project '{project.name}' (id {project.id}): {added} items added, {skipped} duplicates skipped "
+              f"from {len(prompts)} prompts; "
               f"{counts['dropped_empty_or_duplicate']} empty/duplicate responses dropped, "
               f"{counts['skipped_prompts']} prompts skipped (<2 distinct responses)")
     elif command == "serve":
@@ -202,7 +235,6 @@ def _run(command: str, a) -> int:
         result["labellers"] = {str(k): v for k, v in result["labellers"].items()}
         print(json.dumps(result, indent=2, default=str))
     elif command == "export":
-        from ..data.jsonl import write_jsonl
         from . import export
 
         with db.session() as s:
@@ -216,6 +248,7 @@ def _run(command: str, a) -> int:
             rows = export.kto_rows(db, project.id, include_gold=not a.exclude_gold)
         else:
             rows = export.stored_labels(db, project.id)
-        n = write_jsonl(a.out, rows)
-        print(f"{n} {a.kind} rows written to {a.out}")
+        out = export_path(a.out, project.name, a.kind)
+        n = write_rows(out, export.check_rows(rows, str(out)))
+        print(f"{n} {a.kind} rows written to {out}")
     return 0

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 
 from .db import Assignment, Database, Item, Label, User
 from .service import LabelError
+from .text import check_strings
 
 VOTE_TASKS = ("pairwise", "ranking", "likert", "binary")
 
@@ -41,6 +42,14 @@ def stored_labels(db: Database, project_id: int) -> list[dict[str, Any]]:
                  "coder": name, "answers": lab.answers, "gold_correct": lab.gold_correct,
                  "display_order": order, "duration_ms": lab.duration_ms,
                  "created_at": lab.created_at.isoformat() + "Z"} for lab, name, order in rows]
+
+
+def check_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """``rows`` if every string in them can be written as UTF-8 (text stored before the input checks may
+    not be); otherwise a one-line DataError naming the row (1-based) and field, before anything is written."""
+    for n, row in enumerate(rows, start=1):
+        check_strings(row, "", source=source, row=n, allow_nul=True)
+    return rows
 
 
 def _votes(answers: dict[str, Any], tasks: Iterable[str]) -> list[tuple[int, int, int | None]]:

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import DataError
 from .db import Assignment, Database, Item, Label, Project, User
+from .text import check_strings, check_text, scrub
 
 TASKS = ("pairwise", "ranking", "binary", "likert", "critique")
 MAX_RESPONSES = 16
@@ -63,6 +64,7 @@ def create_user(db: Database, name: str, role: str = "labeller") -> tuple[User, 
     name = name.strip()
     if not name or len(name) > 100:
         raise LabelError(422, "name must be 1..100 characters")
+    check_text(name, "name")
     token = new_token()
     try:
         with db.session() as s:
@@ -95,7 +97,8 @@ def authenticate(s: Session, token: str | None) -> User | None:
 
 
 def check_item(row: Any, source: str, rownum: int) -> dict[str, Any]:
-    """One import row validated: ``prompt`` (str), ``responses`` (2..16 strings), optional ``gold`` (index)."""
+    """One import row validated: ``prompt`` (str), ``responses`` (2..16 strings), optional ``gold`` (index);
+    every other key is kept as the item's ``meta``. All text passes :func:`text.check_strings`."""
     if not isinstance(row, dict):
         raise DataError("expected a JSON object", source=source, row=rownum)
     prompt = row.get("prompt")
@@ -103,6 +106,7 @@ def check_item(row: Any, source: str, rownum: int) -> dict[str, Any]:
         raise DataError("expected a non-empty string", source=source, row=rownum, field="prompt")
     if len(prompt) > MAX_TEXT:
         raise DataError(f"longer than {MAX_TEXT} characters", source=source, row=rownum, field="prompt")
+    check_text(prompt, "prompt", source=source, row=rownum)
     responses = row.get("responses")
     if not isinstance(responses, list) or not 2 <= len(responses) <= MAX_RESPONSES:
         raise DataError(f"expected a list of 2..{MAX_RESPONSES} responses", source=source, row=rownum,
@@ -113,29 +117,38 @@ def check_item(row: Any, source: str, rownum: int) -> dict[str, Any]:
         if len(r) > MAX_TEXT:
             raise DataError(f"response {i} is longer than {MAX_TEXT} characters", source=source, row=rownum,
                             field="responses")
+        check_text(r, f"responses[{i}]", source=source, row=rownum)
     gold = row.get("gold")
     if gold is not None:
         if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(responses):
             raise DataError(f"expected the index (0..{len(responses) - 1}) of the best response, got {gold!r}",
                             source=source, row=rownum, field="gold")
     meta = {k: v for k, v in row.items() if k not in ("prompt", "responses", "gold")}
+    check_strings(meta, "", source=source, row=rownum)
     return {"prompt": prompt, "responses": list(responses), "gold": gold, "meta": meta or None}
 
 
-def read_items(path: str | Path, max_bytes: int = MAX_IMPORT_BYTES) -> list[dict[str, Any]]:
-    """Import rows from a JSONL file; any bad row is a one-line DataError naming file, row and field."""
+def jsonl_lines(path: str | Path, max_bytes: int = MAX_IMPORT_BYTES) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 JSONL file's lines, a leading byte-order mark dropped. Lines are split
+    on ``\\n`` only: U+2028 and friends are valid inside JSON strings."""
     file = Path(path)
     if not file.exists():
         raise DataError("file not found", source=str(path))
     if file.stat().st_size > max_bytes:
         raise DataError(f"larger than the import limit of {max_bytes} bytes", source=str(path))
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        row = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"not UTF-8 ({exc.reason})", source=str(path), row=row) from None
+    return list(enumerate(text.split("\n"), start=1))
+
+
+def read_items(path: str | Path, max_bytes: int = MAX_IMPORT_BYTES) -> list[dict[str, Any]]:
+    """Import rows from a JSONL file; any bad row is a one-line DataError naming file, row and field."""
     items = []
-    with file.open(encoding="utf-8", errors="strict") as fh:
-        try:
-            lines = list(fh)
-        except UnicodeDecodeError as exc:
-            raise DataError(f"not UTF-8 ({exc.reason})", source=str(path)) from None
-    for n, line in enumerate(lines, start=1):
+    for n, line in jsonl_lines(path, max_bytes):
         if not line.strip():
             continue
         try:
@@ -156,33 +169,67 @@ def check_tasks(tasks: list[str]) -> list[str]:
     return tasks
 
 
-def upsert_project(db: Database, name: str, items: list[dict[str, Any]], tasks: list[str] | None = None,
-                   overlap: int | None = None, guidelines: str | None = None) -> tuple[Project, int]:
-    """Create the project (or add to it) and append ``items``; returns the project and the items added."""
+def content_hash(item: dict[str, Any]) -> str:
+    """An item's identity: SHA-256 of its prompt, responses (in order) and metadata; not ``gold``, so a
+    re-import with a corrected gold index is still recognised as the same item."""
+    key = json.dumps([item["prompt"], list(item["responses"]), item.get("meta") or {}], sort_keys=True,
+                     ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(key.encode("ascii")).hexdigest()
+
+
+def import_items(db: Database, name: str, items: list[dict[str, Any]], tasks: list[str] | None = None,
+                 overlap: int | None = None, guidelines: str | None = None) -> tuple[Project, int, int]:
+    """Create the project (or add to it) and append the ``items`` it does not hold yet; returns the project,
+    the items added and the duplicates skipped (same :func:`content_hash` as an item already in the
+    project, or earlier in ``items``). ``tasks`` for an existing project must be the tasks it has (in any
+    order): changing them under existing labels is refused (409)."""
+    check_text(name, "name")
+    if guidelines is not None:
+        check_text(guidelines, "guidelines")
     if tasks is not None:
+        check_strings(tasks, "tasks")
         tasks = check_tasks(tasks)
     if overlap is not None and not 1 <= overlap <= 100:
         raise LabelError(422, f"overlap must be 1..100, got {overlap}")
     with db.session() as s:
-        project = s.scalar(sa.select(Project).where(Project.name == name))
+        # the row lock (PostgreSQL) serialises concurrent imports into one project, so both cannot add an item
+        project = s.scalar(sa.select(Project).where(Project.name == name).with_for_update())
         if project is None:
             project = Project(name=name, tasks=tasks or ["pairwise"], overlap=overlap or 3,
                               guidelines=guidelines or "")
             s.add(project)
             s.flush()
+            seen: set[str] = set()
         else:
-            if tasks is not None:
-                project.tasks = tasks
+            if tasks is not None and set(tasks) != set(project.tasks):
+                raise LabelError(409, f"project {name!r} already has the tasks {','.join(project.tasks)}; "
+                                      f"refusing to change them to {','.join(tasks)} (leave out --tasks to add "
+                                      "items, or import into a new project)")
             if overlap is not None:
                 project.overlap = overlap
             if guidelines is not None:
                 project.guidelines = guidelines
+            seen = {content_hash({"prompt": p, "responses": r, "meta": m}) for p, r, m in s.execute(
+                sa.select(Item.prompt, Item.responses, Item.meta).where(Item.project_id == project.id))}
+        fresh = []
+        for it in items:
+            h = content_hash(it)
+            if h not in seen:
+                seen.add(h)
+                fresh.append(it)
         start = s.scalar(sa.select(sa.func.coalesce(sa.func.max(Item.position), -1))
                          .where(Item.project_id == project.id)) + 1
         s.add_all(Item(project_id=project.id, position=start + i, prompt=it["prompt"],
                        responses=it["responses"], gold=it.get("gold"), meta=it.get("meta"))
-                  for i, it in enumerate(items))
-    return project, len(items)
+                  for i, it in enumerate(fresh))
+    return project, len(fresh), len(items) - len(fresh)
+
+
+def upsert_project(db: Database, name: str, items: list[dict[str, Any]], tasks: list[str] | None = None,
+                   overlap: int | None = None, guidelines: str | None = None) -> tuple[Project, int]:
+    """:func:`import_items` without the count of duplicates skipped: (project, items added)."""
+    project, added, _ = import_items(db, name, items, tasks, overlap, guidelines)
+    return project, added
 
 
 def get_project(s: Session, project_id: int) -> Project:
@@ -193,6 +240,7 @@ def get_project(s: Session, project_id: int) -> Project:
 
 
 def project_by_name(s: Session, name: str) -> Project:
+    check_text(name, "project")
     project = s.scalar(sa.select(Project).where(Project.name == name))
     if project is None:
         raise LabelError(404, f"no project named {name!r}")
@@ -312,8 +360,8 @@ def assignment_view(s: Session, assignment: Assignment) -> dict[str, Any]:
     item = s.get(Item, assignment.item_id)
     project = s.get(Project, assignment.project_id)
     return {"assignment_id": assignment.id, "project_id": project.id, "project": project.name,
-            "tasks": list(project.tasks), "guidelines": project.guidelines, "prompt": item.prompt,
-            "responses": [item.responses[i] for i in shown_order(project.tasks, assignment.order)],
+            "tasks": list(project.tasks), "guidelines": scrub(project.guidelines), "prompt": scrub(item.prompt),
+            "responses": [scrub(item.responses[i]) for i in shown_order(project.tasks, assignment.order)],
             "done": assignment.done}
 
 
@@ -332,6 +380,7 @@ def _int_in(value: Any, lo: int, hi: int) -> bool:
 def map_answers(tasks: list[str], order: list[int], answers: Any) -> dict[str, Any]:
     """Validate answers given in display positions and return them in original response indices."""
     _need(isinstance(answers, dict), "answers must be an object keyed by task type")
+    check_strings(answers, "answers")
     order = shown_order(tasks, order)
     k = len(order)
     out: dict[str, Any] = {}

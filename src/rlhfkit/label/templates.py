@@ -1,6 +1,8 @@
 """Server-rendered pages (Jinja2, autoescape on), one small vanilla script and a stylesheet: no CDN, no build.
 
-Kept as strings so they ship inside the wheel without package-data configuration.
+Kept as strings so they ship inside the wheel without package-data configuration. User text sits in bidi
+isolates (``dir="auto"`` / ``<bdi>``, CSS ``unicode-bidi: isolate``) and the environment's ``finalize``
+(web.py) shows bidi controls as visible ``[U+202E]`` markers, so right-to-left overrides stay inert.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ BASE = """<!doctype html>
 <script src="/static/app.js" defer></script>
 </head><body>
 <header><strong>rlhfkit label</strong>
-{% if user %}<span class="who">{{ user.name }} ({{ user.role }})</span>
+{% if user %}<span class="who"><bdi>{{ user.name }}</bdi> ({{ user.role }})</span>
 <form method="post" action="/logout" class="inline"><input type="hidden" name="csrf" value="{{ csrf }}">
 <button type="submit" class="link">log out</button></form>{% endif %}
 </header>
@@ -37,7 +39,7 @@ PROJECTS = """{% extends "base.html" %}{% block body %}
 <section class="card"><h1>Projects</h1>
 {% if not projects %}<p>No projects yet.</p>{% endif %}
 <ul class="projects">{% for p in projects %}
-<li><a href="/label?project={{ p.id }}">{{ p.name }}</a> · {{ p.done }} done · {{ p.remaining }} remaining</li>
+<li><a href="/label?project={{ p.id }}"><bdi>{{ p.name }}</bdi></a> · {{ p.done }} done · {{ p.remaining }} remaining</li>
 {% endfor %}</ul></section>
 {% endblock %}
 """
@@ -46,7 +48,7 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 {% block body %}
 <div class="layout">
 <aside class="guidelines card" id="guidelines"><details open><summary>Guidelines</summary>
-<div class="md">{{ guidelines_html | safe }}</div></details>
+<div class="md" dir="auto">{{ guidelines_html | safe }}</div></details>
 <details><summary>Keyboard shortcuts</summary><ul class="keys">
 <li><kbd>j</kbd>/<kbd>k</kbd> next / previous response</li>
 {% if 'pairwise' in project.tasks %}<li><kbd>a</kbd> A better · <kbd>b</kbd> B better · <kbd>t</kbd> tie ·
@@ -58,7 +60,7 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 <li><kbd>Enter</kbd> submit (<kbd>Ctrl</kbd>+<kbd>Enter</kbd> inside a text box)</li>
 </ul></details></aside>
 <section class="work">
-<p class="progress" id="progress">{{ project.name }} · <b id="done">{{ progress.done }}</b> done ·
+<p class="progress" id="progress"><bdi>{{ project.name }}</bdi> · <b id="done">{{ progress.done }}</b> done ·
 <b id="remaining">{{ progress.remaining }}</b> remaining</p>
 {% if error %}<p class="error" role="alert" id="error">{{ error }}</p>{% endif %}
 {% if not view %}
@@ -68,12 +70,12 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 <input type="hidden" name="csrf" value="{{ csrf }}">
 <input type="hidden" name="idempotency_key" value="{{ idem_key }}">
 <input type="hidden" name="duration_ms" id="duration_ms" value="">
-<div class="card prompt"><h2>Prompt</h2><div class="text" id="prompt">{{ view.prompt }}</div></div>
+<div class="card prompt"><h2>Prompt</h2><div class="text" id="prompt" dir="auto">{{ view.prompt }}</div></div>
 <div class="responses">
 {% for r in view.responses %}{% set p = loop.index0 %}
 {% set in_pair = 'pairwise' in project.tasks and p < 2 and view.responses|length > 2 %}
 <div class="card response{{ ' in-pair' if in_pair else '' }}" id="resp-{{ p }}" data-pos="{{ p }}" tabindex="-1">
-<h3>Response {{ letters[p] }}{% if in_pair %} <span class="badge">A/B question</span>{% endif %}</h3><div class="text">{{ r }}</div>
+<h3>Response {{ letters[p] }}{% if in_pair %} <span class="badge">A/B question</span>{% endif %}</h3><div class="text" dir="auto">{{ r }}</div>
 {% if 'binary' in project.tasks %}<fieldset class="row"><legend>Acceptable?</legend>
 <label><input type="radio" name="binary_{{ p }}" value="accept" required> accept</label>
 <label><input type="radio" name="binary_{{ p }}" value="reject"> reject</label></fieldset>{% endif %}
@@ -98,7 +100,7 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 <fieldset class="card task" id="task-ranking"><legend>Rank best (top) to worst: drag, or use the buttons / keys</legend>
 <ol id="ranking">{% for r in view.responses %}
 <li draggable="true" data-pos="{{ loop.index0 }}"><span class="handle" aria-hidden="true">☰</span>
-<b>{{ letters[loop.index0] }}</b> <span class="snippet">{{ r[:80] }}</span>
+<b>{{ letters[loop.index0] }}</b> <span class="snippet" dir="auto">{{ r[:80] }}</span>
 <button type="button" class="up" aria-label="move {{ letters[loop.index0] }} up">▲</button>
 <button type="button" class="down" aria-label="move {{ letters[loop.index0] }} down">▼</button></li>
 {% endfor %}</ol>
@@ -122,19 +124,19 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 
 ADMIN = """{% extends "base.html" %}{% block title %}Admin · rlhfkit label{% endblock %}{% block body %}
 <section class="card"><h1>Admin</h1>
-{% if new_token %}<p class="notice" id="new-token">Token for <b>{{ new_token.name }}</b> (shown once):
+{% if new_token %}<p class="notice" id="new-token">Token for <b><bdi>{{ new_token.name }}</bdi></b> (shown once):
 <code>{{ new_token.token }}</code></p>{% endif %}
 {% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
 <h2>Labellers</h2>
 <table><tr><th>name</th><th>role</th><th>labels</th></tr>
-{% for u in users %}<tr><td>{{ u.name }}</td><td>{{ u.role }}</td><td>{{ u.labels }}</td></tr>{% endfor %}</table>
+{% for u in users %}<tr><td><bdi>{{ u.name }}</bdi></td><td>{{ u.role }}</td><td>{{ u.labels }}</td></tr>{% endfor %}</table>
 <form method="post" action="/admin/labellers" class="row">
 <input type="hidden" name="csrf" value="{{ csrf }}">
 <label>New labeller <input name="name" required maxlength="100"></label>
 <button type="submit" id="add-labeller">Create + token</button></form>
 </section>
 {% for p in projects %}
-<section class="card project" id="project-{{ p.id }}"><h2>{{ p.name }}</h2>
+<section class="card project" id="project-{{ p.id }}"><h2><bdi>{{ p.name }}</bdi></h2>
 <p>{{ p["items"] }} items ({{ p.gold }} gold) · tasks: {{ p.tasks|join(', ') }} · overlap {{ p.overlap }} ·
 {{ p.labels }} labels</p>
 <h3>Agreement</h3>
@@ -144,17 +146,19 @@ ADMIN = """{% extends "base.html" %}{% block title %}Admin · rlhfkit label{% en
 <td>{{ m.units }} ({{ m.units_multiply_rated }})</td><td>{{ fmt(m.krippendorff_alpha_nominal) }}</td>
 <td>{{ fmt(m.krippendorff_alpha_ordinal) }}</td><td>{{ fmt(m.fleiss_kappa) }} ({{ m.fleiss_units }})</td>
 <td>{{ fmt(m.cohen_kappa_mean) }}</td><td>{{ fmt(m.percent_agreement) }}</td></tr>
-{% else %}<tr><td colspan="8">no labels yet</td></tr>{% endfor %}</table></div>
+{% else %}<tr><td colspan="8">{% if p.labels %}{{ p.labels }} labels, none for a task with an agreement measure
+{%- else %}no labels yet{% endif %}</td></tr>{% endfor %}</table></div>
+{% for note in p.agreement.notes %}<p class="note">{{ note[:1]|upper }}{{ note[1:] }}.</p>{% endfor %}
 <h3>Labellers</h3>
 <div class="scroll"><table><tr><th>labeller</th><th>labels</th><th>agreement with others</th><th>gold accuracy (items)</th>
 <th>flag</th></tr>
-{% for name, r in p.agreement.labellers.items() %}<tr class="{{ 'flagged' if r.flag else '' }}"><td>{{ name }}</td>
+{% for name, r in p.agreement.labellers.items() %}<tr class="{{ 'flagged' if r.flag else '' }}"><td><bdi>{{ name }}</bdi></td>
 <td>{{ r.labels }}</td><td>{{ fmt(r.agreement_with_others) }}</td><td>{{ fmt(r.gold_accuracy) }} ({{ r.gold_items }})</td>
 <td>{{ r.flag or '' }}</td></tr>{% endfor %}</table></div>
 <h3>Low-agreement items</h3>
 {% if p.agreement.flagged_items %}<ul class="flagged-items">{% for it in p.agreement.flagged_items[:50] %}
 <li>item {{ it.item_id }}: agreement {{ fmt(it.agreement) }} over {{ it.rating_pairs }} rating pairs —
-<span class="snippet">{{ p.prompts[it.item_id][:100] }}</span></li>{% endfor %}</ul>
+<span class="snippet" dir="auto">{{ p.prompts[it.item_id][:100] }}</span></li>{% endfor %}</ul>
 {% else %}<p>None below {{ p.agreement.thresholds.min_agreement }}.</p>{% endif %}
 <h3>Export</h3><p class="row">
 <a class="button" id="export-{{ p.id }}-majority" href="/admin/projects/{{ p.id }}/export.jsonl?kind=pairs&amp;aggregate=majority&amp;ties=drop">pairs (majority, ties dropped)</a>
@@ -177,6 +181,7 @@ padding:.75em 1em;margin:0 0 .75em}.narrow{max-width:420px;margin:2em auto}
 max-height:95vh;overflow:auto}.work{flex:1;min-width:0;max-width:100%}
 .responses{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(260px,100%),1fr));gap:.75em}
 .response.current{outline:3px solid #3a7bd5}.response.in-pair{border-color:#2d6cdf}
+.text,.snippet,.md,bdi{unicode-bidi:isolate}
 .badge{font-size:.7em;font-weight:normal;background:#e3ecfb;border-radius:4px;padding:0 .35em;vertical-align:middle}.text{white-space:pre-wrap;overflow-wrap:anywhere}
 fieldset{border:1px solid #d8dbe0;border-radius:6px;min-width:0}.row{display:flex;flex-wrap:wrap;gap:.4em 1em;
 align-items:center}label{cursor:pointer}input[type=radio]{transform:scale(1.2);margin-right:.3em}

@@ -6,8 +6,11 @@ state-changing request authenticated by that cookie must carry the per-session C
 ``csrf`` or header ``X-CSRF-Token``: an HMAC of the session under the database's secret); bearer requests
 need none (a browser never adds that header by itself). Labellers reach only their own assignments (other
 ids are 404) and no ``/admin`` or ``/api/admin`` route (403). Pages are Jinja2 with autoescape, guidelines
-are Markdown rendered with raw HTML disabled, and a Content-Security-Policy forbids inline script. Request
-bodies above ``max_body`` (imports: ``max_import``) are refused with 413.
+are Markdown rendered with raw HTML disabled, a Content-Security-Policy forbids inline script, and bidi
+controls in user text are printed as visible markers (:mod:`.text`). There is no ``/docs``, ``/redoc`` or
+public ``/openapi.json``: admins get the schema at ``/api/admin/openapi.json``. Text that is not valid Unicode
+is a 422 at every input (:mod:`.text`). Request bodies above ``max_body`` (imports: ``max_import``) are refused
+with 413.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import DictLoader, Environment, select_autoescape
+from markupsafe import Markup
 from pydantic import BaseModel, Field
 
 from ..errors import DataError
@@ -29,6 +33,9 @@ from . import agreement as agreement_mod
 from . import export as export_mod
 from . import service, templates
 from .db import Database, Item, Label, Project, User
+from .forms import form_answers, form_int, form_text
+from .middleware import BodyLimit
+from .text import scrub, show_bidi, text_problem
 
 SESSION_COOKIE = "rlk_session"
 LOGIN_CSRF_COOKIE = "rlk_login_csrf"
@@ -38,59 +45,22 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self';
        "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a request body over the limit (by Content-Length or as it streams in)."""
-
-    def __init__(self, app, max_body: int, max_import: int):
-        self.app, self.max_body, self.max_import = app, max_body, max_import
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.max_import if scope["path"] == "/api/admin/projects" else self.max_body
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return await self._refuse(send, limit)
-        seen, started, refused = 0, False, False
-
-        async def limited_receive():
-            nonlocal seen, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit and not started:
-                    # answer 413 now; the app sees a disconnected client and its reply is dropped
-                    refused = True
-                    await self._refuse(send, limit)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def tracking_send(message):
-            nonlocal started
-            if refused:
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except Exception:
-            if not refused:
-                raise
-
-    @staticmethod
-    async def _refuse(send, limit: int):
-        response = JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
-        await response({"type": "http"}, None, send)
+def _inert(value: Any) -> Any:
+    """Jinja ``finalize``: every string a page prints has its bidi controls shown as visible plain-text
+    markers (safe in text and attributes alike; already-safe Markup stays Markup) and lone surrogates of
+    rows stored before the input checks replaced, so no page can fail to encode."""
+    if isinstance(value, Markup):
+        return Markup(show_bidi(scrub(str(value))))
+    if isinstance(value, str):
+        return show_bidi(scrub(value))
+    return value
 
 
 def _jinja() -> Environment:
     env = Environment(loader=DictLoader({"base.html": templates.BASE, "login.html": templates.LOGIN,
                                          "projects.html": templates.PROJECTS, "label.html": templates.LABEL,
                                          "admin.html": templates.ADMIN}),
-                      autoescape=select_autoescape(default=True, default_for_string=True))
+                      autoescape=select_autoescape(default=True, default_for_string=True), finalize=_inert)
     env.globals["letters"] = LETTERS
     env.globals["fmt"] = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
     return env
@@ -128,7 +98,9 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         db = Database(db)
     secret = db.secret()
     env = _jinja()
-    app = FastAPI(title="rlhfkit label", version="1",
+    # no /docs, /redoc or public /openapi.json: the pages would be blank under the CSP (CDN assets) and
+    # need no login; admins get the schema at /api/admin/openapi.json
+    app = FastAPI(title="rlhfkit label", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Human-feedback labelling API. Authenticate with `Authorization: Bearer <token>`.")
     app.state.db = db
 
@@ -149,6 +121,9 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        for error, raw in zip(errors, exc.errors()):  # a typed str field refused invalid text: say why, as
+            if isinstance(raw.get("input"), str) and text_problem(raw["input"]):  # every other boundary does
+                error["msg"] = text_problem(raw["input"])
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.middleware("http")
@@ -200,6 +175,10 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
     def healthz():
         return {"ok": True}
 
+    @app.get("/api/admin/openapi.json", include_in_schema=False)
+    def openapi_schema(admin: User = Depends(require_admin)):
+        return app.openapi()
+
     @app.get("/api/me")
     def me(user: User = Depends(require_user)):
         return {"id": user.id, "name": user.name, "role": user.role}
@@ -247,8 +226,9 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
     @app.post("/api/admin/projects", status_code=201)
     def add_project(body: NewProject, admin: User = Depends(require_admin)):
         items = [service.check_item(row, "request", n) for n, row in enumerate(body.items, start=1)]
-        project, added = service.upsert_project(db, body.name, items, body.tasks, body.overlap, body.guidelines)
-        return {"id": project.id, "name": project.name, "items_added": added}
+        project, added, skipped = service.import_items(db, body.name, items, body.tasks, body.overlap,
+                                                       body.guidelines)
+        return {"id": project.id, "name": project.name, "items_added": added, "duplicates_skipped": skipped}
 
     def agreement_of(project_id: int) -> dict:
         with db.session() as s:
@@ -265,15 +245,17 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         with db.session() as s:
             service.get_project(s, project_id)
         if kind == "pairs":
-            return export_mod.preference_rows(db, project_id, aggregate, ties,
+            rows = export_mod.preference_rows(db, project_id, aggregate, ties,
                                               [t.strip() for t in tasks.split(",") if t.strip()])
-        if kind == "sft":
-            return export_mod.sft_rows(db, project_id)
-        if kind == "kto":
-            return export_mod.kto_rows(db, project_id)
-        if kind == "labels":
-            return export_mod.stored_labels(db, project_id)
-        raise service.LabelError(422, f"kind must be pairs, sft, kto or labels, got {kind!r}")
+        elif kind == "sft":
+            rows = export_mod.sft_rows(db, project_id)
+        elif kind == "kto":
+            rows = export_mod.kto_rows(db, project_id)
+        elif kind == "labels":
+            rows = export_mod.stored_labels(db, project_id)
+        else:
+            raise service.LabelError(422, f"kind must be pairs, sft, kto or labels, got {kind!r}")
+        return export_mod.check_rows(rows, f"export of project {project_id}")
 
     @app.get("/api/admin/projects/{project_id}/export")
     def get_export(project_id: Id, kind: str = Query("pairs", max_length=20),
@@ -298,20 +280,25 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies)
         return response
 
+    def login_again(status: int, error: str) -> HTMLResponse:
+        fresh = secrets.token_urlsafe(24)
+        response = page("login.html", status, login_csrf=fresh, user=None, error=error)
+        response.set_cookie(LOGIN_CSRF_COOKIE, fresh, httponly=True, samesite="strict", secure=secure_cookies)
+        return response
+
     @app.post("/login", include_in_schema=False)
     async def login(request: Request):
         form = await request.form()
         sent, cookie = form.get("csrf"), request.cookies.get(LOGIN_CSRF_COOKIE)
         if not isinstance(sent, str) or not cookie or not hmac.compare_digest(sent, cookie):
-            return PlainTextResponse("CSRF token missing or wrong; reload the login page", status_code=403)
+            # e.g. an older login tab (its form token was replaced since): a fresh form, not a bare error
+            return login_again(403, "This login form has expired (opened in another tab or too long ago); "
+                                    "please log in again.")
         token = form.get("token")
         with db.session() as s:
             user = service.authenticate(s, token if isinstance(token, str) else None)
         if user is None:
-            fresh = secrets.token_urlsafe(24)
-            response = page("login.html", 401, login_csrf=fresh, user=None, error="Unknown or disabled token.")
-            response.set_cookie(LOGIN_CSRF_COOKIE, fresh, httponly=True, samesite="strict", secure=secure_cookies)
-            return response
+            return login_again(401, "Unknown or disabled token.")
         response = RedirectResponse("/admin" if user.role == "admin" else "/", status_code=303)
         response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies,
                             max_age=30 * 24 * 3600)
@@ -367,13 +354,15 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
             k = len(service.shown_order(tasks, assignment.order))
         try:
             answers = form_answers(form, tasks, k)
-            duration = form.get("duration_ms")
-            duration = int(duration) if isinstance(duration, str) and duration.isdigit() else None
-            service.submit(db, user, assignment_id, str(form.get("idempotency_key", "")), answers, duration)
+            duration = form_int(form, "duration_ms", required=False)  # empty when the script did not run
+            key = form_text(form, "idempotency_key", required=False) or ""
+            service.submit(db, user, assignment_id, key, answers, duration)
         except service.LabelError as exc:
             if exc.status == 404:
                 raise
             return label_page(user, project.id, error=exc.detail, status=exc.status)
+        except DataError as exc:
+            return label_page(user, project.id, error=str(exc), status=422)
         return RedirectResponse(f"/label?project={project.id}", status_code=303)
 
     @app.get("/admin", include_in_schema=False)
@@ -396,7 +385,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
                 n_labels = s.scalar(sa.select(sa.func.count(Label.id)).where(Label.project_id == p.id))
                 projects.append({"id": p.id, "name": p.name, "tasks": p.tasks, "overlap": p.overlap,
                                  "items": len(items), "gold": sum(g is not None for _, _, g in items),
-                                 "labels": n_labels, "prompts": {i: pr for i, pr, _ in items}})
+                                 "labels": n_labels, "prompts": {i: scrub(pr) for i, pr, _ in items}})
         for p in projects:
             p["agreement"] = agreement_of(p["id"])
         return page("admin.html", status, user=user, csrf=csrf_for(user), users=users, projects=projects,
@@ -406,9 +395,11 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
     async def admin_add_user(request: Request, admin: User = Depends(require_admin)):
         form = await request.form()
         try:
-            user, token = service.create_user(db, str(form.get("name", "")), "labeller")
+            user, token = service.create_user(db, form_text(form, "name", required=False) or "", "labeller")
         except service.LabelError as exc:
             return render_admin(admin, None, exc.detail, exc.status)
+        except DataError as exc:
+            return render_admin(admin, None, str(exc), 422)
         return render_admin(admin, {"name": user.name, "token": token}, None)
 
     @app.get("/admin/projects/{project_id}/export.jsonl", include_in_schema=False)
@@ -423,37 +414,3 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
 
     app.add_middleware(BodyLimit, max_body=max_body, max_import=max_import)
     return app
-
-
-def form_answers(form, tasks: list[str], k: int) -> dict[str, Any]:
-    """The label form's fields -> the API's answers (display positions); missing fields are a 422."""
-    def field(name: str) -> str:
-        value = form.get(name)
-        if not isinstance(value, str) or value == "":
-            raise service.LabelError(422, f"please answer every question (missing: {name})")
-        return value
-
-    def as_int(name: str) -> int:
-        value = field(name)
-        if not value.lstrip("-").isdigit():
-            raise service.LabelError(422, f"{name} must be a number")
-        return int(value)
-
-    answers: dict[str, Any] = {}
-    if "pairwise" in tasks:
-        answers["pairwise"] = {"choice": field("pairwise_choice"), "strength": as_int("pairwise_strength")}
-    if "ranking" in tasks:
-        parts = field("ranking_order").split(",")
-        if not all(p.strip().isdigit() for p in parts):
-            raise service.LabelError(422, "ranking_order must be comma-separated positions")
-        answers["ranking"] = {"order": [int(p) for p in parts]}
-    if "binary" in tasks:
-        answers["binary"] = {"accept": [field(f"binary_{p}") == "accept" for p in range(k)]}
-    if "likert" in tasks:
-        answers["likert"] = {"ratings": [as_int(f"likert_{p}") for p in range(k)]}
-    if "critique" in tasks:
-        rewrite = form.get("critique_rewrite")
-        answers["critique"] = {"critique": str(form.get("critique_text", "")),
-                               "rewrite": rewrite if isinstance(rewrite, str) and rewrite.strip() else None,
-                               "target": as_int("critique_target")}
-    return answers
