@@ -58,7 +58,9 @@ def _assert_one_line_error(proc, *needles):
 
 
 @pytest.mark.parametrize("case", ["malformed", "non_utf8", "missing_column", "missing_field", "wrong_format"])
-def test_bad_data_gives_one_line_error(tiny_model_dir, tmp_path, case):
+def test_bad_data_gives_one_line_error(tiny_model_dir, tmp_path, case, capsys):
+    """The first case through a real `python -m rlhfkit` process (what a user sees: exit code, stderr, no
+    traceback); the others through `main` in this process (the same handler, without a ~5 s interpreter start)."""
     data = tmp_path / "prefs.jsonl"
     rows = [json.dumps(r) for r in preference_rows(5)]
     if case == "malformed":
@@ -79,8 +81,13 @@ def test_bad_data_gives_one_line_error(tiny_model_dir, tmp_path, case):
     with open(data, "wb") as fh:
         for row in rows:
             fh.write(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n' if row is None else (row + "\n").encode())
-    proc = run_cli("rm", "--model", tiny_model_dir, "--dataset", data, "--output-dir", tmp_path / "out",
-                   "--max-steps", 1, "--no-progress-bar")
+    args = ["rm", "--model", tiny_model_dir, "--dataset", data, "--output-dir", tmp_path / "out", "--max-steps", 1,
+            "--no-progress-bar"]
+    if case == "malformed":
+        proc = run_cli(*args)
+    else:
+        code = main([str(a) for a in args])
+        proc = subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
     _assert_one_line_error(proc, *needles)
 
 
@@ -98,14 +105,14 @@ def test_counted_warnings_for_skipped_and_truncated_rows(tiny_model_dir, tmp_pat
     assert "10/12" in report[0] and "row 4" in report[0] and "row 6" in report[0] and "truncated 1" in report[0]
 
 
-def test_different_tokenizers_rejected(tiny_model_dir, tmp_path):
+def test_different_tokenizers_rejected(tiny_model_dir, tmp_path, capsys):
     from rlhfkit.models.tiny import build_tiny_model, default_corpus
 
     other = build_tiny_model(tmp_path / "other", vocab=600, corpus=default_corpus(300, seed=5))
     data = write_jsonl(preference_rows(8), tmp_path / "prefs.jsonl")
-    proc = run_cli("dpo", "--model", tiny_model_dir, "--ref-model", other, "--dataset", data,
-                   "--output-dir", tmp_path / "out", "--max-steps", 1, "--no-progress-bar")
-    _assert_one_line_error(proc, "different tokenizers")
+    code = main(["dpo", "--model", str(tiny_model_dir), "--ref-model", str(other), "--dataset", str(data),
+                 "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--no-progress-bar"])
+    _assert_one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), "different tokenizers")
 
 
 def test_tokenizer_without_pad_token_warns_and_uses_eos(tiny_model_dir, tmp_path):
@@ -130,10 +137,14 @@ def test_tokenizer_without_pad_token_warns_and_uses_eos(tiny_model_dir, tmp_path
 def test_tiny_model_command_builds_loadable_models(tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    for reward in (False, True):
+    for reward in (False, True):  # the language model through a real process, the reward model through main
         out = tmp_path / ("rm" if reward else "lm")
-        proc = run_cli("tiny-model", out, "--layers", 1, "--hidden", 32, "--vocab", 512, *(["--reward"] if reward else []))
-        assert proc.returncode == 0, proc.stderr
+        args = ["tiny-model", str(out), "--layers", "1", "--hidden", "32", "--vocab", "512"]
+        if reward:
+            assert main([*args, "--reward"]) == 0
+        else:
+            proc = run_cli(*args)
+            assert proc.returncode == 0, proc.stderr
         tok = AutoTokenizer.from_pretrained(out)
         cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
         model = cls.from_pretrained(out)

@@ -323,8 +323,8 @@ def test_csrf_missing_is_403(setup):
     login(client, tokens["ann"])
     page = client.get(f"/label?project={pid}")
     aid = int(re.search(r'action="/label/(\d+)"', page.text).group(1))
-    form = {"pairwise_choice": "A", "pairwise_strength": "1", "ranking_order": "0,1,2", "critique_text": "",
-            "critique_target": "0", "idempotency_key": "csrf-test-1",
+    form = {"pairwise_choice": "A", "pairwise_strength": "1", "ranking_order": "0,1,2", "critique_text": "ok",
+            "ranking_confirmed": "yes", "critique_target": "0", "idempotency_key": "csrf-test-1",
             **{f"binary_{p}": "accept" for p in range(3)}, **{f"likert_{p}": "3" for p in range(3)}}
     assert client.post(f"/label/{aid}", data=form, follow_redirects=False).status_code == 403
     assert client.post(f"/label/{aid}", data={**form, "csrf": "forged"}, follow_redirects=False).status_code == 403

@@ -221,7 +221,8 @@ def form_page(tmp_path):
     aid = int(re.search(r'action="/label/(\d+)"', page.text).group(1))
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
     form = {"csrf": csrf, "idempotency_key": "form-key-1", "pairwise_choice": "A", "pairwise_strength": "1",
-            "ranking_order": "0,1,2", "critique_text": "", "critique_target": "0", "duration_ms": "1200",
+            "ranking_order": "0,1,2", "ranking_confirmed": "yes", "critique_text": "ok", "critique_target": "0",
+            "duration_ms": "1200",
             **{f"likert_{p}": "3" for p in range(3)}}
     yield db, client, aid, form
     db.dispose()

@@ -53,12 +53,12 @@ def _mean(rows: list[dict], key: str = "reward_mean") -> float:
 
 
 @pytest.mark.slow
-def test_per_role_groups_raise_reward_like_single_process_and_rollout_weights_equal_policy(
-        ray_session, tiny_model_dir, count_e_files, tmp_path):
+def test_per_role_groups_raise_reward_and_rollout_weights_equal_policy(ray_session, tiny_model_dir, count_e_files,
+                                                                       tmp_path):
+    """Two policy and two rollout workers, a critic, reference and reward worker each: the rollout workers
+    hold the policy's exact weights before every rollout, and the reward rises (as it does in the
+    single-process runs of this task in test_rl.py)."""
     steps = 24
-    single = tmp_path / "single"
-    run_rl(PPOConfig(**_settings(tiny_model_dir, count_e_files, single, prompts_per_step=16, max_steps=steps)))
-
     synced: list[int] = []
 
     def check_weights(step: int, cluster) -> None:
@@ -78,23 +78,13 @@ def test_per_role_groups_raise_reward_like_single_process_and_rollout_weights_eq
 
     assert synced == list(range(steps))  # a broadcast before every rollout, each one exact
     assert summary["ray"]["workers"] == {"policy": 2, "critic": 1, "reference": 1, "reward": 1, "rollout": 2}
-    ray_rows, single_rows = _rows(out), _rows(single)
+    ray_rows = _rows(out)
     assert [r["step"] for r in ray_rows] == list(range(1, steps + 1))
-    # the single-process keys, so `rlhfkit report` reads it (the step-1 rollout/trainer log-prob check is the
-    # single-process trainer's; on Ray `rollout_logprob_mismatch` of the first minibatch measures the same)
-    checked = {"rollout_logprob_diff_mean", "rollout_logprob_diff_max", "rollout_importance_ratio_mean"}
-    assert set(single_rows[0]) - checked <= set(ray_rows[0])
     assert max(r["rollout_logprob_mismatch"] for r in ray_rows) < 1e-4
     first, last = _mean(ray_rows[:6]), _mean(ray_rows[-6:])
-    single_first, single_last = _mean(single_rows[:6]), _mean(single_rows[-6:])
-    print(f"reward first/last 6 steps: ray {first:.3f} -> {last:.3f}, single process {single_first:.3f} -> "
-          f"{single_last:.3f}")
-    # +1.0 is > 10x the noise of a 6-step mean at the start (per-response std ~0.45 over 96 responses). The
-    # Ray run samples other sequences (two rollout shards) and has a critic of its own, so its path differs:
-    # it must gain at least half of what the single-process run gains (the gain varies ~1.5x across seeds).
-    assert single_last > single_first + 1.0
+    print(f"reward first/last 6 steps: ray {first:.3f} -> {last:.3f}")
+    # +1.0 is > 10x the noise of a 6-step mean at the start (per-response std ~0.45 over 96 responses)
     assert last > first + 1.0
-    assert last - first > 0.5 * (single_last - single_first), (first, last, single_first, single_last)
     assert ray_rows[0]["rollout_logprob_mismatch"] < 1e-4  # rollout workers and trainer agree on log-probs
     assert ray_rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the reference is the starting policy
     assert all(r["value_loss"] > 0 for r in ray_rows)
@@ -125,6 +115,10 @@ def test_one_worker_per_role_reproduces_the_single_process_run(algorithm, ray_se
     keys = ["reward_mean", "kl", "beta", "loss", "policy_loss", "entropy", "clip_frac", "response_length"]
     if algorithm == "ppo":
         keys += ["value_loss", "explained_variance", "value_mean"]
+    # the single-process keys, so `rlhfkit report` reads it (the step-1 rollout/trainer log-prob check is the
+    # single-process trainer's; on Ray `rollout_logprob_mismatch` of the first minibatch measures the same)
+    checked = {"rollout_logprob_diff_mean", "rollout_logprob_diff_max", "rollout_importance_ratio_mean"}
+    assert set(_rows(single)[0]) - checked <= set(_rows(spread)[0])
     for a, b in zip(_rows(single), _rows(spread), strict=True):
         for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)  # fp32 round-off

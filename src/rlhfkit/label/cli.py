@@ -1,4 +1,4 @@
-"""``rlhfkit label <command>``: init, add-labeller, import, generate, serve, agreement, export, migrate."""
+"""``rlhfkit label <command>``: init, add-labeller, user, import, generate, serve, agreement, export, migrate."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ USAGE = """usage: rlhfkit label <command> --db DB [options]
 commands:
   init           create / migrate the database and an admin; prints the admin's token (once)
   add-labeller   create a labeller (or --admin) and print their token (once)
+  user           user rotate NAME: new token (printed once; the old one and NAME's sessions stop at once);
+                 user disable NAME / user enable NAME: refuse / allow NAME's tokens and sessions
   import         add items from a JSONL file (prompt, responses [2..16], optional gold = index of the best)
   generate       sample candidate responses from a policy checkpoint and add them as items
   serve          run the web app (FastAPI + uvicorn)
@@ -36,6 +38,8 @@ def _project_opts(p: argparse.ArgumentParser) -> None:
                         "pairwise)")
     p.add_argument("--overlap", type=int, default=None, help="labellers per item, R (new project: 3)")
     p.add_argument("--guidelines", default=None, help="Markdown file of labelling guidelines")
+    p.add_argument("--min-critique-chars", type=int, default=None,
+                   help="shortest critique accepted (characters, whitespace at the ends not counted; new project: 1)")
 
 
 def _project_args(a) -> dict:
@@ -132,6 +136,9 @@ def main(argv: Sequence[str]) -> int:
     elif command == "add-labeller":
         p.add_argument("name")
         p.add_argument("--admin", action="store_true", help="create an admin instead")
+    elif command == "user":
+        p.add_argument("action", choices=["rotate", "disable", "enable"])
+        p.add_argument("name")
     elif command == "import":
         p.add_argument("file", help="JSONL: prompt, responses (2..16 strings), optional gold (index of the best)")
         p.add_argument("--project", required=True)
@@ -152,6 +159,8 @@ def main(argv: Sequence[str]) -> int:
         p.add_argument("--max-body", type=int, default=256 * 1024, help="request body limit in bytes")
         p.add_argument("--max-import", type=int, default=20 * 1024 * 1024, help="import request limit in bytes")
         p.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (behind HTTPS)")
+        p.add_argument("--session-hours", type=float, default=12.0,
+                       help="browser session lifetime after login (log out ends it at once)")
         p.add_argument("--log-level", default="warning")
         p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                        help="SQLite: NORMAL survives a server crash / kill; FULL also power loss (slower)")
@@ -184,6 +193,13 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(exc.detail) from None
 
 
+def _set_rules(db, project, a) -> None:
+    if a.min_critique_chars is not None:
+        from .rules import set_min_critique
+
+        set_min_critique(db, project.id, a.min_critique_chars)
+
+
 def _run(command: str, a) -> int:
     from . import service
     from .db import Database
@@ -198,9 +214,21 @@ def _run(command: str, a) -> int:
         name = a.admin if command == "init" else a.name
         user, token = service.create_user(db, name, role)
         print(f"{role} '{user.name}' created; token (shown once, stored hashed):\n{token}")
+    elif command == "user":
+        from . import accounts
+
+        if a.action == "rotate":
+            user, token = accounts.rotate_token(db, name=a.name)
+            print(f"new token for '{user.name}' (shown once; the old token and their sessions no longer work):"
+                  f"\n{token}")
+        else:
+            user = accounts.set_active(db, a.action == "enable", name=a.name)
+            print(f"user '{user.name}' {a.action}d" + ("" if user.active else
+                                                      " (their tokens and sessions are refused from now on)"))
     elif command == "import":
         items = service.read_items(a.file)
         project, added, skipped = service.import_items(db, a.project, items, **_project_args(a))
+        _set_rules(db, project, a)
         print(f"project '{project.name}' (id {project.id}): {added} items added, {skipped} duplicates skipped "
               f"({sum(it['gold'] is not None for it in items)} gold rows in the file)")
     elif command == "generate":
@@ -213,6 +241,7 @@ def _run(command: str, a) -> int:
 
             write_jsonl(a.out, ({"prompt": it["prompt"], "responses": it["responses"]} for it in items))
         project, added, skipped = service.import_items(db, a.project, items, **_project_args(a))
+        _set_rules(db, project, a)
         print(f"project '{project.name}' (id {project.id}): {added} items added, {skipped} duplicates skipped "
               f"from {len(prompts)} prompts; "
               f"{counts['dropped_empty_or_duplicate']} empty/duplicate responses dropped, "
@@ -222,7 +251,10 @@ def _run(command: str, a) -> int:
 
         from .web import create_app
 
-        app = create_app(db, max_body=a.max_body, max_import=a.max_import, secure_cookies=a.secure_cookies)
+        if a.session_hours <= 0:
+            raise ConfigError(f"--session-hours must be positive, got {a.session_hours}")
+        app = create_app(db, max_body=a.max_body, max_import=a.max_import, secure_cookies=a.secure_cookies,
+                         session_hours=a.session_hours)
         print(f"rlhfkit label: serving {a.db} on http://{a.host}:{a.port}", flush=True)
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
     elif command == "agreement":

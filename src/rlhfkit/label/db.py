@@ -44,6 +44,7 @@ class Project(Base):
     tasks: Mapped[list] = mapped_column(sa.JSON)  # e.g. ["pairwise", "likert"]
     overlap: Mapped[int] = mapped_column(default=3)  # labellers per (non-gold) item
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    min_critique_chars: Mapped[int | None] = mapped_column(default=1)  # migration 3; NULL: the default (1)
 
 
 class Item(Base):
@@ -93,6 +94,20 @@ class Label(Base):
     gold_correct: Mapped[float | None] = mapped_column(default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     duration_ms: Mapped[int | None] = mapped_column(default=None)  # added by migration 2
+
+
+class WebSession(Base):
+    """A browser session (migration 3): the cookie holds a random id, only its SHA-256 is stored here.
+    ``flash`` holds a one-time message (a new token) shown by the next GET of the admin page."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    id_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    flash: Mapped[str | None] = mapped_column(sa.Text, default=None)
 
 
 class Setting(Base):
@@ -152,7 +167,21 @@ def _migration_2(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE labels ADD COLUMN duration_ms INTEGER"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+def _migration_3(conn: Connection) -> None:
+    """Browser sessions apart from API tokens (a new table, frozen here) and the per-project minimum
+    critique length (existing projects NULL: the default)."""
+    md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True))  # for the foreign key only
+    sa.Table("web_sessions", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("id_hash", sa.String(64), unique=True, nullable=False),
+             sa.Column("user_id", sa.ForeignKey("users.id"), nullable=False, index=True),
+             sa.Column("created_at", sa.DateTime, nullable=False), sa.Column("expires_at", sa.DateTime, nullable=False),
+             sa.Column("revoked_at", sa.DateTime), sa.Column("flash", sa.Text))
+    md.tables["web_sessions"].create(conn)
+    conn.execute(sa.text("ALTER TABLE projects ADD COLUMN min_critique_chars INTEGER"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

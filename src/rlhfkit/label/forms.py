@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .rules import critique_problem
 from .service import LabelError
 from .text import text_problem
 
@@ -40,8 +41,12 @@ def form_int(form, name: str, required: bool = True) -> int | None:
     return None if value is None else parse_int(value, name)
 
 
-def form_answers(form, tasks: list[str], k: int) -> dict[str, Any]:
-    """The label form's fields -> the API's answers (display positions); missing fields are a 422."""
+def form_answers(form, tasks: list[str], k: int, min_critique_chars: int = 0) -> dict[str, Any]:
+    """The label form's fields -> the API's answers (display positions); missing fields are a 422.
+
+    The page must show that the labeller looked at the ranking: ``ranking_touched=moved`` (set by the
+    script on any move) or the "this order is right" box ``ranking_confirmed=yes``; a critique shorter than
+    the project's ``min_critique_chars`` is a 422 naming ``critique_text``."""
     answers: dict[str, Any] = {}
     if "pairwise" in tasks:
         answers["pairwise"] = {"choice": form_text(form, "pairwise_choice"),
@@ -49,12 +54,18 @@ def form_answers(form, tasks: list[str], k: int) -> dict[str, Any]:
     if "ranking" in tasks:
         answers["ranking"] = {"order": [parse_int(part.strip(), "ranking_order")
                                         for part in form_text(form, "ranking_order").split(",")]}
+        if form.get("ranking_touched") != "moved" and form.get("ranking_confirmed") != "yes":
+            raise LabelError(422, "field 'ranking_confirmed': move a response in the ranking, or tick "
+                                  "'this order is right'")
     if "binary" in tasks:
         answers["binary"] = {"accept": [form_text(form, f"binary_{p}") == "accept" for p in range(k)]}
     if "likert" in tasks:
         answers["likert"] = {"ratings": [form_int(form, f"likert_{p}") for p in range(k)]}
     if "critique" in tasks:
         rewrite = form_text(form, "critique_rewrite", required=False)
+        problem = critique_problem(form_text(form, "critique_text", required=False) or "", min_critique_chars)
+        if problem:
+            raise LabelError(422, f"field 'critique_text': {problem}")
         answers["critique"] = {"critique": form_text(form, "critique_text", required=False) or "",
                                "rewrite": rewrite if rewrite and rewrite.strip() else None,
                                "target": form_int(form, "critique_target")}

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import DataError
 from .db import Assignment, Database, Item, Label, Project, User
+from .rules import critique_problem, min_critique
 from .text import check_strings, check_text, scrub
 
 TASKS = ("pairwise", "ranking", "binary", "likert", "critique")
@@ -74,16 +75,6 @@ def create_user(db: Database, name: str, role: str = "labeller") -> tuple[User, 
     except IntegrityError:
         raise LabelError(409, f"a user named {name!r} already exists") from None
     return user, token
-
-
-def rotate_token(db: Database, name: str) -> str:
-    token = new_token()
-    with db.session() as s:
-        user = s.scalar(sa.select(User).where(User.name == name))
-        if user is None:
-            raise LabelError(404, f"no user named {name!r}")
-        user.token_hash = hash_token(token)
-    return token
 
 
 def authenticate(s: Session, token: str | None) -> User | None:
@@ -377,7 +368,7 @@ def _int_in(value: Any, lo: int, hi: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
-def map_answers(tasks: list[str], order: list[int], answers: Any) -> dict[str, Any]:
+def map_answers(tasks: list[str], order: list[int], answers: Any, min_critique_chars: int = 0) -> dict[str, Any]:
     """Validate answers given in display positions and return them in original response indices."""
     _need(isinstance(answers, dict), "answers must be an object keyed by task type")
     check_strings(answers, "answers")
@@ -423,6 +414,8 @@ def map_answers(tasks: list[str], order: list[int], answers: Any) -> dict[str, A
         elif task == "critique":
             text, rewrite, target = a.get("critique", ""), a.get("rewrite"), a.get("target", 0)
             _need(isinstance(text, str) and len(text) <= MAX_TEXT, "critique.critique must be a string")
+            _need(critique_problem(text, min_critique_chars) is None,
+                  f"critique.critique: {critique_problem(text, min_critique_chars)}")
             _need(rewrite is None or (isinstance(rewrite, str) and len(rewrite) <= MAX_TEXT),
                   "critique.rewrite must be a string or null")
             _need(_int_in(target, 0, k - 1), f"critique.target must be a display position 0..{k - 1}")
@@ -477,7 +470,7 @@ def submit(db: Database, user: User, assignment_id: int, key: str, answers: Any,
                     raise LabelError(409, f"assignment {assignment_id} is already labelled")
                 project = s.get(Project, assignment.project_id)
                 item = s.get(Item, assignment.item_id)
-                stored = map_answers(list(project.tasks), list(assignment.order), answers)
+                stored = map_answers(list(project.tasks), list(assignment.order), answers, min_critique(project))
                 label = Label(assignment_id=assignment.id, item_id=item.id, user_id=user.id,
                               project_id=project.id, idempotency_key=key, answers=stored,
                               gold_correct=gold_score(item.gold, stored), duration_ms=duration_ms)

@@ -105,16 +105,22 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 <button type="button" class="down" aria-label="move {{ letters[loop.index0] }} down">▼</button></li>
 {% endfor %}</ol>
 <input type="hidden" name="ranking_order" id="ranking_order" value="{{ range(view.responses|length)|join(',') }}">
+<input type="hidden" name="ranking_touched" id="ranking_touched" value="">
+<label class="confirm"><input type="checkbox" name="ranking_confirmed" id="ranking_confirmed" value="yes">
+this order is right (or move a response)</label>
 </fieldset>{% endif %}
 {% if 'critique' in project.tasks %}
 <fieldset class="card task" id="task-critique"><legend>Critique</legend>
 <label>Response <select name="critique_target" id="critique_target">{% for r in view.responses %}
 <option value="{{ loop.index0 }}">{{ letters[loop.index0] }}</option>{% endfor %}</select></label>
-<label for="critique_text">What is wrong or could be better?</label>
-<textarea name="critique_text" id="critique_text" rows="3" maxlength="50000"></textarea>
+<label for="critique_text">What is wrong or could be better?{% if min_critique %}
+(at least {{ min_critique }} character{{ 's' if min_critique != 1 else '' }}){% endif %}</label>
+<textarea name="critique_text" id="critique_text" rows="3" maxlength="50000"{% if min_critique %} required
+minlength="{{ min_critique }}"{% endif %}></textarea>
 <label for="critique_rewrite">Rewrite (optional: a better response)</label>
 <textarea name="critique_rewrite" id="critique_rewrite" rows="3" maxlength="50000"></textarea>
 </fieldset>{% endif %}
+<p class="error" role="alert" id="client-error" hidden></p>
 <button type="submit" id="submit" class="primary">Submit <kbd>Enter</kbd></button>
 </form>
 {% endif %}
@@ -128,8 +134,15 @@ ADMIN = """{% extends "base.html" %}{% block title %}Admin · rlhfkit label{% en
 <code>{{ new_token.token }}</code></p>{% endif %}
 {% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
 <h2>Labellers</h2>
-<table><tr><th>name</th><th>role</th><th>labels</th></tr>
-{% for u in users %}<tr><td><bdi>{{ u.name }}</bdi></td><td>{{ u.role }}</td><td>{{ u.labels }}</td></tr>{% endfor %}</table>
+<table><tr><th>name</th><th>role</th><th>labels</th><th>status</th><th>token / access</th></tr>
+{% for u in users %}<tr id="user-{{ u.id }}"><td><bdi>{{ u.name }}</bdi></td><td>{{ u.role }}</td><td>{{ u.labels }}</td>
+<td>{{ 'active' if u.active else 'disabled' }}</td><td class="row">
+<form method="post" action="/admin/users/{{ u.id }}/rotate" class="inline"><input type="hidden" name="csrf" value="{{ csrf }}">
+<button type="submit" class="rotate">reset token</button></form>
+{% if u.id != user.id %}<form method="post" action="/admin/users/{{ u.id }}/{{ 'disable' if u.active else 'enable' }}" class="inline">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<button type="submit" class="{{ 'disable' if u.active else 'enable' }}">{{ 'disable' if u.active else 'enable' }}</button></form>{% endif %}
+</td></tr>{% endfor %}</table>
 <form method="post" action="/admin/labellers" class="row">
 <input type="hidden" name="csrf" value="{{ csrf }}">
 <label>New labeller <input name="name" required maxlength="100"></label>
@@ -213,23 +226,29 @@ JS = r"""
   var list = document.getElementById('ranking');
   var orderInput = document.getElementById('ranking_order');
 
-  function setCurrent(p) {
+  var touched = document.getElementById('ranking_touched');
+  var confirmBox = document.getElementById('ranking_confirmed');
+
+  function setCurrent(p, scroll) {
     current = (p + k) % k;
     responses.forEach(function (el, i) { el.classList.toggle('current', i === current); });
     if (list) Array.prototype.forEach.call(list.children, function (li) {
       li.classList.toggle('current', parseInt(li.dataset.pos, 10) === current);
     });
-    if (responses[current]) responses[current].scrollIntoView({block: 'nearest'});
+    // not on load: a tall first response would scroll the prompt out of view
+    if (scroll !== false && responses[current]) responses[current].scrollIntoView({block: 'nearest'});
   }
   function syncOrder() {
     if (!list) return;
     orderInput.value = Array.prototype.map.call(list.children, function (li) { return li.dataset.pos; }).join(',');
   }
+  function markMoved() { if (touched) touched.value = 'moved'; }
   function move(pos, delta) {
     var li = list.querySelector('li[data-pos="' + pos + '"]');
     if (!li) return;
     if (delta < 0 && li.previousElementSibling) list.insertBefore(li, li.previousElementSibling);
     if (delta > 0 && li.nextElementSibling) list.insertBefore(li.nextElementSibling, li);
+    markMoved();
     syncOrder();
   }
   function check(name, value) {
@@ -249,16 +268,24 @@ JS = r"""
       var rect = over.getBoundingClientRect();
       list.insertBefore(dragged, (e.clientY - rect.top) > rect.height / 2 ? over.nextSibling : over);
     });
-    list.addEventListener('drop', function (e) { e.preventDefault(); syncOrder(); });
-    list.addEventListener('dragend', function () { dragged = null; syncOrder(); });
+    list.addEventListener('drop', function (e) { e.preventDefault(); markMoved(); syncOrder(); });
+    list.addEventListener('dragend', function () { if (dragged) markMoved(); dragged = null; syncOrder(); });
     list.addEventListener('click', function (e) {
       var b = e.target.closest('button'); if (!b) return;
       move(parseInt(b.closest('li').dataset.pos, 10), b.classList.contains('up') ? -1 : 1);
     });
   }
   responses.forEach(function (el, i) { el.addEventListener('click', function () { setCurrent(i); }); });
-  form.addEventListener('submit', function () {
+  form.addEventListener('submit', function (e) {
     syncOrder();
+    if (list && touched && touched.value !== 'moved' && !(confirmBox && confirmBox.checked)) {
+      e.preventDefault();  // the server refuses it too (422): say so here, before anything is lost
+      var msg = document.getElementById('client-error');
+      msg.textContent = "Please rank the responses: move one, or tick 'this order is right'.";
+      msg.hidden = false;
+      if (confirmBox) confirmBox.focus({preventScroll: false});
+      return;
+    }
     document.getElementById('duration_ms').value = String(Date.now() - started);
     var btn = document.getElementById('submit'); if (btn) btn.disabled = true;  // the key makes a resend safe
   });
@@ -271,6 +298,8 @@ JS = r"""
       return;
     }
     if (e.ctrlKey || e.metaKey || e.altKey) return;
+    // Enter on a button or link (log out, ▲/▼, ...) does that control's own action, never a submit
+    if (e.key === 'Enter' && (tag === 'button' || tag === 'a' || tag === 'summary')) return;
     var key = e.key, handled = true;
     if (key === 'j') setCurrent(current + 1);
     else if (key === 'k') setCurrent(current - 1);
@@ -295,6 +324,6 @@ JS = r"""
     else handled = false;
     if (handled) e.preventDefault();
   });
-  setCurrent(0);
+  setCurrent(0, false);
 })();
 """

@@ -1,7 +1,9 @@
 """The FastAPI app: a JSON API (``/api``, bearer token or session cookie) and server-rendered pages.
 
 Security model: every route but ``/login``, ``/healthz`` and the static files needs a user; tokens are stored
-as SHA-256 hashes; the browser session is the token in an HttpOnly, SameSite=Strict cookie; a
+as SHA-256 hashes; logging in with a token starts a server-side session (:mod:`.accounts`: random id, stored
+hashed, expires after ``session_hours``, revoked by logout) whose id alone is the HttpOnly, SameSite=Strict
+cookie; admins rotate tokens and disable users (refused at once). A
 state-changing request authenticated by that cookie must carry the per-session CSRF token (form field
 ``csrf`` or header ``X-CSRF-Token``: an HMAC of the session under the database's secret); bearer requests
 need none (a browser never adds that header by itself). Labellers reach only their own assignments (other
@@ -29,9 +31,9 @@ from markupsafe import Markup
 from pydantic import BaseModel, Field
 
 from ..errors import DataError
+from . import accounts, rules, service, templates
 from . import agreement as agreement_mod
 from . import export as export_mod
-from . import service, templates
 from .db import Database, Item, Label, Project, User
 from .forms import form_answers, form_int, form_text
 from .middleware import BodyLimit
@@ -89,11 +91,12 @@ class NewProject(BaseModel):
     tasks: list[str] | None = None
     overlap: int | None = Field(default=None, ge=1, le=100)
     guidelines: str | None = Field(default=None, max_length=200_000)
+    min_critique_chars: int | None = Field(default=None, ge=0, le=50_000)
     items: list[dict[str, Any]] = Field(default_factory=list, max_length=100_000)
 
 
 def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int = 20 * 1024 * 1024,
-               secure_cookies: bool = False):
+               secure_cookies: bool = False, session_hours: float = accounts.DEFAULT_SESSION_HOURS):
     if isinstance(db, str):
         db = Database(db)
     secret = db.secret()
@@ -104,8 +107,10 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
                   description="Human-feedback labelling API. Authenticate with `Authorization: Bearer <token>`.")
     app.state.db = db
 
-    def csrf_for(user: User) -> str:
-        return hmac.new(secret, ("csrf:" + user.token_hash).encode(), "sha256").hexdigest()[:40]
+    def csrf_for(user: User, session: str | None) -> str:
+        """The session's CSRF token (a bearer request needs none: pages it gets carry a token-bound one)."""
+        key = session or ("bearer:" + user.token_hash)
+        return hmac.new(secret, ("csrf:" + key).encode(), "sha256").hexdigest()[:40]
 
     def page(name: str, status: int = 200, **ctx) -> HTMLResponse:
         return HTMLResponse(env.get_template(name).render(**ctx), status_code=status)
@@ -138,20 +143,26 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
 
     # ---- authentication ------------------------------------------------------------------------------
 
-    def current_user(request: Request) -> tuple[User | None, bool]:
-        """(user, via_cookie)."""
+    def current_user(request: Request) -> tuple[User | None, str | None]:
+        """(user, the session's id hash when the session cookie authenticated it); also kept on
+        ``request.state.session``."""
         auth = request.headers.get("authorization", "")
+        request.state.session = None
         with db.session() as s:
             if auth:
                 scheme, _, token = auth.partition(" ")
                 if scheme.lower() != "bearer":
-                    return None, False
-                return service.authenticate(s, token.strip()), False
-            token = request.cookies.get(SESSION_COOKIE)
-            return (service.authenticate(s, token), True) if token else (None, False)
+                    return None, None
+                return service.authenticate(s, token.strip()), None
+            found = accounts.session_user(s, request.cookies.get(SESSION_COOKIE))
+        if found is None:
+            return None, None
+        request.state.session = found[1]
+        return found
 
     async def require_user(request: Request) -> User:
-        user, via_cookie = current_user(request)
+        user, session = current_user(request)
+        via_cookie = session is not None
         if user is None:
             raise HTTPException(401, "authentication required: send 'Authorization: Bearer <token>' or log in",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -160,7 +171,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
             if sent is None and request.headers.get("content-type", "").startswith(
                     ("application/x-www-form-urlencoded", "multipart/form-data")):
                 sent = (await request.form()).get("csrf")
-            if not isinstance(sent, str) or not hmac.compare_digest(sent, csrf_for(user)):
+            if not isinstance(sent, str) or not hmac.compare_digest(sent, csrf_for(user, session)):
                 raise HTTPException(403, "CSRF token missing or wrong")
         return user
 
@@ -215,7 +226,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
     def list_users(admin: User = Depends(require_admin)):
         with db.session() as s:
             counts = dict(s.execute(sa.select(Label.user_id, sa.func.count(Label.id)).group_by(Label.user_id)).all())
-            return [{"id": u.id, "name": u.name, "role": u.role, "labels": counts.get(u.id, 0)}
+            return [{"id": u.id, "name": u.name, "role": u.role, "labels": counts.get(u.id, 0), "active": u.active}
                     for u in s.scalars(sa.select(User).order_by(User.id))]
 
     @app.post("/api/admin/labellers", status_code=201)
@@ -228,6 +239,8 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         items = [service.check_item(row, "request", n) for n, row in enumerate(body.items, start=1)]
         project, added, skipped = service.import_items(db, body.name, items, body.tasks, body.overlap,
                                                        body.guidelines)
+        if body.min_critique_chars is not None:
+            rules.set_min_critique(db, project.id, body.min_critique_chars)
         return {"id": project.id, "name": project.name, "items_added": added, "duplicates_skipped": skipped}
 
     def agreement_of(project_id: int) -> dict:
@@ -299,18 +312,26 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
             user = service.authenticate(s, token if isinstance(token, str) else None)
         if user is None:
             return login_again(401, "Unknown or disabled token.")
+        previous = request.cookies.get(SESSION_COOKIE)
+        if previous and len(previous) <= 200:  # logging in again replaces this browser's session
+            accounts.revoke_session(db, service.hash_token(previous))
         response = RedirectResponse("/admin" if user.role == "admin" else "/", status_code=303)
-        response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies,
-                            max_age=30 * 24 * 3600)
+        response.set_cookie(SESSION_COOKIE, accounts.create_session(db, user.id, session_hours), httponly=True,
+                            samesite="strict", secure=secure_cookies, max_age=int(session_hours * 3600))
         response.delete_cookie(LOGIN_CSRF_COOKIE)
         return response
 
     def page_user(request: Request) -> User | None:
-        user, via_cookie = current_user(request)
+        user, _ = current_user(request)
         return user
 
+    def csrf_of(request: Request, user: User) -> str:
+        return csrf_for(user, getattr(request.state, "session", None))
+
     @app.post("/logout", include_in_schema=False)
-    async def logout(user: User = Depends(require_user)):
+    async def logout(request: Request, user: User = Depends(require_user)):
+        if request.state.session:
+            accounts.revoke_session(db, request.state.session)  # the old cookie is refused from now on
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE)
         return response
@@ -325,24 +346,25 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
                     for p in s.scalars(sa.select(Project).order_by(Project.id))]
         if len(rows) == 1:
             return RedirectResponse(f"/label?project={rows[0]['id']}", status_code=303)
-        return page("projects.html", user=user, csrf=csrf_for(user), projects=rows)
+        return page("projects.html", user=user, csrf=csrf_of(request, user), projects=rows)
 
-    def label_page(user: User, project_id: int, error: str | None = None, status: int = 200) -> HTMLResponse:
+    def label_page(request: Request, user: User, project_id: int, error: str | None = None,
+                   status: int = 200) -> HTMLResponse:
         assignment = service.next_assignment(db, user, project_id)
         with db.session() as s:
             project = service.get_project(s, project_id)
             view = service.assignment_view(s, assignment) if assignment else None
             prog = service.progress(s, user, project)
-            return page("label.html", status, user=user, csrf=csrf_for(user), project=project, view=view,
+            return page("label.html", status, user=user, csrf=csrf_of(request, user), project=project, view=view,
                         progress=prog, guidelines_html=render_markdown(project.guidelines), error=error,
-                        idem_key=secrets.token_urlsafe(18))
+                        idem_key=secrets.token_urlsafe(18), min_critique=rules.min_critique(project))
 
     @app.get("/label", include_in_schema=False)
     def label_get(request: Request, project: int = Query(..., ge=1, le=2**31 - 1)):
         user = page_user(request)
         if user is None:
             return RedirectResponse("/login", status_code=303)
-        return label_page(user, project)
+        return label_page(request, user, project)
 
     @app.post("/label/{assignment_id}", include_in_schema=False)
     async def label_post(assignment_id: Id, request: Request, user: User = Depends(require_user)):
@@ -353,16 +375,16 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
             tasks = list(project.tasks)
             k = len(service.shown_order(tasks, assignment.order))
         try:
-            answers = form_answers(form, tasks, k)
+            answers = form_answers(form, tasks, k, rules.min_critique(project))
             duration = form_int(form, "duration_ms", required=False)  # empty when the script did not run
             key = form_text(form, "idempotency_key", required=False) or ""
             service.submit(db, user, assignment_id, key, answers, duration)
         except service.LabelError as exc:
             if exc.status == 404:
                 raise
-            return label_page(user, project.id, error=exc.detail, status=exc.status)
+            return label_page(request, user, project.id, error=exc.detail, status=exc.status)
         except DataError as exc:
-            return label_page(user, project.id, error=str(exc), status=422)
+            return label_page(request, user, project.id, error=str(exc), status=422)
         return RedirectResponse(f"/label?project={project.id}", status_code=303)
 
     @app.get("/admin", include_in_schema=False)
@@ -372,12 +394,14 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
             return RedirectResponse("/login", status_code=303)
         if user.role != "admin":
             raise HTTPException(403, "admin only")
-        return render_admin(user, None, None)
+        session = request.state.session  # a token made by the last POST, shown once (post/redirect/get)
+        return render_admin(request, user, accounts.pop_flash(db, session) if session else None, None)
 
-    def render_admin(user: User, new_token: dict | None, error: str | None, status: int = 200) -> HTMLResponse:
+    def render_admin(request: Request, user: User, new_token: dict | None, error: str | None,
+                     status: int = 200) -> HTMLResponse:
         with db.session() as s:
             counts = dict(s.execute(sa.select(Label.user_id, sa.func.count(Label.id)).group_by(Label.user_id)).all())
-            users = [{"name": u.name, "role": u.role, "labels": counts.get(u.id, 0)}
+            users = [{"id": u.id, "name": u.name, "role": u.role, "labels": counts.get(u.id, 0), "active": u.active}
                      for u in s.scalars(sa.select(User).order_by(User.id))]
             projects = []
             for p in s.scalars(sa.select(Project).order_by(Project.id)):
@@ -388,8 +412,18 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
                                  "labels": n_labels, "prompts": {i: scrub(pr) for i, pr, _ in items}})
         for p in projects:
             p["agreement"] = agreement_of(p["id"])
-        return page("admin.html", status, user=user, csrf=csrf_for(user), users=users, projects=projects,
+        return page("admin.html", status, user=user, csrf=csrf_of(request, user), users=users, projects=projects,
                     new_token=new_token, error=error)
+
+    def show_once(request: Request, admin: User, new_token: dict | None):
+        """Post/redirect/get: a new token goes into the session's one-time flash and the browser to GET
+        /admin, so a refresh re-posts nothing (a bearer client, without a session, gets the page itself)."""
+        session = request.state.session
+        if not session:
+            return render_admin(request, admin, new_token, None)
+        if new_token:
+            accounts.set_flash(db, session, new_token)
+        return RedirectResponse("/admin", status_code=303)
 
     @app.post("/admin/labellers", include_in_schema=False)
     async def admin_add_user(request: Request, admin: User = Depends(require_admin)):
@@ -397,10 +431,25 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         try:
             user, token = service.create_user(db, form_text(form, "name", required=False) or "", "labeller")
         except service.LabelError as exc:
-            return render_admin(admin, None, exc.detail, exc.status)
+            return render_admin(request, admin, None, exc.detail, exc.status)
         except DataError as exc:
-            return render_admin(admin, None, str(exc), 422)
-        return render_admin(admin, {"name": user.name, "token": token}, None)
+            return render_admin(request, admin, None, str(exc), 422)
+        return show_once(request, admin, {"name": user.name, "token": token})
+
+    @app.post("/admin/users/{user_id}/{action}", include_in_schema=False)
+    async def admin_user_action(user_id: Id, action: str, request: Request, admin: User = Depends(require_admin)):
+        if action not in ("rotate", "disable", "enable"):
+            raise HTTPException(404, "unknown action")
+        try:
+            if action == "rotate":
+                user, token = accounts.rotate_token(db, user_id=user_id, keep_session=request.state.session)
+                return show_once(request, admin, {"name": user.name, "token": token})
+            if user_id == admin.id and action == "disable":
+                raise service.LabelError(422, "you cannot disable yourself")
+            accounts.set_active(db, action == "enable", user_id=user_id)
+        except service.LabelError as exc:
+            return render_admin(request, admin, None, exc.detail, exc.status)
+        return show_once(request, admin, None)
 
     @app.get("/admin/projects/{project_id}/export.jsonl", include_in_schema=False)
     def admin_export(project_id: Id, kind: str = "pairs", aggregate: str = "majority", ties: str = "drop",
