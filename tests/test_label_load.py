@@ -39,7 +39,7 @@ def _exported_votes(db, pid) -> int:
     return sum(per_pair.values())
 
 
-@pytest.mark.parametrize("label_db, labellers, per_labeller", [("sqlite", 50, 40), ("postgresql", 20, 10)],
+@pytest.mark.parametrize("label_db, labellers, per_labeller", [("sqlite", 50, 20), ("postgresql", 20, 10)],
                          indirect=["label_db"])
 def test_load_no_lost_no_duplicated(label_db, labellers, per_labeller, tmp_path):
     tokens, pid = seed_load_db(label_db, labellers=labellers, items=labellers * per_labeller // 3 + labellers,

@@ -250,3 +250,26 @@ def test_ray_run_checks_its_folder_before_ray_starts(tiny_model_dir, count_e_fil
     assert main([*argv, "--resume"]) == 0
     assert f"nothing to do: the run in {out} is finished (step 4)" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["summary.json"]  # no config.yaml: nothing started
+
+
+def test_resumed_run_keeps_its_starting_evaluation_in_the_summary(tiny_model_dir, tmp_path):
+    """The summary's initial_eval_* (the hacking detector's starting point) survive a resume: the step-0
+    evaluation is read back from the kept metrics.jsonl, not lost because it ran in the first process."""
+    import shutil
+
+    files = write_toy_task(tmp_path / "data", n_train=16, n_eval=4)
+    args = lambda out: [*_sft_args(tiny_model_dir, files["sft_train"], out), "--eval-dataset",  # noqa: E731
+                        str(files["sft_eval"]), "--eval-on-start", "true", "--save-steps", "1"]
+    full = tmp_path / "full"
+    assert main(args(full)) == 0
+    want = json.loads((full / "summary.json").read_text())
+    assert isinstance(want["initial_eval_loss"], float)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2))
+    assert main([*args(resumed), "--resume"]) == 0
+    got = json.loads((resumed / "summary.json").read_text())
+    assert got["initial_eval_loss"] == want["initial_eval_loss"]
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)

@@ -22,7 +22,7 @@ import torch
 from ..errors import ConfigError, RlhfkitError
 from .checkpoint import read_state, resume_checkpoint
 from .config import TrainConfig
-from .metrics import MetricSums, StepResult, append_row, restart_logs, task_postfix
+from .metrics import MetricSums, StepResult, append_row, logged_row, restart_logs, task_postfix
 from .parallel import ParallelMixin
 from .saving import SavingMixin
 from .seeds import epoch_seed
@@ -326,6 +326,8 @@ class Engine(ParallelMixin, SavingMixin):
             initial_eval = self.evaluate(task, model)
             if initial_eval:
                 self.log_metrics({"step": 0, **initial_eval})
+        elif cfg.eval_on_start and self.is_main:  # resumed: the starting evaluation is in the kept log
+            initial_eval = logged_row(self.metrics_path, 0)
 
         from tqdm.auto import tqdm
 

@@ -62,3 +62,18 @@ def restart_logs(paths: Iterable[Path], resume_step: int | None) -> None:
             Path(path).unlink(missing_ok=True)
         else:
             truncate_jsonl(Path(path), resume_step)
+
+
+def logged_row(path: Path, step: int) -> dict[str, Any]:
+    """The first row logged for ``step`` in a JSONL log (without its ``step`` key); {} when there is none.
+    A resumed run reads its starting evaluation (step 0) back from metrics.jsonl for its summary."""
+    if not path.exists():
+        return {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step") == step:
+            return {k: v for k, v in row.items() if k != "step"}
+    return {}
