@@ -20,7 +20,8 @@ USAGE = """usage: rlhfkit label <command> --db DB [options]
 commands:
   init           create / migrate the database and an admin; prints the admin's token (once)
   add-labeller   create a labeller (or --admin) and print their token (once)
-  user           user rotate NAME: new token (printed once; the old one and NAME's sessions stop at once);
+  user           user add NAME [--role labeller|reviewer|admin]: create a user, print their token (once);
+                 user rotate NAME: new token (printed once; the old one and NAME's sessions stop at once);
                  user disable NAME / user enable NAME: refuse / allow NAME's tokens and sessions
   import         add items from a JSONL file (prompt, responses [2..16], optional gold = index of the best)
   generate       sample candidate responses from a policy checkpoint and add them as items
@@ -137,8 +138,10 @@ def main(argv: Sequence[str]) -> int:
         p.add_argument("name")
         p.add_argument("--admin", action="store_true", help="create an admin instead")
     elif command == "user":
-        p.add_argument("action", choices=["rotate", "disable", "enable"])
+        p.add_argument("action", choices=["add", "rotate", "disable", "enable"])
         p.add_argument("name")
+        p.add_argument("--role", choices=["labeller", "reviewer", "admin"], default="labeller",
+                       help="user add: the new user's role (reviewers see every project's review pages)")
     elif command == "import":
         p.add_argument("file", help="JSONL: prompt, responses (2..16 strings), optional gold (index of the best)")
         p.add_argument("--project", required=True)
@@ -217,7 +220,10 @@ def _run(command: str, a) -> int:
     elif command == "user":
         from . import accounts
 
-        if a.action == "rotate":
+        if a.action == "add":
+            user, token = service.create_user(db, a.name, a.role)
+            print(f"{a.role} '{user.name}' created; token (shown once, stored hashed):\n{token}")
+        elif a.action == "rotate":
             user, token = accounts.rotate_token(db, name=a.name)
             print(f"new token for '{user.name}' (shown once; the old token and their sessions no longer work):"
                   f"\n{token}")

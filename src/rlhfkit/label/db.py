@@ -63,7 +63,7 @@ class User(Base):
     __tablename__ = "users"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(100), unique=True)
-    role: Mapped[str] = mapped_column(sa.String(20))  # admin | labeller
+    role: Mapped[str] = mapped_column(sa.String(20))  # admin | labeller | reviewer
     token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -108,6 +108,23 @@ class WebSession(Base):
     expires_at: Mapped[dt.datetime]
     revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     flash: Mapped[str | None] = mapped_column(sa.Text, default=None)
+
+
+class Adjudication(Base):
+    """A reviewer's final answer for one task of one item (migration 4), in original response indices.
+    Re-adjudicating sets ``superseded_at`` on the live row and adds a new one: the history is kept, and the
+    labels themselves are never touched."""
+
+    __tablename__ = "adjudications"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey("items.id"), index=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id"), index=True)
+    task: Mapped[str] = mapped_column(sa.String(20))
+    answer: Mapped[dict] = mapped_column(sa.JSON)
+    reviewer_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    note: Mapped[str] = mapped_column(sa.Text, default="")
+    superseded_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Setting(Base):
@@ -181,7 +198,22 @@ def _migration_3(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE projects ADD COLUMN min_critique_chars INTEGER"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
+def _migration_4(conn: Connection) -> None:
+    """Reviewers' adjudications (a new table, frozen here; the reviewer role needs no schema change)."""
+    md = sa.MetaData()
+    for name in ("users", "items", "projects"):  # for the foreign keys only
+        sa.Table(name, md, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table("adjudications", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("item_id", sa.ForeignKey("items.id"), nullable=False, index=True),
+             sa.Column("project_id", sa.ForeignKey("projects.id"), nullable=False, index=True),
+             sa.Column("task", sa.String(20), nullable=False), sa.Column("answer", sa.JSON, nullable=False),
+             sa.Column("reviewer_id", sa.ForeignKey("users.id"), nullable=False),
+             sa.Column("created_at", sa.DateTime, nullable=False), sa.Column("note", sa.Text, nullable=False),
+             sa.Column("superseded_at", sa.DateTime))
+    md.tables["adjudications"].create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -12,6 +12,11 @@ Ties are dropped (default) or kept: a kept tie is written as both orientations (
 ``tie: true``, ``label`` 0.5), whose Bradley–Terry losses together pull the two rewards together rather than
 teaching a preference. Extra columns: ``item_id``, ``votes`` {chosen, rejected, tie}, ``labellers``,
 ``timestamps`` (ISO 8601, UTC), ``gold``.
+
+Adjudications (:mod:`.adjudication`) win: a response pair that a reviewer's live decision covers is decided
+by that decision alone (``source: "adjudicated"``, ``adjudication`` {task, reviewer, at}; ``votes`` still
+count the labels, so a row can show the reviewer overruling the majority); other rows have ``source:
+"majority"``, raw labels and SFT rows ``source: "label"``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .adjudication import live_by_item
 from .db import Assignment, Database, Item, Label, User
 from .service import LabelError
 from .text import check_strings
@@ -41,7 +47,7 @@ def stored_labels(db: Database, project_id: int) -> list[dict[str, Any]]:
                  "item_id": lab.item_id,
                  "coder": name, "answers": lab.answers, "gold_correct": lab.gold_correct,
                  "display_order": order, "duration_ms": lab.duration_ms,
-                 "created_at": lab.created_at.isoformat() + "Z"} for lab, name, order in rows]
+                 "created_at": lab.created_at.isoformat() + "Z", "source": "label"} for lab, name, order in rows]
 
 
 def check_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
@@ -89,6 +95,12 @@ def preference_rows(db: Database, project_id: int, aggregate: str = "majority", 
     for lab in labels:
         for lo, hi, winner in _votes(lab["answers"], tasks):
             pooled[(lab["item_id"], lo, hi)].append((winner, lab["coder"], lab["created_at"]))
+    decided: dict[tuple[int, int, int], list[tuple[int | None, dict]]] = defaultdict(list)
+    for item_id, by_task in live_by_item(db, project_id).items():
+        for task, adj in by_task.items():
+            for lo, hi, winner in _votes({task: adj["answer"]}, tasks):
+                decided[(item_id, lo, hi)].append((winner, adj))
+                pooled.setdefault((item_id, lo, hi), [])
     rows = []
     for (item_id, lo, hi), votes in sorted(pooled.items()):
         item = items[item_id]
@@ -98,9 +110,17 @@ def preference_rows(db: Database, project_id: int, aggregate: str = "majority", 
         n_hi = sum(w == hi for w, _, _ in votes)
         n_tie = len(votes) - n_lo - n_hi
         extra = {"item_id": item_id, "labellers": [c for _, c, _ in votes],
-                 "timestamps": [t for _, _, t in votes], "gold": item.gold is not None}
-        share = (max(n_lo, n_hi) + 0.5 * n_tie) / len(votes)
-        if n_lo == n_hi:
+                 "timestamps": [t for _, _, t in votes], "gold": item.gold is not None, "source": "majority"}
+        share = (max(n_lo, n_hi) + 0.5 * n_tie) / max(1, len(votes))
+        d_lo, d_hi = n_lo, n_hi  # what decides: the label votes, or the reviewer's decision(s)
+        final = decided.get((item_id, lo, hi))
+        if final:
+            d_lo, d_hi = sum(w == lo for w, _ in final), sum(w == hi for w, _ in final)
+            adj = final[-1][1]
+            extra.update(source="adjudicated", adjudication={"task": adj["task"], "reviewer": adj["reviewer"],
+                                                             "at": adj["created_at"]})
+            share = 1.0
+        if d_lo == d_hi:
             if ties == "drop":
                 continue
             for a, b in ((lo, hi), (hi, lo)):
@@ -108,8 +128,8 @@ def preference_rows(db: Database, project_id: int, aggregate: str = "majority", 
                              "margin": 0.0, "label": 0.5, "tie": True,
                              "votes": {"chosen": n_lo, "rejected": n_hi, "tie": n_tie}, **extra})
             continue
-        chosen, rejected = (lo, hi) if n_lo > n_hi else (hi, lo)
-        n_c, n_r = max(n_lo, n_hi), min(n_lo, n_hi)
+        chosen, rejected = (lo, hi) if d_lo > d_hi else (hi, lo)
+        n_c, n_r = (n_lo, n_hi) if chosen == lo else (n_hi, n_lo)  # label votes for / against the chosen side
         rows.append({"prompt": item.prompt, "chosen": item.responses[chosen],
                      "rejected": item.responses[rejected],
                      "margin": round(2 * share - 1, 6) if aggregate == "soft" else 0.0,
@@ -130,7 +150,7 @@ def sft_rows(db: Database, project_id: int) -> list[dict]:
             item = items[lab["item_id"]]
             rows.append({"prompt": item.prompt, "completion": c["rewrite"], "critique": c["critique"],
                          "original": item.responses[c["response"]], "item_id": item.id,
-                         "labeller": lab["coder"], "timestamp": lab["created_at"]})
+                         "labeller": lab["coder"], "timestamp": lab["created_at"], "source": "label"})
     return rows
 
 
@@ -149,15 +169,25 @@ def kto_rows(db: Database, project_id: int, include_gold: bool = True) -> list[d
         binary = lab["answers"].get("binary")
         for index, accept in enumerate(binary["accept"] if binary else ()):
             pooled[(lab["item_id"], index)].append((bool(accept), lab["coder"], lab["created_at"]))
+    decided = {item_id: by_task["binary"] for item_id, by_task in live_by_item(db, project_id).items()
+               if "binary" in by_task}
+    for item_id, adj in decided.items():
+        for index in range(len(adj["answer"]["accept"])):
+            pooled.setdefault((item_id, index), [])
     rows = []
     for (item_id, index), votes in sorted(pooled.items()):
         item = items[item_id]
         accepts = sum(a for a, _, _ in votes)
         rejects = len(votes) - accepts
-        if accepts == rejects or (item.gold is not None and not include_gold):
+        adj = decided.get(item_id)
+        if (accepts == rejects and adj is None) or (item.gold is not None and not include_gold):
             continue
-        rows.append({"prompt": item.prompt, "completion": item.responses[index], "label": accepts > rejects,
+        extra = {"source": "majority"} if adj is None else {
+            "source": "adjudicated", "adjudication": {"task": "binary", "reviewer": adj["reviewer"],
+                                                      "at": adj["created_at"]}}
+        label = accepts > rejects if adj is None else bool(adj["answer"]["accept"][index])
+        rows.append({"prompt": item.prompt, "completion": item.responses[index], "label": label,
                      "item_id": item_id, "response": index, "votes": {"accept": accepts, "reject": rejects},
                      "labellers": [c for _, c, _ in votes], "timestamps": [t for _, _, t in votes],
-                     "gold": item.gold is not None})
+                     "gold": item.gold is not None, **extra})
     return rows

@@ -60,8 +60,8 @@ def new_token() -> str:
 
 def create_user(db: Database, name: str, role: str = "labeller") -> tuple[User, str]:
     """A new user and their access token (shown once; only its hash is stored)."""
-    if role not in ("admin", "labeller"):
-        raise LabelError(422, f"role must be admin or labeller, got {role!r}")
+    if role not in ("admin", "labeller", "reviewer"):
+        raise LabelError(422, f"role must be admin, labeller or reviewer, got {role!r}")
     name = name.strip()
     if not name or len(name) > 100:
         raise LabelError(422, "name must be 1..100 characters")

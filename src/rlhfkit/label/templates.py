@@ -145,13 +145,15 @@ ADMIN = """{% extends "base.html" %}{% block title %}Admin · rlhfkit label{% en
 </td></tr>{% endfor %}</table>
 <form method="post" action="/admin/labellers" class="row">
 <input type="hidden" name="csrf" value="{{ csrf }}">
-<label>New labeller <input name="name" required maxlength="100"></label>
+<label>New user <input name="name" required maxlength="100"></label>
+<label>role <select name="role" id="new-role"><option value="labeller">labeller</option>
+<option value="reviewer">reviewer</option><option value="admin">admin</option></select></label>
 <button type="submit" id="add-labeller">Create + token</button></form>
 </section>
 {% for p in projects %}
 <section class="card project" id="project-{{ p.id }}"><h2><bdi>{{ p.name }}</bdi></h2>
 <p>{{ p["items"] }} items ({{ p.gold }} gold) · tasks: {{ p.tasks|join(', ') }} · overlap {{ p.overlap }} ·
-{{ p.labels }} labels</p>
+{{ p.labels }} labels · <a href="/review/{{ p.id }}">review</a> · <a href="/review/{{ p.id }}/progress">progress</a></p>
 <h3>Agreement</h3>
 <div class="scroll"><table class="agreement"><tr><th>measure</th><th>ratings</th><th>units (≥2 ratings)</th>
 <th>α nominal</th><th>α ordinal</th><th>Fleiss κ (units)</th><th>Cohen κ (mean of pairs)</th><th>% agreement</th></tr>
@@ -208,7 +210,7 @@ border-color:#2d6cdf;width:100%;padding:.7em;font-size:1.1em}
 .progress{font-size:1.05em}.error{color:#a30000;background:#fdecec;padding:.5em;border-radius:6px}
 .notice{background:#eaf7ea;padding:.5em;border-radius:6px;overflow-wrap:anywhere}
 table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e1e4e8;padding:.3em .5em;text-align:left}
-tr.flagged{background:#fff3cd}.scroll{overflow-x:auto}kbd{border:1px solid #bbb;border-radius:3px;padding:0 .25em;
+tr.flagged,.review-item.disputed{background:#fff3cd}.disagree{background:#f8d7a8}.scroll{overflow-x:auto}kbd{border:1px solid #bbb;border-radius:3px;padding:0 .25em;
 font-size:.85em;background:#fafafa}button.primary kbd{background:transparent;color:inherit;border-color:#fff9}.inline{display:inline}
 @media (max-width:760px){.layout{flex-direction:column;align-items:stretch}.guidelines{position:static;flex:none;width:100%;
 max-height:none}main{padding:.4em}.work{width:100%}}

@@ -7,7 +7,8 @@ cookie; admins rotate tokens and disable users (refused at once). A
 state-changing request authenticated by that cookie must carry the per-session CSRF token (form field
 ``csrf`` or header ``X-CSRF-Token``: an HMAC of the session under the database's secret); bearer requests
 need none (a browser never adds that header by itself). Labellers reach only their own assignments (other
-ids are 404) and no ``/admin`` or ``/api/admin`` route (403). Pages are Jinja2 with autoescape, guidelines
+ids are 404) and no ``/admin``, ``/api/admin``, ``/review`` or ``/api/review`` route (403); reviewers reach the
+review routes (:mod:`.review_web`) but no admin route and cannot label (403). Pages are Jinja2 with autoescape, guidelines
 are Markdown rendered with raw HTML disabled, a Content-Security-Policy forbids inline script, and bidi
 controls in user text are printed as visible markers (:mod:`.text`). There is no ``/docs``, ``/redoc`` or
 public ``/openapi.json``: admins get the schema at ``/api/admin/openapi.json``. Text that is not valid Unicode
@@ -31,7 +32,7 @@ from markupsafe import Markup
 from pydantic import BaseModel, Field
 
 from ..errors import DataError
-from . import accounts, rules, service, templates
+from . import accounts, review_web, rules, service, templates
 from . import agreement as agreement_mod
 from . import export as export_mod
 from .db import Database, Item, Label, Project, User
@@ -83,7 +84,7 @@ class SubmitBody(BaseModel):
 
 class NewUser(BaseModel):
     name: str = Field(min_length=1, max_length=100)
-    role: str = Field(default="labeller", pattern="^(admin|labeller)$")
+    role: str = Field(default="labeller", pattern="^(admin|labeller|reviewer)$")
 
 
 class NewProject(BaseModel):
@@ -202,6 +203,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
 
     @app.post("/api/projects/{project_id}/next")
     def next_item(project_id: Id, user: User = Depends(require_user)):
+        review_web.no_labelling(user)
         assignment = service.next_assignment(db, user, project_id)
         if assignment is None:
             return {"assignment": None}
@@ -315,7 +317,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         previous = request.cookies.get(SESSION_COOKIE)
         if previous and len(previous) <= 200:  # logging in again replaces this browser's session
             accounts.revoke_session(db, service.hash_token(previous))
-        response = RedirectResponse("/admin" if user.role == "admin" else "/", status_code=303)
+        response = RedirectResponse({"admin": "/admin", "reviewer": "/review"}.get(user.role, "/"), status_code=303)
         response.set_cookie(SESSION_COOKIE, accounts.create_session(db, user.id, session_hours), httponly=True,
                             samesite="strict", secure=secure_cookies, max_age=int(session_hours * 3600))
         response.delete_cookie(LOGIN_CSRF_COOKIE)
@@ -341,6 +343,8 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         user = page_user(request)
         if user is None:
             return RedirectResponse("/login", status_code=303)
+        if user.role == "reviewer":
+            return RedirectResponse("/review", status_code=303)
         with db.session() as s:
             rows = [{"id": p.id, "name": p.name, **service.progress(s, user, p)}
                     for p in s.scalars(sa.select(Project).order_by(Project.id))]
@@ -350,6 +354,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
 
     def label_page(request: Request, user: User, project_id: int, error: str | None = None,
                    status: int = 200) -> HTMLResponse:
+        review_web.no_labelling(user)
         assignment = service.next_assignment(db, user, project_id)
         with db.session() as s:
             project = service.get_project(s, project_id)
@@ -429,7 +434,8 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
     async def admin_add_user(request: Request, admin: User = Depends(require_admin)):
         form = await request.form()
         try:
-            user, token = service.create_user(db, form_text(form, "name", required=False) or "", "labeller")
+            user, token = service.create_user(db, form_text(form, "name", required=False) or "",
+                                              form_text(form, "role", required=False) or "labeller")
         except service.LabelError as exc:
             return render_admin(request, admin, None, exc.detail, exc.status)
         except DataError as exc:
@@ -461,5 +467,6 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         return Response(text, media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="project{project_id}_{kind}.jsonl"'})
 
+    app.include_router(review_web.make_router(db, require_user, page_user, csrf_of, page, env))
     app.add_middleware(BodyLimit, max_body=max_body, max_import=max_import)
     return app
