@@ -142,8 +142,8 @@ def test_bidi_controls_rendered_inert(app_db):
     page = client.get(f"/label?project={project.id}")
     assert page.status_code == 200
     assert not set(BIDI_CONTROLS) & set(page.text)  # no live bidi control anywhere in the page
-    assert re.search(r'<div class="text" id="prompt" dir="auto">evil \[U\+202E\]gnp\.exe and '
-                     r'\[U\+2067\]isolate\[U\+2069\] שלום</div>', page.text)  # visible, isolated, Hebrew kept
+    assert re.search(r'<div id="prompt">\s*<div class="md" dir="auto"><p>evil \[U\+202E\]gnp\.exe and '
+                     r'\[U\+2067\]isolate\[U\+2069\] שלום</p>', page.text)  # visible, isolated, Hebrew kept
     assert "[U+202D]A" in page.text and "<bdi>rtl [U+202E]eman</bdi>" in page.text and "Rules [U+202E] here" in page.text
     aid = int(re.search(r'action="/label/(\d+)"', page.text).group(1))
     view = client.get(f"/api/assignments/{aid}", headers=auth(tokens["ann"])).json()

@@ -164,6 +164,8 @@ def main(argv: Sequence[str]) -> int:
         p.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (behind HTTPS)")
         p.add_argument("--session-hours", type=float, default=12.0,
                        help="browser session lifetime after login (log out ends it at once)")
+        p.add_argument("--hold-minutes", type=float, default=30.0,
+                       help="an item assigned but not labelled for this long goes to the next labeller")
         p.add_argument("--log-level", default="warning")
         p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                        help="SQLite: NORMAL survives a server crash / kill; FULL also power loss (slower)")
@@ -259,8 +261,10 @@ def _run(command: str, a) -> int:
 
         if a.session_hours <= 0:
             raise ConfigError(f"--session-hours must be positive, got {a.session_hours}")
+        if a.hold_minutes <= 0:
+            raise ConfigError(f"--hold-minutes must be positive, got {a.hold_minutes}")
         app = create_app(db, max_body=a.max_body, max_import=a.max_import, secure_cookies=a.secure_cookies,
-                         session_hours=a.session_hours)
+                         session_hours=a.session_hours, hold_minutes=a.hold_minutes)
         print(f"rlhfkit label: serving {a.db} on http://{a.host}:{a.port}", flush=True)
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
     elif command == "agreement":

@@ -45,6 +45,8 @@ class Project(Base):
     overlap: Mapped[int] = mapped_column(default=3)  # labellers per (non-gold) item
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     min_critique_chars: Mapped[int | None] = mapped_column(default=1)  # migration 3; NULL: the default (1)
+    guidelines_version: Mapped[int | None] = mapped_column(default=None)  # migration 5; NULL: version 1
+    archived_at: Mapped[dt.datetime | None] = mapped_column(default=None)  # migration 5: serves no items
 
 
 class Item(Base):
@@ -80,6 +82,7 @@ class Assignment(Base):
     order: Mapped[list] = mapped_column("display_order", sa.JSON)  # display position -> original index
     done: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    released_at: Mapped[dt.datetime | None] = mapped_column(default=None)  # migration 5: skipped / timed out
 
 
 class Label(Base):
@@ -94,6 +97,7 @@ class Label(Base):
     gold_correct: Mapped[float | None] = mapped_column(default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     duration_ms: Mapped[int | None] = mapped_column(default=None)  # added by migration 2
+    guidelines_version: Mapped[int | None] = mapped_column(default=None)  # migration 5; NULL: before versions
 
 
 class WebSession(Base):
@@ -125,6 +129,60 @@ class Adjudication(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     note: Mapped[str] = mapped_column(sa.Text, default="")
     superseded_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class ItemMark(Base):
+    """A labeller's skip (``kind="skip"``: the assignment is released, the item never served to them again) or
+    flag (``kind="flag"``: shown to reviewers) of an item, with a fixed reason and optional note (migration 5)."""
+
+    __tablename__ = "item_marks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey("items.id"), index=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id"), index=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(sa.String(10))
+    reason: Mapped[str] = mapped_column(sa.String(40))
+    note: Mapped[str] = mapped_column(sa.Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class LabelRevision(Base):
+    """An earlier version of a label that its labeller edited (migration 5): the ``labels`` row always holds
+    the current answers (what exports read); each edit first copies the replaced answers here, marked
+    ``superseded_at``, so the history is kept and nothing is deleted. ``edit_key`` is the idempotency key of
+    the edit that replaced it (a retried edit is not applied twice)."""
+
+    __tablename__ = "label_revisions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label_id: Mapped[int] = mapped_column(sa.ForeignKey("labels.id"), index=True)
+    answers: Mapped[dict] = mapped_column(sa.JSON)
+    gold_correct: Mapped[float | None] = mapped_column(default=None)
+    duration_ms: Mapped[int | None] = mapped_column(default=None)
+    created_at: Mapped[dt.datetime]
+    superseded_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    edit_key: Mapped[str] = mapped_column(sa.String(100), unique=True)
+    guidelines_version: Mapped[int | None] = mapped_column(default=None)
+
+
+class GuidelinesVersion(Base):
+    """One version of a project's guidelines (migration 5); the project row holds the current text and number."""
+
+    __tablename__ = "guidelines_versions"
+    __table_args__ = (sa.UniqueConstraint("project_id", "version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id"), index=True)
+    version: Mapped[int]
+    text: Mapped[str] = mapped_column(sa.Text)
+    author_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id"), default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+@event.listens_for(Label, "before_insert")
+def _label_guidelines_version(_mapper, conn: Connection, label: Label) -> None:
+    """Every new label records the version of its project's guidelines it was made under (1 before any edit)."""
+    if label.guidelines_version is None:
+        version = conn.execute(sa.select(Project.guidelines_version).where(Project.id == label.project_id)).scalar()
+        label.guidelines_version = version or 1
 
 
 class Setting(Base):
@@ -213,7 +271,42 @@ def _migration_4(conn: Connection) -> None:
     md.tables["adjudications"].create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+def _migration_5(conn: Connection) -> None:
+    """Labeller flow and project set-up (issue 23): skips and flags (``item_marks``), edits with history
+    (``label_revisions``), ``assignments.released_at`` (skipped or held past the timeout: the slot is free
+    again), guidelines versions (``guidelines_versions``, ``projects.guidelines_version`` and the version each
+    label was made under), ``projects.archived_at``. Frozen here."""
+    md = sa.MetaData()
+    for name in ("users", "items", "projects", "labels"):  # for the foreign keys only
+        sa.Table(name, md, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table("item_marks", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("item_id", sa.ForeignKey("items.id"), nullable=False, index=True),
+             sa.Column("project_id", sa.ForeignKey("projects.id"), nullable=False, index=True),
+             sa.Column("user_id", sa.ForeignKey("users.id"), nullable=False, index=True),
+             sa.Column("kind", sa.String(10), nullable=False), sa.Column("reason", sa.String(40), nullable=False),
+             sa.Column("note", sa.Text, nullable=False), sa.Column("created_at", sa.DateTime, nullable=False))
+    sa.Table("label_revisions", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("label_id", sa.ForeignKey("labels.id"), nullable=False, index=True),
+             sa.Column("answers", sa.JSON, nullable=False), sa.Column("gold_correct", sa.Float),
+             sa.Column("duration_ms", sa.Integer), sa.Column("created_at", sa.DateTime, nullable=False),
+             sa.Column("superseded_at", sa.DateTime, nullable=False),
+             sa.Column("edit_key", sa.String(100), unique=True, nullable=False),
+             sa.Column("guidelines_version", sa.Integer))
+    sa.Table("guidelines_versions", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("project_id", sa.ForeignKey("projects.id"), nullable=False, index=True),
+             sa.Column("version", sa.Integer, nullable=False), sa.Column("text", sa.Text, nullable=False),
+             sa.Column("author_id", sa.ForeignKey("users.id")), sa.Column("created_at", sa.DateTime, nullable=False),
+             sa.UniqueConstraint("project_id", "version"))
+    for name in ("item_marks", "label_revisions", "guidelines_versions"):
+        md.tables[name].create(conn)
+    conn.execute(sa.text("ALTER TABLE assignments ADD COLUMN released_at TIMESTAMP"))
+    conn.execute(sa.text("ALTER TABLE projects ADD COLUMN guidelines_version INTEGER"))
+    conn.execute(sa.text("ALTER TABLE projects ADD COLUMN archived_at TIMESTAMP"))
+    conn.execute(sa.text("ALTER TABLE labels ADD COLUMN guidelines_version INTEGER"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
+                                                  _migration_5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -46,7 +46,7 @@ def stored_labels(db: Database, project_id: int) -> list[dict[str, Any]]:
         return [{"label_id": lab.id, "idempotency_key": lab.idempotency_key, "assignment_id": lab.assignment_id,
                  "item_id": lab.item_id,
                  "coder": name, "answers": lab.answers, "gold_correct": lab.gold_correct,
-                 "display_order": order, "duration_ms": lab.duration_ms,
+                 "display_order": order, "duration_ms": lab.duration_ms, "guidelines_version": lab.guidelines_version,
                  "created_at": lab.created_at.isoformat() + "Z", "source": "label"} for lab, name, order in rows]
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi.responses import JSONResponse
+
+_IMPORT = re.compile(r"/api/admin/projects|/admin/projects/(new|[0-9]{1,10}/upload)")  # item imports: max_import
 
 
 class BodyLimit:
@@ -14,7 +18,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.max_import if scope["path"] == "/api/admin/projects" else self.max_body
+        limit = self.max_import if _IMPORT.fullmatch(scope["path"]) else self.max_body
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await self._refuse(send, limit)

@@ -26,6 +26,7 @@ from .adjudication import live_by_item
 from .agreement import records_of
 from .db import Assignment, Database, Item, Label, Project, User, utcnow
 from .export import stored_labels
+from .flow import marks
 from .text import scrub
 
 FAST_SECONDS = 2.0
@@ -112,6 +113,7 @@ def project_review(db: Database, project_id: int, fast_seconds: float = FAST_SEC
     labels = stored_labels(db, project_id)
     decisions = live_by_item(db, project_id)
     dis = disagreements(labels)
+    flagged = marks(db, project_id)
     by_item: dict[int, list] = defaultdict(list)
     for lab in labels:
         by_item[lab["item_id"]].append({k: lab[k] for k in ("label_id", "coder", "answers", "duration_ms",
@@ -124,9 +126,17 @@ def project_review(db: Database, project_id: int, fast_seconds: float = FAST_SEC
             continue
         rows.append({"item_id": it.id, "position": it.position, "prompt": it.prompt, "responses": it.responses,
                      "gold": it.gold, "labels": by_item.get(it.id, []), "disagreement": d, "disputed": disputed,
-                     "adjudications": decisions.get(it.id, {})})
+                     "adjudications": decisions.get(it.id, {}), "flags": flagged["flags"].get(it.id, []),
+                     "skips": flagged["skips"].get(it.id, [])})
+    qual = quality(labels, decisions, fast_seconds)
+    for name in flagged["skipped"]:  # a labeller who only skipped still gets a row
+        qual.setdefault(name, {"labels": 0, "median_seconds": None, "agreement_with_others": None,
+                               "pairs_compared": 0, "agreement_with_adjudications": None,
+                               "adjudicated_ratings": 0, "very_fast": 0})
+    for name, row in qual.items():
+        row["skipped"] = flagged["skipped"].get(name, 0)
     return {"project": scrubbed(info), "items": scrubbed(rows),
-            "quality": scrubbed(quality(labels, decisions, fast_seconds)),
+            "quality": scrubbed(qual),
             "thresholds": {"fast_seconds": fast_seconds, "likert_spread": likert_spread}}
 
 

@@ -44,19 +44,24 @@ disagreement · tasks: {{ project.tasks|join(', ') }} ·
 <p>Very fast: a label submitted in under {{ thresholds.fast_seconds }} s
 (<code>?fast=SECONDS</code> changes it).</p>
 <div class="scroll"><table id="quality-table"><tr><th>labeller</th><th>labels</th><th>median s / label</th>
-<th>agreement with others (pairs)</th><th>agreement with adjudications (ratings)</th><th>very fast</th></tr>
+<th>agreement with others (pairs)</th><th>agreement with adjudications (ratings)</th><th>very fast</th>
+<th>skipped</th></tr>
 {% for name, q in quality.items() %}<tr class="{{ 'flagged' if q.very_fast else '' }}" data-labeller="{{ name }}">
 <td><bdi>{{ name }}</bdi></td><td class="q-labels">{{ q.labels }}</td>
 <td class="q-median">{{ fmt(q.median_seconds) }}</td>
 <td class="q-others">{{ fmt(q.agreement_with_others) }} ({{ q.pairs_compared }})</td>
 <td class="q-adj">{{ fmt(q.agreement_with_adjudications) }} ({{ q.adjudicated_ratings }})</td>
-<td class="q-fast">{{ q.very_fast }}</td></tr>{% endfor %}</table></div></section>
+<td class="q-fast">{{ q.very_fast }}</td><td class="q-skipped">{{ q.skipped }}</td></tr>{% endfor %}</table></div></section>
 {% for it in items %}
 <section class="card review-item{{ ' disputed' if it.disputed else '' }}" id="item-{{ it.item_id }}">
 <h3>Item {{ it.item_id }}{% if it.disputed %} <span class="badge disagree">disagreement:
 {% for k in ('pairwise', 'binary', 'ranking_top') if it.disagreement[k] %}{{ k }} {% endfor %}
 {%- if it.disagreement.likert_spread is not none %}likert spread {{ it.disagreement.likert_spread }}{% endif %}</span>{% endif %}
 {% if it.gold is not none %} <span class="badge">gold: R{{ it.gold + 1 }}</span>{% endif %}</h3>
+{% for f in it.flags %}<p class="error item-flag" data-reason="{{ f.reason }}">Flagged: {{ f.reason_text }} by
+<bdi>{{ f.labeller }}</bdi> ({{ f.at }}){% if f.note %} — <span dir="auto">{{ f.note }}</span>{% endif %}</p>{% endfor %}
+{% if it.skips %}<p class="note item-skips">Skipped by {{ it.skips|length }}: {% for k in it.skips %}<bdi>{{ k.labeller }}</bdi>
+({{ k.reason_text }}{% if k.note %}: <span dir="auto">{{ k.note }}</span>{% endif %}){{ ', ' if not loop.last else '' }}{% endfor %}</p>{% endif %}
 <div class="text" dir="auto">{{ it.prompt }}</div>
 <ol class="review-responses">{% for r in it.responses %}<li><b>R{{ loop.index }}</b> <span class="text" dir="auto">{{ r }}</span></li>{% endfor %}</ol>
 <table class="labels"><tr><th>labeller</th>{% for t in project.tasks %}<th>{{ t }}</th>{% endfor %}<th>seconds</th></tr>

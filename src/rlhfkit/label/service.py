@@ -245,10 +245,10 @@ def _available(project: Project, user_id: int):
     """Items this user may still receive: never assigned to them, and a free slot (gold: always)."""
     mine = sa.select(Assignment.item_id).where(Assignment.user_id == user_id,
                                               Assignment.project_id == project.id)
-    taken = (sa.select(sa.func.count(Assignment.id)).where(Assignment.item_id == Item.id)
-             .correlate(Item).scalar_subquery())
-    return (Item.project_id == project.id, Item.id.not_in(mine),
-            sa.or_(Item.gold.is_not(None), taken < project.overlap))
+    taken = (sa.select(sa.func.count(Assignment.id)).where(Assignment.item_id == Item.id,  # released: free again
+             Assignment.released_at.is_(None)).correlate(Item).scalar_subquery())
+    return (Item.project_id == project.id, Item.id.not_in(mine), sa.literal(project.archived_at is None),
+            sa.or_(Item.gold.is_not(None), taken < project.overlap))  # an archived project serves nothing
 
 
 def pick_pair(k: int, asked: Sequence[Sequence[int]], rng: random.Random = _rng) -> tuple[int, int]:

@@ -45,9 +45,9 @@ PROJECTS = """{% extends "base.html" %}{% block body %}
 """
 
 LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfkit label{% endblock %}
-{% block body %}
+{% block body %}{% set pre = pre or {} %}
 <div class="layout">
-<aside class="guidelines card" id="guidelines"><details open><summary>Guidelines</summary>
+<aside class="guidelines card" id="guidelines"><details id="guidelines-details"{{ ' open' if first else '' }}><summary>Guidelines</summary>
 <div class="md" dir="auto">{{ guidelines_html | safe }}</div></details>
 <details><summary>Keyboard shortcuts</summary><ul class="keys">
 <li><kbd>j</kbd>/<kbd>k</kbd> next / previous response</li>
@@ -61,26 +61,32 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 </ul></details></aside>
 <section class="work">
 <p class="progress" id="progress"><bdi>{{ project.name }}</bdi> · <b id="done">{{ progress.done }}</b> done ·
-<b id="remaining">{{ progress.remaining }}</b> remaining</p>
+<b id="remaining">{{ progress.remaining }}</b> remaining ·
+<a href="/label/recent?project={{ project.id }}" id="recent-link">your recent labels</a></p>
+{% if editing %}<p class="notice" id="editing">Editing your label of this item: submitting replaces it (the old
+answer is kept in the history).</p>{% endif %}
 {% if error %}<p class="error" role="alert" id="error">{{ error }}</p>{% endif %}
 {% if not view %}
 <div class="card"><h2>All done</h2><p>Nothing left for you in this project. Thank you!</p></div>
 {% else %}
-<form method="post" action="/label/{{ view.assignment_id }}" id="label-form" data-k="{{ view.responses|length }}">
+<form method="post" action="{{ editing.action if editing else '/label/' ~ view.assignment_id }}" id="label-form" data-k="{{ view.responses|length }}">
 <input type="hidden" name="csrf" value="{{ csrf }}">
 <input type="hidden" name="idempotency_key" value="{{ idem_key }}">
 <input type="hidden" name="duration_ms" id="duration_ms" value="">
-<div class="card prompt"><h2>Prompt</h2><div class="text" id="prompt" dir="auto">{{ view.prompt }}</div></div>
+<div class="card prompt"><h2>Prompt</h2><div id="prompt">{% set turns = chat_turns(view.prompt) %}
+{% if turns %}{% for t in turns %}<div class="turn" data-role="{{ t.role }}"><span class="role">{{ t.role }}</span>
+<div class="md" dir="auto">{{ md(t.content) }}</div></div>{% endfor %}
+{% else %}<div class="md" dir="auto">{{ md(view.prompt) }}</div>{% endif %}</div></div>
 <div class="responses">
 {% for r in view.responses %}{% set p = loop.index0 %}
 {% set in_pair = 'pairwise' in project.tasks and p < 2 and view.responses|length > 2 %}
 <div class="card response{{ ' in-pair' if in_pair else '' }}" id="resp-{{ p }}" data-pos="{{ p }}" tabindex="-1">
-<h3>Response {{ letters[p] }}{% if in_pair %} <span class="badge">A/B question</span>{% endif %}</h3><div class="text" dir="auto">{{ r }}</div>
+<h3>Response {{ letters[p] }}{% if in_pair %} <span class="badge">A/B question</span>{% endif %}</h3><div class="md" dir="auto">{{ md(r) }}</div>
 {% if 'binary' in project.tasks %}<fieldset class="row"><legend>Acceptable?</legend>
-<label><input type="radio" name="binary_{{ p }}" value="accept" required> accept</label>
-<label><input type="radio" name="binary_{{ p }}" value="reject"> reject</label></fieldset>{% endif %}
+<label><input type="radio" name="binary_{{ p }}" value="accept" required{{ ' checked' if pre.get('binary_%d' % p) == 'accept' else '' }}> accept</label>
+<label><input type="radio" name="binary_{{ p }}" value="reject"{{ ' checked' if pre.get('binary_%d' % p) == 'reject' else '' }}> reject</label></fieldset>{% endif %}
 {% if 'likert' in project.tasks %}<fieldset class="row"><legend>Quality 1–5</legend>
-{% for v in range(1, 6) %}<label><input type="radio" name="likert_{{ p }}" value="{{ v }}" required> {{ v }}</label>
+{% for v in range(1, 6) %}<label><input type="radio" name="likert_{{ p }}" value="{{ v }}" required{{ ' checked' if pre.get('likert_%d' % p) == v|string else '' }}> {{ v }}</label>
 {% endfor %}</fieldset>{% endif %}
 </div>{% endfor %}
 </div>
@@ -88,13 +94,13 @@ LABEL = """{% extends "base.html" %}{% block title %}{{ project.name }} · rlhfk
 <fieldset class="card task" id="task-pairwise"><legend>Which is better: A or B?{% if view.responses|length > 2 %}
 (compare these two only; the other responses are for the other questions){% endif %}</legend>
 <div class="row">
-<label><input type="radio" name="pairwise_choice" value="A" required> A is better</label>
-<label><input type="radio" name="pairwise_choice" value="B"> B is better</label>
-<label><input type="radio" name="pairwise_choice" value="tie"> tie</label></div>
+<label><input type="radio" name="pairwise_choice" value="A" required{{ ' checked' if pre.get('pairwise_choice') == 'A' else '' }}> A is better</label>
+<label><input type="radio" name="pairwise_choice" value="B"{{ ' checked' if pre.get('pairwise_choice') == 'B' else '' }}> B is better</label>
+<label><input type="radio" name="pairwise_choice" value="tie"{{ ' checked' if pre.get('pairwise_choice') == 'tie' else '' }}> tie</label></div>
 <div class="row">Strength:
-<label><input type="radio" name="pairwise_strength" value="1" checked> slightly</label>
-<label><input type="radio" name="pairwise_strength" value="2"> clearly</label>
-<label><input type="radio" name="pairwise_strength" value="3"> much</label></div>
+<label><input type="radio" name="pairwise_strength" value="1"{{ ' checked' if pre.get('pairwise_strength', '1') == '1' else '' }}> slightly</label>
+<label><input type="radio" name="pairwise_strength" value="2"{{ ' checked' if pre.get('pairwise_strength') == '2' else '' }}> clearly</label>
+<label><input type="radio" name="pairwise_strength" value="3"{{ ' checked' if pre.get('pairwise_strength') == '3' else '' }}> much</label></div>
 </fieldset>{% endif %}
 {% if 'ranking' in project.tasks %}
 <fieldset class="card task" id="task-ranking"><legend>Rank best (top) to worst: drag, or use the buttons / keys</legend>
@@ -112,17 +118,30 @@ this order is right (or move a response)</label>
 {% if 'critique' in project.tasks %}
 <fieldset class="card task" id="task-critique"><legend>Critique</legend>
 <label>Response <select name="critique_target" id="critique_target">{% for r in view.responses %}
-<option value="{{ loop.index0 }}">{{ letters[loop.index0] }}</option>{% endfor %}</select></label>
+<option value="{{ loop.index0 }}"{{ ' selected' if pre.get('critique_target') == loop.index0|string else '' }}>{{ letters[loop.index0] }}</option>{% endfor %}</select></label>
 <label for="critique_text">What is wrong or could be better?{% if min_critique %}
 (at least {{ min_critique }} character{{ 's' if min_critique != 1 else '' }}){% endif %}</label>
 <textarea name="critique_text" id="critique_text" rows="3" maxlength="50000"{% if min_critique %} required
-minlength="{{ min_critique }}"{% endif %}></textarea>
+minlength="{{ min_critique }}"{% endif %}>{{ pre.get('critique_text', '') }}</textarea>
 <label for="critique_rewrite">Rewrite (optional: a better response)</label>
-<textarea name="critique_rewrite" id="critique_rewrite" rows="3" maxlength="50000"></textarea>
+<textarea name="critique_rewrite" id="critique_rewrite" rows="3" maxlength="50000">{{ pre.get('critique_rewrite', '') }}</textarea>
 </fieldset>{% endif %}
 <p class="error" role="alert" id="client-error" hidden></p>
-<button type="submit" id="submit" class="primary">Submit <kbd>Enter</kbd></button>
+<button type="submit" id="submit" class="primary">{{ 'Save edit' if editing else 'Submit' }} <kbd>Enter</kbd></button>
 </form>
+{% if not editing %}<div class="card row marks">
+<form method="post" action="/label/{{ view.assignment_id }}/skip" id="skip-form" class="row">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<label>Skip because <select name="reason" id="skip-reason">{% for k, v in skip_reasons.items() %}
+<option value="{{ k }}">{{ v }}</option>{% endfor %}</select></label>
+<label>note <input type="text" name="note" id="skip-note" maxlength="2000"></label>
+<button type="submit" id="skip">Skip item</button></form>
+<form method="post" action="/label/{{ view.assignment_id }}/flag" id="flag-form" class="row">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<label>Flag as <select name="reason" id="flag-reason">{% for k, v in flag_reasons.items() %}
+<option value="{{ k }}">{{ v }}</option>{% endfor %}</select></label>
+<label>note <input type="text" name="note" id="flag-note" maxlength="2000"></label>
+<button type="submit" id="flag">Flag item</button></form></div>{% endif %}
 {% endif %}
 </section></div>
 {% endblock %}
@@ -150,10 +169,36 @@ ADMIN = """{% extends "base.html" %}{% block title %}Admin · rlhfkit label{% en
 <option value="reviewer">reviewer</option><option value="admin">admin</option></select></label>
 <button type="submit" id="add-labeller">Create + token</button></form>
 </section>
+<section class="card" id="new-project"><h2>New project</h2>
+<form method="post" action="/admin/projects/new" enctype="multipart/form-data" class="setup">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<label>Name <input type="text" name="name" id="new-project-name" required maxlength="200"></label>
+<fieldset class="row"><legend>Tasks</legend>{% for t in ('pairwise', 'ranking', 'binary', 'likert', 'critique') %}
+<label><input type="checkbox" name="tasks" value="{{ t }}"{{ ' checked' if t == 'pairwise' else '' }}> {{ t }}</label>{% endfor %}</fieldset>
+<label>Labellers per item <input type="number" name="overlap" value="3" min="1" max="100"></label>
+<label for="new-project-guidelines">Guidelines (Markdown)</label>
+<textarea name="guidelines" id="new-project-guidelines" rows="3" maxlength="200000"></textarea>
+<label>Items (.jsonl, .csv or .parquet) <input type="file" name="file" id="new-project-file" required
+accept=".jsonl,.json,.ndjson,.csv,.parquet"></label>
+<button type="submit" id="create-project">Create project</button></form></section>
 {% for p in projects %}
-<section class="card project" id="project-{{ p.id }}"><h2><bdi>{{ p.name }}</bdi></h2>
+<section class="card project" id="project-{{ p.id }}"><h2><bdi>{{ p.name }}</bdi>{% if p.archived %}
+<span class="badge archived">archived</span>{% endif %}</h2>
 <p>{{ p["items"] }} items ({{ p.gold }} gold) · tasks: {{ p.tasks|join(', ') }} · overlap {{ p.overlap }} ·
 {{ p.labels }} labels · <a href="/review/{{ p.id }}">review</a> · <a href="/review/{{ p.id }}/progress">progress</a></p>
+<details class="setup"><summary>Items, guidelines (version {{ p.version }}), archive</summary>
+<form method="post" action="/admin/projects/{{ p.id }}/upload" enctype="multipart/form-data" class="row">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<label>More items <input type="file" name="file" required accept=".jsonl,.json,.ndjson,.csv,.parquet"></label>
+<button type="submit" class="upload">Upload</button></form>
+<form method="post" action="/admin/projects/{{ p.id }}/guidelines">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<label>Guidelines (version {{ p.version }}; saving makes a new version)
+<textarea name="guidelines" rows="4" maxlength="200000">{{ p.guidelines }}</textarea></label>
+<button type="submit" class="save-guidelines">Save guidelines</button></form>
+<form method="post" action="/admin/projects/{{ p.id }}/archive" class="inline">
+<input type="hidden" name="csrf" value="{{ csrf }}"><input type="hidden" name="archived" value="{{ '0' if p.archived else '1' }}">
+<button type="submit" class="archive">{{ 'restore' if p.archived else 'archive' }}</button></form></details>
 <h3>Agreement</h3>
 <div class="scroll"><table class="agreement"><tr><th>measure</th><th>ratings</th><th>units (≥2 ratings)</th>
 <th>α nominal</th><th>α ordinal</th><th>Fleiss κ (units)</th><th>Cohen κ (mean of pairs)</th><th>% agreement</th></tr>
@@ -189,7 +234,7 @@ CSS = """
 *{box-sizing:border-box}body{margin:0;font:16px/1.45 system-ui,sans-serif;color:#1b1b1b;background:#f4f5f7}
 header{display:flex;gap:1em;align-items:center;padding:.5em 1em;background:#22313f;color:#fff;flex-wrap:wrap}
 header .who{margin-left:auto}header button.link{color:#cde;background:none;border:0;text-decoration:underline;
-cursor:pointer;font:inherit}
+cursor:pointer;font:inherit;min-height:44px;min-width:44px}
 main{padding:.75em;max-width:1400px;margin:auto}.card{background:#fff;border:1px solid #d8dbe0;border-radius:8px;
 padding:.75em 1em;margin:0 0 .75em}.narrow{max-width:420px;margin:2em auto}
 .layout{display:flex;gap:.75em;align-items:flex-start}.guidelines{flex:0 0 300px;position:sticky;top:.5em;
@@ -212,6 +257,13 @@ border-color:#2d6cdf;width:100%;padding:.7em;font-size:1.1em}
 table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e1e4e8;padding:.3em .5em;text-align:left}
 tr.flagged,.review-item.disputed{background:#fff3cd}.disagree{background:#f8d7a8}.scroll{overflow-x:auto}kbd{border:1px solid #bbb;border-radius:3px;padding:0 .25em;
 font-size:.85em;background:#fafafa}button.primary kbd{background:transparent;color:inherit;border-color:#fff9}.inline{display:inline}
+.md pre{background:#f3f4f6;padding:.5em;overflow-x:auto;white-space:pre}.md{overflow-wrap:anywhere}
+.turn{border-left:3px solid #9aa5b1;padding:.1em .6em;margin:.4em 0}.turn .role{font-weight:bold;font-size:.85em;
+text-transform:uppercase;color:#445}.turn[data-role=user]{border-color:#2d6cdf}.turn[data-role=assistant]{border-color:#2a9d5c}
+.work button,.work select,.work input[type=text],.work textarea,.marks button{min-height:44px;min-width:44px}
+.work label:has(input[type=radio]),.work label:has(input[type=checkbox]){display:inline-flex;align-items:center;
+min-height:44px;min-width:44px;padding:0 .3em}.work .row label:has(select),.work .row label:has(input[type=text]){
+display:inline-flex;align-items:center;gap:.3em;min-height:44px}
 @media (max-width:760px){.layout{flex-direction:column;align-items:stretch}.guidelines{position:static;flex:none;width:100%;
 max-height:none}main{padding:.4em}.work{width:100%}}
 """

@@ -32,12 +32,13 @@ from markupsafe import Markup
 from pydantic import BaseModel, Field
 
 from ..errors import DataError
-from . import accounts, review_web, rules, service, templates
+from . import accounts, flow, flow_web, project_web, review_web, rules, service, templates
 from . import agreement as agreement_mod
 from . import export as export_mod
 from .db import Database, Item, Label, Project, User
 from .forms import form_answers, form_int, form_text
 from .middleware import BodyLimit
+from .render import chat_row, chat_turns, md, render_markdown
 from .text import scrub, show_bidi, text_problem
 
 SESSION_COOKIE = "rlk_session"
@@ -64,16 +65,9 @@ def _jinja() -> Environment:
                                          "projects.html": templates.PROJECTS, "label.html": templates.LABEL,
                                          "admin.html": templates.ADMIN}),
                       autoescape=select_autoescape(default=True, default_for_string=True), finalize=_inert)
-    env.globals["letters"] = LETTERS
+    env.globals.update(letters=LETTERS, md=md, chat_turns=chat_turns)
     env.globals["fmt"] = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
     return env
-
-
-def render_markdown(text: str) -> str:
-    """Markdown to HTML with raw HTML disabled (escaped) and unsafe link schemes refused."""
-    from markdown_it import MarkdownIt
-
-    return MarkdownIt("commonmark", {"html": False, "linkify": False}).render(text or "")
 
 
 class SubmitBody(BaseModel):
@@ -97,7 +91,8 @@ class NewProject(BaseModel):
 
 
 def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int = 20 * 1024 * 1024,
-               secure_cookies: bool = False, session_hours: float = accounts.DEFAULT_SESSION_HOURS):
+               secure_cookies: bool = False, session_hours: float = accounts.DEFAULT_SESSION_HOURS,
+               hold_minutes: float = flow.HOLD_MINUTES):
     if isinstance(db, str):
         db = Database(db)
     secret = db.secret()
@@ -199,11 +194,13 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
     def projects(user: User = Depends(require_user)):
         with db.session() as s:
             return [{"id": p.id, "name": p.name, "tasks": p.tasks, "guidelines": p.guidelines,
+                     "guidelines_version": p.guidelines_version or 1, "archived": p.archived_at is not None,
                      **service.progress(s, user, p)} for p in s.scalars(sa.select(Project).order_by(Project.id))]
 
     @app.post("/api/projects/{project_id}/next")
     def next_item(project_id: Id, user: User = Depends(require_user)):
         review_web.no_labelling(user)
+        flow.release_stale(db, project_id, hold_minutes)  # items held past the timeout go to whoever asks
         assignment = service.next_assignment(db, user, project_id)
         if assignment is None:
             return {"assignment": None}
@@ -238,7 +235,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
 
     @app.post("/api/admin/projects", status_code=201)
     def add_project(body: NewProject, admin: User = Depends(require_admin)):
-        items = [service.check_item(row, "request", n) for n, row in enumerate(body.items, start=1)]
+        items = [service.check_item(chat_row(row), "request", n) for n, row in enumerate(body.items, start=1)]
         project, added, skipped = service.import_items(db, body.name, items, body.tasks, body.overlap,
                                                        body.guidelines)
         if body.min_critique_chars is not None:
@@ -355,6 +352,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
     def label_page(request: Request, user: User, project_id: int, error: str | None = None,
                    status: int = 200) -> HTMLResponse:
         review_web.no_labelling(user)
+        flow.release_stale(db, project_id, hold_minutes)
         assignment = service.next_assignment(db, user, project_id)
         with db.session() as s:
             project = service.get_project(s, project_id)
@@ -362,7 +360,8 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
             prog = service.progress(s, user, project)
             return page("label.html", status, user=user, csrf=csrf_of(request, user), project=project, view=view,
                         progress=prog, guidelines_html=render_markdown(project.guidelines), error=error,
-                        idem_key=secrets.token_urlsafe(18), min_critique=rules.min_critique(project))
+                        idem_key=secrets.token_urlsafe(18), min_critique=rules.min_critique(project),
+                        editing=None, first=prog["done"] == 0)
 
     @app.get("/label", include_in_schema=False)
     def label_get(request: Request, project: int = Query(..., ge=1, le=2**31 - 1)):
@@ -414,7 +413,9 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
                 n_labels = s.scalar(sa.select(sa.func.count(Label.id)).where(Label.project_id == p.id))
                 projects.append({"id": p.id, "name": p.name, "tasks": p.tasks, "overlap": p.overlap,
                                  "items": len(items), "gold": sum(g is not None for _, _, g in items),
-                                 "labels": n_labels, "prompts": {i: scrub(pr) for i, pr, _ in items}})
+                                 "labels": n_labels, "prompts": {i: scrub(pr) for i, pr, _ in items},
+                                 "archived": p.archived_at is not None, "guidelines": scrub(p.guidelines),
+                                 "version": p.guidelines_version or 1})
         for p in projects:
             p["agreement"] = agreement_of(p["id"])
         return page("admin.html", status, user=user, csrf=csrf_of(request, user), users=users, projects=projects,
@@ -467,6 +468,8 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         return Response(text, media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="project{project_id}_{kind}.jsonl"'})
 
+    app.include_router(flow_web.make_router(db, require_user, page_user, csrf_of, page, env))
+    app.include_router(project_web.make_router(db, require_user, csrf_of, page, env))
     app.include_router(review_web.make_router(db, require_user, page_user, csrf_of, page, env))
     app.add_middleware(BodyLimit, max_body=max_body, max_import=max_import)
     return app

@@ -1,0 +1,128 @@
+"""Admin project set-up routes (an APIRouter included by :mod:`.web`): create a project from an uploaded file,
+upload more items, edit the guidelines (versioned), archive / restore. Logic in :mod:`.projects`.
+
+Admins only (others 403, nobody logged in 401); every POST goes through the app's ``require_user`` (CSRF for
+cookie sessions). Upload bodies may be as large as the app's ``max_import`` (:mod:`.middleware`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
+from pydantic import BaseModel, Field
+
+from ..errors import DataError
+from . import projects, service
+from .db import Project, User
+from .forms import form_int, form_text
+
+Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+RESULT = """{% extends "base.html" %}{% block title %}Project set-up · rlhfkit label{% endblock %}{% block body %}
+<section class="card"><h1>Project <bdi>{{ project_name }}</bdi></h1>
+{% if error %}<p class="error" role="alert" id="error">{{ error }}</p>
+{% else %}<p class="notice" id="upload-result">{{ message }}</p>{% endif %}
+<p><a class="button" href="/admin">back to admin</a></p></section>{% endblock %}
+"""
+
+
+class GuidelinesBody(BaseModel):
+    guidelines: str = Field(max_length=projects.MAX_GUIDELINES)
+
+
+class ArchiveBody(BaseModel):
+    archived: bool
+
+
+def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
+    env.loader.mapping.update({"project_result.html": RESULT})
+    router = APIRouter(include_in_schema=False)
+
+    async def require_admin(user: User = Depends(require_user)) -> User:
+        if user.role != "admin":
+            raise HTTPException(403, "admin only")
+        return user
+
+    def result(request, user, name, message=None, error=None, status=200):
+        return page("project_result.html", status, user=user, csrf=csrf_of(request, user), project_name=name,
+                    message=message, error=error)
+
+    async def upload_items(form):
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str) or not upload.filename:
+            raise service.LabelError(422, "please choose a file to upload (missing: file)")
+        return projects.parse_upload(upload.filename, await upload.read())
+
+    def counts(added: int, skipped: int) -> str:
+        return f"{added} item{'s' if added != 1 else ''} added, {skipped} duplicate{'s' if skipped != 1 else ''} skipped."
+
+    @router.post("/admin/projects/new")
+    async def create_form(request: Request, admin: User = Depends(require_admin)):
+        form = await request.form()
+        name = ""
+        try:
+            name = form_text(form, "name")
+            with db.session() as s:
+                if s.scalar(sa.select(Project.id).where(Project.name == name)):
+                    raise service.LabelError(409, f"a project named {name!r} exists: upload to it on the admin page")
+            tasks = [t for t in form.getlist("tasks") if isinstance(t, str)] or ["pairwise"]
+            items = await upload_items(form)
+            project, added, skipped = service.import_items(
+                db, name, items, tasks, form_int(form, "overlap", required=False),
+                form_text(form, "guidelines", required=False) or "")
+        except service.LabelError as exc:
+            return result(request, admin, name, error=exc.detail, status=exc.status)
+        except DataError as exc:
+            return result(request, admin, name, error=str(exc), status=422)
+        return result(request, admin, project.name, f"Created with {counts(added, skipped)}")
+
+    @router.post("/admin/projects/{project_id}/upload")
+    async def upload_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
+        form = await request.form()
+        with db.session() as s:
+            name = service.get_project(s, project_id).name
+        try:
+            project, added, skipped = service.import_items(db, name, await upload_items(form))
+        except service.LabelError as exc:
+            return result(request, admin, name, error=exc.detail, status=exc.status)
+        except DataError as exc:
+            return result(request, admin, name, error=str(exc), status=422)
+        return result(request, admin, name, counts(added, skipped))
+
+    @router.post("/admin/projects/{project_id}/guidelines")
+    async def guidelines_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
+        form = await request.form()
+        with db.session() as s:
+            name = service.get_project(s, project_id).name
+        try:
+            version = projects.set_guidelines(db, admin, project_id, form_text(form, "guidelines", required=False) or "")
+        except service.LabelError as exc:
+            return result(request, admin, name, error=exc.detail, status=exc.status)
+        except DataError as exc:
+            return result(request, admin, name, error=str(exc), status=422)
+        return result(request, admin, name, f"Guidelines saved: version {version}.")
+
+    @router.post("/admin/projects/{project_id}/archive")
+    async def archive_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
+        form = await request.form()
+        done = projects.set_archived(db, project_id, form.get("archived") != "0")
+        with db.session() as s:
+            name = service.get_project(s, project_id).name
+        return result(request, admin, name, "Archived: it serves no items and still exports." if done["archived"]
+                      else "Restored: it serves items again.")
+
+    @router.get("/api/admin/projects/{project_id}/guidelines")
+    def guidelines_json(project_id: Id, admin: User = Depends(require_admin)):
+        return projects.guidelines_history(db, project_id)
+
+    @router.post("/api/admin/projects/{project_id}/guidelines")
+    def set_guidelines_json(project_id: Id, body: GuidelinesBody, admin: User = Depends(require_admin)):
+        return {"version": projects.set_guidelines(db, admin, project_id, body.guidelines)}
+
+    @router.post("/api/admin/projects/{project_id}/archive")
+    def archive_json(project_id: Id, body: ArchiveBody, admin: User = Depends(require_admin)):
+        return projects.set_archived(db, project_id, body.archived)
+
+    return router

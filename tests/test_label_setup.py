@@ -1,0 +1,232 @@
+"""Project set-up by an admin in the browser (issue 23): create a project from an uploaded JSONL / CSV /
+Parquet file (duplicates skipped by content hash, counts shown, size-limited), versioned guidelines recorded
+on every label, archived projects serve nothing but still export; one upload in Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from rlhfkit.label import export, projects, service
+from rlhfkit.label.db import Database, Item, Label
+from rlhfkit.label.web import create_app
+
+
+def auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+def login(client, token):
+    r = client.post("/login", data={"token": token, "csrf": csrf_of(client.get("/login").text)},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return client
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+ROWS = [{"prompt": "q0", "responses": ["a", "b"]}, {"prompt": "q1", "responses": ["c", "d"], "gold": 1},
+        {"prompt": "q0", "responses": ["a", "b"]}]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    db = Database(str(tmp_path / "s.db"))
+    tokens = {"admin": service.create_user(db, "admin", "admin")[1], "ann": service.create_user(db, "ann")[1],
+              "bob": service.create_user(db, "bob")[1]}
+    app = create_app(db, max_import=20_000)
+    yield db, app, tokens
+    db.dispose()
+
+
+def result_of(html: str) -> str:
+    m = re.search(r'id="(?:upload-result|error)">([^<]*)<', html)
+    return m.group(1) if m else html
+
+
+def test_create_and_upload_jsonl_csv_parquet_with_counts(setup):
+    db, app, tok = setup
+    admin = login(TestClient(app), tok["admin"])
+    csrf = csrf_of(admin.get("/admin").text)
+    fields = {"name": "up", "tasks": ["pairwise", "likert"], "overlap": "2", "guidelines": "Be **fair**."}
+    files = {"file": ("items.jsonl", jsonl(ROWS), "application/json")}
+    assert admin.post("/admin/projects/new", data=fields, files=files).status_code == 403  # no CSRF
+    ann = login(TestClient(app), tok["ann"])
+    assert ann.post("/admin/projects/new", data={**fields, "csrf": csrf_of(ann.get("/").text)},
+                    files=files).status_code == 403  # labellers: admin only
+    r = admin.post("/admin/projects/new", data={**fields, "csrf": csrf}, files=files)
+    assert r.status_code == 200 and result_of(r.text) == "Created with 2 items added, 1 duplicate skipped."
+    with db.session() as s:
+        (pid,) = s.scalars(sa.select(service.Project.id))
+        project = s.get(service.Project, pid)
+        assert (project.tasks, project.overlap, project.guidelines) == (["pairwise", "likert"], 2, "Be **fair**.")
+    r = admin.post("/admin/projects/new", data={**fields, "csrf": csrf}, files=files)
+    assert r.status_code == 409  # the name is taken: upload to it instead
+    csv_text = "prompt,response_1,response_2,gold,source\nq1,c,d,1,\nq2,e,f,,web\nq3,g,h,0,web\n"
+    r = admin.post(f"/admin/projects/{pid}/upload", data={"csrf": csrf},
+                   files={"file": ("more.csv", csv_text.encode(), "text/csv")})
+    # q1 (gold given again, an empty 'source' cell) is the same item by content hash as the JSONL's q1
+    assert r.status_code == 200 and result_of(r.text) == "2 items added, 1 duplicate skipped.", r.text
+    r = admin.post(f"/admin/projects/{pid}/upload", data={"csrf": csrf},
+                   files={"file": ("again.csv", csv_text.encode(), "text/csv")})
+    assert result_of(r.text) == "0 items added, 3 duplicates skipped."
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"prompt": "q0", "responses": ["a", "b"]},
+                                         {"prompt": "q9", "responses": ["y", "z"]}]), buf)
+    r = admin.post(f"/admin/projects/{pid}/upload", data={"csrf": csrf},
+                   files={"file": ("p.parquet", buf.getvalue(), "application/octet-stream")})
+    assert result_of(r.text) == "1 item added, 1 duplicate skipped."
+    with db.session() as s:
+        prompts = list(s.scalars(sa.select(Item.prompt).where(Item.project_id == pid).order_by(Item.position)))
+        golds = dict(s.execute(sa.select(Item.prompt, Item.gold).where(Item.project_id == pid)).all())
+    assert prompts == ["q0", "q1", "q2", "q3", "q9"] and golds["q3"] == 0 and golds["q2"] is None
+    # refused uploads: wrong type, a bad row (named), too large (max_import 20 000 bytes)
+    r = admin.post(f"/admin/projects/{pid}/upload", data={"csrf": csrf}, files={"file": ("x.txt", b"hi", "text/plain")})
+    assert r.status_code == 422 and ".jsonl, .csv or .parquet" in r.text
+    r = admin.post(f"/admin/projects/{pid}/upload", data={"csrf": csrf},
+                   files={"file": ("bad.jsonl", jsonl([ROWS[0], {"prompt": "x", "responses": ["only one"]}]),
+                                   "application/json")})
+    assert r.status_code == 422 and "row 2" in result_of(r.text) and "responses" in result_of(r.text)
+    big = jsonl([{"prompt": f"q{i}" + "x" * 300, "responses": ["a", "b"]} for i in range(100)])
+    r = admin.post(f"/admin/projects/{pid}/upload", data={"csrf": csrf},
+                   files={"file": ("big.jsonl", big, "application/json")})
+    assert r.status_code == 413
+    with db.session() as s:
+        assert s.scalar(sa.select(sa.func.count(Item.id))) == 5  # nothing from the refused ones
+
+
+def test_chat_transcript_rows_are_imported_as_turns(setup):
+    db, app, tok = setup
+    chat = [{"role": "user", "content": "Hi **there**"}, {"role": "assistant", "content": "<b>hey</b>"}]
+    c = TestClient(app)
+    r = c.post("/api/admin/projects", headers=auth(tok["admin"]),
+               json={"name": "chat", "items": [{"prompt": chat, "responses": ["x", "y"]}]})
+    assert r.status_code == 201 and r.json()["items_added"] == 1
+    ann = login(TestClient(app), tok["ann"])
+    html = ann.get(f"/label?project={r.json()['id']}").text
+    assert html.count('class="turn"') == 2 and 'data-role="assistant"' in html
+    assert "<strong>there</strong>" in html and "&lt;b&gt;hey&lt;/b&gt;" in html and "<b>hey</b>" not in html
+
+
+def label_one(c, token, pid, key):
+    a = c.post(f"/api/projects/{pid}/next", headers=auth(token)).json()["assignment"]
+    r = c.post(f"/api/assignments/{a['assignment_id']}/label", headers=auth(token),
+               json={"idempotency_key": key, "answers": {"pairwise": {"choice": "A"}}})
+    assert r.status_code == 201, r.text
+    return r.json()["label_id"]
+
+
+def test_guidelines_versions_are_recorded_on_labels(setup):
+    db, app, tok = setup
+    project, _ = service.upsert_project(db, "g", [{"prompt": f"q{i}", "responses": ["a", "b"]} for i in range(3)],
+                                        ["pairwise"], overlap=1, guidelines="v1 text")
+    pid = project.id
+    c = TestClient(app)
+    first = label_one(c, tok["ann"], pid, "ann-key-0001")
+    admin = login(TestClient(app), tok["admin"])
+    r = admin.post(f"/admin/projects/{pid}/guidelines", data={"csrf": csrf_of(admin.get("/admin").text),
+                                                              "guidelines": "v2 **text**"})
+    assert result_of(r.text) == "Guidelines saved: version 2."
+    assert c.post(f"/api/admin/projects/{pid}/guidelines", headers=auth(tok["admin"]),
+                  json={"guidelines": "v3 text"}).json() == {"version": 3}
+    assert c.post(f"/api/admin/projects/{pid}/guidelines", headers=auth(tok["admin"]),
+                  json={"guidelines": "v3 text"}).json() == {"version": 3}  # unchanged: no new version
+    assert c.get(f"/api/admin/projects/{pid}/guidelines", headers=auth(tok["ann"])).status_code == 403
+    history = c.get(f"/api/admin/projects/{pid}/guidelines", headers=auth(tok["admin"])).json()
+    assert [(h["version"], h["text"]) for h in history] == [(1, "v1 text"), (2, "v2 **text**"), (3, "v3 text")]
+    assert history[1]["author"] == "admin"
+    second = label_one(c, tok["bob"], pid, "bob-key-0001")
+    with db.session() as s:
+        assert {s.get(Label, first).guidelines_version, s.get(Label, second).guidelines_version} == {1, 3}
+        assert (s.get(Label, first).guidelines_version, s.get(Label, second).guidelines_version) == (1, 3)
+    assert [r["guidelines_version"] for r in export.stored_labels(db, pid)] == [1, 3]
+    ann = login(TestClient(app), tok["ann"])
+    assert "v3 text" in ann.get(f"/label?project={pid}").text
+    assert [p["guidelines_version"] for p in c.get("/api/projects", headers=auth(tok["ann"])).json()] == [3]
+
+
+def test_archived_project_serves_nothing_and_still_exports(setup):
+    db, app, tok = setup
+    project, _ = service.upsert_project(db, "arch", [{"prompt": f"q{i}", "responses": ["a", "b"]} for i in range(3)],
+                                        ["pairwise"], overlap=1)
+    pid = project.id
+    c = TestClient(app)
+    label_one(c, tok["ann"], pid, "ann-key-0001")
+    held = c.post(f"/api/projects/{pid}/next", headers=auth(tok["bob"])).json()["assignment"]
+    assert held is not None
+    admin = login(TestClient(app), tok["admin"])
+    r = admin.post(f"/admin/projects/{pid}/archive", data={"csrf": csrf_of(admin.get("/admin").text), "archived": "1"})
+    assert "Archived" in result_of(r.text)
+    assert 'class="badge archived"' in admin.get("/admin").text
+    for name in ("ann", "bob"):
+        assert c.post(f"/api/projects/{pid}/next", headers=auth(tok[name])).json()["assignment"] is None
+    ann = login(TestClient(app), tok["ann"])
+    page = ann.get(f"/label?project={pid}").text
+    assert "All done" in page and re.search(r'id="remaining">0<', page)
+    assert c.post(f"/api/assignments/{held['assignment_id']}/label", headers=auth(tok["bob"]),
+                  json={"idempotency_key": "bob-late-key", "answers": {"pairwise": {"choice": "A"}}}).status_code == 409
+    rows = c.get(f"/api/admin/projects/{pid}/export?kind=labels", headers=auth(tok["admin"])).json()
+    assert len(rows) == 1 and rows[0]["coder"] == "ann"
+    assert [p["archived"] for p in c.get("/api/projects", headers=auth(tok["ann"])).json()] == [True]
+    assert c.post(f"/api/admin/projects/{pid}/archive", headers=auth(tok["ann"]), json={"archived": False}).status_code == 403
+    assert c.post(f"/api/admin/projects/{pid}/archive", headers=auth(tok["admin"]),
+                  json={"archived": False}).json()["archived"] is False
+    assert c.post(f"/api/projects/{pid}/next", headers=auth(tok["ann"])).json()["assignment"] is not None
+    assert projects.set_archived(db, pid, True)["released"] == 1  # ann's new open assignment
+
+
+@pytest.mark.slow
+def test_upload_a_project_in_chromium(tmp_path):
+    from playwright import sync_api as playwright_api
+
+    from rlhfkit.label.testing import start_server
+
+    db = Database(str(tmp_path / "u.db"))
+    token = service.create_user(db, "admin", "admin")[1]
+    db.dispose()
+    upload = tmp_path / "items.jsonl"
+    upload.write_bytes(jsonl(ROWS + [{"prompt": "q5", "responses": ["x", "y"]}]))
+    proc, url = start_server(tmp_path / "u.db", log=tmp_path / "server.log")
+    try:
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url + "/login")
+            page.fill("#token", token)
+            page.click("#login")
+            page.wait_for_selector("#new-project")
+            page.fill("#new-project-name", "browser upload")
+            page.check("input[name=tasks][value=likert]")
+            page.fill("#new-project-guidelines", "Read **carefully**.")
+            page.set_input_files("#new-project-file", str(upload))
+            page.click("#create-project")
+            page.wait_for_selector("#upload-result")
+            assert page.text_content("#upload-result") == "Created with 3 items added, 1 duplicate skipped."
+            page.click("text=back to admin")
+            page.wait_for_selector("section.project")
+            assert "3 items (1 gold)" in page.text_content("section.project")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    db = Database(str(tmp_path / "u.db"))
+    with db.session() as s:
+        project = s.scalar(sa.select(service.Project))
+        assert (project.name, project.tasks) == ("browser upload", ["pairwise", "likert"])
+    db.dispose()
+    assert Path(tmp_path / "server.log").exists()
