@@ -16,24 +16,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from rlhfkit.cli import main  # noqa: E402
 from rlhfkit.label import rules, service  # noqa: E402
 from rlhfkit.label.db import Database, Label, Project, User, WebSession, migrate  # noqa: E402
+from rlhfkit.label.testing import auth, csrf_of, login  # noqa: E402
 from rlhfkit.label.web import SESSION_COOKIE, create_app  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 
-
-def auth(token):
-    return {"Authorization": f"Bearer {token}"}
-
-
-def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
-
-
-def login(client, token):
-    r = client.post("/login", data={"token": token, "csrf": csrf_of(client.get("/login").text)},
-                    follow_redirects=False)
-    assert r.status_code == 303, r.text
-    return r
 
 
 @pytest.fixture

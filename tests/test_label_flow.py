@@ -25,24 +25,11 @@ from rlhfkit.label.db import (
     schema_version,
     utcnow,
 )
+from rlhfkit.label.testing import auth, csrf_of, logged_in  # noqa: E402
 from rlhfkit.label.web import create_app
 
 XSS = "<script>window.__xss=1</script>"
 
-
-def auth(token):
-    return {"Authorization": f"Bearer {token}"}
-
-
-def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
-
-
-def login(client, token):
-    r = client.post("/login", data={"token": token, "csrf": csrf_of(client.get("/login").text)},
-                    follow_redirects=False)
-    assert r.status_code == 303, r.text
-    return client
 
 
 def make(where, n_items=3, overlap=1, users=("ann", "bob", "cat"), tasks=("pairwise",), guidelines="Be **kind**."):
@@ -199,7 +186,7 @@ def test_recent_labels_are_the_last_20_newest_first(tmp_path):
 def test_edit_through_the_pages_with_session_and_csrf(tmp_path):
     db, pid, tok = make(tmp_path, n_items=2, overlap=2)
     app = create_app(db)
-    ann, bob = login(TestClient(app), tok["ann"]), login(TestClient(app), tok["bob"])
+    ann, bob = logged_in(TestClient(app), tok["ann"]), logged_in(TestClient(app), tok["bob"])
     page = ann.get(f"/label?project={pid}").text
     aid = int(re.search(r'action="/label/(\d+)"', page).group(1))
     key = re.search(r'name="idempotency_key" value="([^"]+)"', page).group(1)
@@ -237,7 +224,7 @@ def test_edit_page_opens_with_the_current_answers(tmp_path):
                "critique": {"critique": "too short " + XSS, "target": 1, "rewrite": None}}
     lid = c.post(f"/api/assignments/{a['assignment_id']}/label", headers=auth(tok["ann"]),
                  json={"idempotency_key": "ann-key-0001", "answers": answers}).json()["label_id"]
-    edit = login(TestClient(create_app(db)), tok["ann"]).get(f"/label/edit/{lid}").text
+    edit = logged_in(TestClient(create_app(db)), tok["ann"]).get(f"/label/edit/{lid}").text
     checked = re.findall(r'name="(\w+)" value="(\w+)"(?: required)? checked>', edit)
     assert sorted(checked) == [("binary_0", "reject"), ("binary_1", "accept"), ("likert_0", "5"), ("likert_1", "2")]
     assert '<option value="1" selected>B</option>' in edit
@@ -248,7 +235,7 @@ def test_edit_page_opens_with_the_current_answers(tmp_path):
 def test_skip_and_flag_forms_need_login_csrf_and_labelling_role(tmp_path):
     db, pid, tok = make(tmp_path, n_items=2, overlap=1)
     app = create_app(db)
-    ann = login(TestClient(app), tok["ann"])
+    ann = logged_in(TestClient(app), tok["ann"])
     page = ann.get(f"/label?project={pid}").text
     aid = int(re.search(r'action="/label/(\d+)/skip"', page).group(1))
     assert ann.post(f"/label/{aid}/skip", data={"reason": "unclear"}, follow_redirects=False).status_code == 403
@@ -314,7 +301,7 @@ def test_migration_5_from_version_4_keeps_data(tmp_path):
 
 def test_guidelines_open_on_the_first_item_only(tmp_path):
     db, pid, tok = make(tmp_path, n_items=2, overlap=1, users=("ann",))
-    ann = login(TestClient(create_app(db)), tok["ann"])
+    ann = logged_in(TestClient(create_app(db)), tok["ann"])
     page = ann.get(f"/label?project={pid}").text
     assert '<details id="guidelines-details" open>' in page and "<strong>kind</strong>" in page
     aid = int(re.search(r'action="/label/(\d+)"', page).group(1))

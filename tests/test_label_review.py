@@ -17,25 +17,12 @@ from fastapi.testclient import TestClient
 from rlhfkit.cli import main
 from rlhfkit.label import adjudication, export, review, service
 from rlhfkit.label.db import Adjudication, Database, Item, Label, User, migrate, schema_version
+from rlhfkit.label.testing import auth, csrf_of, login  # noqa: E402
 from rlhfkit.label.web import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 XSS = "<script>window.__xss=1</script>\u202eevil"
 
-
-def auth(token):
-    return {"Authorization": f"Bearer {token}"}
-
-
-def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
-
-
-def login(client, token):
-    r = client.post("/login", data={"token": token, "csrf": csrf_of(client.get("/login").text)},
-                    follow_redirects=False)
-    assert r.status_code == 303, r.text
-    return r
 
 
 def label(db, user, pid, winner=None, accept=None, ratings=None, ms=None, key=None):

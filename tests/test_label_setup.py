@@ -15,22 +15,8 @@ from fastapi.testclient import TestClient
 
 from rlhfkit.label import export, projects, service
 from rlhfkit.label.db import Database, Item, Label
+from rlhfkit.label.testing import auth, csrf_of, logged_in  # noqa: E402
 from rlhfkit.label.web import create_app
-
-
-def auth(token):
-    return {"Authorization": f"Bearer {token}"}
-
-
-def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
-
-
-def login(client, token):
-    r = client.post("/login", data={"token": token, "csrf": csrf_of(client.get("/login").text)},
-                    follow_redirects=False)
-    assert r.status_code == 303, r.text
-    return client
 
 
 def jsonl(rows) -> bytes:
@@ -58,12 +44,12 @@ def result_of(html: str) -> str:
 
 def test_create_and_upload_jsonl_csv_parquet_with_counts(setup):
     db, app, tok = setup
-    admin = login(TestClient(app), tok["admin"])
+    admin = logged_in(TestClient(app), tok["admin"])
     csrf = csrf_of(admin.get("/admin").text)
     fields = {"name": "up", "tasks": ["pairwise", "likert"], "overlap": "2", "guidelines": "Be **fair**."}
     files = {"file": ("items.jsonl", jsonl(ROWS), "application/json")}
     assert admin.post("/admin/projects/new", data=fields, files=files).status_code == 403  # no CSRF
-    ann = login(TestClient(app), tok["ann"])
+    ann = logged_in(TestClient(app), tok["ann"])
     assert ann.post("/admin/projects/new", data={**fields, "csrf": csrf_of(ann.get("/").text)},
                     files=files).status_code == 403  # labellers: admin only
     r = admin.post("/admin/projects/new", data={**fields, "csrf": csrf}, files=files)
@@ -117,7 +103,7 @@ def test_chat_transcript_rows_are_imported_as_turns(setup):
     r = c.post("/api/admin/projects", headers=auth(tok["admin"]),
                json={"name": "chat", "items": [{"prompt": chat, "responses": ["x", "y"]}]})
     assert r.status_code == 201 and r.json()["items_added"] == 1
-    ann = login(TestClient(app), tok["ann"])
+    ann = logged_in(TestClient(app), tok["ann"])
     html = ann.get(f"/label?project={r.json()['id']}").text
     assert html.count('class="turn"') == 2 and 'data-role="assistant"' in html
     assert "<strong>there</strong>" in html and "&lt;b&gt;hey&lt;/b&gt;" in html and "<b>hey</b>" not in html
@@ -138,7 +124,7 @@ def test_guidelines_versions_are_recorded_on_labels(setup):
     pid = project.id
     c = TestClient(app)
     first = label_one(c, tok["ann"], pid, "ann-key-0001")
-    admin = login(TestClient(app), tok["admin"])
+    admin = logged_in(TestClient(app), tok["admin"])
     r = admin.post(f"/admin/projects/{pid}/guidelines", data={"csrf": csrf_of(admin.get("/admin").text),
                                                               "guidelines": "v2 **text**"})
     assert result_of(r.text) == "Guidelines saved: version 2."
@@ -155,7 +141,7 @@ def test_guidelines_versions_are_recorded_on_labels(setup):
         assert {s.get(Label, first).guidelines_version, s.get(Label, second).guidelines_version} == {1, 3}
         assert (s.get(Label, first).guidelines_version, s.get(Label, second).guidelines_version) == (1, 3)
     assert [r["guidelines_version"] for r in export.stored_labels(db, pid)] == [1, 3]
-    ann = login(TestClient(app), tok["ann"])
+    ann = logged_in(TestClient(app), tok["ann"])
     assert "v3 text" in ann.get(f"/label?project={pid}").text
     assert [p["guidelines_version"] for p in c.get("/api/projects", headers=auth(tok["ann"])).json()] == [3]
 
@@ -169,13 +155,13 @@ def test_archived_project_serves_nothing_and_still_exports(setup):
     label_one(c, tok["ann"], pid, "ann-key-0001")
     held = c.post(f"/api/projects/{pid}/next", headers=auth(tok["bob"])).json()["assignment"]
     assert held is not None
-    admin = login(TestClient(app), tok["admin"])
+    admin = logged_in(TestClient(app), tok["admin"])
     r = admin.post(f"/admin/projects/{pid}/archive", data={"csrf": csrf_of(admin.get("/admin").text), "archived": "1"})
     assert "Archived" in result_of(r.text)
     assert 'class="badge archived"' in admin.get("/admin").text
     for name in ("ann", "bob"):
         assert c.post(f"/api/projects/{pid}/next", headers=auth(tok[name])).json()["assignment"] is None
-    ann = login(TestClient(app), tok["ann"])
+    ann = logged_in(TestClient(app), tok["ann"])
     page = ann.get(f"/label?project={pid}").text
     assert "All done" in page and re.search(r'id="remaining">0<', page)
     assert c.post(f"/api/assignments/{held['assignment_id']}/label", headers=auth(tok["bob"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,30 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def auth(token: str) -> dict[str, str]:
+    """The API's Bearer header for ``token``."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def csrf_of(html: str) -> str:
+    """The CSRF token of a page's form."""
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+def login(client: Any, token: str) -> Any:
+    """Log a test client (FastAPI's TestClient) in through the login form; returns the 303 response."""
+    r = client.post("/login", data={"token": token, "csrf": csrf_of(client.get("/login").text)},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return r
+
+
+def logged_in(client: Any, token: str) -> Any:
+    """The test client, logged in (:func:`login`)."""
+    login(client, token)
+    return client
 
 
 def free_port() -> int:
