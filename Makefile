@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m rlhfkit demo --output-dir runs/demo
 
-# The demo on seeds 0-9, one table with the mean and worst case (SEEDS=0-2 for fewer; about 35 min for ten).
+# The demo on seeds 0-9, one table with the mean and worst case (SEEDS=0-2 for fewer; about an hour for ten).
 SEEDS ?= 0-9
 demo-seeds: $(STAMP)
 	$(PY) bench/demo_seeds.py --seeds $(SEEDS) --out runs/seeds
