@@ -20,7 +20,8 @@ _LABELLER = service.create_user(_DB, "ann")[1]
 service.upsert_project(_DB, "fuzz", [{"prompt": f"p{i}", "responses": ["a", "b"], "gold": None} for i in range(3)],
                        ["pairwise", "likert"], overlap=2)
 # the schema is served to admins only (no public /openapi.json, /docs or /redoc)
-schema = schemathesis.openapi.from_asgi("/api/admin/openapi.json", create_app(_DB),
+_APP = create_app(_DB)
+schema = schemathesis.openapi.from_asgi("/api/admin/openapi.json", _APP,
                                         headers={"Authorization": f"Bearer {_ADMIN}"})
 
 
@@ -32,3 +33,46 @@ def test_no_server_errors(case, who):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     response = case.call(headers=headers)
     case.validate_response(response, checks=(not_a_server_error,))
+
+
+def _with_lone_surrogates(value, seen: list):
+    """Every string inside a generated JSON body (keys kept) with a lone UTF-16 surrogate appended."""
+    if isinstance(value, str):
+        seen.append(1)
+        return value + "\ud800"
+    if isinstance(value, dict):
+        return {k: _with_lone_surrogates(v, seen) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_lone_surrogates(v, seen) for v in value]
+    return value
+
+
+@schema.parametrize()
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@pytest.mark.parametrize("who", ["admin", "labeller"])
+def test_lone_surrogates_in_every_text_field_are_refused_not_server_errors(case, who):
+    """JSON "\\ud800" (valid JSON, not valid Unicode text) in every string of every generated request body and
+    query: refused (4xx), never a 5xx. The body is sent as JSON escapes, as a client would (schemathesis itself
+    cannot encode it)."""
+    import json
+    from urllib.parse import urlencode
+
+    from fastapi.testclient import TestClient
+
+    seen: list = []
+    body = None
+    if isinstance(case.body, dict | list):
+        body = json.dumps(_with_lone_surrogates(case.body, seen))  # ensure_ascii: "\ud800" as an escape
+    query = _with_lone_surrogates(dict(case.query), seen) if isinstance(case.query, dict) and case.query else None
+    if not seen:
+        return
+    token = {"admin": _ADMIN, "labeller": _LABELLER}[who]
+    headers = {"Authorization": f"Bearer {token}", **({"Content-Type": "application/json"} if body else {})}
+    url = case.formatted_path
+    if query:  # a URL carries the surrogate as its (ill-formed) UTF-8 bytes, percent-encoded
+        url += "?" + urlencode({k: str(v).encode("utf-8", "surrogatepass") for k, v in query.items()})
+    with TestClient(_APP, raise_server_exceptions=False) as client:
+        response = client.request(case.method, url, content=body, headers=headers)
+    assert response.status_code < 500, (case.method, case.formatted_path, response.status_code, response.text[:300])
+    if body is not None:
+        assert response.status_code >= 400, (case.method, case.formatted_path, response.status_code)
