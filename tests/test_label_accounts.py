@@ -249,7 +249,7 @@ def labels_stored(path) -> int:
 
 
 @pytest.mark.slow
-def test_refresh_after_create_labeller_does_not_post_again(browser_server):
+def test_refresh_after_create_labeller_does_not_post_again_and_revocation_is_immediate(browser_server):
     from playwright import sync_api as playwright_api
 
     url, (*_, boss), path = browser_server
@@ -273,10 +273,30 @@ def test_refresh_after_create_labeller_does_not_post_again(browser_server):
         assert response.status == 200 and ("POST", 409) not in statuses
         assert [m for m, _ in statuses if m == "POST"] == []
         assert page.query_selector("#new-token") is None  # the token was shown once
-        browser.close()
-    import httpx
+        import httpx
 
-    assert httpx.get(url + "/api/me", headers=auth(token)).json()["name"] == "eve"
+        assert httpx.get(url + "/api/me", headers=auth(token)).json()["name"] == "eve"
+        # eve logs in in her own browser; the admin resets her token from the admin page: at once, the old
+        # token gets 401 and her browser session is gone
+        eve = browser.new_context().new_page()
+        eve.goto(url + "/login")
+        eve.fill("#token", token)
+        eve.click("#login")
+        eve.wait_for_load_state()
+        assert "/login" not in eve.url
+        page.click("xpath=//tr[td[contains(., 'eve')]]//button[@class='rotate']")
+        page.wait_for_selector("#new-token")
+        new_token = page.text_content("#new-token code").strip()
+        assert new_token != token
+        assert httpx.get(url + "/api/me", headers=auth(token)).status_code == 401
+        assert httpx.get(url + "/api/me", headers=auth(new_token)).json()["name"] == "eve"
+        eve.reload()
+        assert eve.url.endswith("/login") or eve.query_selector("#token") is not None
+        # disabled: the new token is refused too
+        page.click("xpath=//tr[td[contains(., 'eve')]]//button[@class='disable']")
+        page.wait_for_load_state()
+        assert httpx.get(url + "/api/me", headers=auth(new_token)).status_code == 401
+        browser.close()
 
 
 @pytest.mark.slow
