@@ -57,7 +57,7 @@ def _args(trainer: str, model: Path, data: Path, steps: int = 3) -> list[str]:
               "--num-threads", "1", "--seed", "3"]
     if trainer == "sft":
         return common + ["--dataset", str(data / "sft.jsonl")]
-    if trainer in ("dpo", "rm"):
+    if trainer in ("dpo", "rm", "kto", "simpo"):
         return common + ["--dataset", str(data / "pref.jsonl")]
     # PPO, REINFORCE++: top-k 1 makes sampling deterministic, so one process and two sample the same responses; one
     # PPO epoch over one minibatch makes the step a single optimizer update on the whole rollout.
@@ -137,7 +137,8 @@ def test_ddp_with_accumulation_equals_one_process(launcher, trainer, tiny_model_
 
 
 @pytest.mark.parametrize("launcher,trainer", [("fsdp2", "sft"), ("fsdp2", "dpo"), ("zero2", "sft"),
-                                              ("zero3", "sft"), ("zero3", "dpo")])
+                                              ("zero3", "sft"), ("zero3", "dpo"), ("fsdp2", "kto"),
+                                              ("zero3", "simpo")])
 def test_sharded_runs_equal_one_process_save_plain_checkpoints_and_resume(launcher, trainer, tiny_model_dir,
                                                                           data, one_process, tmp_path):
     from transformers import AutoModelForCausalLM
