@@ -166,6 +166,7 @@ def test_reference_free_help_needs_no_torch():
 @pytest.mark.slow
 @pytest.mark.parametrize(("trainer", "extra"), [
     ("orpo", []),
+    ("cpo", []),
     ("dpo", ["--sync-ref-model", "--ref-model-sync-steps", "1", "--ref-model-mixup-alpha", "0.5"]),  # TR-DPO
 ])
 def test_two_processes_equal_one(trainer, extra, tiny_model_dir, style_pairs, tmp_path):
