@@ -58,6 +58,12 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
     def counts(added: int, skipped: int) -> str:
         return f"{added} item{'s' if added != 1 else ''} added, {skipped} duplicate{'s' if skipped != 1 else ''} skipped."
 
+    def refused(request: Request, admin: User, name: str, exc: Exception):
+        """The admin page with the one-line reason: a LabelError's own status, a DataError's 422."""
+        if isinstance(exc, service.LabelError):
+            return result(request, admin, name, error=exc.detail, status=exc.status)
+        return result(request, admin, name, error=str(exc), status=422)
+
     @router.post("/admin/projects/new")
     async def create_form(request: Request, admin: User = Depends(require_admin)):
         form = await request.form()
@@ -72,10 +78,8 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
             project, added, skipped = service.import_items(
                 db, name, items, tasks, form_int(form, "overlap", required=False),
                 form_text(form, "guidelines", required=False) or "")
-        except service.LabelError as exc:
-            return result(request, admin, name, error=exc.detail, status=exc.status)
-        except DataError as exc:
-            return result(request, admin, name, error=str(exc), status=422)
+        except (service.LabelError, DataError) as exc:
+            return refused(request, admin, name, exc)
         return result(request, admin, project.name, f"Created with {counts(added, skipped)}")
 
     @router.post("/admin/projects/{project_id}/upload")
@@ -85,10 +89,8 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
             name = service.get_project(s, project_id).name
         try:
             project, added, skipped = service.import_items(db, name, await upload_items(form))
-        except service.LabelError as exc:
-            return result(request, admin, name, error=exc.detail, status=exc.status)
-        except DataError as exc:
-            return result(request, admin, name, error=str(exc), status=422)
+        except (service.LabelError, DataError) as exc:
+            return refused(request, admin, name, exc)
         return result(request, admin, name, counts(added, skipped))
 
     @router.post("/admin/projects/{project_id}/guidelines")
@@ -98,10 +100,8 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
             name = service.get_project(s, project_id).name
         try:
             version = projects.set_guidelines(db, admin, project_id, form_text(form, "guidelines", required=False) or "")
-        except service.LabelError as exc:
-            return result(request, admin, name, error=exc.detail, status=exc.status)
-        except DataError as exc:
-            return result(request, admin, name, error=str(exc), status=422)
+        except (service.LabelError, DataError) as exc:
+            return refused(request, admin, name, exc)
         return result(request, admin, name, f"Guidelines saved: version {version}.")
 
     @router.post("/admin/projects/{project_id}/archive")
