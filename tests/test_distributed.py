@@ -63,7 +63,8 @@ def _args(trainer: str, model: Path, data: Path, steps: int = 3) -> list[str]:
     # PPO epoch over one minibatch makes the step a single optimizer update on the whole rollout.
     return common + ["--dataset", str(data / "prompts.jsonl"), "--reward-fn", f"{data / 'reward.py'}:count_e",
                      "--max-new-tokens", "10", "--num-generations", "2", "--top-k", "1", "--ppo-epochs", "1",
-                     "--num-minibatches", "1", "--reward-normalize", "--eval-on-start", "false"]
+                     "--num-minibatches", "1", "--reward-normalize", "--eval-on-start", "false",
+                     *(["--advantage", "reinforce_pp"] if trainer == "gspo" else [])]
 
 
 def _free_port() -> int:
@@ -113,7 +114,7 @@ def one_process(tiny_model_dir, data, tmp_path_factory):
     def get(trainer: str) -> Path:
         if trainer not in runs:
             out = tmp_path_factory.mktemp(f"single_{trainer}")
-            online = trainer in ("ppo", "reinforce_pp")
+            online = trainer in ("ppo", "reinforce_pp", "gspo")
             batch = ["--prompts-per-step", "8", "--per-device-batch-size", "16"] if online else \
                 ["--per-device-batch-size", str(GLOBAL_BATCH)]
             steps = 1 if online else 3
@@ -164,10 +165,12 @@ def test_sharded_runs_equal_one_process_save_plain_checkpoints_and_resume(launch
 
 
 @pytest.mark.parametrize("launcher,trainer", [("torchrun", "ppo"), ("zero3", "ppo"), ("fsdp2", "ppo"),
-                                              ("torchrun", "reinforce_pp")])
+                                              ("torchrun", "reinforce_pp"), ("torchrun", "gspo")])
 def test_rl_two_processes_match_the_first_update(launcher, trainer, tiny_model_dir, data, one_process, tmp_path):
     """Rollouts split over ranks; whitening, reward normalisation and the token-level loss use all of them
-    (REINFORCE++ whitens its advantages over the whole batch: both ranks' tokens). Under ZeRO-3 sampling
+    (REINFORCE++ whitens its advantages over the whole batch: both ranks' tokens; GSPO's sequence-level loss
+    is a mean over both ranks' responses, here with REINFORCE++ advantages: top-k 1 samples a group's
+    responses alike, so a group baseline would leave nothing to learn). Under ZeRO-3 sampling
     runs on gathered weights (transformers' decode loop: ZeRO-3 re-partitions after each module forward)
     and the reference in a DeepSpeed inference engine; under FSDP2 the lean decode step runs on the
     unsharded weights."""
@@ -177,5 +180,6 @@ def test_rl_two_processes_match_the_first_update(launcher, trainer, tiny_model_d
     reference = one_process(trainer)
     _assert_same_run(reference, out)
     row, ref_row = _per_step(out)[1], _per_step(reference)[1]
+    assert ref_row["grad_norm"] > 1e-3  # an update that moves the weights, so equal runs say something
     for key in ("reward_mean", "reward_std", "kl", "response_length") + (("value_loss",) if trainer == "ppo" else ()):
         assert row[key] == pytest.approx(ref_row[key], rel=1e-5, abs=1e-6), key

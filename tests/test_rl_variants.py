@@ -419,25 +419,36 @@ def test_reward_rises_on_the_count_e_task(cls, settings, tiny_model_dir, count_e
 
 
 @pytest.mark.slow
-def test_gspo_with_dapo_options_resumes_to_the_uninterrupted_run(tiny_model_dir, count_e_files, tmp_path):
-    """GSPO with dynamic sampling (refills draw more prompts), overlong shaping and truncation masking: a run
-    resumed from checkpoint 1 ends with the uninterrupted run's weights and per-step metrics (the prompt
-    stream, the refills and the RNG all continue where they stopped)."""
+@pytest.mark.parametrize("variant", ["gspo_dapo", "reinforce_pp_baseline"])
+def test_variant_resumes_to_the_uninterrupted_run(variant, tiny_model_dir, count_e_files, tmp_path):
+    """A run resumed from checkpoint 1 ends with the uninterrupted run's weights and per-step metrics. GSPO with
+    dynamic sampling (refills draw more prompts), overlong shaping and truncation masking: the prompt stream,
+    the refills and the RNG all continue where they stopped. REINFORCE++ with its group baseline and two PPO
+    epochs over two minibatches: the batch-whitened advantages and the minibatch order continue too."""
     import shutil
 
     from safetensors.torch import load_file
 
-    settings = dict(reward_fn=":has_e", max_new_tokens=3, dynamic_sampling=True, dynamic_sampling_max_rounds=4,
-                    overlong_buffer=2, mask_truncated=True, max_steps=2, save_steps=1, learning_rate=3e-3)
+    from rlhfkit.trainers.rl import ReinforcePPConfig
+
+    if variant == "gspo_dapo":
+        cls, keys = GSPOConfig, ("dynamic_sampling_dropped",)
+        settings = dict(reward_fn=":has_e", max_new_tokens=3, dynamic_sampling=True, dynamic_sampling_max_rounds=4,
+                        overlong_buffer=2, mask_truncated=True)
+    else:
+        cls, keys = ReinforcePPConfig, ()
+        settings = dict(advantage="reinforce_pp_baseline", ppo_epochs=2, num_minibatches=2, max_new_tokens=6)
+    settings.update(max_steps=2, save_steps=1, learning_rate=3e-3)
     full = tmp_path / "full"
-    rows = _run(GSPOConfig, tiny_model_dir, count_e_files, full, **settings)
-    assert sum(r["dynamic_sampling_dropped"] for r in rows) > 0  # the refills happened, so their restore counts
+    rows = _run(cls, tiny_model_dir, count_e_files, full, **settings)
+    if variant == "gspo_dapo":
+        assert sum(r["dynamic_sampling_dropped"] for r in rows) > 0  # the refills happened, so their restore counts
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-1", resumed / "checkpoint-1")
-    again = _run(GSPOConfig, tiny_model_dir, count_e_files, resumed, resume=True, **settings)
+    again = _run(cls, tiny_model_dir, count_e_files, resumed, resume=True, **settings)
     assert [r["step"] for r in again] == [2]
-    for key in ("reward_mean", "score_mean", "loss", "grad_norm", "dynamic_sampling_dropped"):
+    for key in ("reward_mean", "score_mean", "loss", "grad_norm", *keys):
         assert again[0][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-7), key
     want, got = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for name in want:
