@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,7 +224,8 @@ def test_fast_decode_declines_lora_and_unknown_layouts(policy):
 def test_compiled_decode_equals_the_transformers_loop(kind, policy, prompts, tiny_tokenizer, tmp_path, monkeypatch):
     """--compile-decode: the step exported and AOT-compiled in a child process gives the transformers loop's
     tokens and log-probs (top-k / top-p included); one package serves other batch sizes (down to one row) and
-    buffer lengths, and sees in-place weight updates (the weights are inputs, not baked constants)."""
+    buffer lengths, and sees in-place weight updates (the weights are inputs, not baked constants); another
+    sampling setting asks for another package."""
     from rlhfkit.rollout import compiled_decode
 
     monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
@@ -236,10 +238,10 @@ def test_compiled_decode_equals_the_transformers_loop(kind, policy, prompts, tin
     compiled, plain = HFGenerationBackend(tiny_tokenizer, compile_decode=True), \
         HFGenerationBackend(tiny_tokenizer, fast_decode=False)
     # (prompts, samples per prompt, max_new_tokens, top-k, top-p): 6 rows with left padding, then 1 row, then
-    # 4 rows longer; for Llama also top-k + top-p (sampling settings are compiled in: a second package)
-    shapes = [(prompts, 2, 12, 0, 1.0), (prompts[:1], 1, 9, 0, 1.0), (prompts[1:], 2, 20, 0, 1.0)]
-    if kind == "llama":
-        shapes.append((prompts, 2, 12, 20, 0.8))
+    # 4 rows longer; Llama samples plainly, Qwen2 with top-k + top-p (sampling settings are compiled in: one
+    # package per setting, and each build costs ~30 s, so each architecture builds one)
+    top_k, top_p = (0, 1.0) if kind == "llama" else (20, 0.8)
+    shapes = [(prompts, 2, 12, top_k, top_p), (prompts[:1], 1, 9, top_k, top_p), (prompts[1:], 2, 20, top_k, top_p)]
     for update, (batch, samples, steps, top_k, top_p) in enumerate(shapes):
         if update:
             with torch.no_grad():
@@ -268,9 +270,25 @@ def test_compiled_decode_equals_the_transformers_loop(kind, policy, prompts, tin
         assert (got.response_ids, got.ended, got.decode_steps) == (want.response_ids, want.ended,
                                                                    want.decode_steps)
         torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
-    packages = len({(top_k, top_p) for *_, top_k, top_p in shapes})
-    assert len(calls) == packages and len(list((tmp_path / "compiled_decode").glob("*.pt2"))) == packages
+    built = list((tmp_path / "compiled_decode").glob("*.pt2"))
+    assert len(calls) == 1 and len(built) == 1
     assert not compiled_decode._FAILED
+    # another sampling setting is another package (the settings are compiled in): asked for, not reused; its
+    # build is refused here (one build per architecture keeps the test short) and the rollout decodes eagerly
+    asked = []
+
+    def refuse(spec, path):
+        asked.append((spec, path))
+        raise RuntimeError("not built in this test")
+
+    monkeypatch.setattr(compiled_decode, "_build_in_child", refuse)
+    other = (20, 0.8) if kind == "llama" else (0, 1.0)
+    sampling = SamplingConfig(temperature=0.8, max_new_tokens=12, top_k=other[0], top_p=other[1])
+    got, want = (backend.generate(model, prompts, 2, sampling, torch.Generator().manual_seed(7))
+                 for backend in (compiled, plain))
+    assert got.response_ids == want.response_ids
+    assert len(asked) == 1 and (asked[0][0]["top_k"], asked[0][0]["top_p"]) == other
+    assert Path(asked[0][1]) != built[0]
 
 
 def test_compiled_decode_failure_falls_back_to_eager(policy, prompts, tiny_tokenizer, tmp_path, monkeypatch, caplog):
