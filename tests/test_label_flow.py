@@ -14,13 +14,14 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from rlhfkit.label import export, flow, review, service
+from rlhfkit.label import export, flow, projects, review, rules, service
 from rlhfkit.label.db import (
     Assignment,
     Database,
     ItemMark,
     Label,
     LabelRevision,
+    Project,
     migrate,
     schema_version,
     utcnow,
@@ -232,6 +233,50 @@ def test_edit_page_opens_with_the_current_answers(tmp_path):
     db.dispose()
 
 
+def as_submitted(html: str) -> dict[str, str]:
+    """What a browser submits of the label form left as it opened: hidden fields, ticked boxes and radios."""
+    fields = {}
+    for tag in re.findall(r"<input [^>]*>", html[html.index('id="label-form"'):]):
+        name, value = re.search(r'name="(\w+)"', tag), re.search(r'value="([^"]*)"', tag)
+        if name and value and ('type="hidden"' in tag or " checked" in tag):
+            fields[name.group(1)] = value.group(1)
+    return fields
+
+
+def test_edit_page_opens_with_the_stored_ranking_and_saves_it_untouched(tmp_path):
+    db, _, tok = make(tmp_path, n_items=0, users=("ann", "bob"))
+    items = [{"prompt": "rank me", "responses": ["first", "second", "third"]}]
+    pid = service.upsert_project(db, "rank", items, ["ranking"], overlap=2)[0].id
+    c = TestClient(create_app(db))
+    a = c.post(f"/api/projects/{pid}/next", headers=auth(tok["ann"])).json()["assignment"]
+    r = c.post(f"/api/assignments/{a['assignment_id']}/label", headers=auth(tok["ann"]),
+               json={"idempotency_key": "ann-rank-01", "answers": {"ranking": {"order": [2, 0, 1]}}})
+    stored = export.stored_labels(db, pid)[0]["answers"]["ranking"]["ranking"]
+    assert [items[0]["responses"][i] for i in stored] == [a["responses"][p] for p in (2, 0, 1)]
+    ann = logged_in(TestClient(create_app(db)), tok["ann"])
+    edit = ann.get(f"/label/edit/{r.json()['label_id']}").text
+    listed = re.findall(r'<li draggable="true" data-pos="(\d)">.*?<span class="snippet" dir="auto">(\w+)</span>',
+                        edit, re.S)
+    assert listed == [("2", a["responses"][2]), ("0", a["responses"][0]), ("1", a["responses"][1])]
+    assert 'id="ranking_order" value="2,0,1"' in edit
+    assert 'id="ranking_confirmed" value="yes" checked>' in edit  # confirmed when first labelled
+    form = as_submitted(edit)
+    assert (form["ranking_order"], form["ranking_touched"], form["ranking_confirmed"]) == ("2,0,1", "", "yes")
+    r = ann.post(f"/label/edit/{r.json()['label_id']}", data=form, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    (label,) = export.stored_labels(db, pid)
+    assert label["answers"]["ranking"]["ranking"] == stored and len(flow.revisions(db, label["label_id"])) == 1
+    # a first label still has to show that the ranking was looked at
+    bob = logged_in(TestClient(create_app(db)), tok["bob"])
+    page = bob.get(f"/label?project={pid}").text
+    assert 'id="ranking_order" value="0,1,2"' in page and 'value="yes">' in page and "yes\" checked" not in page
+    aid = int(re.search(r'action="/label/(\d+)"', page).group(1))
+    r = bob.post(f"/label/{aid}", data=as_submitted(page))
+    assert r.status_code == 422 and "ranking_confirmed" in r.text
+    assert len(export.stored_labels(db, pid)) == 1
+    db.dispose()
+
+
 def test_skip_and_flag_forms_need_login_csrf_and_labelling_role(tmp_path):
     db, pid, tok = make(tmp_path, n_items=2, overlap=1)
     app = create_app(db)
@@ -283,6 +328,62 @@ def test_held_item_is_released_after_the_timeout(label_db):
     db.dispose()
 
 
+def test_each_project_holds_items_for_its_own_timeout(label_db):
+    db, short, tok = make(label_db, n_items=1, overlap=1)
+    long, unset = (service.upsert_project(db, name, [{"prompt": name, "responses": ["x", "y"]}], ["pairwise"],
+                                          overlap=1)[0].id for name in ("long", "unset"))
+    projects.set_settings(db, short, {"hold_minutes": 5})
+    projects.set_settings(db, long, {"hold_minutes": 15})
+    c = TestClient(create_app(db, hold_minutes=8))  # the default of projects that set none
+    held = {pid: c.post(f"/api/projects/{pid}/next", headers=auth(tok["ann"])).json()["assignment"]
+            for pid in (short, long, unset)}
+    ten_later = utcnow() + dt.timedelta(minutes=10)
+    assert [flow.release_stale(db, pid, 30, now=ten_later) for pid in (short, long, unset)] == [1, 0, 0]
+    with db.session() as s:  # held 10 minutes in every project
+        for a in held.values():
+            s.get(Assignment, a["assignment_id"]).created_at = utcnow() - dt.timedelta(minutes=10)
+    got = {pid: c.post(f"/api/projects/{pid}/next", headers=auth(tok["bob"])).json()["assignment"]
+           for pid in (short, long, unset)}
+    assert got[short]["prompt"] == "q0" and got[long] is None and got[unset]["prompt"] == "unset"
+    with db.session() as s:
+        released = {s.get(Assignment, a["assignment_id"]).project_id: s.get(Assignment, a["assignment_id"]).done
+                    for a in held.values()}
+    assert released == {short: True, long: False, unset: True}
+    db.dispose()
+
+
+def test_migration_6_adds_project_settings_and_keeps_data(tmp_path):
+    path = str(tmp_path / "m.db")
+    engine = Database(path, migrate_schema=False).engine
+    assert migrate(engine, 5) == 5
+    with engine.begin() as c:
+        c.execute(sa.text("INSERT INTO projects (name, guidelines, tasks, overlap, created_at, min_critique_chars, "
+                          "guidelines_version) VALUES ('old', 'g', '[\"pairwise\"]', 2, '2024-01-01 00:00:00', 7, 3)"))
+        c.execute(sa.text("INSERT INTO items (project_id, position, prompt, responses) "
+                          "VALUES (1, 0, 'q', '[\"a\", \"b\"]')"))
+        c.execute(sa.text("INSERT INTO users (name, role, token_hash, active, created_at) "
+                          "VALUES ('ann', 'labeller', 'h', 1, '2024-01-01 00:00:00')"))
+        c.execute(sa.text("INSERT INTO assignments (item_id, user_id, project_id, slot, display_order, done, "
+                          "created_at) VALUES (1, 1, 1, 0, '[1, 0]', 1, '2024-01-01 00:00:00')"))
+        c.execute(sa.text("INSERT INTO labels (assignment_id, item_id, user_id, project_id, idempotency_key, "
+                          "answers, created_at, guidelines_version) VALUES (1, 1, 1, 1, 'old-key-1', "
+                          "'{\"pairwise\": {\"pair\": [1, 0], \"winner\": 0, \"strength\": 1}}', "
+                          "'2024-01-01 00:00:00', 3)"))
+    engine.dispose()
+    db = Database(path)
+    assert schema_version(db.engine) == 6
+    with db.session() as s:
+        old = s.get(Project, 1)
+        assert (old.name, old.guidelines, old.overlap, old.min_critique_chars, old.guidelines_version) == \
+            ("old", "g", 2, 7, 3)
+        assert (old.fast_seconds, old.hold_minutes) == (None, None)  # NULL: the defaults
+        assert rules.fast_seconds(old) == 2.0 and rules.hold_minutes(old, 30.0) == 30.0
+    (lab,) = export.stored_labels(db, 1)
+    assert lab["answers"]["pairwise"]["winner"] == 0 and lab["created_at"] == "2024-01-01T00:00:00Z"
+    assert review.project_review(db, 1)["thresholds"]["fast_seconds"] == 2.0
+    db.dispose()
+
+
 def test_migration_5_from_version_4_keeps_data(tmp_path):
     path = str(tmp_path / "m.db")
     db = Database(path, migrate_schema=False)
@@ -291,7 +392,7 @@ def test_migration_5_from_version_4_keeps_data(tmp_path):
         assert not sa.inspect(conn).has_table("item_marks")
     db.dispose()
     db = Database(path)
-    assert schema_version(db.engine) == 5
+    assert schema_version(db.engine) >= 5  # and every later migration
     with db.engine.begin() as conn:
         insp = sa.inspect(conn)
         assert insp.has_table("item_marks") and insp.has_table("label_revisions")
@@ -378,6 +479,7 @@ def test_label_page_flow_in_chromium(tmp_path):
             page.wait_for_selector("#label-form")
             assert page.get_attribute("#skip-form", "action") == aid
             answer(page, "A")
+            page.click("#ranking li[data-pos='0'] button.down")  # ranked B over A
             page.click("#submit")
             page.wait_for_selector("#skip-form")
             # second item: skip it; never shown again
@@ -405,6 +507,9 @@ def test_label_page_flow_in_chromium(tmp_path):
             assert page.locator("#recent li").count() == 2
             page.locator("#recent li a.edit").last.click()
             page.wait_for_selector("#editing")
+            # the stored ranking, confirmed once: saving it unchanged needs no move and no tick
+            assert page.get_attribute("#ranking_order", "value") == "1,0" and page.is_checked("#ranking_confirmed")
+            assert page.eval_on_selector_all("#ranking li", "els => els.map(e => e.dataset.pos)") == ["1", "0"]
             answer(page, "B")
             page.click("#submit")
             page.wait_for_selector("#recent")
@@ -423,4 +528,5 @@ def test_label_page_flow_in_chromium(tmp_path):
     first = min(export.stored_labels(db, 1), key=lambda lab: lab["label_id"])
     order = first["display_order"]
     assert first["answers"]["pairwise"]["winner"] == order[1]  # the edit's B, not the first A
+    assert first["answers"]["ranking"]["ranking"] == [order[1], order[0]]  # kept through the edit
     db.dispose()

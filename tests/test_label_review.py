@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from rlhfkit.cli import main
 from rlhfkit.label import adjudication, export, review, service
 from rlhfkit.label.db import Adjudication, Database, Item, Label, User, migrate, schema_version
-from rlhfkit.label.testing import auth, csrf_of, login  # noqa: E402
+from rlhfkit.label.testing import auth, csrf_of, logged_in, login  # noqa: E402
 from rlhfkit.label.web import create_app
 
 CHROMIUM = "/usr/bin/chromium"
@@ -95,6 +95,44 @@ def test_disagreement_and_quality_figures_by_hand(seeded):
     assert {n: r["very_fast"] for n, r in q.items()} == {"ann": 1, "bob": 2, "cat": 0}
     slow = review.project_review(db, pid, fast_seconds=4.5)["quality"]
     assert {n: r["very_fast"] for n, r in slow.items()} == {"ann": 2, "bob": 2, "cat": 1}
+
+
+def test_very_fast_threshold_is_a_project_setting_a_query_overrides(seeded):
+    """Durations (s): ann 1, 3, 5; bob 1.5, 1.9, 10; cat 4 (and one without). Default 2 s: 1 / 2 / 0."""
+    db, pid, _, rev, rev_token = seeded
+    admin = logged_in(TestClient(create_app(db)), service.create_user(db, "admin", "admin")[1])
+    api = TestClient(create_app(db))
+
+    def very_fast(query=""):
+        data = api.get(f"/api/review/projects/{pid}{query}", headers=auth(rev_token)).json()
+        return data["thresholds"]["fast_seconds"], {n: r["very_fast"] for n, r in data["quality"].items()}
+
+    assert very_fast() == (2.0, {"ann": 1, "bob": 2, "cat": 0})
+    page = admin.get("/admin").text
+    r = admin.post(f"/admin/projects/{pid}/settings", data={"csrf": csrf_of(page), "fast_seconds": "4.5",
+                                                           "hold_minutes": ""})
+    assert r.status_code == 200 and "Settings saved: &#34;very fast&#34; below 4.5 s" in r.text
+    assert very_fast() == (4.5, {"ann": 2, "bob": 2, "cat": 1})
+    assert very_fast("?fast=1.6") == (1.6, {"ann": 1, "bob": 1, "cat": 0})  # a one-off view
+    assert very_fast() == (4.5, {"ann": 2, "bob": 2, "cat": 1})  # the setting is unchanged
+    html = api.get(f"/review/{pid}", headers=auth(rev_token)).text
+    assert "under 4.5 s\n(the project's setting" in html and "&amp;fast=" not in html
+    assert "under 1.6 s\n(this view" in api.get(f"/review/{pid}?fast=1.6", headers=auth(rev_token)).text
+    assert 'name="fast_seconds" min="0.001"\nmax="3600" step="any" value="4.5"' in admin.get("/admin").text
+    for bad in ("0", "-1", "nan", "3601", "fast"):
+        r = admin.post(f"/admin/projects/{pid}/settings", data={"csrf": csrf_of(page), "fast_seconds": bad})
+        assert r.status_code == 422 and "fast_seconds" in r.text, (bad, r.text)
+    for bad in (0, -2, 1e9, "x"):
+        r = api.post(f"/api/admin/projects/{pid}/settings", headers=auth(rev_token), json={"fast_seconds": bad})
+        assert r.status_code == 403  # reviewers read the threshold, admins set it
+        r = admin.post(f"/api/admin/projects/{pid}/settings", headers={"X-CSRF-Token": csrf_of(page)},
+                       json={"fast_seconds": bad})
+        assert r.status_code == 422, (bad, r.text)
+    assert very_fast()[0] == 4.5  # nothing refused was stored
+    r = admin.post(f"/api/admin/projects/{pid}/settings", headers={"X-CSRF-Token": csrf_of(page)},
+                   json={"fast_seconds": None})  # back to the default
+    assert r.status_code == 200 and r.json()["fast_seconds"] == 2.0
+    assert very_fast() == (2.0, {"ann": 1, "bob": 2, "cat": 0})
 
 
 def test_adjudication_overrules_the_majority_in_every_export(seeded, tmp_path):

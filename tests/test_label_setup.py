@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from rlhfkit.cli import main
 from rlhfkit.label import export, projects, service
 from rlhfkit.label.db import Database, Item, Label
 from rlhfkit.label.testing import auth, csrf_of, logged_in  # noqa: E402
@@ -174,6 +175,74 @@ def test_archived_project_serves_nothing_and_still_exports(setup):
                   json={"archived": False}).json()["archived"] is False
     assert c.post(f"/api/projects/{pid}/next", headers=auth(tok["ann"])).json()["assignment"] is not None
     assert projects.set_archived(db, pid, True)["released"] == 1  # ann's new open assignment
+
+
+def settings_of(db, name: str) -> tuple:
+    with db.session() as s:
+        project = s.scalar(sa.select(service.Project).where(service.Project.name == name))
+        return None if project is None else (project.fast_seconds, project.hold_minutes)
+
+
+def test_fast_and_hold_settings_when_creating_and_later_in_the_browser(setup):
+    db, app, tok = setup
+    admin = logged_in(TestClient(app), tok["admin"])
+    page = admin.get("/admin").text
+    assert 'name="fast_seconds"' in page and 'placeholder="30"> minutes' in page  # the app's --hold-minutes
+    csrf = csrf_of(page)
+    fields = {"csrf": csrf, "name": "timed", "tasks": "pairwise", "overlap": "1"}
+    files = {"file": ("items.jsonl", jsonl(ROWS), "application/json")}
+    for fast, hold in (("-3", "5"), ("0", "5"), ("2", "0"), ("2", "1e3"), ("2", "99999"), ("²", "5")):
+        r = admin.post("/admin/projects/new", data={**fields, "fast_seconds": fast, "hold_minutes": hold}, files=files)
+        assert r.status_code == 422 and re.search("fast_seconds|hold_minutes", result_of(r.text)), (fast, hold)
+    assert settings_of(db, "timed") is None  # a refused setting makes no project
+    r = admin.post("/admin/projects/new", data={**fields, "fast_seconds": "3.5", "hold_minutes": "5"}, files=files)
+    assert r.status_code == 200 and settings_of(db, "timed") == (3.5, 5.0)
+    r = admin.post("/admin/projects/new", data={**fields, "name": "plain"}, files=files)
+    assert r.status_code == 200 and settings_of(db, "plain") == (None, None)  # the defaults
+    pid = next(p["id"] for p in TestClient(app).get("/api/projects", headers=auth(tok["admin"])).json()
+               if p["name"] == "timed")
+    assert 'step="any"\nvalue="5"' in admin.get("/admin").text  # the set-up form shows the stored value
+    r = admin.post(f"/admin/projects/{pid}/settings", data={"csrf": csrf, "fast_seconds": "1", "hold_minutes": "-1"})
+    assert r.status_code == 422 and "hold_minutes" in result_of(r.text) and settings_of(db, "timed") == (3.5, 5.0)
+    r = admin.post(f"/admin/projects/{pid}/settings", data={"csrf": csrf, "fast_seconds": "1", "hold_minutes": ""})
+    assert result_of(r.text) == "Settings saved: &#34;very fast&#34; below 1 s; items held for the server&#39;s default."
+    assert settings_of(db, "timed") == (1.0, None)
+    assert admin.post(f"/admin/projects/{pid}/settings", data={"fast_seconds": "9"}).status_code == 403  # no CSRF
+    ann = logged_in(TestClient(app), tok["ann"])
+    assert ann.post(f"/admin/projects/{pid}/settings", data={"csrf": csrf_of(ann.get("/").text),
+                                                            "fast_seconds": "9"}).status_code == 403
+    api = TestClient(app)
+    r = api.post("/api/admin/projects", headers=auth(tok["admin"]), json={
+        "name": "api", "fast_seconds": 0.5, "hold_minutes": 45, "items": ROWS[:1]})
+    assert r.status_code == 201 and settings_of(db, "api") == (0.5, 45.0)
+    r = api.post("/api/admin/projects", headers=auth(tok["admin"]), json={
+        "name": "api-bad", "hold_minutes": -1, "items": ROWS[:1]})
+    assert r.status_code == 422 and settings_of(db, "api-bad") is None
+    r = api.post(f"/api/admin/projects/{pid}/settings", headers=auth(tok["admin"]), json={"hold_minutes": 20})
+    assert r.json() == {"min_critique_chars": 1, "fast_seconds": 1.0, "hold_minutes": 20.0}  # the rest unchanged
+    assert api.get(f"/api/admin/projects/{pid}/settings", headers=auth(tok["admin"])).json()["hold_minutes"] == 20
+
+
+def test_fast_and_hold_settings_from_the_cli(setup, capsys):
+    db, _, _ = setup
+    path = str(db.engine.url.database)
+    items = Path(path).with_name("items.jsonl")
+    items.write_bytes(jsonl(ROWS))
+    assert main(["label", "import", str(items), "--db", path, "--project", "cli", "--fast-seconds", "2.5",
+                 "--hold-minutes", "7"]) == 0
+    assert settings_of(db, "cli") == (2.5, 7.0)
+    capsys.readouterr()
+    assert main(["label", "settings", "--db", path, "--project", "cli", "--hold-minutes", "12"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"project": "cli", "min_critique_chars": 1, "fast_seconds": 2.5,
+                                                   "hold_minutes": 12.0}
+    assert main(["label", "settings", "--db", path, "--project", "cli", "--hold-minutes", "default"]) == 0
+    assert settings_of(db, "cli") == (2.5, None)  # serve's --hold-minutes from now on
+    for flag, value in (("--fast-seconds", "0"), ("--fast-seconds", "nan"), ("--hold-minutes", "-5")):
+        assert main(["label", "settings", "--db", path, "--project", "cli", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"field '{flag[2:].replace('-', '_')}': must be a number above 0" in err
+    assert main(["label", "import", str(items), "--db", path, "--project", "new", "--hold-minutes", "-1"]) == 2
+    assert settings_of(db, "new") is None and settings_of(db, "cli") == (2.5, None)  # nothing stored
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""``rlhfkit label <command>``: init, add-labeller, user, import, generate, serve, agreement, export, migrate."""
+"""``rlhfkit label <command>``: init, add-labeller, user, import, generate, settings, serve, agreement, export,
+migrate."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ commands:
                  user disable NAME / user enable NAME: refuse / allow NAME's tokens and sessions
   import         add items from a JSONL file (prompt, responses [2..16], optional gold = index of the best)
   generate       sample candidate responses from a policy checkpoint and add them as items
+  settings       show a project's settings, or change them: --min-critique-chars, --fast-seconds, --hold-minutes
+                 (import and generate take them too)
   serve          run the web app (FastAPI + uvicorn)
   agreement      print agreement statistics (Krippendorff, Cohen, Fleiss, % agreement) as JSON
   export         write preference pairs (for rlhfkit rm / dpo), SFT rows from rewrites, or raw labels
@@ -39,8 +42,35 @@ def _project_opts(p: argparse.ArgumentParser) -> None:
                         "pairwise)")
     p.add_argument("--overlap", type=int, default=None, help="labellers per item, R (new project: 3)")
     p.add_argument("--guidelines", default=None, help="Markdown file of labelling guidelines")
-    p.add_argument("--min-critique-chars", type=int, default=None,
-                   help="shortest critique accepted (characters, whitespace at the ends not counted; new project: 1)")
+    _setting_opts(p)
+
+
+def _setting(text: str) -> float | None:
+    """A setting's value on the command line: a number, or 'default' (None: back to the default)."""
+    if text == "default":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'default', got {text!r}") from None
+
+
+def _setting_opts(p: argparse.ArgumentParser) -> None:
+    """The per-project settings (:mod:`.rules`); one left out stays as it is (a new project: the default)."""
+    p.add_argument("--min-critique-chars", type=int, default=argparse.SUPPRESS,
+                   help="shortest critique accepted (characters, whitespace at the ends not counted; default 1)")
+    p.add_argument("--fast-seconds", type=_setting, default=argparse.SUPPRESS,
+                   help="the review page calls a label made faster than this 'very fast' (seconds; 'default': 2)")
+    p.add_argument("--hold-minutes", type=_setting, default=argparse.SUPPRESS,
+                   help="an item assigned but not labelled for this long goes to the next labeller ('default': "
+                        "serve's --hold-minutes)")
+
+
+def _settings(a) -> dict:
+    """The settings given on the command line, checked before anything is stored."""
+    from .rules import CHECKS, checked
+
+    return checked({name: getattr(a, name) for name in CHECKS if hasattr(a, name)})
 
 
 def _project_args(a) -> dict:
@@ -156,6 +186,9 @@ def main(argv: Sequence[str]) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default=None, help="also write the items as JSONL here")
         _project_opts(p)
+    elif command == "settings":
+        p.add_argument("--project", required=True)
+        _setting_opts(p)
     elif command == "serve":
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
@@ -165,7 +198,8 @@ def main(argv: Sequence[str]) -> int:
         p.add_argument("--session-hours", type=float, default=12.0,
                        help="browser session lifetime after login (log out ends it at once)")
         p.add_argument("--hold-minutes", type=float, default=30.0,
-                       help="an item assigned but not labelled for this long goes to the next labeller")
+                       help="an item assigned but not labelled for this long goes to the next labeller (projects "
+                            "without their own setting: see 'settings')")
         p.add_argument("--log-level", default="warning")
         p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                        help="SQLite: NORMAL survives a server crash / kill; FULL also power loss (slower)")
@@ -198,16 +232,10 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(exc.detail) from None
 
 
-def _set_rules(db, project, a) -> None:
-    if a.min_critique_chars is not None:
-        from .rules import set_min_critique
-
-        set_min_critique(db, project.id, a.min_critique_chars)
-
-
 def _run(command: str, a) -> int:
     from . import service
     from .db import Database
+    from .projects import set_settings
 
     db = Database(a.db, synchronous=getattr(a, "synchronous", "NORMAL"))
     if command == "migrate":
@@ -234,12 +262,14 @@ def _run(command: str, a) -> int:
             print(f"user '{user.name}' {a.action}d" + ("" if user.active else
                                                       " (their tokens and sessions are refused from now on)"))
     elif command == "import":
+        settings = _settings(a)
         items = service.read_items(a.file)
         project, added, skipped = service.import_items(db, a.project, items, **_project_args(a))
-        _set_rules(db, project, a)
+        set_settings(db, project.id, settings)
         print(f"project '{project.name}' (id {project.id}): {added} items added, {skipped} duplicates skipped "
               f"({sum(it['gold'] is not None for it in items)} gold rows in the file)")
     elif command == "generate":
+        settings = _settings(a)
         prompts = _read_prompts(a.prompts)
         items, counts = generate_items(a.model, prompts, a.num_samples, a.temperature, a.max_new_tokens, a.seed)
         if not items:
@@ -249,20 +279,27 @@ def _run(command: str, a) -> int:
 
             write_jsonl(a.out, ({"prompt": it["prompt"], "responses": it["responses"]} for it in items))
         project, added, skipped = service.import_items(db, a.project, items, **_project_args(a))
-        _set_rules(db, project, a)
+        set_settings(db, project.id, settings)
         print(f"project '{project.name}' (id {project.id}): {added} items added, {skipped} duplicates skipped "
               f"from {len(prompts)} prompts; "
               f"{counts['dropped_empty_or_duplicate']} empty/duplicate responses dropped, "
               f"{counts['skipped_prompts']} prompts skipped (<2 distinct responses)")
+    elif command == "settings":
+        settings = _settings(a)
+        with db.session() as s:
+            project = service.project_by_name(s, a.project)
+        values = set_settings(db, project.id, settings)
+        print(json.dumps({"project": project.name, **values}))  # hold_minutes null: serve's --hold-minutes
     elif command == "serve":
         import uvicorn
 
+        from .rules import MAX_HOLD_MINUTES
         from .web import create_app
 
         if a.session_hours <= 0:
             raise ConfigError(f"--session-hours must be positive, got {a.session_hours}")
-        if a.hold_minutes <= 0:
-            raise ConfigError(f"--hold-minutes must be positive, got {a.hold_minutes}")
+        if not 0 < a.hold_minutes <= MAX_HOLD_MINUTES:
+            raise ConfigError(f"--hold-minutes must be above 0 and at most {MAX_HOLD_MINUTES:g}, got {a.hold_minutes}")
         app = create_app(db, max_body=a.max_body, max_import=a.max_import, secure_cookies=a.secure_cookies,
                          session_hours=a.session_hours, hold_minutes=a.hold_minutes)
         print(f"rlhfkit label: serving {a.db} on http://{a.host}:{a.port}", flush=True)

@@ -47,6 +47,8 @@ class Project(Base):
     min_critique_chars: Mapped[int | None] = mapped_column(default=1)  # migration 3; NULL: the default (1)
     guidelines_version: Mapped[int | None] = mapped_column(default=None)  # migration 5; NULL: version 1
     archived_at: Mapped[dt.datetime | None] = mapped_column(default=None)  # migration 5: serves no items
+    fast_seconds: Mapped[float | None] = mapped_column(default=None)  # migration 6; NULL: the default (2 s)
+    hold_minutes: Mapped[float | None] = mapped_column(default=None)  # migration 6; NULL: the app's default
 
 
 class Item(Base):
@@ -305,8 +307,16 @@ def _migration_5(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE labels ADD COLUMN guidelines_version INTEGER"))
 
 
+def _migration_6(conn: Connection) -> None:
+    """Per-project review and hold settings: ``projects.fast_seconds`` (the review page's "very fast"
+    threshold) and ``projects.hold_minutes`` (how long an item stays held by a labeller); existing projects
+    NULL: the defaults (2 s; the app's ``--hold-minutes``)."""
+    conn.execute(sa.text("ALTER TABLE projects ADD COLUMN fast_seconds FLOAT"))
+    conn.execute(sa.text("ALTER TABLE projects ADD COLUMN hold_minutes FLOAT"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                  _migration_5]
+                                                  _migration_5, _migration_6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -8,8 +8,8 @@ a recent label and edit it (history kept), and release items held too long. No H
 * Edit: a labeller's own label only (others' are 404). The replaced answers are copied into
   ``label_revisions`` (``superseded_at``), then the ``labels`` row holds the new ones: exports read the current
   label only, and nothing is deleted.
-* Timeout: an open assignment older than ``hold_minutes`` (default :data:`HOLD_MINUTES`) is released, so the
-  item goes to whoever asks next; a late submit of it is a 409.
+* Timeout: an open assignment older than the project's ``hold_minutes`` (unset: the app's ``--hold-minutes``,
+  default :data:`HOLD_MINUTES`) is released, so the item goes to whoever asks next; a late submit of it is a 409.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from . import service
 from .db import Assignment, Database, Item, ItemMark, Label, LabelRevision, Project, User, utcnow
-from .rules import min_critique
+from .rules import hold_minutes, min_critique
 from .text import check_text
 
 SKIP_REASONS = {"unclear": "unclear or ambiguous", "expertise": "needs expertise I lack",
@@ -69,12 +69,14 @@ def flag(db: Database, user: User, assignment_id: int, reason: Any, note: Any = 
     return _mark(db, user, assignment_id, "flag", reason, note)
 
 
-def release_stale(db: Database, project_id: int, hold_minutes: float = HOLD_MINUTES,
+def release_stale(db: Database, project_id: int, default_minutes: float = HOLD_MINUTES,
                   now: dt.datetime | None = None) -> int:
-    """Release open assignments of the project older than ``hold_minutes``; returns how many. One conditional
-    UPDATE: a row a labeller closed meanwhile (``done``) is left alone on every backend."""
-    cutoff = (now or utcnow()) - dt.timedelta(minutes=hold_minutes)
+    """Release open assignments of the project held longer than its ``hold_minutes`` (``default_minutes``, the
+    app's ``--hold-minutes``, when it sets none); returns how many. One conditional UPDATE: a row a labeller
+    closed meanwhile (``done``) is left alone on every backend."""
     with db.session() as s:
+        minutes = hold_minutes(service.get_project(s, project_id), default_minutes)
+        cutoff = (now or utcnow()) - dt.timedelta(minutes=minutes)
         return release(s, Assignment.project_id == project_id, Assignment.created_at < cutoff)
 
 
@@ -136,9 +138,14 @@ def edit_label(db: Database, user: User, label_id: int, key: Any, answers: Any,
 
 def form_values(answers: dict[str, Any], tasks: list[str], order: list[int]) -> dict[str, str]:
     """A stored label (original indices) as the label form's field values (display positions), so the edit
-    page opens with the current answers checked (the ranking is confirmed again)."""
+    page opens with the current answers checked. The ranking opens in its stored order with "this order is
+    right" ticked: the labeller confirmed that order once, so saving it unchanged is no untouched ranking."""
     shown = service.shown_order(tasks, order)
     out: dict[str, str] = {}
+    ranking = (answers.get("ranking") or {}).get("ranking") or []
+    if sorted(ranking) == sorted(shown):
+        out["ranking_order"] = ",".join(str(shown.index(i)) for i in ranking)
+        out["ranking_confirmed"] = "yes"
     a = answers.get("pairwise")
     if a:
         winner = a.get("winner")

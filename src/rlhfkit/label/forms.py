@@ -15,6 +15,7 @@ from .service import LabelError
 from .text import text_problem
 
 _INT = re.compile(r"-?[0-9]{1,9}")
+_NUMBER = re.compile(r"-?(?:[0-9]{1,9}(?:\.[0-9]{0,9})?|\.[0-9]{1,9})")
 
 
 def form_text(form, name: str, required: bool = True) -> str | None:
@@ -39,6 +40,16 @@ def parse_int(value: str, name: str) -> int:
 def form_int(form, name: str, required: bool = True) -> int | None:
     value = form_text(form, name, required)
     return None if value is None else parse_int(value, name)
+
+
+def form_number(form, name: str, required: bool = True) -> float | None:
+    """A decimal number (ASCII digits, one optional point), as :func:`form_int` for whole numbers."""
+    value = form_text(form, name, required)
+    if value is None:
+        return None
+    if not _NUMBER.fullmatch(value.strip()):
+        raise LabelError(422, f"field '{name}' must be a number written with the digits 0-9 and a point")
+    return float(value)
 
 
 def form_answers(form, tasks: list[str], k: int, min_critique_chars: int = 0) -> dict[str, Any]:

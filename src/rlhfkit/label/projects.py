@@ -9,6 +9,7 @@
 * Guidelines: each change adds a ``guidelines_versions`` row and bumps ``projects.guidelines_version``; each
   label records the version it was made under (:mod:`.db`). The text before the first change is version 1.
 * Archive: an archived project serves no items (open assignments are released) and still exports.
+* Settings: the per-project values of :mod:`.rules` (minimum critique, "very fast" threshold, hold timeout).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..errors import DataError
-from . import service
+from . import rules, service
 from .db import Assignment, Database, GuidelinesVersion, Project, User, utcnow
 from .flow import release
 from .render import chat_row
@@ -147,3 +148,15 @@ def set_archived(db: Database, project_id: int, archived: bool) -> dict[str, Any
         elif not archived:
             project.archived_at = None
         return {"id": project.id, "archived": project.archived_at is not None, "released": released}
+
+
+def set_settings(db: Database, project_id: int, values: dict[str, Any]) -> dict[str, Any]:
+    """Set the named settings of a project (a value None: back to the default; names left out: unchanged, so
+    no names just reads them); returns the settings in effect. A bad value is a one-line DataError naming it,
+    and nothing is stored."""
+    values = rules.checked(values)
+    with db.session() as s:
+        project = service.get_project(s, project_id)
+        for name, value in values.items():
+            setattr(project, name, value)
+        return rules.settings_of(project)

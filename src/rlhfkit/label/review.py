@@ -8,8 +8,9 @@ largest max - min rating of one response; flagged at ``likert_spread`` or more, 
 Quality per labeller: labels, median seconds per label (stored durations), agreement with the other
 labellers on shared items (the share of agreeing (labeller, other) rating pairs over pairwise and binary
 units), agreement with adjudications (the share of the labeller's pairwise / ranking-top / binary / Likert
-ratings equal to the live decision of the same unit) and "very fast" labels (duration below
-``fast_seconds``, default 2 s; a label without a duration is not counted).
+ratings equal to the live decision of the same unit) and "very fast" labels (duration below the project's
+``fast_seconds`` setting, default 2 s, which a one-off view may override; a label without a duration is not
+counted).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import service
+from . import rules, service
 from .adjudication import live_by_item
 from .agreement import records_of
 from .db import Assignment, Database, Item, Label, Project, User, utcnow
@@ -29,7 +30,6 @@ from .export import stored_labels
 from .flow import marks
 from .text import scrub
 
-FAST_SECONDS = 2.0
 LIKERT_SPREAD = 2
 JUDGE = "\x00adjudication"  # the pseudo-coder of decisions (no user name may hold a NUL)
 
@@ -79,7 +79,7 @@ def is_disputed(d: dict[str, Any], likert_spread: int = LIKERT_SPREAD) -> bool:
 
 
 def quality(labels: list[dict[str, Any]], decisions: dict[int, dict[str, dict]],
-            fast_seconds: float = FAST_SECONDS) -> dict[str, dict[str, Any]]:
+            fast_seconds: float = rules.FAST_SECONDS_DEFAULT) -> dict[str, dict[str, Any]]:
     """Per labeller name: labels, median_seconds, agreement_with_others (+ pairs compared),
     agreement_with_adjudications (+ ratings compared), very_fast (count below ``fast_seconds``)."""
     recs = records_of(labels)
@@ -103,11 +103,13 @@ def quality(labels: list[dict[str, Any]], decisions: dict[int, dict[str, dict]],
     return out
 
 
-def project_review(db: Database, project_id: int, fast_seconds: float = FAST_SECONDS,
+def project_review(db: Database, project_id: int, fast_seconds: float | None = None,
                    likert_spread: int = LIKERT_SPREAD, only_disputed: bool = False) -> dict[str, Any]:
-    """Items (prompt, responses, labels, disagreement, live decisions), quality per labeller."""
+    """Items (prompt, responses, labels, disagreement, live decisions), quality per labeller; ``fast_seconds``
+    None: the project's setting."""
     with db.session() as s:
         project = service.get_project(s, project_id)
+        fast_seconds = rules.fast_seconds(project) if fast_seconds is None else fast_seconds
         info = {"id": project.id, "name": project.name, "tasks": list(project.tasks), "overlap": project.overlap}
         items = list(s.scalars(sa.select(Item).where(Item.project_id == project_id).order_by(Item.position)))
     labels = stored_labels(db, project_id)

@@ -34,15 +34,17 @@ REVIEW = """{% extends "base.html" %}{% block title %}Review {{ project.name }} 
 <section class="card"><h1>Review: <bdi>{{ project.name }}</bdi></h1>
 <p>{{ items|length }} items shown{% if only_disputed %} (disagreements only){% endif %} · {{ disputed }} with
 disagreement · tasks: {{ project.tasks|join(', ') }} ·
-<a href="/review/{{ project.id }}?disputed={{ 0 if only_disputed else 1 }}&amp;fast={{ thresholds.fast_seconds }}">
+<a href="/review/{{ project.id }}?disputed={{ 0 if only_disputed else 1 }}{% if fast_override is not none %}&amp;fast={{ thresholds.fast_seconds }}{% endif %}">
 {{ 'show all items' if only_disputed else 'disagreements only' }}</a> ·
 <a class="button" id="review-export" href="/review/{{ project.id }}/export.jsonl?kind=pairs">export pairs (adjudicated + majority)</a></p>
 {% if error %}<p class="error" role="alert" id="error">{{ error }}</p>{% endif %}
 </section>
 """ + PROGRESS_BLOCK + """
 <section class="card" id="quality"><h2>Labellers</h2>
-<p>Very fast: a label submitted in under {{ thresholds.fast_seconds }} s
-(<code>?fast=SECONDS</code> changes it).</p>
+<p id="fast-threshold">Very fast: a label submitted in under {{ '%g'|format(thresholds.fast_seconds) }} s
+({% if fast_override is not none %}this view's <code>?fast=</code>; the project's setting is on the admin
+page{% else %}the project's setting, on the admin page; <code>?fast=SECONDS</code> overrides it for one
+view{% endif %}).</p>
 <div class="scroll"><table id="quality-table"><tr><th>labeller</th><th>labels</th><th>median s / label</th>
 <th>agreement with others (pairs)</th><th>agreement with adjudications (ratings)</th><th>very fast</th>
 <th>skipped</th></tr>

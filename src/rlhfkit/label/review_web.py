@@ -25,7 +25,7 @@ from .service import LabelError
 
 REVIEW_ROLES = ("admin", "reviewer")
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
-Fast = Annotated[float, Query(ge=0, le=3600)]
+Fast = Annotated[float | None, Query(ge=0, le=3600)]  # None: the project's own threshold
 
 
 def no_labelling(user: User) -> None:
@@ -108,6 +108,7 @@ def make_router(db, require_user, page_user, csrf_of, page, env) -> APIRouter:
         return user
 
     def render_review(request, user, project_id, fast, disputed, error=None, status=200):
+        """``fast`` None: the project's own "very fast" threshold; a number overrides it for this view."""
         data = review.project_review(db, project_id, fast, only_disputed=disputed)
         history: dict[int, list] = {}
         for a in adjudication.adjudications(db, project_id, history=True):
@@ -117,7 +118,7 @@ def make_router(db, require_user, page_user, csrf_of, page, env) -> APIRouter:
                     items=data["items"], quality=data["quality"], thresholds=data["thresholds"],
                     disputed=sum(it["disputed"] for it in data["items"]), only_disputed=disputed, history=history,
                     options={it["item_id"]: options(it, data["project"]["tasks"]) for it in data["items"]},
-                    progress=review.progress(db, project_id), error=error)
+                    progress=review.progress(db, project_id), error=error, fast_override=fast)
 
     @router.get("/review")
     def review_index(request: Request):
@@ -127,7 +128,7 @@ def make_router(db, require_user, page_user, csrf_of, page, env) -> APIRouter:
         return page("review_index.html", user=user, csrf=csrf_of(request, user), projects=review.projects(db))
 
     @router.get("/review/{project_id}")
-    def review_page(project_id: Id, request: Request, fast: Fast = review.FAST_SECONDS,
+    def review_page(project_id: Id, request: Request, fast: Fast = None,
                     disputed: int = Query(0, ge=0, le=1)):
         user = page_reviewer(request)
         if user is None:
@@ -160,9 +161,9 @@ def make_router(db, require_user, page_user, csrf_of, page, env) -> APIRouter:
         except LabelError as exc:
             if exc.status == 404:
                 raise
-            return render_review(request, user, project_id, review.FAST_SECONDS, False, exc.detail, exc.status)
+            return render_review(request, user, project_id, None, False, exc.detail, exc.status)
         except DataError as exc:
-            return render_review(request, user, project_id, review.FAST_SECONDS, False, str(exc), 422)
+            return render_review(request, user, project_id, None, False, str(exc), 422)
         return RedirectResponse(f"/review/{project_id}#item-{item_id}", status_code=303)
 
     @router.get("/review/{project_id}/export.jsonl")
@@ -177,7 +178,7 @@ def make_router(db, require_user, page_user, csrf_of, page, env) -> APIRouter:
                         headers={"Content-Disposition": f'attachment; filename="project{project_id}_{kind}.jsonl"'})
 
     @router.get("/api/review/projects/{project_id}")
-    def review_json(project_id: Id, fast: Fast = review.FAST_SECONDS, disputed: int = Query(0, ge=0, le=1),
+    def review_json(project_id: Id, fast: Fast = None, disputed: int = Query(0, ge=0, le=1),
                     user: User = Depends(require_reviewer)):
         return review.project_review(db, project_id, fast, only_disputed=bool(disputed))
 

@@ -104,15 +104,16 @@ answer is kept in the history).</p>{% endif %}
 </fieldset>{% endif %}
 {% if 'ranking' in project.tasks %}
 <fieldset class="card task" id="task-ranking"><legend>Rank best (top) to worst: drag, or use the buttons / keys</legend>
-<ol id="ranking">{% for r in view.responses %}
-<li draggable="true" data-pos="{{ loop.index0 }}"><span class="handle" aria-hidden="true">☰</span>
-<b>{{ letters[loop.index0] }}</b> <span class="snippet" dir="auto">{{ r[:80] }}</span>
-<button type="button" class="up" aria-label="move {{ letters[loop.index0] }} up">▲</button>
-<button type="button" class="down" aria-label="move {{ letters[loop.index0] }} down">▼</button></li>
+{% set rank = pre.get('ranking_order') or range(view.responses|length)|join(',') %}
+<ol id="ranking">{% for p in rank.split(',')|map('int') %}
+<li draggable="true" data-pos="{{ p }}"><span class="handle" aria-hidden="true">☰</span>
+<b>{{ letters[p] }}</b> <span class="snippet" dir="auto">{{ view.responses[p][:80] }}</span>
+<button type="button" class="up" aria-label="move {{ letters[p] }} up">▲</button>
+<button type="button" class="down" aria-label="move {{ letters[p] }} down">▼</button></li>
 {% endfor %}</ol>
-<input type="hidden" name="ranking_order" id="ranking_order" value="{{ range(view.responses|length)|join(',') }}">
+<input type="hidden" name="ranking_order" id="ranking_order" value="{{ rank }}">
 <input type="hidden" name="ranking_touched" id="ranking_touched" value="">
-<label class="confirm"><input type="checkbox" name="ranking_confirmed" id="ranking_confirmed" value="yes">
+<label class="confirm"><input type="checkbox" name="ranking_confirmed" id="ranking_confirmed" value="yes"{{ ' checked' if pre.get('ranking_confirmed') == 'yes' else '' }}>
 this order is right (or move a response)</label>
 </fieldset>{% endif %}
 {% if 'critique' in project.tasks %}
@@ -176,6 +177,7 @@ ADMIN = """{% extends "base.html" %}{% block title %}Admin · rlhfkit label{% en
 <fieldset class="row"><legend>Tasks</legend>{% for t in ('pairwise', 'ranking', 'binary', 'likert', 'critique') %}
 <label><input type="checkbox" name="tasks" value="{{ t }}"{{ ' checked' if t == 'pairwise' else '' }}> {{ t }}</label>{% endfor %}</fieldset>
 <label>Labellers per item <input type="number" name="overlap" value="3" min="1" max="100"></label>
+{% with settings = {} %}{% include "project_settings.html" %}{% endwith %}
 <label for="new-project-guidelines">Guidelines (Markdown)</label>
 <textarea name="guidelines" id="new-project-guidelines" rows="3" maxlength="200000"></textarea>
 <label>Items (.jsonl, .csv or .parquet) <input type="file" name="file" id="new-project-file" required
@@ -186,7 +188,7 @@ accept=".jsonl,.json,.ndjson,.csv,.parquet"></label>
 <span class="badge archived">archived</span>{% endif %}</h2>
 <p>{{ p["items"] }} items ({{ p.gold }} gold) · tasks: {{ p.tasks|join(', ') }} · overlap {{ p.overlap }} ·
 {{ p.labels }} labels · <a href="/review/{{ p.id }}">review</a> · <a href="/review/{{ p.id }}/progress">progress</a></p>
-<details class="setup"><summary>Items, guidelines (version {{ p.version }}), archive</summary>
+<details class="setup"><summary>Items, guidelines (version {{ p.version }}), settings, archive</summary>
 <form method="post" action="/admin/projects/{{ p.id }}/upload" enctype="multipart/form-data" class="row">
 <input type="hidden" name="csrf" value="{{ csrf }}">
 <label>More items <input type="file" name="file" required accept=".jsonl,.json,.ndjson,.csv,.parquet"></label>
@@ -196,6 +198,9 @@ accept=".jsonl,.json,.ndjson,.csv,.parquet"></label>
 <label>Guidelines (version {{ p.version }}; saving makes a new version)
 <textarea name="guidelines" rows="4" maxlength="200000">{{ p.guidelines }}</textarea></label>
 <button type="submit" class="save-guidelines">Save guidelines</button></form>
+<form method="post" action="/admin/projects/{{ p.id }}/settings" class="row project-settings">
+<input type="hidden" name="csrf" value="{{ csrf }}">{% with settings = p %}{% include "project_settings.html" %}{% endwith %}
+<button type="submit" class="save-settings">Save settings</button></form>
 <form method="post" action="/admin/projects/{{ p.id }}/archive" class="inline">
 <input type="hidden" name="csrf" value="{{ csrf }}"><input type="hidden" name="archived" value="{{ '0' if p.archived else '1' }}">
 <button type="submit" class="archive">{{ 'restore' if p.archived else 'archive' }}</button></form></details>

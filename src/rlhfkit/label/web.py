@@ -38,6 +38,7 @@ from . import export as export_mod
 from .db import Database, Item, Label, Project, User
 from .forms import form_answers, form_int, form_text
 from .middleware import BodyLimit
+from .projects import set_settings
 from .render import chat_row, chat_turns, md, render_markdown
 from .text import scrub, show_bidi, text_problem
 
@@ -87,6 +88,8 @@ class NewProject(BaseModel):
     overlap: int | None = Field(default=None, ge=1, le=100)
     guidelines: str | None = Field(default=None, max_length=200_000)
     min_critique_chars: int | None = Field(default=None, ge=0, le=50_000)
+    fast_seconds: float | None = Field(default=None, gt=0, le=rules.MAX_FAST_SECONDS)
+    hold_minutes: float | None = Field(default=None, gt=0, le=rules.MAX_HOLD_MINUTES)
     items: list[dict[str, Any]] = Field(default_factory=list, max_length=100_000)
 
 
@@ -235,11 +238,11 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
 
     @app.post("/api/admin/projects", status_code=201)
     def add_project(body: NewProject, admin: User = Depends(require_admin)):
+        settings = rules.checked(body.model_dump(include=set(rules.CHECKS), exclude_none=True))
         items = [service.check_item(chat_row(row), "request", n) for n, row in enumerate(body.items, start=1)]
         project, added, skipped = service.import_items(db, body.name, items, body.tasks, body.overlap,
                                                        body.guidelines)
-        if body.min_critique_chars is not None:
-            rules.set_min_critique(db, project.id, body.min_critique_chars)
+        set_settings(db, project.id, settings)
         return {"id": project.id, "name": project.name, "items_added": added, "duplicates_skipped": skipped}
 
     def agreement_of(project_id: int) -> dict:
@@ -415,11 +418,12 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
                                  "items": len(items), "gold": sum(g is not None for _, _, g in items),
                                  "labels": n_labels, "prompts": {i: scrub(pr) for i, pr, _ in items},
                                  "archived": p.archived_at is not None, "guidelines": scrub(p.guidelines),
-                                 "version": p.guidelines_version or 1})
+                                 "version": p.guidelines_version or 1, "fast_seconds": p.fast_seconds,
+                                 "hold_minutes": p.hold_minutes})
         for p in projects:
             p["agreement"] = agreement_of(p["id"])
         return page("admin.html", status, user=user, csrf=csrf_of(request, user), users=users, projects=projects,
-                    new_token=new_token, error=error)
+                    new_token=new_token, error=error, hold_default=hold_minutes)
 
     def show_once(request: Request, admin: User, new_token: dict | None):
         """Post/redirect/get: a new token goes into the session's one-time flash and the browser to GET
