@@ -234,8 +234,10 @@ def browser_server(tmp_path):
     service.upsert_project(db, "rank", [{"prompt": f"Rank these {i}", "responses": ["one", "two", "three"]}
                                         for i in range(2)], ["ranking", "pairwise"], overlap=1)
     tall = " ".join(f"word{i}" for i in range(430))  # ~3000 characters
+    guidelines = "\n\n".join(f"{n}. Read the whole response before you rate it; prefer the correct one, then the "
+                             "clearer one, and say why." for n in range(1, 21))  # ~2000 characters
     service.upsert_project(db, "tall", [{"prompt": "PROMPT-TOP: summarise", "responses": [tall, tall[::-1]]}],
-                           ["pairwise", "likert"], overlap=3)
+                           ["pairwise", "likert"], overlap=3, guidelines=guidelines)
     db.dispose()
     proc, url = start_server(tmp_path / "b.db", log=tmp_path / "server.log")
     yield url, tokens, tmp_path / "b.db"
@@ -364,4 +366,9 @@ def test_prompt_in_view_on_load_with_a_tall_response(browser_server, size):
         assert "PROMPT-TOP" in page.text_content("#prompt")
         assert box["y"] >= 0 and box["y"] + box["height"] <= height, (size, box, page.evaluate("window.scrollY"))
         assert page.evaluate("window.scrollY") == 0
+        # the first item opens ~2000 characters of guidelines: still open, and the prompt above is in view
+        assert page.evaluate("document.getElementById('guidelines-details').open")
+        assert len(page.text_content("#guidelines .md")) > 1900
+        summaries = page.eval_on_selector_all("summary", "els => els.map(e => e.getBoundingClientRect().height)")
+        assert len(summaries) == 2 and min(summaries) >= 44, summaries  # tap targets
         browser.close()

@@ -300,6 +300,67 @@ def test_skip_and_flag_forms_need_login_csrf_and_labelling_role(tmp_path):
     db.dispose()
 
 
+def test_a_reposted_flag_is_stored_once(tmp_path):
+    """A refresh after the flag POST (or a double click) answers as the first did and adds no second row."""
+    db, pid, tok = make(tmp_path, n_items=2, overlap=1)
+    app = create_app(db)
+    ann = logged_in(TestClient(app), tok["ann"])
+    page = ann.get(f"/label?project={pid}").text
+    aid = int(re.search(r'action="/label/(\d+)/flag"', page).group(1))
+    for _ in range(2):
+        r = ann.post(f"/label/{aid}/flag", data={"csrf": csrf_of(page), "reason": "broken", "note": "dup?"},
+                     follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == f"/label?project={pid}"
+    api = TestClient(app)
+    first, again = (api.post(f"/api/assignments/{aid}/flag", headers=auth(tok["ann"]),
+                             json={"reason": "harmful"}).json() for _ in range(2))
+    assert first == again and first["kind"] == "flag"
+    api.post(f"/api/assignments/{aid}/flag", headers=auth(tok["ann"]), json={"reason": "harmful", "note": "more"})
+    with db.session() as s:
+        rows = sorted((m.reason, m.note) for m in s.scalars(sa.select(ItemMark)))
+    assert rows == [("broken", "dup?"), ("harmful", ""), ("harmful", "more")]  # a different flag is a new row
+    db.dispose()
+
+
+HTML = {"accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
+def test_a_stale_tab_gets_an_html_page_not_json(tmp_path):
+    """Logged out (401) or logged in again (CSRF 403) in another tab: a browser gets a page; the API, JSON."""
+    db, pid, tok = make(tmp_path, n_items=2, overlap=1)
+    ann = logged_in(TestClient(create_app(db)), tok["ann"])
+    page = ann.get(f"/label?project={pid}").text
+    aid = int(re.search(r'action="/label/(\d+)/flag"', page).group(1))
+    flag = {"csrf": csrf_of(page), "reason": "broken"}
+    ann.post("/logout", data={"csrf": csrf_of(page)})  # "another tab" logs out
+    r = ann.post(f"/label/{aid}/flag", data=flag, headers=HTML, follow_redirects=False)
+    assert r.status_code == 401 and r.headers["content-type"].startswith("text/html")
+    assert "You are logged out" in r.text and 'id="token"' in r.text  # the login form, with why
+    assert ann.post(f"/label/{aid}/flag", data=flag).json()["detail"].startswith("authentication required")
+    logged_in(ann, tok["ann"])  # "another tab" logs in again: a new session, the page's token is old
+    r = ann.post(f"/label/{aid}/flag", data=flag, headers=HTML, follow_redirects=False)
+    assert r.status_code == 403 and r.headers["content-type"].startswith("text/html")
+    assert "This page was out of date" in r.text and 'href="/" id="back"' in r.text
+    r = ann.post(f"/api/projects/{pid}/next", headers={**HTML, "x-csrf-token": flag["csrf"]})
+    assert r.status_code == 403 and r.json() == {"detail": "CSRF token missing or wrong"}  # the API keeps JSON
+    with db.session() as s:
+        assert s.scalar(sa.select(sa.func.count(ItemMark.id))) == 0
+    db.dispose()
+
+
+def test_label_pages_check_login_first_and_refuse_reviewers(tmp_path):
+    db, pid, tok = make(tmp_path, n_items=1, overlap=1)
+    app = create_app(db)
+    for path in ("/label", "/label/recent"):
+        r = TestClient(app).get(path, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/login", path  # not a 422 for no project
+        r = logged_in(TestClient(app), tok["ann"]).get(path, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/", path
+    rev = logged_in(TestClient(app), tok["rev"])
+    assert rev.get(f"/label/recent?project={pid}").status_code == 403  # as every other labelling route
+    db.dispose()
+
+
 # ---- timeout -----------------------------------------------------------------------------------------------
 
 
@@ -419,7 +480,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHAT = json.dumps([{"role": "user", "content": "Hi, who are **you**?"},
                    {"role": "assistant", "content": "A bot."}, {"role": "user", "content": "Prove it"}])
 CONTROLS = """() => Array.from(document.querySelectorAll(
-  'button, select, textarea, input:not([type=hidden])')).filter(el => el.offsetParent !== null).map(el => {
+  'button, select, textarea, summary, input:not([type=hidden])')).filter(el => el.offsetParent !== null).map(el => {
   const target = (el.type === 'radio' || el.type === 'checkbox') ? (el.closest('label') || el) : el;
   const r = target.getBoundingClientRect();
   return {what: el.outerHTML.slice(0, 80), w: r.width, h: r.height};

@@ -76,3 +76,28 @@ def test_lone_surrogates_in_every_text_field_are_refused_not_server_errors(case,
     assert response.status_code < 500, (case.method, case.formatted_path, response.status_code, response.text[:300])
     if body is not None:
         assert response.status_code >= 400, (case.method, case.formatted_path, response.status_code)
+
+
+@pytest.mark.parametrize("csrf", [b"\xc3\xa9", b"\xed\xa0\x80", b"\xff\xfe", b"\x00"])
+def test_non_ascii_csrf_values_on_every_state_changing_route_are_403(csrf):
+    """A CSRF value that is not ASCII (header bytes, or a form field's percent-encoded bytes) on every POST /
+    PUT route, pages included, with a live session: 403, never a 5xx (compare_digest raised on non-ASCII)."""
+    import re
+    from urllib.parse import quote_from_bytes
+
+    from fastapi.testclient import TestClient
+
+    from rlhfkit.label.testing import login
+
+    with TestClient(_APP, raise_server_exceptions=False) as client:
+        login(client, _LABELLER)
+        every = [r for top in _APP.routes for r in (top.original_router.routes if hasattr(top, "original_router")
+                                                     else [top])]  # routers included by the app, flattened
+        routes = [(m, re.sub(r"\{action\}", "rotate", re.sub(r"\{\w+_id\}", "1", r.path)))
+                  for r in every for m in getattr(r, "methods", ()) if m in ("POST", "PUT")]
+        assert len(routes) > 20
+        for method, path in routes:
+            by_header = client.request(method, path, headers={"x-csrf-token": csrf}, json={})
+            by_form = client.request(method, path, content=b"csrf=" + quote_from_bytes(csrf).encode(),
+                                     headers={"content-type": "application/x-www-form-urlencoded"})
+            assert (by_header.status_code, by_form.status_code) == (403, 403), (method, path)

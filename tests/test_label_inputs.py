@@ -349,3 +349,112 @@ def test_login_from_an_older_tab_gets_the_login_page_again(app_db):
     fresh = re.search(r'name="csrf" value="([^"]+)"', r.text).group(1)
     ok = client.post("/login", data={"token": tokens["ann"], "csrf": fresh}, follow_redirects=False)
     assert ok.status_code == 303  # the page it gave works
+
+
+# ---- 4. bad bytes in CSRF values and form bodies (independent probe F1, F2) ------------------------------------
+
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+def test_non_ascii_csrf_value_is_403_not_a_server_error(app_db):
+    """hmac.compare_digest raises TypeError on non-ASCII str: every such value must simply not match."""
+    db, _, _, tokens = app_db
+    client = TestClient(create_app(db), raise_server_exceptions=False)
+    client.get("/login")
+    for bad in (b"%C3%A9", b"%ED%A0%80", b"%FF%FE"):
+        r = client.post("/login", content=b"csrf=" + bad + b"&token=x", headers=FORM)
+        assert r.status_code == 403 and "This login form has expired" in r.text, (bad, r.status_code)
+    fresh = TestClient(create_app(db), raise_server_exceptions=False)  # the login cookie itself non-ASCII
+    r = fresh.post("/login", content=b"csrf=abc&token=x", headers={**FORM, "cookie": b"rlk_login_csrf=\xc3\xa9"})
+    assert r.status_code == 403
+    login(client, tokens["ann"])
+    project, _ = service.upsert_project(db, "csrf", [{"prompt": "p", "responses": ["a", "b"]}], ["pairwise"])
+    aid = int(re.search(r'action="/label/(\d+)/skip"', client.get(f"/label?project={project.id}").text).group(1))
+    for bad in (b"%C3%A9", b"%ED%A0%80", b"%FF%FE"):
+        r = client.post(f"/label/{aid}/skip", content=b"csrf=" + bad + b"&reason=other", headers=FORM)
+        assert r.status_code == 403 and r.json() == {"detail": "CSRF token missing or wrong"}, (bad, r.status_code)
+    r = client.post(f"/api/projects/{project.id}/next", headers={"x-csrf-token": b"\xc3\xa9"})
+    assert r.status_code == 403
+
+
+def _marks(db):
+    from rlhfkit.label.db import ItemMark, User
+
+    with db.session() as s:
+        return s.query(ItemMark).count(), [u.name for u in s.query(User).order_by(User.id)]
+
+
+def test_form_bytes_that_are_not_utf8_are_422_naming_the_field_and_nothing_stored(form_page):
+    """Starlette would store U+FFFD (urlencoded) or latin-1 mojibake (multipart): refused like bad JSON text."""
+    db, client, aid, form = form_page
+    csrf = form["csrf"]
+    def body(**raw: bytes) -> bytes:  # the label form, with some fields as raw urlencoded bytes
+        fields = [f"{k}={v}".encode() for k, v in form.items() if k not in raw]
+        return b"&".join(fields + [k.encode() + b"=" + v for k, v in raw.items()])
+
+    for field, raw in (("critique_text", b"%ED%A0%80"), ("critique_rewrite", b"ok%FF%FE")):
+        r = client.post(f"/label/{aid}", content=body(**{field: raw}), headers=FORM)
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"field '{field}': not valid UTF-8 text"), r.text
+    r = client.post(f"/label/{aid}/skip", content=f"csrf={csrf}&reason=other&note=a%FF%FEb".encode(), headers=FORM)
+    assert r.status_code == 422 and r.json()["detail"] == "field 'note': not valid UTF-8 text (byte 1)"
+    r = client.post(f"/label/{aid}/flag", content=f"csrf={csrf}&reason=other&note=%ED%A0%80".encode(), headers=FORM)
+    assert r.status_code == 422 and "field 'note'" in r.json()["detail"]
+    from rlhfkit.label.export import stored_labels
+
+    assert stored_labels(db, 1) == [] and _marks(db)[0] == 0
+    # a U+FFFD the labeller typed is valid text, and raw (not percent-encoded) UTF-8 is read as UTF-8
+    r = client.post(f"/label/{aid}", content=body(critique_text="odd+%EF%BF%BD+é".encode()), headers=FORM,
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert stored_labels(db, 1)[0]["answers"]["critique"]["critique"] == "odd \ufffd é"
+
+
+def test_admin_forms_refuse_bytes_that_are_not_utf8(app_db):
+    db, _, admin, _ = app_db
+    client = TestClient(create_app(db))
+    login(client, admin)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/admin").text).group(1)
+    for bad in (b"%ED%A0%80", b"%FF%FE"):
+        r = client.post("/admin/labellers", content=b"csrf=" + csrf.encode() + b"&role=labeller&name=" + bad,
+                        headers=FORM, follow_redirects=False)
+        assert r.status_code == 422 and r.json()["detail"].startswith("field 'name': not valid UTF-8"), r.text
+    assert _marks(db)[1] == ["admin", "ann", "bob"]
+    # multipart: a text part's raw bytes must be UTF-8 (Starlette would decode them as latin-1)
+    r = client.post("/admin/projects/new", data={"csrf": csrf, "name": "ok"},
+                    files={"file": ("a.jsonl", b'{"prompt": "p", "responses": ["a", "b"]}\n')})
+    assert r.status_code == 200, r.text
+    boundary = b"XyZ"
+    parts = [(b"csrf", csrf.encode()), (b"name", b"\xed\xa0\x80bad")]
+    body = b"".join(b"--" + boundary + b'\r\nContent-Disposition: form-data; name="' + n + b'"\r\n\r\n' + v + b"\r\n"
+                    for n, v in parts)
+    body += (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+             b'Content-Type: application/octet-stream\r\n\r\n{"prompt": "q", "responses": ["a", "b"]}\n\r\n--'
+             + boundary + b"--\r\n")
+    r = client.post("/admin/projects/new", content=body,
+                    headers={"content-type": "multipart/form-data; boundary=XyZ"})
+    assert r.status_code == 422 and r.json()["detail"] == "field 'name': not valid UTF-8 text (byte 0)", r.text
+    r = client.post("/admin/projects/1/guidelines", content=b"csrf=" + csrf.encode() + b"&guidelines=x%FF",
+                    headers=FORM)
+    assert r.status_code == 422 and r.json()["detail"].startswith("field 'guidelines'")
+    with db.session() as s:
+        assert [(p.name, p.guidelines) for p in s.query(Project)] == [("ok", "")]
+
+
+def test_overlong_critique_says_it_is_too_long(app_db):
+    db, client, _, tokens = app_db
+    project, _ = service.upsert_project(db, "long", [{"prompt": "p", "responses": ["a", "b"]}], ["critique"])
+    view = client.post(f"/api/projects/{project.id}/next", headers=auth(tokens["ann"])).json()["assignment"]
+    r = client.post(f"/api/assignments/{view['assignment_id']}/label", headers=auth(tokens["ann"]),
+                    json={"idempotency_key": "long-critique", "answers": {"critique": {"critique": "x" * 50_001}}})
+    assert r.status_code == 422 and "critique.critique is too long: at most 50000 characters" in r.text, r.text
+
+
+def test_every_form_is_read_through_the_strict_reader():
+    """``request.form()`` (lossy for bytes that are not UTF-8) is called by :func:`forms.read_form` only."""
+    from pathlib import Path
+
+    import rlhfkit.label as label
+
+    lossy = [f.name for f in Path(label.__file__).parent.glob("*.py")
+             if f.name != "forms.py" and "request.form()" in f.read_text(encoding="utf-8")]
+    assert lossy == []

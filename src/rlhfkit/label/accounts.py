@@ -10,6 +10,7 @@ token for the admin page after a redirect), cleared when shown.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
 import secrets
 
@@ -20,6 +21,14 @@ from .db import Database, User, WebSession, utcnow
 from .service import LabelError, hash_token, new_token
 
 DEFAULT_SESSION_HOURS = 12.0
+
+
+def same_token(sent: object, expected: str | None) -> bool:
+    """Constant-time comparison of a CSRF value sent by the client with the expected one. Bytes, not str:
+    ``hmac.compare_digest`` raises TypeError on non-ASCII str, which would be a 500 for any bad value."""
+    if not isinstance(sent, str) or not expected:
+        return False
+    return hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 def create_session(db: Database, user_id: int, hours: float = DEFAULT_SESSION_HOURS) -> str:

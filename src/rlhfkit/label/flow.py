@@ -5,6 +5,7 @@ a recent label and edit it (history kept), and release items held too long. No H
   closed and *released* (``released_at`` set, its slot freed), so the item is never served to that labeller
   again but another labeller can take the slot; a skip is not a label (no export counts it).
 * Flag: one of :data:`FLAG_REASONS` and an optional note, shown on the review page; the labeller keeps the item.
+  The same flag again (same reason and note, e.g. a re-posted form) answers the first one; nothing is added.
 * Edit: a labeller's own label only (others' are 404). The replaced answers are copied into
   ``label_revisions`` (``superseded_at``), then the ``labels`` row holds the new ones: exports read the current
   label only, and nothing is deleted.
@@ -54,6 +55,12 @@ def _mark(db: Database, user: User, assignment_id: int, kind: str, reason: Any, 
             raise service.LabelError(409, f"assignment {assignment_id} is closed (labelled, skipped or timed out)")
         if kind == "skip":
             assignment.done, assignment.released_at, assignment.slot = True, utcnow(), None
+        else:  # a re-posted flag (a refresh, a double click) is the first one again, not a second row
+            same = s.scalar(sa.select(ItemMark).where(
+                ItemMark.item_id == assignment.item_id, ItemMark.user_id == user.id, ItemMark.kind == kind,
+                ItemMark.reason == reason, ItemMark.note == note).order_by(ItemMark.id).limit(1))
+            if same is not None:
+                return same
         mark = ItemMark(item_id=assignment.item_id, project_id=assignment.project_id, user_id=user.id, kind=kind,
                         reason=reason, note=note)
         s.add(mark)

@@ -18,7 +18,7 @@ from ..errors import DataError
 from . import flow, review_web, rules, service
 from .db import Assignment, Project, User
 from .flow_templates import TEMPLATES
-from .forms import form_answers, form_int, form_text
+from .forms import form_answers, form_int, form_text, read_form
 from .render import render_markdown
 
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -72,7 +72,7 @@ def make_router(db, require_user, page_user, csrf_of, page, env) -> APIRouter:
 
     async def mark_form(request: Request, user: User, assignment_id: int, kind: str):
         review_web.no_labelling(user)
-        form = await request.form()
+        form = await read_form(request)
         with db.session() as s:
             project_id = service.own_assignment(s, user, assignment_id).project_id
         try:
@@ -94,10 +94,11 @@ def make_router(db, require_user, page_user, csrf_of, page, env) -> APIRouter:
         return await mark_form(request, user, assignment_id, "flag")
 
     @router.get("/label/recent")
-    def recent_page(request: Request, project: int = Query(..., ge=1, le=2**31 - 1)):
+    def recent_page(request: Request, project: int | None = Query(None, ge=1, le=2**31 - 1)):
         user = page_user(request)
-        if user is None:
-            return RedirectResponse("/login", status_code=303)
+        if user is None or project is None:  # the login check first; no project: home picks one
+            return RedirectResponse("/login" if user is None else "/", status_code=303)
+        review_web.no_labelling(user)  # 403, as on every other labelling route
         labels = flow.recent_labels(db, user, project)
         with db.session() as s:
             proj = service.get_project(s, project)
@@ -127,7 +128,7 @@ def make_router(db, require_user, page_user, csrf_of, page, env) -> APIRouter:
     @router.post("/label/edit/{label_id}")
     async def edit_post(label_id: Id, request: Request, user: User = Depends(require_user)):
         review_web.no_labelling(user)
-        form = await request.form()
+        form = await read_form(request)
         with db.session() as s:
             label = flow.own_label(s, user, label_id)
             assignment = s.get(Assignment, label.assignment_id)

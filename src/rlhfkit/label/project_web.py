@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from ..errors import DataError
 from . import projects, rules, service
 from .db import Project, User
-from .forms import form_int, form_number, form_text
+from .forms import form_int, form_number, form_text, read_form
 
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
@@ -97,7 +97,7 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
 
     @router.post("/admin/projects/new")
     async def create_form(request: Request, admin: User = Depends(require_admin)):
-        form = await request.form()
+        form = await read_form(request)
         name = ""
         try:
             name = form_text(form, "name")
@@ -117,7 +117,7 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
 
     @router.post("/admin/projects/{project_id}/upload")
     async def upload_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
-        form = await request.form()
+        form = await read_form(request)
         with db.session() as s:
             name = service.get_project(s, project_id).name
         try:
@@ -128,7 +128,7 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
 
     @router.post("/admin/projects/{project_id}/guidelines")
     async def guidelines_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
-        form = await request.form()
+        form = await read_form(request)
         with db.session() as s:
             name = service.get_project(s, project_id).name
         try:
@@ -139,7 +139,7 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
 
     @router.post("/admin/projects/{project_id}/settings")
     async def settings_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
-        form = await request.form()
+        form = await read_form(request)
         with db.session() as s:
             name = service.get_project(s, project_id).name
         try:
@@ -150,7 +150,7 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
 
     @router.post("/admin/projects/{project_id}/archive")
     async def archive_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
-        form = await request.form()
+        form = await read_form(request)
         done = projects.set_archived(db, project_id, form.get("archived") != "0")
         with db.session() as s:
             name = service.get_project(s, project_id).name

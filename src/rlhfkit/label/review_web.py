@@ -19,7 +19,7 @@ from ..errors import DataError
 from . import adjudication, review
 from . import export as export_mod
 from .db import User
-from .forms import form_text
+from .forms import form_text, read_form
 from .review_templates import TEMPLATES
 from .service import LabelError
 
@@ -148,7 +148,7 @@ def make_router(db, require_user, page_user, csrf_of, page, env) -> APIRouter:
     @router.post("/review/{project_id}/items/{item_id}/adjudicate")
     async def adjudicate_form(project_id: Id, item_id: Id, request: Request,
                               user: User = Depends(require_reviewer)):
-        form = await request.form()
+        form = await read_form(request)
         try:
             task = form_text(form, "task")
             raw = form_text(form, "answer")

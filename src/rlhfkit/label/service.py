@@ -413,11 +413,13 @@ def map_answers(tasks: list[str], order: list[int], answers: Any, min_critique_c
             out[task] = {"ratings": stored}
         elif task == "critique":
             text, rewrite, target = a.get("critique", ""), a.get("rewrite"), a.get("target", 0)
-            _need(isinstance(text, str) and len(text) <= MAX_TEXT, "critique.critique must be a string")
+            _need(isinstance(text, str), "critique.critique must be a string")
+            _need(len(text) <= MAX_TEXT, f"critique.critique is too long: at most {MAX_TEXT} characters")
             _need(critique_problem(text, min_critique_chars) is None,
                   f"critique.critique: {critique_problem(text, min_critique_chars)}")
-            _need(rewrite is None or (isinstance(rewrite, str) and len(rewrite) <= MAX_TEXT),
-                  "critique.rewrite must be a string or null")
+            _need(rewrite is None or isinstance(rewrite, str), "critique.rewrite must be a string or null")
+            _need(rewrite is None or len(rewrite) <= MAX_TEXT,
+                  f"critique.rewrite is too long: at most {MAX_TEXT} characters")
             _need(_int_in(target, 0, k - 1), f"critique.target must be a display position 0..{k - 1}")
             out[task] = {"response": order[target], "critique": text,
                          "rewrite": rewrite if rewrite and rewrite.strip() else None}

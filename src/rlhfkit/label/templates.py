@@ -269,8 +269,11 @@ text-transform:uppercase;color:#445}.turn[data-role=user]{border-color:#2d6cdf}.
 .work label:has(input[type=radio]),.work label:has(input[type=checkbox]){display:inline-flex;align-items:center;
 min-height:44px;min-width:44px;padding:0 .3em}.work .row label:has(select),.work .row label:has(input[type=text]){
 display:inline-flex;align-items:center;gap:.3em;min-height:44px}
+summary{cursor:pointer;min-height:44px;padding:.6em 0}
 @media (max-width:760px){.layout{flex-direction:column;align-items:stretch}.guidelines{position:static;flex:none;width:100%;
-max-height:none}main{padding:.4em}.work{width:100%}}
+max-height:none}main{padding:.4em}.work{width:100%}
+/* phone: open guidelines scroll inside a third of the screen, so the prompt is in view on load */
+.guidelines .md{max-height:35vh;overflow:auto}}
 """
 
 JS = r"""

@@ -12,7 +12,9 @@ review routes (:mod:`.review_web`) but no admin route and cannot label (403). Pa
 are Markdown rendered with raw HTML disabled, a Content-Security-Policy forbids inline script, and bidi
 controls in user text are printed as visible markers (:mod:`.text`). There is no ``/docs``, ``/redoc`` or
 public ``/openapi.json``: admins get the schema at ``/api/admin/openapi.json``. Text that is not valid Unicode
-is a 422 at every input (:mod:`.text`). Request bodies above ``max_body`` (imports: ``max_import``) are refused
+is a 422 at every input (:mod:`.text`; form bodies via :func:`.forms.read_form`). A browser asking for a page
+gets errors as HTML (:mod:`.web_errors`: a stale tab sees the login form or an "out of date" page), the API
+JSON. Request bodies above ``max_body`` (imports: ``max_import``) are refused
 with 413.
 """
 
@@ -32,11 +34,11 @@ from markupsafe import Markup
 from pydantic import BaseModel, Field
 
 from ..errors import DataError
-from . import accounts, flow, flow_web, project_web, review_web, rules, service, templates
+from . import accounts, flow, flow_web, project_web, review_web, rules, service, templates, web_errors
 from . import agreement as agreement_mod
 from . import export as export_mod
 from .db import Database, Item, Label, Project, User
-from .forms import form_answers, form_int, form_text
+from .forms import form_answers, form_int, form_text, read_form
 from .middleware import BodyLimit
 from .projects import set_settings
 from .render import chat_row, chat_turns, md, render_markdown
@@ -114,10 +116,6 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
     def page(name: str, status: int = 200, **ctx) -> HTMLResponse:
         return HTMLResponse(env.get_template(name).render(**ctx), status_code=status)
 
-    @app.exception_handler(service.LabelError)
-    async def _label_error(request: Request, exc: service.LabelError):
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
-
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError):
         return JSONResponse({"detail": str(exc)}, status_code=422)
@@ -169,9 +167,9 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
             sent = request.headers.get("x-csrf-token")
             if sent is None and request.headers.get("content-type", "").startswith(
                     ("application/x-www-form-urlencoded", "multipart/form-data")):
-                sent = (await request.form()).get("csrf")
-            if not isinstance(sent, str) or not hmac.compare_digest(sent, csrf_for(user, session)):
-                raise HTTPException(403, "CSRF token missing or wrong")
+                sent = (await read_form(request, strict=False)).get("csrf")
+            if not accounts.same_token(sent, csrf_for(user, session)):
+                raise HTTPException(403, web_errors.CSRF_WRONG)
         return user
 
     async def require_admin(user: User = Depends(require_user)) -> User:
@@ -303,13 +301,12 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request):
-        form = await request.form()
-        sent, cookie = form.get("csrf"), request.cookies.get(LOGIN_CSRF_COOKIE)
-        if not isinstance(sent, str) or not cookie or not hmac.compare_digest(sent, cookie):
+        sent = (await read_form(request, strict=False)).get("csrf")
+        if not accounts.same_token(sent, request.cookies.get(LOGIN_CSRF_COOKIE)):
             # e.g. an older login tab (its form token was replaced since): a fresh form, not a bare error
             return login_again(403, "This login form has expired (opened in another tab or too long ago); "
                                     "please log in again.")
-        token = form.get("token")
+        token = (await read_form(request)).get("token")
         with db.session() as s:
             user = service.authenticate(s, token if isinstance(token, str) else None)
         if user is None:
@@ -367,15 +364,15 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
                         editing=None, first=prog["done"] == 0)
 
     @app.get("/label", include_in_schema=False)
-    def label_get(request: Request, project: int = Query(..., ge=1, le=2**31 - 1)):
+    def label_get(request: Request, project: int | None = Query(None, ge=1, le=2**31 - 1)):
         user = page_user(request)
-        if user is None:
-            return RedirectResponse("/login", status_code=303)
+        if user is None or project is None:  # the login check first; no project: home picks one
+            return RedirectResponse("/login" if user is None else "/", status_code=303)
         return label_page(request, user, project)
 
     @app.post("/label/{assignment_id}", include_in_schema=False)
     async def label_post(assignment_id: Id, request: Request, user: User = Depends(require_user)):
-        form = await request.form()
+        form = await read_form(request)
         with db.session() as s:
             assignment = service.own_assignment(s, user, assignment_id)
             project = s.get(Project, assignment.project_id)
@@ -437,7 +434,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
 
     @app.post("/admin/labellers", include_in_schema=False)
     async def admin_add_user(request: Request, admin: User = Depends(require_admin)):
-        form = await request.form()
+        form = await read_form(request)
         try:
             user, token = service.create_user(db, form_text(form, "name", required=False) or "",
                                               form_text(form, "role", required=False) or "labeller")
@@ -472,6 +469,7 @@ def create_app(db: Database | str, max_body: int = 256 * 1024, max_import: int =
         return Response(text, media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="project{project_id}_{kind}.jsonl"'})
 
+    web_errors.install(app, env, page, login_again)  # pages get HTML errors, the API keeps JSON
     app.include_router(flow_web.make_router(db, require_user, page_user, csrf_of, page, env))
     app.include_router(project_web.make_router(db, require_user, csrf_of, page, env))
     app.include_router(review_web.make_router(db, require_user, page_user, csrf_of, page, env))
