@@ -315,7 +315,7 @@ COMPARE_SHRINK: dict[str, dict] = {
     "sft": {"max_steps": 6, "num_epochs": 1},
     "preferences": {"num_samples": 3, "rounds": 1, "max_prompts": 16, "heldout_samples": 2, "max_new_tokens": 12,
                     "other_samples": 1, "explore_samples": 1},
-    "rm": {"max_steps": 4},
+    **{name: {"max_steps": 4} for name in ("rm", "rm2")},
     "ppo": {"max_steps": 2, "prompts_per_step": 4, "max_new_tokens": 10},
     "grpo": {"max_steps": 2, "prompts_per_step": 2, "max_new_tokens": 10},
     **{name: {"max_steps": 2} for name in ("dpo", "kto", "simpo", "orpo")},
