@@ -17,11 +17,9 @@ them (the mean, min or std of anything with a NaN is NaN).
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import math
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,8 @@ from ..models.forward import reward_scores, to_device
 from ..models.loading import load_reward_model, load_tokenizer, tokenizers_match
 from .http_reward import API_KEY_ENV, HTTPReward, describe_request_error, post_with_retries
 from .options import REWARD_ENSEMBLES
-from .scoring import RewardSource, ScoringBatch, _as_scores, _one_line, checked_scores, row_fields
+from .scoring import RewardSource, ScoringBatch, _as_scores, checked_scores, row_fields
+from .user_code import load_functions
 
 logger = logging.getLogger("rlhfkit")
 
@@ -268,35 +267,11 @@ class FunctionReward:
 
 
 def load_reward_function(spec: str) -> FunctionReward:
-    """Load ``path/to/file.py:function`` as a FunctionReward named ``spec``.
+    """Load ``path/to/file.py:function`` (or ``package.module:function``) as a FunctionReward named ``spec``.
 
-    The file is imported as a fresh module (its folder is not added to ``sys.path``).
+    A file is imported as a fresh module (its folder is not added to ``sys.path``).
     """
-    path_text, sep, func_name = spec.strip().rpartition(":")
-    if not sep or not path_text or not func_name.strip():
-        raise ConfigError(f"reward function '{spec}': expected path/to/file.py:function_name")
-    func_name = func_name.strip()
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"reward function file '{path_text}' does not exist")
-    module_name = f"_rlhfkit_reward_fn_{abs(hash(str(path.resolve())))}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"reward function file '{path_text}' cannot be imported (is it a .py file?)")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module  # so dataclasses / pickling inside the file work
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(module_name, None)
-        raise ConfigError(f"reward function file '{path_text}' failed to import: {type(exc).__name__}: "
-                          f"{_one_line(exc)}") from exc
-    if not hasattr(module, func_name):
-        raise ConfigError(f"reward function file '{path_text}' has no function '{func_name}'")
-    fn = getattr(module, func_name)
-    if not callable(fn):
-        raise ConfigError(f"'{func_name}' in reward function file '{path_text}' is a {type(fn).__name__}, "
-                          "not a function")
+    [(func_name, fn)] = load_functions(spec, "reward function")
     return FunctionReward(fn, name=spec.strip(), metric_name=func_name)
 
 

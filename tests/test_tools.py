@@ -1,0 +1,353 @@
+"""The tool layer of multi-turn RL: loading tools, parsing calls, running them safely, and the tool turn's text."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from rlhfkit.errors import ConfigError, ModelError
+from rlhfkit.rollout.tools import (
+    ToolCall,
+    ToolCallError,
+    ToolResult,
+    ToolStats,
+    call_closed,
+    continuation_text,
+    load_tools,
+    parse_tool_call,
+    render_with_tools,
+    run_tool_call,
+    tool_message,
+)
+
+TOOLS_FILE = '''
+import os
+import time
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+def lookup(country: str, detail: str = "capital") -> dict:
+    """Look a country up in the atlas.
+
+    Args:
+        country: The country's name.
+        detail: What to return. (choices: ["capital", "population"])
+    """
+    return {"country": country, detail: "Xanadu"}
+
+
+def fail(x: int) -> int:
+    """Always fails.
+
+    Args:
+        x: Shown in the message.
+    """
+    raise ValueError(f"bad x {x}")
+
+
+def hang(pid_file: str) -> str:
+    """Write its process id, then sleep far past any timeout.
+
+    Args:
+        pid_file: Where the process id goes.
+    """
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+    return "woke"
+
+
+def huge() -> str:
+    """One megabyte of text."""
+    return "x" * 1_000_000
+
+
+def odd() -> object:
+    """A value JSON cannot write."""
+    return {1, 2}
+
+
+def no_hints(a):
+    """No type hints.
+
+    Args:
+        a: Something.
+    """
+    return a
+
+
+def no_docstring(a: int) -> int:
+    return a
+
+
+NOT_CALLABLE = 3
+'''
+
+# a template that shows `tools` in a system turn of its own (as Qwen's and Llama 3's do)
+# (transformers renders templates with trim_blocks: a newline right after a tag goes, hence {{ '\\n' }})
+TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>\n# Tools\n{% for tool in tools %}{{ tool['function']['name'] }}: "
+    "{{ tool['function']['description'] }}\n{% endfor %}{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+
+
+@pytest.fixture
+def tools_file(tmp_path):
+    path = tmp_path / "my_tools.py"
+    path.write_text(TOOLS_FILE)
+    return path
+
+
+@pytest.fixture
+def tools(tools_file):
+    return load_tools(f"{tools_file}:add,lookup,fail,hang,huge,odd")
+
+
+@pytest.fixture
+def tools_tokenizer(tiny_model_dir):
+    """A fresh copy of the tiny tokenizer whose template renders tools natively."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_schemas_come_from_type_hints_and_docstrings(tools):
+    assert [t.name for t in tools] == ["add", "lookup", "fail", "hang", "huge", "odd"]
+    assert tools[0].function(2, 3) == 5
+    assert tools[0].schema == {"type": "function", "function": {
+        "name": "add", "description": "Add two integers.",
+        "parameters": {"type": "object", "properties": {
+            "a": {"type": "integer", "description": "The first number."},
+            "b": {"type": "integer", "description": "The second number."}}, "required": ["a", "b"]},
+        "return": {"type": "integer"}}}
+    detail = tools[1].schema["function"]["parameters"]["properties"]["detail"]
+    assert detail == {"type": "string", "enum": ["capital", "population"], "description": "What to return."}
+    assert tools[1].schema["function"]["parameters"]["required"] == ["country"]
+
+
+def test_tools_load_from_a_module_name_and_from_several_specs(tools_file, monkeypatch):
+    monkeypatch.syspath_prepend(str(tools_file.parent))
+    from_module = load_tools("my_tools:add")
+    assert [t.name for t in from_module] == ["add"] and from_module[0].function(4, 5) == 9
+    both = load_tools([f"{tools_file}:add", "my_tools:lookup"])
+    assert [t.name for t in both] == ["add", "lookup"]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("{file}:add,missing_fn", ["my_tools.py", "missing_fn", "has no function"]),
+    ("{file}:NOT_CALLABLE", ["my_tools.py", "NOT_CALLABLE", "not a function"]),
+    ("{dir}/nope.py:add", ["nope.py", "does not exist"]),
+    ("no_such_module_xyz:add", ["no_such_module_xyz", "cannot be imported"]),
+    ("{file}", ["my_tools.py", "file.py:fn1,fn2"]),
+    ("{file}:add,", ["my_tools.py", "file.py:fn1,fn2"]),
+    ("{file}:no_hints", ["my_tools.py", "no_hints", "missing a type hint"]),
+    ("{file}:no_docstring", ["my_tools.py", "no_docstring", "no docstring"]),
+    ("{file}:add,lookup,add", ["my_tools.py", "'add'", "already loaded"]),
+])
+def test_bad_tool_specs_are_one_line_config_errors(tools_file, spec, words):
+    with pytest.raises(ConfigError) as info:
+        load_tools(spec.format(file=tools_file, dir=tools_file.parent))
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_the_same_tool_name_from_two_files_is_refused(tools_file, tmp_path):
+    other = tmp_path / "other.py"
+    other.write_text(TOOLS_FILE)
+    with pytest.raises(ConfigError, match=r"tool 'add' in '.*other.py': a tool named 'add' is already loaded"):
+        load_tools([f"{tools_file}:add", f"{other}:add"])
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def test_a_good_call_is_parsed_with_its_span(tools):
+    text = f"Let me add them. {CALL} trailing"
+    call = parse_tool_call(text, tools)
+    start = text.index("<tool_call>")
+    assert call == ToolCall("add", {"a": 2, "b": 3}, (start, start + len(CALL)))
+    assert text[slice(*call.span)] == CALL
+    # arguments as a JSON string (OpenAI's convention) and omitted defaults are fine
+    arguments_text = json.dumps({"name": "lookup", "arguments": json.dumps({"country": "Atlantis"})})
+    as_string = parse_tool_call(f"<tool_call>{arguments_text}</tool_call>", tools)
+    assert isinstance(as_string, ToolCall) and as_string.arguments == {"country": "Atlantis"}
+    no_arguments = parse_tool_call('<tool_call>{"name": "huge"}</tool_call>', tools)
+    assert isinstance(no_arguments, ToolCall) and no_arguments.arguments == {}
+
+
+def test_text_without_a_call_is_none(tools):
+    assert parse_tool_call("The answer is 5.", tools) is None
+    assert parse_tool_call("", tools) is None
+
+
+@pytest.mark.parametrize("body, words", [
+    ('{"name": "add", "arguments": {"a": 2, "b": 3}', ["not valid JSON"]),
+    ('["add", 2, 3]', ["JSON list", "not an object"]),
+    ('{"arguments": {"a": 2}}', ["no 'name'"]),
+    ('{"name": "multiply", "arguments": {"a": 2}}', ["no tool 'multiply'", "add, lookup"]),
+    ('{"name": "add", "arguments": [2, 3]}', ["'arguments' must be a JSON object"]),
+    ('{"name": "add", "arguments": {"a": 2}}', ["missing the required argument(s): b"]),
+    ('{"name": "add", "arguments": {"a": 2, "b": 3, "c": 4}}', ["no argument(s) c", "it takes: a, b"]),
+    ('{"name": "add", "arguments": {"a": "2", "b": 3}}', ["argument 'a' should be integer", '"2"']),
+    ('{"name": "add", "arguments": {"a": true, "b": 3}}', ["argument 'a' should be integer", "true"]),
+    ('{"name": "lookup", "arguments": {"country": "X", "detail": "flag"}}',
+     ["argument 'detail' should be one of", "capital", '"flag"']),
+])
+def test_malformed_calls_say_what_is_wrong(tools, body, words):
+    text = f"ok <tool_call>{body}</tool_call>"
+    error = parse_tool_call(text, tools)
+    assert isinstance(error, ToolCallError), error
+    assert all(w in error.message for w in words), error.message
+    assert error.span == (3, len(text))
+
+
+def test_an_unclosed_call_is_malformed_and_not_closed(tools):
+    text = 'x <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    error = parse_tool_call(text, tools)
+    assert isinstance(error, ToolCallError) and "no closing </tool_call>" in error.message
+    assert not call_closed(text)
+    assert call_closed(text + "</tool_call>")
+    assert not call_closed("</tool_call> then <tool_call>")  # a close before the open does not end a call
+    assert not call_closed("plain text")
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def _run(tools, body, timeout_s=5.0, max_chars=1000):
+    return run_tool_call(parse_tool_call(f"<tool_call>{body}</tool_call>", tools), tools, timeout_s, max_chars)
+
+
+def test_results_become_text(tools):
+    added = _run(tools, '{"name": "add", "arguments": {"a": 2, "b": 3}}')
+    assert (added.text, added.error) == ("5", None)
+    looked_up = _run(tools, '{"name": "lookup", "arguments": {"country": "Atlantis"}}')
+    assert (looked_up.text, looked_up.error) == ('{"country": "Atlantis", "capital": "Xanadu"}', None)
+    assert _run(tools, '{"name": "odd", "arguments": {}}').text == "{1, 2}"  # a set: str(), not JSON
+
+
+def test_a_raising_tool_gives_an_exception_result(tools):
+    result = _run(tools, '{"name": "fail", "arguments": {"x": 7}}')
+    assert (result.text, result.error) == ("tool 'fail' raised ValueError: bad x 7", "exception")
+
+
+def test_a_hanging_tool_is_killed_at_its_timeout(tools, tmp_path):
+    pid_file = tmp_path / "pid"
+    started = time.monotonic()
+    result = _run(tools, json.dumps({"name": "hang", "arguments": {"pid_file": str(pid_file)}}), timeout_s=0.5)
+    elapsed = time.monotonic() - started
+    assert (result.text, result.error) == ("tool 'hang' timed out after 0.5 s", "timeout")
+    assert 0.5 <= result.seconds <= elapsed < 2.0
+    pid = int(pid_file.read_text())
+    assert pid != os.getpid()
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_huge_result_is_cut_with_a_marker(tools):
+    result = _run(tools, '{"name": "huge", "arguments": {}}', max_chars=1000)
+    assert result.error == "truncated"
+    assert result.text == "x" * 1000 + "\n[... 999000 more characters cut: the result had 1000000]"
+
+
+def test_a_malformed_call_runs_nothing(tools):
+    result = _run(tools, '{"name": "add", "arguments": {"a": 2}}')
+    assert result.error == "malformed"
+    assert result.text == "malformed tool call: tool 'add' is missing the required argument(s): b"
+
+
+def test_stats_count_calls_errors_and_seconds():
+    stats = ToolStats()
+    for result in [ToolResult("5", None, 0.25), ToolResult("t", "timeout", 0.5), ToolResult("m", "malformed", 0.0),
+                   ToolResult("t", "timeout", 0.5), ToolResult("x", "truncated", 0.25)]:
+        stats.record(result)
+    assert stats.as_dict() == {"tools/calls": 5, "tools/errors": 4, "tools/errors/malformed": 1,
+                               "tools/errors/exception": 0, "tools/errors/timeout": 2,
+                               "tools/errors/truncated": 1, "tools/seconds": 1.5}
+
+
+def test_stats_of_real_calls(tools):
+    stats = ToolStats()
+    for body in ['{"name": "add", "arguments": {"a": 1, "b": 1}}', '{"name": "fail", "arguments": {"x": 1}}',
+                 '{"name": "huge", "arguments": {}}', '{"name": "nope"}']:
+        stats.record(_run(tools, body, max_chars=100))
+    metrics = stats.as_dict()
+    assert (metrics["tools/calls"], metrics["tools/errors"]) == (4, 3)
+    assert (metrics["tools/errors/exception"], metrics["tools/errors/truncated"],
+            metrics["tools/errors/malformed"]) == (1, 1, 1)
+    assert metrics["tools/seconds"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- prompting
+
+
+def test_a_template_with_tools_renders_them_itself(tools_tokenizer, tools):
+    text = render_with_tools(tools_tokenizer, [{"role": "user", "content": "What is 2 + 3?"}], tools[:2])
+    assert text == ("<|bos|><|system|>\n# Tools\nadd: Add two integers.\nlookup: Look a country up in the atlas.\n"
+                    "<|user|>\nWhat is 2 + 3?\n<|assistant|>\n")
+
+
+def test_a_template_without_tools_gets_them_in_the_system_message(tiny_tokenizer, tools):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    text = render_with_tools(tiny_tokenizer, messages, tools)
+    assert all(t.name in text for t in tools)
+    assert text.count("<|system|>") == 1 and text.startswith("<|bos|><|system|>\nBe brief.\n\n# Tools")
+    assert json.dumps(tools[0].schema) in text and "<tool_call>" in text
+    assert text.endswith("<|user|>\nWhat is 2 + 3?\n<|assistant|>\n")
+    alone = render_with_tools(tiny_tokenizer, messages[1:], tools)  # no system message: one is prepended
+    assert alone.startswith("<|bos|><|system|>\n# Tools") and all(t.name in alone for t in tools)
+    plain = tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert render_with_tools(tiny_tokenizer, messages, []) == plain
+
+
+@pytest.mark.parametrize("native, expected", [
+    (True, "<|eos|><|tool|>\n5\n<|assistant|>\n"),
+    (False, "<|eos|><|user|>\n<tool_response>\n5\n</tool_response>\n<|assistant|>\n"),
+])
+def test_continuation_is_the_exact_suffix(native, expected, tools_tokenizer, tiny_tokenizer, tools):
+    tokenizer = tools_tokenizer if native else tiny_tokenizer
+    messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": f"Adding. {CALL}"}]
+    call = parse_tool_call(messages[-1]["content"], tools)
+    result = run_tool_call(call, tools, timeout_s=5.0, max_chars=100)
+    tool_msg = tool_message(call, result)
+    assert tool_msg == {"role": "tool", "name": "add", "content": "5"}
+    continuation = continuation_text(tokenizer, messages, tool_msg, tools)
+    assert continuation == expected
+    prompt = render_with_tools(tokenizer, messages[:-1], tools)
+    assert prompt + messages[-1]["content"] + continuation == render_with_tools(tokenizer, [*messages, tool_msg], tools)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tiny_model_dir, tools):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # keeps only the latest assistant turn's text (as templates that strip earlier reasoning do)
+    tokenizer.chat_template = TOOLS_TEMPLATE.replace(
+        "{{ message['content'] }}", "{% if message['role'] != 'assistant' or loop.last %}{{ message['content'] }}"
+        "{% endif %}")
+    messages = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": CALL}]
+    with pytest.raises(ModelError, match="not prefix-stable for tool turns"):
+        continuation_text(tokenizer, messages, {"role": "tool", "name": "add", "content": "5"}, tools)
