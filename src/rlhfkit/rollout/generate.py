@@ -15,13 +15,16 @@ import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ..errors import ConfigError
 from .fast_decode import FastDecoder, fast_decoder
 from .sampling import draw_and_record, filter_logits
+
+if TYPE_CHECKING:
+    from .episodes import ToolEpisodes
 
 logger = logging.getLogger("rlhfkit")
 
@@ -56,6 +59,11 @@ class Rollout:
     ``response_ids[i]`` is cut after the first EOS (kept) or after the token that completes a stop string;
     ``ended[i]`` says whether either happened within max_new_tokens. ``logprobs[i, t]`` is
     log softmax(logits / temperature)[token] for t < len(response_ids[i]) and 0 after.
+
+    Tool-using rollouts (``generate(..., episodes=)``, :mod:`rlhfkit.rollout.episodes`) also set
+    ``policy_mask`` [N, R] (1 = a token the policy sampled, 0 = a forced tool-turn token, whose log-prob is 0,
+    and 0 after the response), ``turns`` (assistant turns) and ``tool_calls`` per row; None otherwise (every
+    token is the policy's, one turn, no calls).
     """
 
     prompt_ids: list[list[int]]
@@ -63,6 +71,9 @@ class Rollout:
     ended: list[bool]
     logprobs: torch.Tensor  # [N, R] float32
     decode_steps: int = 0
+    policy_mask: torch.Tensor | None = None  # [N, R] float32
+    turns: list[int] | None = None
+    tool_calls: list[int] | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -71,16 +82,29 @@ class Rollout:
 
 def slice_rollout(rollout: Rollout, lo: int, hi: int) -> Rollout:
     """Rows [lo, hi) of a rollout."""
+    def cut(x: Any) -> Any:
+        return None if x is None else x[lo:hi]
+
     return Rollout(rollout.prompt_ids[lo:hi], rollout.response_ids[lo:hi], rollout.ended[lo:hi],
-                   rollout.logprobs[lo:hi], rollout.decode_steps)
+                   rollout.logprobs[lo:hi], rollout.decode_steps, cut(rollout.policy_mask), cut(rollout.turns),
+                   cut(rollout.tool_calls))
 
 
 def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
-    """Rows of several rollouts in order (log-probs zero-padded to the widest)."""
+    """Rows of several rollouts in order (log-probs and policy masks zero-padded to the widest; a part without
+    episode fields counts as all-policy tokens, one turn, no calls, when another part has them)."""
     width = max(p.logprobs.shape[1] for p in parts)
     logprobs = torch.cat([torch.nn.functional.pad(p.logprobs, (0, width - p.logprobs.shape[1])) for p in parts])
-    return Rollout([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.response_ids],
-                   [x for p in parts for x in p.ended], logprobs, max(p.decode_steps for p in parts))
+    rollout = Rollout([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.response_ids],
+                      [x for p in parts for x in p.ended], logprobs, max(p.decode_steps for p in parts))
+    if any(p.policy_mask is not None for p in parts):
+        masks = [p.policy_mask if p.policy_mask is not None else
+                 (torch.arange(p.logprobs.shape[1])[None, :] < torch.as_tensor(p.lengths)[:, None]).float()
+                 for p in parts]
+        rollout.policy_mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+        rollout.turns = [x for p in parts for x in (p.turns or [1] * len(p.ended))]
+        rollout.tool_calls = [x for p in parts for x in (p.tool_calls or [0] * len(p.ended))]
+    return rollout
 
 
 class GenerationBackend(Protocol):
@@ -154,7 +178,9 @@ class HFGenerationBackend:
 
     @torch.inference_mode()
     def generate(self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], num_samples: int,
-                 sampling: SamplingConfig, generator: torch.Generator) -> Rollout:
+                 sampling: SamplingConfig, generator: torch.Generator, episodes: ToolEpisodes | None = None) -> Rollout:
+        """Sample ``num_samples`` responses per prompt (rows prompt-major). With ``episodes``, rows call tools
+        and decode on after each tool turn in the same KV cache (:mod:`rlhfkit.rollout.episodes`)."""
         from transformers import DynamicCache
 
         sampling.check()
@@ -212,6 +238,8 @@ class HFGenerationBackend:
             record = (column, uniforms, tokens, logps, lengths, done, torch.as_tensor(self.eos_ids, device=device))
             stops = tuple(s for s in sampling.stop_strings if s)
             sample_args = (sampling.temperature, sampling.top_k, sampling.top_p)
+            if episodes is not None:
+                episodes.start(self.tokenizer, n, num_samples, steps, stops)
             for step in range(steps):
                 if step and fast is not None:  # forward, draw and record in one (maybe compiled) step
                     all_done = fast.step(record, *sample_args)
@@ -221,7 +249,9 @@ class HFGenerationBackend:
                                        attention_mask=attention[:, :width + step] if padded else None,
                                        position_ids=next_position + step - 1, **with_cache).logits[:, -1]
                     all_done = draw_and_record(logits, *sample_args, *record)
-                if stops:
+                if episodes is not None:  # forced tokens, tool calls and the policy's stop strings
+                    all_done = episodes.after_step(step, tokens, logps, lengths, done)
+                elif stops:
                     all_done = self._end_at_stop_strings(stops, tokens, step, lengths, done)
                 if bool(all_done):
                     break
@@ -237,4 +267,5 @@ class HFGenerationBackend:
         responses = [row[:length] for row, length in zip(token_rows, lengths_list)]
         ended = done.tolist()
         prompts = [list(p) for p in prompt_ids for _ in range(num_samples)]
-        return Rollout(prompts, responses, ended, logps[:, :max(lengths_list)].float().cpu(), step + 1)
+        rollout = Rollout(prompts, responses, ended, logps[:, :max(lengths_list)].float().cpu(), step + 1)
+        return rollout if episodes is None else episodes.finish(rollout)
