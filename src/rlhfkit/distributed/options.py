@@ -92,7 +92,8 @@ def check_ray_config(config: Any) -> None:
     if min(config.ray_cpus_per_worker, config.ray_timeout_s, config.ray_startup_timeout_s) <= 0:
         raise ConfigError("--ray-cpus-per-worker, --ray-timeout-s and --ray-startup-timeout-s must be > 0")
     unsupported = {"lora_r": "LoRA", "eval_dataset": "--eval-dataset", "heldout_judge": "--heldout-judge",
-                   "report_to": "--report-to", "dynamic_sampling": "--dynamic-sampling", "tis_cap": "--tis-cap"}
+                   "report_to": "--report-to", "dynamic_sampling": "--dynamic-sampling", "tis_cap": "--tis-cap",
+                   "tools": "--tools"}  # the rollout workers generate without tool episodes
     for name, what in unsupported.items():
         if getattr(config, name) and getattr(config, name) != "none":
             raise ConfigError(f"{what} is not supported with --ray yet (run without --ray, or evaluate the saved "

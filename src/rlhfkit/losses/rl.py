@@ -131,8 +131,10 @@ def gae(
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
 
-    rewards, values, mask are [B, T]; mask is 1 on a left-aligned contiguous run of valid tokens per row
-    and 0 after it. The episode ends at the last valid token, so V beyond it counts as 0:
+    rewards, values, mask are [B, T]; mask is 1 on the valid tokens of each row. The episode ends at the last
+    valid token, so V beyond it counts as 0; t+1 below is the NEXT VALID token, so the masked holes of a
+    multi-turn episode (forced tool-turn tokens) are skipped, and a row's valid tokens form one sequence (as
+    veRL / OpenRLHF multi-turn GAE): no reward, value or discount on the holes.
         delta_t = r_t + gamma * V_{t+1} - V_t
         A_t     = delta_t + gamma * lam * A_{t+1}        (V_{t+1} = A_{t+1} = 0 past the last valid token)
         R_t     = A_t + V_t                               (the value-function targets)
@@ -155,12 +157,13 @@ def gae(
     next_adv = v.new_zeros(v.shape[0])
     advs = [next_adv] * seq_len
     for t in reversed(range(seq_len)):
-        # r and V are zeroed on padding, so there delta = A = 0, and V_{t+1}, A_{t+1} vanish past the
-        # last valid token with no per-row bookkeeping.
+        # r and V are zeroed on padding, so V_{t+1}, A_{t+1} are 0 past the last valid token with no per-row
+        # bookkeeping; a masked position passes them on unchanged (to the valid token before it) and gets 0.
         delta = r[:, t] + gamma * next_value - v[:, t]
-        next_adv = delta + gamma * lam * next_adv
-        next_value = v[:, t]
-        advs[t] = next_adv
+        adv = delta + gamma * lam * next_adv
+        next_adv = torch.where(valid[:, t], adv, next_adv)
+        next_value = torch.where(valid[:, t], v[:, t], next_value)
+        advs[t] = torch.where(valid[:, t], adv, 0.0)
     advantages = torch.stack(advs, dim=1)
     returns = torch.where(valid, advantages + v, 0.0)
     return advantages.to(values.dtype), returns.to(values.dtype)

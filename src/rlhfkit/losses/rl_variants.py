@@ -34,6 +34,7 @@ def sequence_policy_loss(
     sequence_ids: Tensor,
     clip_eps: float = 3e-4,
     clip_eps_high: float | None = 4e-4,
+    mask: Tensor | None = None,
 ) -> PolicyLossOutput:
     """GSPO's clipped objective with one importance ratio per sequence (Zheng et al. 2025, "Group Sequence
     Policy Optimization", eq. 5-7), per token, no reduction.
@@ -46,6 +47,8 @@ def sequence_policy_loss(
     broadcast to the tokens as TRL's ``importance_sampling_level="sequence"`` does, so averaging a response's
     tokens (``sequence_mean``) gives the paper's per-sequence term -min(s_i A_i, clip(s_i) A_i) exactly.
     The paper's clip ranges are small (3e-4 / 4e-4): s_i is a geometric mean, far nearer 1 than token ratios.
+    ``mask`` (flat [n], 1 = counts) limits y_i to the policy's own tokens (a tool episode's forced tokens have
+    no sampling log-prob); None = every token.
     """
     if not 0 < clip_eps < 1:
         raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
@@ -57,8 +60,11 @@ def sequence_policy_loss(
     ids = sequence_ids.long()
     count = int(ids.max()) + 1 if ids.numel() else 0
     log_ratio = logps - old_logps
+    weight = torch.ones_like(log_ratio) if mask is None else mask.to(log_ratio.dtype)
+    if mask is not None:
+        log_ratio = torch.where(mask.bool(), log_ratio, 0.0)
     sums = log_ratio.new_zeros(count).index_add(0, ids, log_ratio)
-    lengths = log_ratio.new_zeros(count).index_add(0, ids, torch.ones_like(log_ratio))
+    lengths = log_ratio.new_zeros(count).index_add(0, ids, weight)
     ratio = torch.exp(sums / lengths.clamp(min=1))[ids]
     unclipped = ratio * advantages
     clipped_obj = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * advantages
@@ -79,7 +85,8 @@ def reinforce_pp_advantages(
     """REINFORCE++ advantages (Hu 2025, "REINFORCE++", eq. 8-10), [B, T] in, [B, T] out (0 where mask is 0).
 
     scores [B] are the sequence rewards, kl [B, T] the per-token KL estimates to the reference, mask [B, T]
-    a left-aligned run of response tokens. With r_i the score (``reinforce_pp``), or the score minus its
+    1 on the response tokens (the score goes on the last one; masked holes, a tool episode's forced tokens,
+    are skipped: no reward and no discount there). With r_i the score (``reinforce_pp``), or the score minus its
     group's mean over the G = group_size samples of a prompt (``reinforce_pp_baseline``, OpenRLHF's
     "reinforce_baseline": no division by the group's std), the KL goes into the reward per token:
         A_{i,t} = gamma^(T_i - 1 - t) * r_i - beta * sum_{s >= t} gamma^(s - t) * KL_{i,s}     (eq. 8)
@@ -100,14 +107,14 @@ def reinforce_pp_advantages(
         r = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
     valid = mask.bool()
     rewards = torch.where(valid, -beta * kl.to(dtype), 0.0)
-    last = valid.sum(-1) - 1
+    last = (valid * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(-1)  # last valid position
     rows = torch.arange(len(r))
-    has_tokens = last >= 0
+    has_tokens = valid.any(-1)
     rewards[rows[has_tokens], last[has_tokens]] += r[has_tokens]
     returns = torch.zeros_like(rewards)
     running = rewards.new_zeros(len(r))
-    for t in reversed(range(rewards.shape[1])):  # return-to-go; padding adds 0 (rewards are 0 there)
-        running = rewards[:, t] + gamma * running
+    for t in reversed(range(rewards.shape[1])):  # return-to-go; masked positions pass it on unchanged
+        running = torch.where(valid[:, t], rewards[:, t] + gamma * running, running)
         returns[:, t] = running
     return whiten(torch.where(valid, returns, 0.0), mask, sum_across=sum_across)
 

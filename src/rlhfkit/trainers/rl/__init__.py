@@ -3,7 +3,8 @@ in one trainer.
 
 One step = one rollout + one update phase:
   1. sample G responses for each of P prompts (KV-cache decode; the sampling log-probs are kept as the
-     "old" log-probs, so the policy never re-scores its own rollout);
+     "old" log-probs, so the policy never re-scores its own rollout); with ``--tools`` a response is a
+     multi-turn episode whose tool turns are forced tokens (no KL, advantage or loss on them);
   2. score them (reward model, function, HTTP, ensemble), optionally normalise / clip, penalise missing EOS;
   3. one reference forward gives per-token KL = estimator(log π − log π_ref);
   4. advantages: PPO -> GAE over per-token rewards r_t = −β·KL_t (+ score at the last token) with a critic;

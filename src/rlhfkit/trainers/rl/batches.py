@@ -3,7 +3,8 @@
 The engine divides the sum of every micro-batch's ``aggregate`` by the sum of their ``batch_weight`` (over every
 rank), so each aggregation is a (sum, weight) pair per micro-batch: token_mean = (Σ token losses, tokens),
 sequence_mean = (Σ token losses / own length, responses), dr_grpo = (Σ / max_new_tokens, responses), bnpo =
-(this micro-batch's token mean, 1). Responses masked by ``--mask-truncated`` (``loss_keep``) count in neither.
+(this micro-batch's token mean, 1). Responses masked by ``--mask-truncated`` (``loss_keep``) count in neither,
+and in tool episodes (``policy_mask``) the forced tokens count in no token count nor in a response's length.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ def collate_records(records: list[dict], share_prompts: bool, packed: bool, pad_
     for key in TOKEN_FIELDS:
         if key in records[0]:
             batch[key] = torch.cat([r[key] for r in records])
-    batch["response_lengths"] = torch.tensor([len(r["response_ids"]) for r in records], dtype=torch.float32)
-    if "loss_keep" in batch:  # --mask-truncated: masked responses count in no normalisation either
+    batch["response_lengths"] = torch.tensor([len(r["response_ids"]) if "policy_mask" not in r else
+                                              max(float(r["policy_mask"].sum()), 1.0) for r in records],
+                                             dtype=torch.float32)
+    if "loss_keep" in batch:  # --mask-truncated, tool tokens: masked tokens count in no normalisation either
         batch["kept_tokens"] = int(batch["loss_keep"].sum())
-        batch["kept_sequences"] = sum(int(r["loss_keep"][:1].sum()) for r in records)
+        batch["kept_sequences"] = sum(int(bool(r["loss_keep"].any())) for r in records)
     return batch
 
 

@@ -117,6 +117,13 @@ class RLConfig(RolloutOptions, TrainConfig):
     tis_cap: float = arg(0.0, "Truncated importance sampling: weight each token's policy-gradient loss by "
                          "min(π_trainer/π_rollout, C) when the rollout engine's log-probs are not the trainer's "
                          "(vLLM); C = this; 0 = off. Logged as tis_ratio_mean / _max.")
+    # tools (multi-turn episodes, issue 24)
+    tools: str | None = arg(None, "Tools the policy may call mid-response, 'path/to/file.py:fn1,fn2' (typed, "
+                            "Google-style docstrings); offered in the prompt, run on <tool_call>, their answers "
+                            "forced into the response and masked from every loss. Default: no tools.")
+    max_turns: int = arg(3, "--tools: most tool calls per response (the next call ends the response).")
+    tool_timeout: float = arg(10.0, "--tools: seconds a call may run before it is killed (an error turn).")
+    tool_max_chars: int = arg(2000, "--tools: longest tool answer in characters (the rest is cut, with a note).")
     # logging
     sample_steps: int = arg(10, "Write a few samples to OUTPUT_DIR/samples.jsonl every N steps.")
     num_logged_samples: int = arg(4, "Samples written each time.")
@@ -229,5 +236,20 @@ def check_config(config: RLConfig) -> None:
         from ...rollout.rewards import check_reward_weights, parse_reward_weights  # torch: not for --help
 
         check_reward_weights(parse_reward_weights(config.reward_weights), sources, config.reward_ensemble)
+    if config.tools:
+        check_tool_options(config)
     if config.logprob_check_steps < -1 or not config.logprob_check_tolerance > 0:
         raise ConfigError("--logprob-check-steps must be >= -1 and --logprob-check-tolerance > 0")
+
+
+def check_tool_options(config: RLConfig) -> None:
+    """--tools: what cannot carry tool episodes is refused, and the spec is loaded (its errors are cheap)."""
+    if config.rollout_backend != "hf":
+        raise ConfigError("--tools needs --rollout-backend hf (tool turns with vLLM are not supported yet)")
+    if getattr(config, "prompt_format", "auto") == "raw":
+        raise ConfigError("--tools needs chat prompts: tool turns are chat turns; drop --prompt-format raw")
+    if config.max_turns < 0 or config.tool_timeout <= 0 or config.tool_max_chars < 1:
+        raise ConfigError("--max-turns must be >= 0, --tool-timeout > 0 and --tool-max-chars >= 1")
+    from ...rollout.tools import load_tools  # transformers: not for --help
+
+    load_tools(config.tools)

@@ -1,7 +1,10 @@
 """A rollout made into training data: per-token KL to the reference, rewards, advantages and returns.
 
 PPO puts the score on the last response token and the KL penalty on every token, then runs GAE with the
-critic's values; GRPO / RLOO give every token of a response its group-relative advantage. Per-sequence
+critic's values; GRPO / RLOO give every token of a response its group-relative advantage. In a tool episode
+(``rollout.policy_mask``) only the policy's own tokens count: the forced tool-turn tokens get no KL, reward,
+advantage or loss, and GAE runs over the policy tokens of a row as one sequence (:func:`rlhfkit.losses.gae`
+skips the holes); group baselines stay per row (per episode). Per-sequence
 tensors stay tensors (no tensor -> list -> tensor trip per minibatch): ``RLTask.collate`` concatenates them.
 """
 
@@ -22,7 +25,8 @@ from .variants import advantages as critic_free_advantages
 
 # the per-token tensors of a record, flat in (sequence, position) order once collated
 TOKEN_FIELDS = ("old_logps", "ref_logps", "advantages", "returns", "old_values",  # and, from .variants,
-                "loss_keep", "is_weights")  # 0 on truncated responses (--mask-truncated); TIS weights (--tis-cap)
+                "loss_keep", "is_weights",  # 0 on truncated responses (--mask-truncated) and tool tokens; TIS
+                "policy_mask")  # tool episodes: 1 = the policy's token, 0 = forced (no rollout log-prob)
 
 
 @dataclass
@@ -62,6 +66,9 @@ def build_experience(config: RLConfig, beta: float, prompts: list[dict], rollout
     lengths = rollout.lengths
     width = max(lengths)
     mask = response_mask(lengths, width)
+    policy_mask = None if rollout.policy_mask is None else rollout.policy_mask[:, :width].float() * mask
+    if policy_mask is not None:
+        mask = policy_mask  # from here on "the response" is the policy's own tokens
     if old_logps is None:
         old_logps = rollout.logprobs[:, :width]
     ended = torch.tensor(rollout.ended)
@@ -77,7 +84,8 @@ def build_experience(config: RLConfig, beta: float, prompts: list[dict], rollout
     values = returns = None
     if cfg.advantage == "gae":
         rewards = -beta * kl_tokens if cfg.kl_mode == "reward" else torch.zeros_like(kl_tokens)
-        rewards[torch.arange(len(lengths)), torch.as_tensor(lengths) - 1] += scores
+        last = (mask * torch.arange(1, width + 1)).argmax(-1)  # the last policy token (lengths - 1 without tools)
+        rewards[torch.arange(len(lengths)), last] += scores
         values = split_rows(value_flat, lengths, width) if value_flat is not None else torch.zeros_like(rewards)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     else:  # a group baseline or REINFORCE++ (.variants)
@@ -88,7 +96,11 @@ def build_experience(config: RLConfig, beta: float, prompts: list[dict], rollout
     per_token = {"old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages}
     if value_flat is not None and values is not None:
         per_token.update(old_values=values, returns=returns)
-    per_token.update({"loss_keep": ended.float()[:, None].expand(-1, width)} if cfg.mask_truncated else {},  # DAPO
+    keep = ended.float()[:, None].expand(-1, width) if cfg.mask_truncated else None  # DAPO
+    if policy_mask is not None:  # forced tool tokens carry no loss (policy, KL in the loss, value)
+        keep = policy_mask if keep is None else keep * policy_mask
+        per_token["policy_mask"] = policy_mask
+    per_token.update({"loss_keep": keep} if keep is not None else {},
                      **({"is_weights": is_weights} if is_weights is not None else {}))
     records = [{"prompt_ids": p, "response_ids": r,
                 **{k: t[i, :lengths[i]].float().clone() for k, t in per_token.items()}}
@@ -112,6 +124,9 @@ def build_experience(config: RLConfig, beta: float, prompts: list[dict], rollout
         "rollout_time_s": rollout_time,
         **(extra_metrics or {}),
     }
+    if rollout.turns is not None:  # tool episodes
+        metrics["turns_mean"] = float(gather(torch.tensor(rollout.turns, dtype=torch.float32)).mean())
+        metrics["tool_calls_mean"] = float(gather(torch.tensor(rollout.tool_calls, dtype=torch.float32)).mean())
     if value_flat is not None and values is not None:
         valid = mask.bool()
         var_returns = returns[valid].var()

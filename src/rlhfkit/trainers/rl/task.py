@@ -24,15 +24,27 @@ from ...losses import (
     selected_token_logprobs_and_entropy,
 )
 from ...models.forward import at_loss_positions, loss_logits, loss_targets
+from ...rollout.episodes import ToolEpisodes
 from ...rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
 from ...rollout.logprob_check import check_logprob_match, compare_logprobs, response_mask
 from ...rollout.rewards import score_records, source_metrics
+from ...rollout.tools import load_tools, render_with_tools
 from .batches import aggregate, batch_weight, collate_records
 from .config import RLConfig
 from .experience import Experience, build_experience, split_rows
 from .policy import ActorCritic, response_logps, tempered_logits
 from .variants import dynamic_sampling, shaped_scores, surrogate, tis_weights
 from .watch import evaluate_heldout
+
+
+def _token_sums(batch: dict[str, Any], like: torch.Tensor) -> tuple[Callable[[torch.Tensor], float], float]:
+    """(sum over the logged tokens, their count): every response token, or in a tool episode the policy's own
+    (a forced token has no rollout log-prob, so its ratio and KL are meaningless)."""
+    seen = batch.get("policy_mask")
+    if seen is None:
+        return (lambda t: float(t.sum())), float(like.numel())
+    seen = seen.to(like.device)
+    return (lambda t: float((t * seen).sum())), float(seen.sum())
 
 
 class RLTask:
@@ -58,6 +70,9 @@ class RLTask:
         self.train_prompts: list[dict] = []  # where DAPO's dynamic sampling draws further prompts (run_rl sets it)
         self.policy_version, self._synced_version = 0, None  # optimizer updates made / pushed to the engine
         self.engine: Engine | None = None
+        self.tools = load_tools(config.tools) if config.tools else []  # --tools: every rollout is tool episodes
+        self._tool_prompts: dict[tuple[int, ...], tuple[list[dict], list[int]]] = {}
+        self.tool_stats: dict[str, float] = {}  # this step's ToolStats.as_dict(), summed over its generate calls
 
     # ------------------------------------------------------------------ batches and losses
     def collate(self, records: list[dict]) -> dict[str, Any]:
@@ -91,26 +106,26 @@ class RLTask:
             per_token = per_token + self.kl_controller.beta * kl_penalty(logps, batch["ref_logps"], cfg.kl_estimator)
         if cfg.entropy_coef > 0:
             per_token = per_token - cfg.entropy_coef * entropy
-        if "loss_keep" in batch:  # --mask-truncated
+        if "loss_keep" in batch:  # --mask-truncated, tool tokens
             per_token = per_token * batch["loss_keep"]
-        n = float(logps.numel())
+        total, n = _token_sums(batch, logps)
         return self._aggregate(per_token, batch), {
-            "policy_loss": (float(pg_losses.detach().sum()), n),
-            "clip_frac": (float(policy.clipped.sum()), n),
-            "approx_kl": (float(approx_kl(logps.detach(), old).sum()), n),
-            "entropy": (float(entropy.detach().sum()), n),
-            "ratio": (float(policy.ratio.detach().sum()), n),
-            "logprob_abs_diff": (float((logps.detach() - old).abs().sum()), n)}
+            "policy_loss": (total(pg_losses.detach()), n),
+            "clip_frac": (total(policy.clipped), n),
+            "approx_kl": (total(approx_kl(logps.detach(), old)), n),
+            "entropy": (total(entropy.detach()), n),
+            "ratio": (total(policy.ratio.detach()), n),
+            "logprob_abs_diff": (total((logps.detach() - old).abs()), n)}
 
     def _value_loss(self, values: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
         cfg = self.config
         token_values = at_loss_positions(values, batch).float()
         value = clipped_value_loss(token_values, batch["old_values"], batch["returns"], cfg.value_clip or None)
-        n = float(token_values.numel())
+        total, n = _token_sums(batch, token_values)
         losses = value.losses * batch["loss_keep"] if "loss_keep" in batch else value.losses
         return cfg.vf_coef * self._aggregate(losses, batch), {
-            "value_loss": (float(value.losses.detach().sum()), n),
-            "value_clip_frac": (float(value.clipped.sum()), n)}
+            "value_loss": (total(value.losses.detach()), n),
+            "value_clip_frac": (total(value.clipped), n)}
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -155,6 +170,7 @@ class RLTask:
         """Sample, score, and run the reference (and critic) over one step's rollout: its experience."""
         cfg = self.config
         t0 = time.perf_counter()
+        self.tool_stats = {}
         rollout = self.generate(engine, model, prompts, step_seed(cfg.seed, step, 1))
         rollout_time = time.perf_counter() - t0
         where = f" (step {step + 1}{engine.checkpoint_hint()})"
@@ -186,11 +202,17 @@ class RLTask:
         old_logps = rollout.logprobs[:, :width]
         extra_metrics = source_metrics(by_source, engine.gather_across_ranks)  # reward/<name>
         extra_metrics.update(sampling_metrics)
+        if self.tools:  # counts over every rank's rollouts (the generate calls of this step, dynamic sampling's too)
+            names = list(self.tool_stats)
+            extra_metrics.update(zip(names, engine.sum_across_ranks(torch.tensor(
+                [float(self.tool_stats[k]) for k in names], dtype=torch.float32)).tolist()))
         is_weights = None
         if recompute:
             trainer_logps = split_rows(torch.cat(own_flat), rollout.lengths, width)
             if check:
-                match = compare_logprobs(old_logps, trainer_logps, response_mask(rollout.lengths, width))
+                sampled = response_mask(rollout.lengths, width) if rollout.policy_mask is None else \
+                    rollout.policy_mask[:, :width]  # forced tool tokens have no sampling log-prob
+                match = compare_logprobs(old_logps, trainer_logps, sampled)
                 extra_metrics.update(match.metrics())
                 where = f" at step {step + 1} ({cfg.rollout_backend} rollouts, {match.tokens} response tokens)"
                 check_logprob_match(match, cfg.logprob_check_tolerance, where)
@@ -207,10 +229,32 @@ class RLTask:
     def generate(self, engine: Engine, model: ActorCritic, prompts: list[dict], seed: int) -> Rollout:
         """``num_generations`` samples of each prompt from the current policy, the sampler seeded ``seed``."""
         policy = engine.unwrap(model).policy
+        prompt_ids, episodes = [p["prompt_ids"] for p in prompts], None
+        if self.tools:
+            conversations, prompt_ids = zip(*(self._tool_prompt(p) for p in prompts))
+            cfg = self.config
+            episodes = ToolEpisodes(self.tools, conversations, cfg.max_turns, cfg.tool_timeout, cfg.tool_max_chars)
         with engine.full_parameters(model):  # sampling and weight sync read whole weights on each rank
             self.sync_rollout_weights(policy)
-            return self.backend.generate(policy, [p["prompt_ids"] for p in prompts], self.config.num_generations,
-                                         self.sampling, torch.Generator().manual_seed(seed))
+            rollout = self.backend.generate(policy, list(prompt_ids), self.config.num_generations, self.sampling,
+                                            torch.Generator().manual_seed(seed), **({"episodes": episodes}
+                                                                                   if episodes else {}))
+        if episodes is not None:
+            for name, value in episodes.stats.as_dict().items():
+                self.tool_stats[name] = self.tool_stats.get(name, 0) + value
+        return rollout
+
+    def _tool_prompt(self, record: dict) -> tuple[list[dict], list[int]]:
+        """A prompt's chat messages (a plain string is one user turn: tool turns are chat turns) and its ids
+        rendered with the tools offered (:func:`rlhfkit.rollout.tools.render_with_tools`), cached per prompt.
+        It is the whole prompt: ``--max-prompt-length`` cut the data's rendering, the tool schemas come on top."""
+        key = tuple(record["prompt_ids"])
+        if key not in self._tool_prompts:
+            raw = record.get("raw_prompt", record["prompt"])
+            messages = list(raw) if isinstance(raw, list) else [{"role": "user", "content": raw}]
+            text = render_with_tools(self.tokenizer, messages, self.tools)
+            self._tool_prompts[key] = messages, self.tokenizer(text, add_special_tokens=False).input_ids
+        return self._tool_prompts[key]
 
     def sync_rollout_weights(self, policy: torch.nn.Module) -> None:
         """Push the policy into a rollout engine that keeps its own copy (vLLM) once per update phase; the

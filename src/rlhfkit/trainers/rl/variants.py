@@ -62,7 +62,8 @@ def surrogate(cfg: RLConfig, logps: torch.Tensor, batch: dict[str, Any]) -> tupl
     """The clipped surrogate (per token, or GSPO's per response) and its per-token losses, TIS-weighted."""
     old, adv = batch["old_logps"], batch["advantages"]
     if cfg.importance_sampling_level == "sequence":
-        policy = sequence_policy_loss(logps, old, adv, loss_sequence_ids(batch), cfg.clip_eps, cfg.clip_eps_high)
+        policy = sequence_policy_loss(logps, old, adv, loss_sequence_ids(batch), cfg.clip_eps, cfg.clip_eps_high,
+                                      batch.get("policy_mask"))  # a tool episode's s_i: the policy's tokens only
     else:
         policy = clipped_policy_loss(logps, old, adv, cfg.clip_eps, cfg.clip_eps_high)
     # TIS: the samples came from the rollout engine's numerics, not the trainer's (absent = weight 1, no op)
