@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,8 +101,11 @@ def test_forced_tokens_get_nothing_and_policy_tokens_what_a_run_without_them_get
         for field in fields:
             torch.testing.assert_close(record[field][k], short[field], rtol=0, atol=1e-5, msg=field)
     assert exp.metrics["kl"] == pytest.approx(ref.metrics["kl"], abs=1e-6)
-    assert exp.metrics["turns_mean"] == 1.75 and exp.metrics["tool_calls_mean"] == 0.75
-    assert "turns_mean" not in ref.metrics  # without tools, no episode metrics
+    # the episode counts over ranks (one rank here): .tool_rollouts.ToolRollouts.metrics
+    from rlhfkit.trainers.rl.tool_rollouts import ToolRollouts
+
+    counts = ToolRollouts.metrics(SimpleNamespace(started=[]), full, lambda t: t)
+    assert counts == {"turns_mean": 1.75, "tool_calls_mean": 0.75}
     if with_values:
         assert exp.metrics["explained_variance"] == pytest.approx(ref.metrics["explained_variance"], abs=1e-5)
 
@@ -179,11 +183,11 @@ class ScriptedCalls(ToolEpisodes):
 def test_grpo_with_tools_logs_tool_metrics(tiny_model_dir, count_e_files, tmp_path, monkeypatch):
     from test_rl_variants import _run
 
-    import rlhfkit.trainers.rl.task as task_module
+    import rlhfkit.trainers.rl.tool_rollouts as tool_rollouts_module
 
     tools = tmp_path / "rl_tools.py"
     tools.write_text(TOOLS_FILE)
-    monkeypatch.setattr(task_module, "ToolEpisodes", ScriptedCalls)
+    monkeypatch.setattr(tool_rollouts_module, "ToolEpisodes", ScriptedCalls)
     # the log-prob check at step 1 (on by default) passes only if the forced tokens are left out of it
     rows = _run(GRPOConfig, tiny_model_dir, count_e_files, tmp_path / "out", tools=f"{tools}:add", max_steps=2,
                 max_new_tokens=96, num_generations=2, tool_timeout=20.0)

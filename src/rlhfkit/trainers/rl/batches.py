@@ -9,6 +9,7 @@ and in tool episodes (``policy_mask``) the forced tokens count in no token count
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,3 +58,13 @@ def aggregate(how: str, max_new_tokens: int, per_token: torch.Tensor, batch: dic
         return per_token.sum() / max_new_tokens
     lengths = batch["response_lengths"].to(per_token.device)
     return (per_token / lengths[loss_sequence_ids(batch)]).sum()
+
+
+def token_sums(batch: dict[str, Any], like: torch.Tensor) -> tuple[Callable[[torch.Tensor], float], float]:
+    """(sum over the logged tokens, their count): every response token, or in a tool episode the policy's own
+    (a forced token has no rollout log-prob, so its ratio and KL are meaningless)."""
+    seen = batch.get("policy_mask")
+    if seen is None:
+        return (lambda t: float(t.sum())), float(like.numel())
+    seen = seen.to(like.device)
+    return (lambda t: float((t * seen).sum())), float(seen.sum())

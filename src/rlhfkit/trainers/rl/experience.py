@@ -67,8 +67,7 @@ def build_experience(config: RLConfig, beta: float, prompts: list[dict], rollout
     width = max(lengths)
     mask = response_mask(lengths, width)
     policy_mask = None if rollout.policy_mask is None else rollout.policy_mask[:, :width].float() * mask
-    if policy_mask is not None:
-        mask = policy_mask  # from here on "the response" is the policy's own tokens
+    mask = mask if policy_mask is None else policy_mask  # from here on "the response": the policy's own tokens
     if old_logps is None:
         old_logps = rollout.logprobs[:, :width]
     ended = torch.tensor(rollout.ended)
@@ -124,9 +123,6 @@ def build_experience(config: RLConfig, beta: float, prompts: list[dict], rollout
         "rollout_time_s": rollout_time,
         **(extra_metrics or {}),
     }
-    if rollout.turns is not None:  # tool episodes
-        metrics["turns_mean"] = float(gather(torch.tensor(rollout.turns, dtype=torch.float32)).mean())
-        metrics["tool_calls_mean"] = float(gather(torch.tensor(rollout.tool_calls, dtype=torch.float32)).mean())
     if value_flat is not None and values is not None:
         valid = mask.bool()
         var_returns = returns[valid].var()

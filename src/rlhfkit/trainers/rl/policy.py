@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ...losses import selected_token_logprobs
-from ...models.forward import forward_inputs, loss_logits, loss_targets, reward_parts
+from ...models.forward import at_loss_positions, forward_inputs, loss_logits, loss_targets, reward_parts
 
 
 class ActorCritic(torch.nn.Module):
@@ -61,3 +61,25 @@ def response_logps(logits: torch.Tensor, batch: dict[str, Any], temperature: flo
     predicting logits [n, V] of ``loss_logits``; and those logits (float32, tempered)."""
     picked = tempered_logits(logits, temperature)
     return selected_token_logprobs(picked, loss_targets(batch)), picked
+
+
+def rollout_forwards(engine: Any, model: Any, batches: Any, reference: Any, recompute: bool,
+                     temperature: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """One pass over a rollout's collated ``batches`` in eval mode: the reference log-probs (``reference(model,
+    batch)``), the critic's values where the model has one and, with ``recompute``, the trainer's own log-probs
+    of the sampled tokens; each a list of flat float32 CPU tensors, one per batch."""
+    ref_flat, value_flat, own_flat = [], [], []
+    model.eval()
+    for batch in batches:
+        batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with engine.accelerator.autocast():
+            ref_flat.append(reference(model, batch).float().cpu())
+            if model.critic_kind is not None or recompute:
+                with torch.no_grad():
+                    logits, values = model(batch, with_logits=recompute)
+                if recompute:
+                    own_flat.append(response_logps(logits, batch, temperature)[0].float().cpu())
+                if values is not None:
+                    value_flat.append(at_loss_positions(values, batch).float().cpu())
+    model.train()
+    return ref_flat, value_flat, own_flat

@@ -24,27 +24,16 @@ from ...losses import (
     selected_token_logprobs_and_entropy,
 )
 from ...models.forward import at_loss_positions, loss_logits, loss_targets
-from ...rollout.episodes import ToolEpisodes
 from ...rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
 from ...rollout.logprob_check import check_logprob_match, compare_logprobs, response_mask
 from ...rollout.rewards import score_records, source_metrics
-from ...rollout.tools import load_tools, render_with_tools
-from .batches import aggregate, batch_weight, collate_records
+from .batches import aggregate, batch_weight, collate_records, token_sums
 from .config import RLConfig
 from .experience import Experience, build_experience, split_rows
-from .policy import ActorCritic, response_logps, tempered_logits
+from .policy import ActorCritic, response_logps, rollout_forwards, tempered_logits
+from .tool_rollouts import ToolRollouts
 from .variants import dynamic_sampling, shaped_scores, surrogate, tis_weights
 from .watch import evaluate_heldout
-
-
-def _token_sums(batch: dict[str, Any], like: torch.Tensor) -> tuple[Callable[[torch.Tensor], float], float]:
-    """(sum over the logged tokens, their count): every response token, or in a tool episode the policy's own
-    (a forced token has no rollout log-prob, so its ratio and KL are meaningless)."""
-    seen = batch.get("policy_mask")
-    if seen is None:
-        return (lambda t: float(t.sum())), float(like.numel())
-    seen = seen.to(like.device)
-    return (lambda t: float((t * seen).sum())), float(seen.sum())
 
 
 class RLTask:
@@ -70,9 +59,7 @@ class RLTask:
         self.train_prompts: list[dict] = []  # where DAPO's dynamic sampling draws further prompts (run_rl sets it)
         self.policy_version, self._synced_version = 0, None  # optimizer updates made / pushed to the engine
         self.engine: Engine | None = None
-        self.tools = load_tools(config.tools) if config.tools else []  # --tools: every rollout is tool episodes
-        self._tool_prompts: dict[tuple[int, ...], tuple[list[dict], list[int]]] = {}
-        self.tool_stats: dict[str, float] = {}  # this step's ToolStats.as_dict(), summed over its generate calls
+        self.tool_rollouts = ToolRollouts(config, tokenizer) if config.tools else None  # every rollout: episodes
 
     # ------------------------------------------------------------------ batches and losses
     def collate(self, records: list[dict]) -> dict[str, Any]:
@@ -108,7 +95,7 @@ class RLTask:
             per_token = per_token - cfg.entropy_coef * entropy
         if "loss_keep" in batch:  # --mask-truncated, tool tokens
             per_token = per_token * batch["loss_keep"]
-        total, n = _token_sums(batch, logps)
+        total, n = token_sums(batch, logps)
         return self._aggregate(per_token, batch), {
             "policy_loss": (total(pg_losses.detach()), n),
             "clip_frac": (total(policy.clipped), n),
@@ -121,7 +108,7 @@ class RLTask:
         cfg = self.config
         token_values = at_loss_positions(values, batch).float()
         value = clipped_value_loss(token_values, batch["old_values"], batch["returns"], cfg.value_clip or None)
-        total, n = _token_sums(batch, token_values)
+        total, n = token_sums(batch, token_values)
         losses = value.losses * batch["loss_keep"] if "loss_keep" in batch else value.losses
         return cfg.vf_coef * self._aggregate(losses, batch), {
             "value_loss": (total(value.losses.detach()), n),
@@ -149,18 +136,9 @@ class RLTask:
     def shape_scores(self, scores: torch.Tensor, ended: list[bool],
                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw scores, training scores): the missing-EOS and overlong penalties (``lengths``: the response
-        lengths), then the running normaliser (updated here, so call it once per rollout; with ``gather``,
-        with every data-parallel rank's scores, so that all ranks share one normaliser) and the clip."""
-        cfg = self.config
-        raw = scores.clone()
-        scores = shaped_scores(cfg, scores, ended, lengths)
-        if cfg.reward_normalize:
-            self.reward_stats.update(gather(scores) if gather is not None else scores)
-            scores = self.reward_stats.normalize(scores)
-        if cfg.reward_clip > 0:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        return raw, scores
+        """(raw scores, training scores: :func:`.variants.shaped_scores` with this run's normaliser; once per
+        rollout, as it updates the normaliser)."""
+        return scores.clone(), shaped_scores(self.config, scores, ended, lengths, self.reward_stats, gather)
 
     def experience(self, *args: Any, **kwargs: Any) -> Experience:
         """:func:`.experience.build_experience` with this run's config and current β."""
@@ -170,7 +148,6 @@ class RLTask:
         """Sample, score, and run the reference (and critic) over one step's rollout: its experience."""
         cfg = self.config
         t0 = time.perf_counter()
-        self.tool_stats = {}
         rollout = self.generate(engine, model, prompts, step_seed(cfg.seed, step, 1))
         rollout_time = time.perf_counter() - t0
         where = f" (step {step + 1}{engine.checkpoint_hint()})"
@@ -182,30 +159,16 @@ class RLTask:
         every = cfg.logprob_check_steps  # by step number, so a resumed run checks where the original did
         check = (every > 0 and step % every == 0) or (every == 0 and step == 0)
         recompute = check or getattr(self.backend, "recompute_logprobs", False)
-        ref_flat, value_flat, own_flat = [], [], []
-        unwrapped = engine.unwrap(model)
-        unwrapped.eval()
-        for start in range(0, len(records), cfg.per_device_eval_batch_size):
-            batch = {k: v.to(engine.device) if torch.is_tensor(v) else v
-                     for k, v in self.collate(records[start:start + cfg.per_device_eval_batch_size]).items()}
-            with engine.accelerator.autocast():
-                ref_flat.append(self._reference_logps(unwrapped, batch).float().cpu())
-                if unwrapped.critic_kind is not None or recompute:
-                    with torch.no_grad():
-                        logits, values = unwrapped(batch, with_logits=recompute)
-                    if recompute:  # the trainer's own log-probs of the sampled tokens
-                        own_flat.append(response_logps(logits, batch, cfg.temperature)[0].float().cpu())
-                    if values is not None:
-                        value_flat.append(at_loss_positions(values, batch).float().cpu())
-        unwrapped.train()
+        size = cfg.per_device_eval_batch_size
+        batches = (self.collate(records[start:start + size]) for start in range(0, len(records), size))
+        ref_flat, value_flat, own_flat = rollout_forwards(engine, engine.unwrap(model), batches, self._reference_logps,
+                                                          recompute, cfg.temperature)
         width = max(rollout.lengths)
         old_logps = rollout.logprobs[:, :width]
         extra_metrics = source_metrics(by_source, engine.gather_across_ranks)  # reward/<name>
         extra_metrics.update(sampling_metrics)
-        if self.tools:  # counts over every rank's rollouts (the generate calls of this step, dynamic sampling's too)
-            names = list(self.tool_stats)
-            extra_metrics.update(zip(names, engine.sum_across_ranks(torch.tensor(
-                [float(self.tool_stats[k]) for k in names], dtype=torch.float32)).tolist()))
+        if self.tool_rollouts is not None:
+            extra_metrics.update(self.tool_rollouts.metrics(rollout, engine.sum_across_ranks))
         is_weights = None
         if recompute:
             trainer_logps = split_rows(torch.cat(own_flat), rollout.lengths, width)
@@ -229,32 +192,14 @@ class RLTask:
     def generate(self, engine: Engine, model: ActorCritic, prompts: list[dict], seed: int) -> Rollout:
         """``num_generations`` samples of each prompt from the current policy, the sampler seeded ``seed``."""
         policy = engine.unwrap(model).policy
-        prompt_ids, episodes = [p["prompt_ids"] for p in prompts], None
-        if self.tools:
-            conversations, prompt_ids = zip(*(self._tool_prompt(p) for p in prompts))
-            cfg = self.config
-            episodes = ToolEpisodes(self.tools, conversations, cfg.max_turns, cfg.tool_timeout, cfg.tool_max_chars)
+        prompt_ids, episodes = self.tool_rollouts.episodes(prompts) if self.tool_rollouts is not None else \
+            ([p["prompt_ids"] for p in prompts], None)
         with engine.full_parameters(model):  # sampling and weight sync read whole weights on each rank
             self.sync_rollout_weights(policy)
             rollout = self.backend.generate(policy, list(prompt_ids), self.config.num_generations, self.sampling,
                                             torch.Generator().manual_seed(seed), **({"episodes": episodes}
                                                                                    if episodes else {}))
-        if episodes is not None:
-            for name, value in episodes.stats.as_dict().items():
-                self.tool_stats[name] = self.tool_stats.get(name, 0) + value
         return rollout
-
-    def _tool_prompt(self, record: dict) -> tuple[list[dict], list[int]]:
-        """A prompt's chat messages (a plain string is one user turn: tool turns are chat turns) and its ids
-        rendered with the tools offered (:func:`rlhfkit.rollout.tools.render_with_tools`), cached per prompt.
-        It is the whole prompt: ``--max-prompt-length`` cut the data's rendering, the tool schemas come on top."""
-        key = tuple(record["prompt_ids"])
-        if key not in self._tool_prompts:
-            raw = record.get("raw_prompt", record["prompt"])
-            messages = list(raw) if isinstance(raw, list) else [{"role": "user", "content": raw}]
-            text = render_with_tools(self.tokenizer, messages, self.tools)
-            self._tool_prompts[key] = messages, self.tokenizer(text, add_special_tokens=False).input_ids
-        return self._tool_prompts[key]
 
     def sync_rollout_weights(self, policy: torch.nn.Module) -> None:
         """Push the policy into a rollout engine that keeps its own copy (vLLM) once per update phase; the

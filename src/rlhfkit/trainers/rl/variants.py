@@ -35,12 +35,22 @@ from ...rollout.logprob_check import response_mask
 from .config import RLConfig
 
 
-def shaped_scores(cfg: RLConfig, scores: torch.Tensor, ended: list[bool], lengths: list[int] | None) -> torch.Tensor:
-    """The per-response shaping: minus the missing-EOS penalty, plus DAPO's overlong penalty (given ``lengths``)."""
+def shaped_scores(cfg: RLConfig, scores: torch.Tensor, ended: list[bool], lengths: list[int] | None,
+                  stats: Any = None, gather: Callable | None = None) -> torch.Tensor:
+    """The per-response shaping: minus the missing-EOS penalty, plus DAPO's overlong penalty (given ``lengths``);
+    then, given ``stats`` (training scores), with ``--reward-normalize`` the running normaliser ``stats`` (updated here, so once per rollout; with
+    ``gather``, with every data-parallel rank's scores: all ranks share one normaliser) and ``--reward-clip``."""
     scores = scores - cfg.missing_eos_penalty * (~torch.tensor(ended)).float()
     if cfg.overlong_buffer > 0 and lengths is not None:
         scores = scores + overlong_penalty(torch.tensor(lengths), cfg.max_new_tokens, cfg.overlong_buffer,
                                            cfg.overlong_penalty_factor)
+    if stats is None:  # the shaped scores alone (dynamic sampling's spread)
+        return scores
+    if cfg.reward_normalize:
+        stats.update(gather(scores) if gather is not None else scores)
+        scores = stats.normalize(scores)
+    if cfg.reward_clip > 0:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     return scores
 
 
