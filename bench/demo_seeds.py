@@ -15,7 +15,7 @@ With ``--hacking`` it runs ``rlhfkit demo --config hacking`` in the same folders
 world, pretrained and SFT models) and prints, per seed and PPO run, whether the hacking detector fired and
 when, the proxy reward's rise, the gold score before and after, and how many seeds give the expected verdicts.
 
-    python bench/demo_seeds.py --seeds 0-9 --out runs/seeds        # (make demo-seeds) about 35 min on 2 cores
+    python bench/demo_seeds.py --seeds 0-9 --out runs/seeds        # (make demo-seeds) about 65 min on 2 cores
     python bench/demo_seeds.py --hacking --seeds 0-9 --out runs/seeds   # (make demo-hacking-seeds)
     python bench/demo_seeds.py --config compare --seeds 0-2 --out runs/seeds   # (make demo-compare-seeds)
 """
