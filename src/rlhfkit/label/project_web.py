@@ -115,38 +115,38 @@ def make_router(db, require_user, csrf_of, page, env) -> APIRouter:
             return refused(request, admin, name, exc)
         return result(request, admin, project.name, f"Created with {counts(added, skipped)}")
 
-    @router.post("/admin/projects/{project_id}/upload")
-    async def upload_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
+    async def project_form(project_id: int, request: Request, admin: User, act) -> Any:
+        """A project's admin form: ``await act(form, name)`` makes the change and returns the line the page
+        shows; a refusal re-shows the page with its one-line reason."""
         form = await read_form(request)
         with db.session() as s:
             name = service.get_project(s, project_id).name
         try:
-            project, added, skipped = service.import_items(db, name, await upload_items(form))
+            message = await act(form, name)
         except (service.LabelError, DataError) as exc:
             return refused(request, admin, name, exc)
-        return result(request, admin, name, counts(added, skipped))
+        return result(request, admin, name, message)
+
+    @router.post("/admin/projects/{project_id}/upload")
+    async def upload_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
+        async def act(form, name):
+            _, added, skipped = service.import_items(db, name, await upload_items(form))
+            return counts(added, skipped)
+        return await project_form(project_id, request, admin, act)
 
     @router.post("/admin/projects/{project_id}/guidelines")
     async def guidelines_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
-        form = await read_form(request)
-        with db.session() as s:
-            name = service.get_project(s, project_id).name
-        try:
-            version = projects.set_guidelines(db, admin, project_id, form_text(form, "guidelines", required=False) or "")
-        except (service.LabelError, DataError) as exc:
-            return refused(request, admin, name, exc)
-        return result(request, admin, name, f"Guidelines saved: version {version}.")
+        async def act(form, name):
+            text = form_text(form, "guidelines", required=False) or ""
+            return f"Guidelines saved: version {projects.set_guidelines(db, admin, project_id, text)}."
+        return await project_form(project_id, request, admin, act)
 
     @router.post("/admin/projects/{project_id}/settings")
     async def settings_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
-        form = await read_form(request)
-        with db.session() as s:
-            name = service.get_project(s, project_id).name
-        try:
+        async def act(form, name):
             values = projects.set_settings(db, project_id, form_settings(form))
-        except (service.LabelError, DataError) as exc:
-            return refused(request, admin, name, exc)
-        return result(request, admin, name, f"Settings saved: {describe_settings(values)}.")
+            return f"Settings saved: {describe_settings(values)}."
+        return await project_form(project_id, request, admin, act)
 
     @router.post("/admin/projects/{project_id}/archive")
     async def archive_form(project_id: Id, request: Request, admin: User = Depends(require_admin)):
