@@ -31,6 +31,19 @@ def tiny_tokenizer(tiny_model_dir):
 COUNT_E_REWARD = "def count_e(prompts, responses):\n    return [r.count('e') / 4.0 for r in responses]\n"
 
 
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    """The tiny model with a sharpened head (rollout and tool-episode tests), one per test module."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():  # a sharper-than-random model, so greedy decoding has clear winners
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
 @pytest.fixture(scope="session")
 def count_e_files(tmp_path_factory):
     """A programmatic RL task: reward.py (count_e: the letters e of a response / 4) and 64 short prompts."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toy import TOOLS_SOURCE as TOOLS_FILE
 
 from rlhfkit.rollout.episodes import ToolEpisodes
 from rlhfkit.rollout.generate import (
@@ -23,44 +24,6 @@ from rlhfkit.rollout.tools import (
     tool_message,
 )
 
-TOOLS_FILE = '''
-import time
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
-
-
-def fail(x: int) -> int:
-    """Always fails.
-
-    Args:
-        x: Shown in the message.
-    """
-    raise ValueError(f"bad x {x}")
-
-
-def hang(seconds: float) -> str:
-    """Sleep far past any timeout.
-
-    Args:
-        seconds: How long.
-    """
-    time.sleep(seconds)
-    return "woke"
-
-
-def huge() -> str:
-    """One megabyte of text."""
-    return "x" * 1_000_000
-'''
-
 
 def call_text(name, arguments):
     import json
@@ -77,17 +40,6 @@ def tools(tmp_path_factory):
     path = tmp_path_factory.mktemp("episode_tools") / "episode_tools.py"
     path.write_text(TOOLS_FILE)
     return load_tools(f"{path}:add,fail,hang,huge")
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    with torch.no_grad():  # a sharper-than-random model, so greedy decoding has clear winners
-        model.lm_head.weight.mul_(8.0)
-    return model
 
 
 def prompt_ids(tokenizer, tools, conversations):
@@ -214,10 +166,10 @@ def test_max_turns_ends_the_row_at_its_next_call(policy, tools, tiny_tokenizer):
     assert rollout.policy_mask[0].eq(0).all()  # every token was forced (scripted calls and tool turns)
 
 
-def test_failing_tools_give_counted_errors_and_decoding_goes_on(policy, tools, tiny_tokenizer):
+def test_failing_tools_give_counted_errors_and_decoding_goes_on(policy, tools, tiny_tokenizer, tmp_path):
     conversations = QUESTIONS * 2
     prompts = prompt_ids(tiny_tokenizer, tools, conversations)
-    scripts = [call_text("fail", {"x": 1}), call_text("hang", {"seconds": 30}), call_text("huge", {}),
+    scripts = [call_text("fail", {"x": 1}), call_text("hang", {"pid_file": str(tmp_path / "hang.pid")}), call_text("huge", {}),
                '<tool_call>\n{"name": "add", "arguments": {"a": "two"}}\n</tool_call>']
     episodes = Scripted(tools, conversations, timeout_s=1.0, max_chars=50,
                         scripts={row: ids_of(tiny_tokenizer, s) for row, s in enumerate(scripts)})

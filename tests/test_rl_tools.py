@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from toy import TOOLS_SOURCE as TOOLS_FILE
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import gae
@@ -30,16 +31,6 @@ F64 = torch.float64
 MASKS = [[1, 1, 0, 0, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0, 1, 1, 1], [1, 1, 0, 1, 1]]
 SCORES = torch.tensor([1.0, -0.5, 2.0, 0.25])
 
-TOOLS_FILE = '''
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
-'''
 
 
 def _rollout(seed=0):

@@ -14,17 +14,6 @@ from rlhfkit.rollout.generate import HFGenerationBackend, SamplingConfig, filter
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    with torch.no_grad():  # a sharper-than-random model, so greedy decoding has clear winners
-        model.lm_head.weight.mul_(8.0)
-    return model
-
-
-@pytest.fixture(scope="module")
 def prompts(tiny_tokenizer):
     texts = ["Tell me about cats.", "Why?", "A much longer prompt about the history of the printing press."]
     return [tiny_tokenizer(t).input_ids for t in texts]

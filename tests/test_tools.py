@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+from toy import TOOLS_SOURCE as TOOLS_FILE
 
 from rlhfkit.errors import ConfigError, ModelError
 from rlhfkit.rollout.tools import (
@@ -23,78 +24,6 @@ from rlhfkit.rollout.tools import (
     run_tool_call,
     tool_message,
 )
-
-TOOLS_FILE = '''
-import os
-import time
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
-
-
-def lookup(country: str, detail: str = "capital") -> dict:
-    """Look a country up in the atlas.
-
-    Args:
-        country: The country's name.
-        detail: What to return. (choices: ["capital", "population"])
-    """
-    return {"country": country, detail: "Xanadu"}
-
-
-def fail(x: int) -> int:
-    """Always fails.
-
-    Args:
-        x: Shown in the message.
-    """
-    raise ValueError(f"bad x {x}")
-
-
-def hang(pid_file: str) -> str:
-    """Write its process id, then sleep far past any timeout.
-
-    Args:
-        pid_file: Where the process id goes.
-    """
-    with open(pid_file, "w") as f:
-        f.write(str(os.getpid()))
-    time.sleep(60)
-    return "woke"
-
-
-def huge() -> str:
-    """One megabyte of text."""
-    return "x" * 1_000_000
-
-
-def odd() -> object:
-    """A value JSON cannot write."""
-    return {1, 2}
-
-
-def no_hints(a):
-    """No type hints.
-
-    Args:
-        a: Something.
-    """
-    return a
-
-
-def no_docstring(a: int) -> int:
-    return a
-
-
-NOT_CALLABLE = 3
-'''
 
 # a template that shows `tools` in a system turn of its own (as Qwen's and Llama 3's do)
 # (transformers renders templates with trim_blocks: a newline right after a tag goes, hence {{ '\\n' }})

@@ -86,3 +86,78 @@ def write_toy_task(out_dir: str | Path, n_train: int = 256, n_eval: int = 64, se
         "pref_train": write_jsonl(preference_rows(n_train, seed + 1), out / "pref_train.jsonl"),
         "pref_eval": write_jsonl(preference_rows(n_eval, seed + 2000, "eval"), out / "pref_eval.jsonl"),
     }
+
+
+# The tool functions the tool tests load by name (rlhfkit.rollout.tools): ones that work, raise, hang, return
+# too much or cannot be JSON-written, and ones that are not valid tools.
+TOOLS_SOURCE = '''
+import os
+import time
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+def lookup(country: str, detail: str = "capital") -> dict:
+    """Look a country up in the atlas.
+
+    Args:
+        country: The country's name.
+        detail: What to return. (choices: ["capital", "population"])
+    """
+    return {"country": country, detail: "Xanadu"}
+
+
+def fail(x: int) -> int:
+    """Always fails.
+
+    Args:
+        x: Shown in the message.
+    """
+    raise ValueError(f"bad x {x}")
+
+
+def hang(pid_file: str) -> str:
+    """Write its process id, then sleep far past any timeout.
+
+    Args:
+        pid_file: Where the process id goes.
+    """
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+    return "woke"
+
+
+def huge() -> str:
+    """One megabyte of text."""
+    return "x" * 1_000_000
+
+
+def odd() -> object:
+    """A value JSON cannot write."""
+    return {1, 2}
+
+
+def no_hints(a):
+    """No type hints.
+
+    Args:
+        a: Something.
+    """
+    return a
+
+
+def no_docstring(a: int) -> int:
+    return a
+
+
+NOT_CALLABLE = 3
+'''
