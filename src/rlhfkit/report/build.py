@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RlhfkitError
-from . import figures
+from . import episode_figures, figures
 from .page import PlotWriter, Safe, Text, duration, esc, fmt, key_values, page, slug, table
 from .runs import WALL_KEYS, Evaluation, ReportData, Run, flatten, is_number, load
 
@@ -238,7 +238,7 @@ def _run(run: Run, plot: PlotWriter, anchor: str) -> str:
     parts = [f"<h2>Run: {esc(run.name)}{task}</h2><p class=\"lead\">{' · '.join(facts)}</p>"]
     if not run.series:
         parts.append("<p class=\"muted\">metrics.jsonl holds no numeric metrics.</p>")
-    plots = figures.run_panels(run)
+    plots = figures.run_panels(run, episode_figures.episode_panels(run))
     if run.is_rl:
         plots.insert(min(len(plots), 2), figures.reward_vs_kl(run))
     parts.append(plot.grid(plots))

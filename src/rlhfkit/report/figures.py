@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
 import plotly.graph_objects as go
@@ -116,8 +117,9 @@ def _mark_hacking(fig: go.Figure, run: Run) -> None:
                       annotation_position="top left")
 
 
-def run_panels(run: Run) -> list[Plot]:
-    """Line plots over steps of every numeric metric of a run: known groups first, then the rest."""
+def run_panels(run: Run, more: Sequence[tuple[Plot, Collection[str]]] = ()) -> list[Plot]:
+    """Line plots over steps of every numeric metric of a run: known groups first, then ``more`` (figures
+    built elsewhere, each with the metric keys it shows), then the rest."""
     figures = []
     used: set[str] = set(NOT_PLOTTED)
     for title, y_title, names in PANELS:
@@ -146,6 +148,9 @@ def run_panels(run: Run) -> list[Plot]:
             if title in ("Reward", "KL to reference"):
                 _mark_hacking(fig, run)
             figures.append(Plot(fig))
+    for plot, keys in more:
+        figures.append(plot)
+        used.update(keys)
     other = _other_metrics(run, used)
     if other is not None:
         figures.append(other)
