@@ -174,11 +174,11 @@ class ScriptedCalls(ToolEpisodes):
 def test_grpo_with_tools_logs_tool_metrics(tiny_model_dir, count_e_files, tmp_path, monkeypatch):
     from test_rl_variants import _run
 
-    import rlhfkit.trainers.rl.tool_rollouts as tool_rollouts_module
+    import rlhfkit.rollout.tool_prompts as tool_prompts_module
 
     tools = tmp_path / "rl_tools.py"
     tools.write_text(TOOLS_FILE)
-    monkeypatch.setattr(tool_rollouts_module, "ToolEpisodes", ScriptedCalls)
+    monkeypatch.setattr(tool_prompts_module, "ToolEpisodes", ScriptedCalls)
     # the log-prob check at step 1 (on by default) passes only if the forced tokens are left out of it
     rows = _run(GRPOConfig, tiny_model_dir, count_e_files, tmp_path / "out", tools=f"{tools}:add", max_steps=2,
                 max_new_tokens=96, num_generations=2, tool_timeout=20.0)
@@ -223,3 +223,48 @@ def test_what_cannot_carry_tools_is_refused_in_one_line(tmp_path):
     from rlhfkit.distributed.options import check_ray_config
 
     assert "--tools" in _refusal(with_ray_options(GRPOConfig)(**base), check_ray_config)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+# wall-clock metrics differ between any two runs; everything else a step logs must be equal after a resume
+_CLOCK = ("seconds", "time", "per_s", "throughput", "elapsed", "memory", "mem_")
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, PPOConfig], ids=["grpo", "ppo"])
+def test_tool_run_resumes_to_the_uninterrupted_run(cls, tiny_model_dir, count_e_files, tmp_path, monkeypatch):
+    """A run with tools resumed from checkpoint 1 ends with exactly the uninterrupted run's weights
+    (torch.equal) and the same per-step metrics, the tool metrics included; calls happen after the checkpoint
+    (rows 0 and 2 of every rollout are scripted to call add: the tiny model never writes a call itself)."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from test_rl_variants import _run
+
+    import rlhfkit.rollout.tool_prompts as tool_prompts_module
+
+    tools = tmp_path / "rl_tools.py"
+    tools.write_text(TOOLS_FILE)
+    monkeypatch.setattr(tool_prompts_module, "ToolEpisodes", ScriptedCalls)
+    # 96 tokens: the scripted call (54) and its tool turn (30) fit, so the turn is taken, not truncated; one
+    # thread: tiny matmuls on a busy machine are ten times faster so (both runs the same, so still exact)
+    per_prompt = dict(num_generations=2) if cls is GRPOConfig else dict(num_generations=1, prompts_per_step=4)
+    settings = dict(tools=f"{tools}:add", max_steps=2, save_steps=1, max_new_tokens=96, learning_rate=3e-3,
+                    tool_timeout=20.0, num_threads=1, **per_prompt)
+    full = tmp_path / "full"
+    rows = _run(cls, tiny_model_dir, count_e_files, full, **settings)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[1]["tools/calls"] >= 2 and rows[1]["turns_mean"] > 1  # the step after the checkpoint calls
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-1", resumed / "checkpoint-1")
+    again = _run(cls, tiny_model_dir, count_e_files, resumed, resume=True, **settings)
+    assert [r["step"] for r in again] == [2]
+    keys = {k for k in rows[1] if not any(c in k for c in _CLOCK)}
+    assert {"tools/calls", "tools/errors", "turns_mean", "tool_calls_mean", "loss", "reward_mean"} <= keys
+    assert keys <= set(again[0])
+    assert {k: again[0][k] for k in sorted(keys)} == {k: rows[1][k] for k in sorted(keys)}
+    want, got = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert want.keys() == got.keys()
+    assert [name for name in want if not torch.equal(got[name], want[name])] == []

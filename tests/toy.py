@@ -161,3 +161,65 @@ def no_docstring(a: int) -> int:
 
 NOT_CALLABLE = 3
 '''
+
+# Environments for --env (issue 24): `countdown.py:Countdown` etc. once written to a file.
+ENV_SOURCE = '''
+class Countdown:
+    """Opens with the row's 'start'; turn k scores k * the row's 'scale'; the observation counts the turns
+    left; done after the row's 'turns' turns. Keeps what the policy said in ``said``."""
+
+    def reset(self, row):
+        self.left, self.scale, self.turn, self.said = int(row["turns"]), float(row["scale"]), 0, []
+        return f"count down from {row['start']}"
+
+    def step(self, text):
+        self.turn += 1
+        self.left -= 1
+        self.said.append(text)
+        return (None if self.left <= 0 else f"{self.left} to go"), self.scale * self.turn, self.left <= 0
+
+
+class Endless(Countdown):
+    """Never done: one more turn, reward 1, every time."""
+
+    def step(self, text):
+        self.said.append(text)
+        return "again", 1.0, False
+
+
+class Broken(Countdown):
+    """Raises at its second step."""
+
+    def step(self, text):
+        if self.said:
+            raise RuntimeError("boom")
+        self.said.append(text)
+        return "again", 1.0, False
+
+
+class BadReward(Countdown):
+    def step(self, text):
+        return "again", float("nan"), False
+
+
+class BadReset(Countdown):
+    """Raises in reset for rows whose 'start' is negative."""
+
+    def reset(self, row):
+        if int(row["start"]) < 0:
+            raise KeyError("negative start")
+        return super().reset(row)
+
+
+class NoStep:
+    def reset(self, row):
+        return "hi"
+
+
+class NeedsArgs(Countdown):
+    def __init__(self, level):
+        self.level = level
+
+
+NOT_A_CLASS = 3
+'''

@@ -13,22 +13,28 @@ from .errors import ConfigError
 from .stage import StageContext, stage
 
 
-@stage("tiny_model", options=("corpus", "vocab", "layers", "hidden", "heads", "max_positions"))
+@stage("tiny_model", options=("corpus", "vocab", "layers", "hidden", "heads", "max_positions", "chat_template"))
 def tiny_model_stage(ctx: StageContext) -> dict[str, Any]:
     """A random-init Llama with a BPE tokenizer trained on ``corpus`` (a text file, one document per line).
 
-    Options: corpus, vocab (1024), layers (2), hidden (128), heads (4), max_positions (256).
+    Options: corpus, vocab (1024), layers (2), hidden (128), heads (4), max_positions (256), chat_template
+    (default | tools: a template that also renders ``tools=``, rlhfkit.models.tiny.TOOLS_CHAT_TEMPLATE).
     """
-    from .models.tiny import build_tiny_model
+    from .models.tiny import CHAT_TEMPLATES, build_tiny_model
 
     ctx.require("corpus")
     corpus_file = Path(ctx.option("corpus"))
     if not corpus_file.exists():
         raise ConfigError(f"stage '{ctx.name}': corpus {corpus_file} not found")
+    template = str(ctx.option("chat_template", "default"))
+    if template not in CHAT_TEMPLATES:
+        raise ConfigError(f"stage '{ctx.name}': chat_template must be one of {', '.join(CHAT_TEMPLATES)} "
+                          f"(got {template!r})")
     lines = corpus_file.read_text(encoding="utf-8").split("\n")
     build_tiny_model(ctx.output_dir, layers=int(ctx.option("layers", 2)), hidden=int(ctx.option("hidden", 128)),
                      heads=int(ctx.option("heads", 4)), vocab=int(ctx.option("vocab", 1024)),
-                     max_positions=int(ctx.option("max_positions", 256)), seed=ctx.seed, corpus=lines)
+                     max_positions=int(ctx.option("max_positions", 256)), seed=ctx.seed, corpus=lines,
+                     chat_template=template)
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(ctx.output_dir)

@@ -93,7 +93,7 @@ def check_ray_config(config: Any) -> None:
         raise ConfigError("--ray-cpus-per-worker, --ray-timeout-s and --ray-startup-timeout-s must be > 0")
     unsupported = {"lora_r": "LoRA", "eval_dataset": "--eval-dataset", "heldout_judge": "--heldout-judge",
                    "report_to": "--report-to", "dynamic_sampling": "--dynamic-sampling", "tis_cap": "--tis-cap",
-                   "tools": "--tools"}  # the rollout workers generate without tool episodes
+                   "tools": "--tools", "env": "--env"}  # the rollout workers generate without tool or env episodes
     for name, what in unsupported.items():
         if getattr(config, name) and getattr(config, name) != "none":
             raise ConfigError(f"{what} is not supported with --ray yet (run without --ray, or evaluate the saved "

@@ -22,6 +22,7 @@ import torch
 from ..errors import DataError, RlhfkitError
 from ..rollout.generate import SamplingConfig
 from ..rollout.rewards import EnsembleReward, ModelReward
+from ..rollout.tool_prompts import ToolPrompts, ToolSettings
 
 logger = logging.getLogger("rlhfkit")
 
@@ -70,12 +71,15 @@ def _flags(judge: Any, prompts: list[str], responses: list[str]) -> list[dict[st
 
 def reference_logprob_sums(ref_model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]],
                            response_ids: Sequence[Sequence[int]], pad_token_id: int | None,
-                           temperature: float = 1.0, batch_size: int = 8) -> torch.Tensor:
+                           temperature: float = 1.0, batch_size: int = 8,
+                           response_masks: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Σ_t log π_ref(y_t | x, y_<t) over each response's tokens, at ``temperature``: float32 [N] on CPU.
 
     One forward pass per batch of ``batch_size`` right-padded prompt+response sequences; token log-probs
     are ``log_softmax(logits / temperature)`` at the response positions only
     (``rlhfkit.trainers.common.sequence_logps``), summed per sequence. The sampler's log-probs use the same temperature.
+    ``response_masks`` (1/0 per response token) sums over the marked tokens only: a tool episode's own
+    tokens, not the tool turns forced into it.
     """
     from ..data import pad_batch
     from ..models.forward import sequence_logps, to_device
@@ -87,7 +91,9 @@ def reference_logprob_sums(ref_model: torch.nn.Module, prompt_ids: Sequence[Sequ
             prompts = prompt_ids[start:start + batch_size]
             responses = response_ids[start:start + batch_size]
             sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
-            masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
+            marks = response_masks[start:start + batch_size] if response_masks is not None else \
+                [[1] * len(r) for r in responses]
+            masks = [[0] * len(p) + [int(x) for x in m][:len(r)] for p, r, m in zip(prompts, responses, marks)]
             batch = to_device(pad_batch(sequences, masks, pad_token_id), device)
             out.append(sequence_logps(ref_model, batch, temperature).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -156,13 +162,16 @@ class _PolicyRun:
     kl: np.ndarray | None  # [n, k] Σ_t log π − log π_ref
     rewards: np.ndarray | None  # [n, k]
     flags: list[dict[str, bool | None]] | None
+    turns: np.ndarray | None = None  # [n, k] assistant turns of a tool episode (with --tools)
+    tool_calls: np.ndarray | None = None  # [n, k] tool calls (with --tools)
+    tool_stats: dict[str, float] | None = None  # calls, errors by kind, seconds (rlhfkit.rollout.tools.ToolStats)
 
 
 def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, reward: ModelReward | None,
                 reference: torch.nn.Module | None, reference_path: str | None, num_samples: int,
                 sampling: SamplingConfig, seed: int, batch_size: int, max_prompt_length: int,
                 device: torch.device, source: str, prompt_format: str = "auto",
-                decode: Mapping[str, bool] | None = None) -> _PolicyRun:
+                decode: Mapping[str, bool] | None = None, tools: ToolSettings | None = None) -> _PolicyRun:
     from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
     from ..rollout.generate import HFGenerationBackend
     from ..rollout.rewards import ScoringBatch, checked_scores, row_fields
@@ -176,6 +185,10 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
     model = load_causal_lm(path).to(device)
     model.eval().requires_grad_(False)
     backend = HFGenerationBackend(tokenizer, **dict(decode or {}))  # fast_decode / compile_decode
+    tool_prompts = ToolPrompts(tools, tokenizer) if tools is not None else None
+    turns: list[int] = []
+    calls: list[int] = []
+    tool_stats: dict[str, float] = {}
     generator = torch.Generator().manual_seed(int(seed))
     stops = tuple(s for s in sampling.stop_strings if s)
     texts: list[str] = []
@@ -186,7 +199,15 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
     try:
         for start in range(0, n, batch_size):
             chunk = records[start:start + batch_size]
-            rollout = backend.generate(model, [r["prompt_ids"] for r in chunk], k, sampling, generator)
+            if tool_prompts is None:
+                rollout = backend.generate(model, [r["prompt_ids"] for r in chunk], k, sampling, generator)
+            else:  # the prompts as written, rendered with the tools offered; episodes call them
+                prompt_ids, episodes = tool_prompts.episodes([row["prompt"] for row in rows[start:start + batch_size]])
+                rollout = backend.generate(model, prompt_ids, k, sampling, generator, episodes=episodes)
+                turns += rollout.turns
+                calls += rollout.tool_calls
+                for key, value in episodes.stats.as_dict().items():
+                    tool_stats[key] = tool_stats.get(key, 0.0) + float(value)
             batch_texts = backend.decode(rollout, stops)
             fields = row_fields(chunk, k)  # rendered prompts, prompts as written and columns, for fn: judges
             prompt_texts = fields["prompts"]
@@ -201,8 +222,10 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
                 flags = None if batch_flags is None else flags + batch_flags
             if reference is not None:
                 own = rollout.logprobs.sum(-1).double()
+                own_tokens = rollout.policy_mask.int().tolist() if rollout.policy_mask is not None else None
                 ref = reference_logprob_sums(reference, rollout.prompt_ids, rollout.response_ids,
-                                             tokenizer.pad_token_id, sampling.temperature, batch_size * k)
+                                             tokenizer.pad_token_id, sampling.temperature, batch_size * k,
+                                             response_masks=own_tokens)
                 kl.append((own - ref.double()).numpy())
             texts += batch_texts
             token_lengths += rollout.lengths
@@ -225,4 +248,7 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
         kl=grid(kl) if kl else None,
         rewards=grid(rewards) if rewards else None,
         flags=flags or None,
+        turns=np.asarray(turns, dtype=np.float64).reshape(n, k) if tool_prompts is not None else None,
+        tool_calls=np.asarray(calls, dtype=np.float64).reshape(n, k) if tool_prompts is not None else None,
+        tool_stats=tool_stats if tool_prompts is not None else None,
     )

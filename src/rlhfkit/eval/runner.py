@@ -35,6 +35,8 @@ from ..judges.spec import JUDGE_SPECS, load_judge
 from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
 from ..rollout.rewards import ModelReward, RewardSource, check_reward_columns
+from ..rollout.tool_prompts import ToolSettings
+from ..rollout.tools import load_tools
 from .policy_run import (
     _bind_tokenizer,
     _clean_rows,
@@ -56,11 +58,24 @@ logger = logging.getLogger("rlhfkit")
 __all__ = ["evaluate_policies", "format_table", "main", "reference_logprob_sums", "reward_model_accuracy"]
 
 
-def _flag_rates(flags: list[dict[str, bool | None]] | None) -> dict[str, float | None]:
+def _flag_rates(flags: list[dict[str, bool | None]] | None, k: int, n_boot: int, confidence: float,
+                seed: int) -> dict[str, float | None]:
+    """``<flag>_rate`` over the responses a flag applies to, with its bootstrap interval over prompts
+    (``<flag>_rate_ci_low/high``; a flag applies to all of a prompt's samples or to none)."""
     if not flags:
         return {}
     names = list(dict.fromkeys(name for f in flags for name in f))
-    return {f"{name}_rate": mean_or_none([f.get(name) for f in flags]) for name in names}
+    out: dict[str, float | None] = {}
+    for name in names:
+        values = [f.get(name) for f in flags]
+        out[f"{name}_rate"] = mean_or_none(values)
+        grid = [values[i:i + k] for i in range(0, len(values), k)]
+        applies = np.asarray([[float(v) for v in row] for row in grid if all(v is not None for v in row)])
+        low = high = None
+        if len(applies):
+            _, low, high = bootstrap_mean_ci(applies, n_boot, confidence, seed)
+        out[f"{name}_rate_ci_low"], out[f"{name}_rate_ci_high"] = low, high
+    return out
 
 
 def _by_category(run: _PolicyRun, base: _PolicyRun, categories: list[Any]) -> dict[str, dict[str, Any]]:
@@ -92,7 +107,11 @@ def _metrics(run: _PolicyRun, base: _PolicyRun, baseline: str, n_boot: int, conf
         "mean_length_chars": float(run.char_lengths.mean()),
         "no_eos_rate": float((~run.ended).mean()),
     }
-    out.update(_flag_rates(run.flags))
+    out.update(_flag_rates(run.flags, run.scores.shape[1], n_boot, confidence, seed))
+    if run.turns is not None and run.tool_calls is not None:  # --tools: the episodes' shape and the calls' errors
+        stats = run.tool_stats or {}
+        out.update(turns_mean=float(run.turns.mean()), tool_calls_mean=float(run.tool_calls.mean()),
+                   tool_call_errors=int(stats.get("tools/errors", 0)), tool_seconds=float(stats.get("tools/seconds", 0)))
     return out
 
 
@@ -167,6 +186,7 @@ def evaluate_policies(
     prompts_source: str = "prompts",
     prompt_format: str = "auto",
     decode: Mapping[str, bool] | None = None,
+    tools: ToolSettings | None = None,
 ) -> dict[str, Any]:
     """Sample from every policy, judge, compare with ``baseline``; returns (and writes) the eval report.
 
@@ -190,6 +210,11 @@ def evaluate_policies(
 
     With ``output_dir``: ``eval.json`` (this dict) and ``samples.jsonl`` (one row per response).
     ``decode``: the decoding backend's switches (``fast_decode``, ``compile_decode``; as the RL trainers').
+
+    ``tools``: the policies may call tools mid-response (multi-turn episodes, as in RL with ``--tools``):
+    prompts are rendered with the tools offered, samples show every turn, the judge sees the whole
+    episode, the KL counts the policy's own tokens only, and each policy gets ``turns_mean``,
+    ``tool_calls_mean``, ``tool_call_errors`` and ``tool_seconds``.
     """
     from ..models import load_causal_lm, load_tokenizer
 
@@ -209,6 +234,8 @@ def evaluate_policies(
     if pairs is not None and not reward_model:
         raise ConfigError("--pairs needs --reward-model (the model whose accuracy is measured)")
     rows = _clean_rows(prompts, prompts_source)
+    if tools is not None:
+        load_tools(tools.spec)  # a bad --tools fails now, not after the first policy's sampling
     if isinstance(pairs, str):  # a missing file should fail now, not after all the sampling
         from ..data import load_rows
 
@@ -231,7 +258,7 @@ def evaluate_policies(
     for name in order:
         runs[name] = _run_policy(name, policies[name], rows, judge, rm, ref_model, reference, num_samples,
                                  sampling, seed, batch_size, max_prompt_length, device, prompts_source,
-                                 prompt_format=prompt_format, decode=decode)
+                                 prompt_format=prompt_format, decode=decode, tools=tools)
     categories = [r.get("category") for r in rows] if any("category" in r for r in rows) else None
     report: dict[str, Any] = {
         "judge": judge_name, "baseline": baseline, "num_prompts": len(rows), "num_samples": num_samples,
@@ -281,6 +308,8 @@ def _write(out: Path, report: dict[str, Any], rows: list[dict[str, Any]], runs: 
                         sample["reward"] = float(run.rewards[p, s])
                     if run.kl is not None:
                         sample["kl"] = float(run.kl[p, s])
+                    if run.turns is not None and run.tool_calls is not None:
+                        sample.update(turns=int(run.turns[p, s]), tool_calls=int(run.tool_calls[p, s]))
                     if run.flags is not None:
                         sample["flags"] = run.flags[i]
                     fh.write(json.dumps(_json_safe(sample), default=str) + "\n")
@@ -386,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode Llama/Mistral/Qwen2 policies with rlhfkit's lean step (same tokens and log-probs)")
     p.add_argument("--compile-decode", action="store_true",
                    help="CPU: run that decode step ahead-of-time compiled (needs a C++ compiler; built once, cached)")
+    p.add_argument("--tools", default=None, help="tools the policies may call mid-response, 'file.py:fn1,fn2' "
+                   "(typed, documented functions): multi-turn episodes, as rlhfkit's RL trainers run them")
+    p.add_argument("--max-turns", type=int, default=3, help="--tools: most tool calls per response")
+    p.add_argument("--tool-timeout", type=float, default=10.0, help="--tools: seconds a call may run")
+    p.add_argument("--tool-max-chars", type=int, default=2000, help="--tools: longest tool answer in characters")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
@@ -439,7 +473,9 @@ def evaluate_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
                                seed=o.seed, batch_size=o.batch_size, pairs=o.pairs, output_dir=o.output_dir,
                                n_boot=o.n_boot, confidence=o.confidence, max_prompt_length=o.max_prompt_length,
                                prompts_source=o.prompts, prompt_format=o.prompt_format,
-                               decode={"fast_decode": o.fast_decode, "compile_decode": o.compile_decode})
+                               decode={"fast_decode": o.fast_decode, "compile_decode": o.compile_decode},
+                               tools=ToolSettings(str(o.tools), int(o.max_turns), float(o.tool_timeout),
+                                                  int(o.tool_max_chars)) if o.tools else None)
     return report
 
 

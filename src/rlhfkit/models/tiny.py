@@ -7,7 +7,7 @@ Tests and the demo use these: nothing is downloaded. The saved folder loads with
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -26,6 +26,23 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
 )
+# A template that also renders ``tools=`` (as Qwen's and Llama 3's do), in one short line a tiny model can
+# read past: "Tools: capital_of(country) add(a, b)" in a system turn, then the conversation as above (tool
+# turns as <|tool|> turns). The demo world's tool demo (configs/tools.yaml) gives its tiny model this one.
+TOOLS_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>{{ '\\n' }}Tools:{% for t in tools %} {{ t['function']['name'] }}("
+    "{{ t['function']['parameters']['properties'] | list | join(', ') }}){% endfor %}{{ '\\n' }}{% endif %}"
+    + DEFAULT_CHAT_TEMPLATE.removeprefix("{{ bos_token }}")
+)
+CHAT_TEMPLATES = {"default": DEFAULT_CHAT_TEMPLATE, "tools": TOOLS_CHAT_TEMPLATE}
+
+
+def tools_line(schemas: Sequence[dict]) -> str:
+    """The system text :data:`TOOLS_CHAT_TEMPLATE` renders for ``tools=schemas`` (to write it into data)."""
+    return "Tools:" + "".join(f" {s['function']['name']}({', '.join(s['function']['parameters']['properties'])})"
+                              for s in schemas)
+
+
 # Every fallback template rlhfkit has written into saved tokenizers (the first one put a newline after an
 # assistant's EOS): a tokenizer carrying one of them has no chat template of its own.
 FALLBACK_CHAT_TEMPLATES = (
@@ -108,11 +125,13 @@ def build_tiny_model(
     seed: int = 0,
     corpus: Iterable[str] | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
+    chat_template: str = "default",
 ) -> Path:
     """Create a random-init Llama-architecture model and its tokenizer in ``out_dir``.
 
     ``reward=True`` gives a ``LlamaForSequenceClassification`` with one output (a scalar reward).
-    Dropout is zero so training is deterministic given the seed.
+    Dropout is zero so training is deterministic given the seed. ``chat_template``: "default" or "tools"
+    (:data:`TOOLS_CHAT_TEMPLATE`) for a new tokenizer.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -120,6 +139,8 @@ def build_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer if tokenizer is not None else train_tokenizer(corpus, vocab)
+    if tokenizer is None:
+        tok.chat_template = CHAT_TEMPLATES[chat_template]
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,

@@ -24,7 +24,7 @@ from .fast_decode import FastDecoder, fast_decoder
 from .sampling import draw_and_record, filter_logits
 
 if TYPE_CHECKING:
-    from .episodes import ToolEpisodes
+    from .episodes import ForcedEpisodes
 
 logger = logging.getLogger("rlhfkit")
 
@@ -63,7 +63,9 @@ class Rollout:
     Tool-using rollouts (``generate(..., episodes=)``, :mod:`rlhfkit.rollout.episodes`) also set
     ``policy_mask`` [N, R] (1 = a token the policy sampled, 0 = a forced tool-turn token, whose log-prob is 0,
     and 0 after the response), ``turns`` (assistant turns) and ``tool_calls`` per row; None otherwise (every
-    token is the policy's, one turn, no calls).
+    token is the policy's, one turn, no calls). Environment episodes (:mod:`rlhfkit.rollout.environments`) also
+    set ``turn_rewards``: per row, ``(column, reward)`` for each turn the environment scored, the column being
+    that turn's last policy token.
     """
 
     prompt_ids: list[list[int]]
@@ -74,6 +76,7 @@ class Rollout:
     policy_mask: torch.Tensor | None = None  # [N, R] float32
     turns: list[int] | None = None
     tool_calls: list[int] | None = None
+    turn_rewards: list[list[tuple[int, float]]] | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -87,12 +90,12 @@ def slice_rollout(rollout: Rollout, lo: int, hi: int) -> Rollout:
 
     return Rollout(rollout.prompt_ids[lo:hi], rollout.response_ids[lo:hi], rollout.ended[lo:hi],
                    rollout.logprobs[lo:hi], rollout.decode_steps, cut(rollout.policy_mask), cut(rollout.turns),
-                   cut(rollout.tool_calls))
+                   cut(rollout.tool_calls), cut(rollout.turn_rewards))
 
 
 def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     """Rows of several rollouts in order (log-probs and policy masks zero-padded to the widest; a part without
-    episode fields counts as all-policy tokens, one turn, no calls, when another part has them)."""
+    episode fields counts as all-policy tokens, one turn, no calls, no turn rewards, when another part has them)."""
     width = max(p.logprobs.shape[1] for p in parts)
     logprobs = torch.cat([torch.nn.functional.pad(p.logprobs, (0, width - p.logprobs.shape[1])) for p in parts])
     rollout = Rollout([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.response_ids],
@@ -104,6 +107,8 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
         rollout.policy_mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
         rollout.turns = [x for p in parts for x in (p.turns or [1] * len(p.ended))]
         rollout.tool_calls = [x for p in parts for x in (p.tool_calls or [0] * len(p.ended))]
+    if any(p.turn_rewards is not None for p in parts):
+        rollout.turn_rewards = [list(x) for p in parts for x in (p.turn_rewards or [[]] * len(p.ended))]
     return rollout
 
 
@@ -147,13 +152,23 @@ class HFGenerationBackend:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def decode(self, rollout: Rollout, stop_strings: Sequence[str] = ()) -> list[str]:
-        """Response texts without special tokens, each cut after its first stop string."""
+        """Response texts without special tokens, each cut after its first stop string (in an episode, the first
+        in the policy's last turn: earlier turns and forced turns may hold one)."""
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.response_ids]
         for i, text in enumerate(texts):
-            hits = [text.index(s) + len(s) for s in stop_strings if s and s in text]
+            start = self._last_turn_start(rollout, i) if stop_strings and rollout.policy_mask is not None else 0
+            hits = [text.index(s, start) + len(s) for s in stop_strings if s and s in text[start:]]
             if hits:
                 texts[i] = text[:min(hits)]
         return texts
+
+    def _last_turn_start(self, rollout: Rollout, row: int) -> int:
+        """Where row ``row``'s text after its last forced token starts (0 without forced tokens)."""
+        ids = rollout.response_ids[row]
+        forced = (rollout.policy_mask[row, :len(ids)] == 0).nonzero().flatten()
+        if not len(forced):
+            return 0
+        return len(self.tokenizer.decode(ids[:int(forced[-1]) + 1], skip_special_tokens=True))
 
     def scored_ids(self, rollout: Rollout) -> list[list[int]]:
         """Response ids as a reward model should see them: a response cut at a stop string ended too, so it
@@ -178,9 +193,11 @@ class HFGenerationBackend:
 
     @torch.inference_mode()
     def generate(self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], num_samples: int,
-                 sampling: SamplingConfig, generator: torch.Generator, episodes: ToolEpisodes | None = None) -> Rollout:
-        """Sample ``num_samples`` responses per prompt (rows prompt-major). With ``episodes``, rows call tools
-        and decode on after each tool turn in the same KV cache (:mod:`rlhfkit.rollout.episodes`)."""
+                 sampling: SamplingConfig, generator: torch.Generator,
+                 episodes: ForcedEpisodes | None = None) -> Rollout:
+        """Sample ``num_samples`` responses per prompt (rows prompt-major). With ``episodes``, rows call tools or
+        answer an environment and decode on after each forced turn in the same KV cache
+        (:mod:`rlhfkit.rollout.episodes`)."""
         from transformers import DynamicCache
 
         sampling.check()
@@ -249,7 +266,7 @@ class HFGenerationBackend:
                                        attention_mask=attention[:, :width + step] if padded else None,
                                        position_ids=next_position + step - 1, **with_cache).logits[:, -1]
                     all_done = draw_and_record(logits, *sample_args, *record)
-                if episodes is not None:  # forced tokens, tool calls and the policy's stop strings
+                if episodes is not None:  # forced tokens, tool calls, turn ends and the policy's stop strings
                     all_done = episodes.after_step(step, tokens, logps, lengths, done)
                 elif stops:
                     all_done = self._end_at_stop_strings(stops, tokens, step, lengths, done)

@@ -1,8 +1,8 @@
 """Load the Python functions a user names on the command line: ``path/to/file.py:fn`` or ``package.module:fn``.
 
-Reward functions (``--reward-fn``, a judge's ``fn:``) and tools (``--tools file.py:fn1,fn2``) name their
-functions the same way; one loader gives both the same rules and the same one-line ConfigErrors, each
-naming the file (or module) and the function.
+Reward functions (``--reward-fn``, a judge's ``fn:``), tools (``--tools file.py:fn1,fn2``) and environments
+(``--env file.py:ClassName``) are named the same way; one loader gives them the same rules and the same
+one-line ConfigErrors, each naming the file (or module) and the function or class.
 """
 
 from __future__ import annotations
@@ -57,14 +57,15 @@ def _import_module(source: str, what: str) -> ModuleType:
                           f"{_one_line(exc)}") from exc
 
 
-def load_functions(spec: str, what: str, many: bool = False) -> list[tuple[str, Callable[..., Any]]]:
+def load_functions(spec: str, what: str, many: bool = False,
+                   noun: str = "function") -> list[tuple[str, Callable[..., Any]]]:
     """``(name, function)`` for each function ``spec`` names, in its order; ``what`` ("reward function",
-    "tool") starts every error message.
+    "tool", "environment") starts every error message, ``noun`` ("function", "class") names what is looked up.
 
     ``spec`` is ``SOURCE:NAME`` (``many``: ``SOURCE:NAME1,NAME2``). SOURCE is a file when it ends in ``.py``
     or is not a dotted name (imported as a fresh module, once per call), else a module imported by name.
     """
-    form = "fn1,fn2" if many else "function_name"
+    form = "fn1,fn2" if many else "ClassName" if noun == "class" else "function_name"
     source, sep, names_text = spec.strip().rpartition(":")
     source = source.strip()
     names = [n.strip() for n in names_text.split(",")] if many else [names_text.strip()]
@@ -76,9 +77,9 @@ def load_functions(spec: str, what: str, many: bool = False) -> list[tuple[str, 
     functions = []
     for name in names:
         if not hasattr(module, name):
-            raise ConfigError(f"{where} has no function '{name}'")
+            raise ConfigError(f"{where} has no {noun} '{name}'")
         fn = getattr(module, name)
         if not callable(fn):
-            raise ConfigError(f"'{name}' in {where} is a {type(fn).__name__}, not a function")
+            raise ConfigError(f"'{name}' in {where} is a {type(fn).__name__}, not a {noun}")
         functions.append((name, fn))
     return functions

@@ -138,10 +138,12 @@ class World:
     countries: dict[str, dict[str, str]]
     requests: list[Request]
     eval_fraction: float = 0.25
+    atlas: dict[str, str] = field(default_factory=dict)  # country -> capital, for the atlas tool (tool_world.py)
+    tool_requests: list[Request] = field(default_factory=list)  # questions only a tool answers (tool_world.py)
 
     # -- lookups -----------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        self._by_prompt = {r.prompt: r for r in self.requests}
+        self._by_prompt = {r.prompt: r for r in [*self.requests, *self.tool_requests]}
 
     def request(self, prompt: str) -> Request | None:
         """The request whose text is ``prompt`` (chat-rendered prompts are matched on their user turn)."""
@@ -212,6 +214,8 @@ class World:
         out.parent.mkdir(parents=True, exist_ok=True)
         data = {"seed": self.seed, "eval_fraction": self.eval_fraction, "countries": self.countries,
                 "requests": [r.as_row() for r in self.requests]}
+        if self.tool_requests:
+            data.update(atlas=self.atlas, tool_requests=[r.as_row() for r in self.tool_requests])
         out.write_text(json.dumps(data, indent=1), encoding="utf-8")
         return out
 
@@ -219,7 +223,8 @@ class World:
     def load(cls, path: str | Path) -> World:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(seed=data["seed"], countries=data["countries"],
-                   requests=[Request(**r) for r in data["requests"]], eval_fraction=data["eval_fraction"])
+                   requests=[Request(**r) for r in data["requests"]], eval_fraction=data["eval_fraction"],
+                   atlas=data.get("atlas", {}), tool_requests=[Request(**r) for r in data.get("tool_requests", [])])
 
 
 def build_world(seed: int = 0, num_countries: int = 12, eval_fraction: float = 0.25) -> World:

@@ -34,7 +34,7 @@ def _world_of(path: str | Path):
 
 
 @stage("world", options=("num_countries", "eval_fraction", "pretrain_copies", "sft_demonstrations", "closing_rate",
-                        "rl_prompts"))
+                        "rl_prompts", "tool_demonstrations", "tool_call_share", "tool_countries", "tool_sums"))
 def world_stage(ctx: StageContext) -> dict[str, Any]:
     """The demo world and its datasets.
 
@@ -42,6 +42,13 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
     demonstrations with a polite closing), rl_prompts (2000 training prompts for RL, drawn with the category
     mix), pretrain_copies (2). Writes world.json, pretrain.jsonl (text), sft.jsonl (chat), prompts_train.jsonl
     and prompts_eval.jsonl (chat prompts with a category column).
+
+    Tools (issue 24): tool_demonstrations (0 = none) adds the atlas and calculator of
+    :mod:`rlhfkit.world.tool_world`: tools.py, tool_prompts_train.jsonl / tool_prompts_eval.jsonl (questions
+    only a tool answers, with an ``answer`` column) and that many demonstrations with the tools offered, of
+    which a share tool_call_share (0.3) call a tool; sft.jsonl then holds every demonstration as ``messages``.
+    tool_countries ("8,24,12") and tool_sums ("40,200,60"): new countries and two-digit sums for the
+    demonstrations, RL training and held-out evaluation.
     """
     from . import build_world
     from .data import chat_text, pretraining_corpus, prompt_rows, sft_demonstrations, write_jsonl
@@ -49,17 +56,22 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
     out = ctx.output_dir
     world = build_world(ctx.seed, num_countries=int(ctx.option("num_countries", 12)),
                         eval_fraction=float(ctx.option("eval_fraction", 0.25)))
-    world.save(out / "world.json")
     corpus = pretraining_corpus(world, ctx.seed, copies=int(ctx.option("pretrain_copies", 2)))
     write_jsonl(out / "pretrain.jsonl", ({"text": doc} for doc in corpus))
     demos = sft_demonstrations(world, int(ctx.option("sft_demonstrations", 400)), ctx.seed,
                                closing_rate=float(ctx.option("closing_rate", 0.5)))
-    write_jsonl(out / "sft.jsonl", ({"prompt": _messages(d["prompt"]),
-                                     "completion": [{"role": "assistant", "content": d["completion"]}]}
-                                    for d in demos))
+    tool_texts: list[str] = []
+    tool_counts: dict[str, int] = {}
+    if int(ctx.option("tool_demonstrations", 0)):
+        tool_texts, tool_counts = _tool_files(ctx, world, demos)
+    else:
+        write_jsonl(out / "sft.jsonl", ({"prompt": _messages(d["prompt"]),
+                                         "completion": [{"role": "assistant", "content": d["completion"]}]}
+                                        for d in demos))
+    world.save(out / "world.json")
     # the tokenizer learns from everything the models will read
     (out / "tokenizer_corpus.txt").write_text(
-        "\n".join(corpus + [chat_text(d["prompt"], d["completion"]) for d in demos]), encoding="utf-8")
+        "\n".join(corpus + [chat_text(d["prompt"], d["completion"]) for d in demos] + tool_texts), encoding="utf-8")
     train = prompt_rows(world, "train", int(ctx.option("rl_prompts", 2000)), ctx.seed)
     write_jsonl(out / "prompts_train.jsonl", ({**r, "prompt": _messages(r["prompt"])} for r in train))
     held_out = prompt_rows(world, "eval")
@@ -68,7 +80,29 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
     for r in world.requests:
         counts[f"{r.split}_{r.category}"] = counts.get(f"{r.split}_{r.category}", 0) + 1
     return {"requests": len(world.requests), "pretrain_documents": len(corpus), "sft_demonstrations": len(demos),
-            "held_out_prompts": len(held_out), **counts}
+            "held_out_prompts": len(held_out), **counts, **tool_counts}
+
+
+def _tool_files(ctx: StageContext, world: Any, demos: list[dict[str, Any]]) -> tuple[list[str], dict[str, int]]:
+    """The world stage's tool options: the atlas and sums added to ``world``, and their files written."""
+    from .tool_world import add_tool_requests, write_tool_datasets
+
+    def counts(name: str, default: str) -> tuple[int, ...]:
+        value = ctx.option(name, default)
+        try:
+            parts = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3 or min(parts) < 1:
+            raise ConfigError(f"stage '{ctx.name}': {name} must be three positive counts 'DEMO,TRAIN,EVAL' "
+                              f"(got {value!r})")
+        return parts
+
+    share = float(ctx.option("tool_call_share", 0.3))
+    if not 0 < share <= 1:
+        raise ConfigError(f"stage '{ctx.name}': tool_call_share must be in (0, 1] (got {share})")
+    add_tool_requests(world, ctx.seed, counts("tool_countries", "8,24,12"), counts("tool_sums", "40,200,60"))
+    return write_tool_datasets(world, ctx.output_dir, ctx.seed, int(ctx.option("tool_demonstrations")), share, demos)
 
 
 def _samples_of_all(ctx: StageContext, prompts: list[str], k: int, temperature: float, max_new: int,
@@ -230,12 +264,14 @@ def cai_world_stage(ctx: StageContext) -> dict[str, Any]:
             "red_team_prompts": len(red_team)}
 
 
+WITHOUT_TOOLS_KEYS = ("correct_rate", "correct_rate_ci_low", "correct_rate_ci_high", "hallucination_rate",
+                      "judge_score")
 SUMMARY_POLICY_KEYS = ("judge_score", "win_rate_vs_sft", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate",
                        "harmful_refusal_rate", "benign_over_refusal_rate", "hallucination_rate", "kl_to_sft",
                        "reward_mean", "mean_length")
 
 
-@stage("summary", options=("eval", "file"))
+@stage("summary", options=("eval", "file", "without_tools"))
 def summary_stage(ctx: StageContext) -> dict[str, Any]:
     """The run's machine-readable summary.json (stable keys) from an eval folder and the stages' summaries.
 
@@ -245,12 +281,11 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
     ``cai`` (per revision_preference stage: how often the judge prefers the revisions); per policy
     ``train_seconds`` (the wall time of the stage whose folder the policy is, when it is one); ``stage_seconds``
     and ``wall_seconds`` (their sum). Option ``file``: the file name in the run folder (summary.json).
+    Option ``without_tools``: a second eval folder, of the same prompts without the tools (tool demo): per
+    policy ``without_tools`` holds its accuracy (``correct_rate`` and interval), hallucination and score.
     """
     ctx.require("eval")
-    eval_file = Path(ctx.option("eval")) / "eval.json"
-    if not eval_file.exists():
-        raise ConfigError(f"stage '{ctx.name}': {eval_file} not found (run the eval stage first)")
-    report = json.loads(eval_file.read_text(encoding="utf-8"))
+    report = _eval_report(ctx, Path(ctx.option("eval")))
     baseline = report.get("baseline", "sft")
     summary: dict[str, Any] = {"seed": ctx.seed, "judge": report.get("judge"), "baseline": baseline,
                                "num_prompts": report.get("num_prompts"), "num_samples": report.get("num_samples")}
@@ -264,6 +299,11 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
         if isinstance(seconds, int | float):
             row["train_seconds"] = float(seconds)
         summary[name] = row
+    if ctx.option("without_tools"):
+        plain = _eval_report(ctx, Path(ctx.option("without_tools")))
+        for name, metrics in plain.get("policies", {}).items():
+            if name in summary:
+                summary[name]["without_tools"] = {k: metrics.get(k) for k in WITHOUT_TOOLS_KEYS}
     rm = dict(report.get("rm") or {})
     if "accuracy" in rm:  # the eval's pairs are gold-labelled held-out pairs in the demo
         rm["gold_accuracy"] = rm["accuracy"]
@@ -286,6 +326,13 @@ def summary_stage(ctx: StageContext) -> dict[str, Any]:
     out = ctx.run_dir / str(ctx.option("file", "summary.json"))
     out.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return {"summary": str(out)}
+
+
+def _eval_report(ctx: StageContext, folder: Path) -> dict[str, Any]:
+    eval_file = folder / "eval.json"
+    if not eval_file.exists():
+        raise ConfigError(f"stage '{ctx.name}': {eval_file} not found (run the eval stage first)")
+    return json.loads(eval_file.read_text(encoding="utf-8"))
 
 
 def _stages_of_policies(eval_dir: Path, run_dir: Path) -> dict[str, str]:
@@ -325,6 +372,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("LC win: the win rate at equal length. This world's gold judge rewards concision (-0.05 a "
                      "word past the ideal reply), so shorter replies are partly real gains: LC win < 0.5 says the "
                      "wins come through length, not that they are fake.")
+    lines += _tool_lines(policies)
     rm = summary.get("rm", {})
     if "gold_accuracy" in rm:
         lines.append(f"reward model accuracy on gold-labelled held-out pairs: {rm['gold_accuracy']:.3f}")
@@ -345,6 +393,27 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("wall_seconds") is not None:
         lines.append(f"wall time: {summary['wall_seconds']:.0f}s")
     return "\n".join(lines)
+
+
+def _tool_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
+    """The tool demo's table: accuracy with the tools (95% CI) and without, call rate, turns, call errors."""
+    rows = {n: r for n, r in policies.items() if "tool_calls_mean" in r}
+    if not rows:
+        return []
+    first = max(8, *(len(n) + 1 for n in rows))
+    head = ("accuracy (tools)", "95% CI", "no tools", "call rate", "calls/ep.", "turns/ep.", "call errors",
+            "halluc.")
+    lines = ["", f"{'policy':<{first}}" + "".join(f"{h:>18}" for h in head)]
+    for name, r in rows.items():
+        plain = r.get("without_tools") or {}
+        ci = f"{_num(r.get('correct_rate_ci_low'))}-{_num(r.get('correct_rate_ci_high'))}"
+        cells = (_num(r.get("correct_rate")), ci, _num(plain.get("correct_rate")), _num(r.get("tool_call_rate")),
+                 _num(r.get("tool_calls_mean")), _num(r.get("turns_mean")), str(r.get("tool_call_errors", "-")),
+                 _num(r.get("hallucination_rate")))
+        lines.append(f"{name:<{first}}" + "".join(f"{c:>18}" for c in cells))
+    lines.append("accuracy: held-out questions only a tool answers (new countries, two-digit sums), judged on "
+                 "the final answer; 'no tools': the same questions without the tools offered.")
+    return lines
 
 
 def _num(value: Any) -> str:

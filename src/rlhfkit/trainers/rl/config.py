@@ -121,9 +121,18 @@ class RLConfig(RolloutOptions, TrainConfig):
     tools: str | None = arg(None, "Tools the policy may call mid-response, 'path/to/file.py:fn1,fn2' (typed, "
                             "Google-style docstrings); offered in the prompt, run on <tool_call>, their answers "
                             "forced into the response and masked from every loss. Default: no tools.")
-    max_turns: int = arg(3, "--tools: most tool calls per response (the next call ends the response).")
+    max_turns: int = arg(3, "--tools: most tool calls per response (the next call ends the response). --env: "
+                         "most turns the environment answers per episode (the episode ends after that step).")
     tool_timeout: float = arg(10.0, "--tools: seconds a call may run before it is killed (an error turn).")
     tool_max_chars: int = arg(2000, "--tools: longest tool answer in characters (the rest is cut, with a note).")
+    env: str | None = arg(None, "Multi-turn environment 'path/to/file.py:ClassName' (or package.module:ClassName), "
+                          "one instance per episode: reset(row) -> the opening user turn (row = the dataset row, "
+                          "every column), step(text) -> (observation, reward, done) at the end of each policy turn "
+                          "(EOS or stop string); observations are forced into the response as user turns, masked "
+                          "from every loss. The reward is the sum of the turns' rewards (+ the score of "
+                          "--reward-model/--reward-fn/--reward-url, then optional); PPO gets each turn's reward at "
+                          "its last token. Errors in the environment are counted (env/errors), the episode's "
+                          "return is 0. Works with --tools. Default: no environment.")
     # logging
     sample_steps: int = arg(10, "Write a few samples to OUTPUT_DIR/samples.jsonl every N steps.")
     num_logged_samples: int = arg(4, "Samples written each time.")
@@ -238,6 +247,8 @@ def check_config(config: RLConfig) -> None:
         check_reward_weights(parse_reward_weights(config.reward_weights), sources, config.reward_ensemble)
     if config.tools:
         check_tool_options(config)
+    if config.env:
+        check_env_options(config)
     if config.logprob_check_steps < -1 or not config.logprob_check_tolerance > 0:
         raise ConfigError("--logprob-check-steps must be >= -1 and --logprob-check-tolerance > 0")
 
@@ -253,3 +264,18 @@ def check_tool_options(config: RLConfig) -> None:
     from ...rollout.tools import load_tools  # transformers: not for --help
 
     load_tools(config.tools)
+
+
+def check_env_options(config: RLConfig) -> None:
+    """--env: what cannot run environment episodes is refused, and the class is loaded (its errors are cheap)."""
+    if config.rollout_backend != "hf":
+        raise ConfigError("--env needs --rollout-backend hf (environment turns with vLLM are not supported yet)")
+    if getattr(config, "prompt_format", "auto") == "raw":
+        raise ConfigError("--env needs chat prompts: observations are user turns; drop --prompt-format raw")
+    if config.max_turns < 1:
+        raise ConfigError("--max-turns must be >= 1 with --env (the turns the environment answers)")
+    if config.eval_dataset:
+        raise ConfigError("--env: evaluation does not run environment episodes yet; drop --eval-dataset")
+    from ...rollout.environments import load_environment  # transformers: not for --help
+
+    load_environment(config.env)

@@ -1,8 +1,9 @@
 """A rollout made into training data: per-token KL to the reference, rewards, advantages and returns.
 
 PPO puts the score on the last response token and the KL penalty on every token, then runs GAE with the
-critic's values; GRPO / RLOO give every token of a response its group-relative advantage. In a tool episode
-(``rollout.policy_mask``) only the policy's own tokens count: the forced tool-turn tokens get no KL, reward,
+critic's values (an environment's turn rewards on each turn's last token); GRPO / RLOO give every token of a
+response its group-relative advantage. In a tool or environment episode (``rollout.policy_mask``) only the
+policy's own tokens count: the forced turns' tokens get no KL, reward,
 advantage or loss, and GAE runs over the policy tokens of a row as one sequence (:func:`rlhfkit.losses.gae`
 skips the holes); group baselines stay per row (per episode). Per-sequence
 tensors stay tensors (no tensor -> list -> tensor trip per minibatch): ``RLTask.collate`` concatenates them.
@@ -21,6 +22,7 @@ from ...losses import gae, kl_penalty, whiten
 from ...rollout.generate import Rollout
 from ...rollout.logprob_check import response_mask
 from .config import RLConfig
+from .env_rollouts import scores_at_tokens
 from .variants import advantages as critic_free_advantages
 
 # the per-token tensors of a record, flat in (sequence, position) order once collated
@@ -83,8 +85,7 @@ def build_experience(config: RLConfig, beta: float, prompts: list[dict], rollout
     values = returns = None
     if cfg.advantage == "gae":
         rewards = -beta * kl_tokens if cfg.kl_mode == "reward" else torch.zeros_like(kl_tokens)
-        last = (mask * torch.arange(1, width + 1)).argmax(-1)  # the last policy token (lengths - 1 without tools)
-        rewards[torch.arange(len(lengths)), last] += scores
+        rewards += scores_at_tokens(scores, mask, rollout.turn_rewards)  # env episodes: each turn's at its end
         values = split_rows(value_flat, lengths, width) if value_flat is not None else torch.zeros_like(rewards)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     else:  # a group baseline or REINFORCE++ (.variants)

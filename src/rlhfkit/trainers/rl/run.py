@@ -76,8 +76,9 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
     prepare = partial(prepare_prompts, max_prompt_length=config.max_prompt_length or config.max_length // 2)
     prompts, eval_prompts, report = prepare_datasets(config, tokenizer, PROMPT_FORMATS, prepare)
 
-    # the reward source first: its configuration errors are cheap to find
-    reward = build_reward_source(
+    # the reward source first: its configuration errors are cheap to find (optional with --env)
+    optional = config.env and not (config.reward_model or config.reward_fn or config.reward_url)
+    reward = None if optional else build_reward_source(
         [s for s in (config.reward_model or "").split(",") if s],
         [s for s in (config.reward_fn or "").split(",") if s],
         [s for s in (config.reward_url or "").split(",") if s],

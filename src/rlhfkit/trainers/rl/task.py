@@ -26,12 +26,12 @@ from ...losses import (
 from ...models.forward import at_loss_positions, loss_logits, loss_targets
 from ...rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
 from ...rollout.logprob_check import check_logprob_match, compare_logprobs, response_mask
-from ...rollout.rewards import score_records, source_metrics
+from ...rollout.rewards import source_metrics
 from .batches import aggregate, batch_weight, collate_records, token_sums
 from .config import RLConfig
+from .env_rollouts import episode_rollouts, score_rollout
 from .experience import Experience, build_experience, split_rows
 from .policy import ActorCritic, response_logps, rollout_forwards, tempered_logits
-from .tool_rollouts import ToolRollouts
 from .variants import dynamic_sampling, shaped_scores, surrogate, tis_weights
 from .watch import evaluate_heldout
 
@@ -59,7 +59,7 @@ class RLTask:
         self.train_prompts: list[dict] = []  # where DAPO's dynamic sampling draws further prompts (run_rl sets it)
         self.policy_version, self._synced_version = 0, None  # optimizer updates made / pushed to the engine
         self.engine: Engine | None = None
-        self.tool_rollouts = ToolRollouts(config, tokenizer) if config.tools else None  # every rollout: episodes
+        self.tool_rollouts = episode_rollouts(config, tokenizer)  # --tools / --env: every rollout is episodes
 
     # ------------------------------------------------------------------ batches and losses
     def collate(self, records: list[dict]) -> dict[str, Any]:
@@ -128,9 +128,8 @@ class RLTask:
               source: Any = None) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]:
         """Scores by the reward source (or ``source``), checked finite; the texts; the scores per source name."""
         texts = self.backend.decode(rollout, self.sampling.stop_strings)
-        scores, by_source = score_records(self.reward if source is None else source, prompts, texts,
-                                          rollout.prompt_ids, self.backend.scored_ids(rollout), rollout.ended,
-                                          TrainingError, where)
+        scores, by_source = score_rollout(self.reward if source is None else source, prompts, texts, rollout,
+                                          self.backend.scored_ids(rollout), TrainingError, where)
         return scores, texts, by_source
 
     def shape_scores(self, scores: torch.Tensor, ended: list[bool],
