@@ -280,3 +280,212 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tiny_model_dir, tools
     messages = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": CALL}]
     with pytest.raises(ModelError, match="not prefix-stable for tool turns"):
         continuation_text(tokenizer, messages, {"role": "tool", "name": "add", "content": "5"}, tools)
+
+
+# ---------------------------------------------------------------------------------------------- the worker process
+
+WORKER_TOOLS = '''
+import os
+import time
+
+COUNT = [0]
+
+
+def whoami() -> int:
+    """The id of the process the tool runs in."""
+    return os.getpid()
+
+
+def count() -> int:
+    """How many times this tool ran in its process."""
+    COUNT[0] += 1
+    return COUNT[0]
+
+
+def die(code: int) -> int:
+    """End the process at once, as a crash would.
+
+    Args:
+        code: The exit code.
+    """
+    os._exit(code)
+
+
+def nap(seconds: float) -> str:
+    """Sleep a while.
+
+    Args:
+        seconds: How long.
+    """
+    time.sleep(seconds)
+    return "rested"
+'''
+
+
+@pytest.fixture
+def worker_tools(tools, tmp_path):
+    path = tmp_path / "worker_tools.py"
+    path.write_text(WORKER_TOOLS)
+    return [*tools, *load_tools(f"{path}:whoami,count,die,nap")]
+
+
+def _gone(pid):
+    """Whether process ``pid`` has ended and been reaped (a zombie left to an init that does not reap counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def _children():
+    """This process's live child processes (psutil's view when it is installed, else multiprocessing's)."""
+    try:
+        import psutil
+    except ImportError:
+        return multiprocessing.active_children()
+    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_calls_share_one_worker_and_cost_far_less_than_a_process_each(worker_tools):
+    from rlhfkit.rollout.tool_worker import shared_worker
+
+    first = _run(worker_tools, '{"name": "whoami"}')
+    worker = shared_worker((t.name, t.function) for t in worker_tools)
+    assert first.error is None and int(first.text) == worker.pid != os.getpid()
+    started = time.perf_counter()
+    results = [_run(worker_tools, '{"name": "whoami"}') for _ in range(50)]
+    mean_ms = (time.perf_counter() - started) / 50 * 1000
+    assert {r.text for r in results} == {first.text} and worker.starts == 1  # no process per call
+    assert mean_ms < 5.0, f"{mean_ms:.2f} ms per call (a process per call took ~15-30 ms)"
+    assert all(0 <= r.seconds < 1.0 for r in results)
+
+
+def test_a_tool_keeps_its_state_between_calls_in_the_worker(worker_tools):
+    assert [_run(worker_tools, '{"name": "count"}').text for _ in range(3)] == ["1", "2", "3"]
+    assert _run(worker_tools, '{"name": "nap", "arguments": {"seconds": 30}}', timeout_s=0.3).error == "timeout"
+    assert _run(worker_tools, '{"name": "count"}').text == "1"  # a fresh worker after the timeout
+    from rlhfkit.rollout.tool_worker import shared_worker
+
+    assert shared_worker((t.name, t.function) for t in worker_tools).starts == 2
+
+
+def test_the_call_after_a_timeout_gets_a_fresh_worker_and_the_right_answer(worker_tools, tmp_path):
+    before = int(_run(worker_tools, '{"name": "whoami"}').text)
+    pid_file = tmp_path / "pid"
+    hung = _run(worker_tools, json.dumps({"name": "hang", "arguments": {"pid_file": str(pid_file)}}), timeout_s=0.4)
+    assert (hung.text, hung.error) == ("tool 'hang' timed out after 0.4 s", "timeout")
+    assert int(pid_file.read_text()) == before and _gone(before)  # the worker it hung in: killed and reaped
+    for a in range(3):
+        added = _run(worker_tools, json.dumps({"name": "add", "arguments": {"a": a, "b": 10}}))
+        assert (added.text, added.error) == (str(a + 10), None)
+    after = int(_run(worker_tools, '{"name": "whoami"}').text)
+    assert after != before and not _gone(after)
+
+
+def test_the_call_after_an_exception_or_a_crash_works(worker_tools):
+    pid = _run(worker_tools, '{"name": "whoami"}').text
+    failed = _run(worker_tools, '{"name": "fail", "arguments": {"x": 3}}')
+    assert (failed.text, failed.error) == ("tool 'fail' raised ValueError: bad x 3", "exception")
+    assert _run(worker_tools, '{"name": "add", "arguments": {"a": 1, "b": 2}}').text == "3"
+    assert _run(worker_tools, '{"name": "whoami"}').text == pid  # an exception does not cost the worker
+    crashed = _run(worker_tools, '{"name": "die", "arguments": {"code": 3}}')
+    assert crashed.error == "exception"
+    assert crashed.text == "tool 'die' crashed: the tool's process ended (exit code 3) before it answered"
+    assert _gone(int(pid))
+    assert _run(worker_tools, '{"name": "add", "arguments": {"a": 4, "b": 2}}').text == "6"
+
+
+def test_closing_leaves_no_child_process(worker_tools):
+    from rlhfkit.rollout.tool_worker import ToolWorker, close_shared_worker
+
+    shared = int(_run(worker_tools, '{"name": "whoami"}').text)
+    own = ToolWorker((t.name, t.function) for t in worker_tools)
+    with own:
+        mine = int(run_tool_call(parse_tool_call('<tool_call>{"name": "whoami"}</tool_call>', worker_tools),
+                                 worker_tools, 5.0, 100, worker=own).text)
+        assert mine not in (shared, os.getpid()) and len(_children()) == 2
+    assert _gone(mine) and own.pid is None
+    close_shared_worker()
+    assert _gone(shared) and _children() == [] and multiprocessing.active_children() == []
+    close_shared_worker()  # idempotent
+
+
+def test_a_worker_nobody_holds_is_ended_by_garbage_collection(worker_tools):
+    import gc
+
+    from rlhfkit.rollout.tool_worker import ToolWorker
+
+    worker = ToolWorker((t.name, t.function) for t in worker_tools)
+    kind, text, _ = worker.call("whoami", {}, 5.0, 100)
+    assert kind is None
+    del worker
+    gc.collect()
+    assert _gone(int(text))
+
+
+def test_a_new_tool_set_closes_the_previous_shared_worker(worker_tools):
+    first = int(_run(worker_tools, '{"name": "whoami"}').text)
+    fewer = [t for t in worker_tools if t.name in ("whoami", "add")]
+    second = int(_run(fewer, '{"name": "whoami"}').text)
+    assert second != first and _gone(first) and len(_children()) == 1
+
+
+def _call_in_forked_child(tools, connection):
+    """In a forked child: the pid of the worker a call runs in there, then this process's own pid."""
+    result = run_tool_call(parse_tool_call('<tool_call>{"name": "whoami"}</tool_call>', tools), tools, 5.0, 100)
+    connection.send((int(result.text), os.getpid()))
+    connection.close()
+
+
+def test_a_worker_is_not_reused_by_a_process_forked_from_its_owner(worker_tools):
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    parent_worker = int(_run(worker_tools, '{"name": "whoami"}').text)
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_call_in_forked_child, args=(worker_tools, sender))
+    child.start()
+    sender.close()
+    assert receiver.poll(10.0)
+    child_worker, child_pid = receiver.recv()
+    child.join(10.0)
+    assert child.exitcode == 0
+    assert child_worker not in (parent_worker, child_pid, os.getpid())  # the child started a worker of its own
+    assert _gone(child_worker)  # and it ended with the child
+    assert int(_run(worker_tools, '{"name": "whoami"}').text) == parent_worker  # the parent's is untouched
+
+
+@pytest.mark.parametrize("ending", ["exit", "killed", "killed mid-call"])
+def test_a_worker_does_not_outlive_its_process(ending):
+    """Interpreter exit ends the worker; so does the process being killed, even while the worker is busy in a
+    tool that hangs (the worker notices within ~1 s)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "from rlhfkit.rollout.tool_worker import ToolWorker\n"
+        "def nap(seconds):\n"
+        "    time.sleep(seconds)\n"
+        "worker = ToolWorker({'whoami': os.getpid, 'nap': nap})\n"
+        "print(worker.call('whoami', {}, 5.0, 100)[1], flush=True)\n"
+        "if sys.argv[1] == 'exit':\n"
+        "    sys.exit(0)\n"
+        "if sys.argv[1] == 'killed mid-call':\n"
+        "    threading.Thread(target=worker.call, args=('nap', {'seconds': 120}, 300.0, 100), daemon=True).start()\n"
+        "    time.sleep(0.3)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, ending], capture_output=True, text=True, timeout=60)
+    worker_pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10.0
+    while not _gone(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(worker_pid), done.stderr

@@ -35,8 +35,7 @@ from ..judges.spec import JUDGE_SPECS, load_judge
 from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
 from ..rollout.rewards import ModelReward, RewardSource, check_reward_columns
-from ..rollout.tool_prompts import ToolSettings
-from ..rollout.tools import load_tools
+from ..rollout.tool_prompts import ToolSettings, start_tool_worker
 from .policy_run import (
     _bind_tokenizer,
     _clean_rows,
@@ -234,8 +233,8 @@ def evaluate_policies(
     if pairs is not None and not reward_model:
         raise ConfigError("--pairs needs --reward-model (the model whose accuracy is measured)")
     rows = _clean_rows(prompts, prompts_source)
-    if tools is not None:
-        load_tools(tools.spec)  # a bad --tools fails now, not after the first policy's sampling
+    if tools is not None:  # a bad --tools fails now; the tools' worker forks before any model is loaded
+        start_tool_worker(tools.spec)
     if isinstance(pairs, str):  # a missing file should fail now, not after all the sampling
         from ..data import load_rows
 

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .episodes import ToolEpisodes
+from .tool_worker import shared_worker
 from .tools import Tool, load_tools, render_with_tools
 
-__all__ = ["ToolPrompts", "ToolSettings"]
+__all__ = ["ToolPrompts", "ToolSettings", "loaded_tools", "start_tool_worker"]
+
+_LOADED: dict[str, list[Tool]] = {}
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,23 @@ class ToolSettings:
     max_turns: int = 3        # most tool calls per response (the next call ends the response)
     timeout_s: float = 10.0   # seconds a call may run before it is killed (an error turn)
     max_chars: int = 2000     # longest tool answer in characters (the rest is cut, with a note)
+
+
+def loaded_tools(spec: str) -> list[Tool]:
+    """The tools of ``spec``, loaded once per process: the same functions every time, so that one worker
+    process (:func:`rlhfkit.rollout.tool_worker.shared_worker`) serves every rollout of a run."""
+    if spec not in _LOADED:
+        _LOADED[spec] = load_tools(spec)
+    return _LOADED[spec]
+
+
+def start_tool_worker(spec: str) -> list[Tool]:
+    """Load ``spec``'s tools and fork their worker process now. Called before any model is loaded, the worker
+    holds none of the models' memory (a worker forked later keeps its own copy of every page the trainer
+    rewrites after the fork)."""
+    tools = loaded_tools(spec)
+    shared_worker((t.name, t.function) for t in tools).start()
+    return tools
 
 
 def prompt_messages(prompt: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -34,7 +54,7 @@ class ToolPrompts:
 
     def __init__(self, settings: ToolSettings, tokenizer: Any, tools: Sequence[Tool] | None = None):
         self.settings, self.tokenizer = settings, tokenizer
-        self.tools = list(tools) if tools is not None else load_tools(settings.spec)
+        self.tools = list(tools) if tools is not None else loaded_tools(settings.spec)
         self._cache: dict[str, tuple[list[dict[str, Any]], list[int]]] = {}
 
     def prompt(self, prompt: str | Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:

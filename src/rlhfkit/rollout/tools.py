@@ -10,9 +10,11 @@ tool turn (:func:`continuation_text`) before decoding on in the same KV cache.
 - Calls use the Hermes/Qwen format the common templates teach: ``<tool_call>{"name": ..., "arguments":
   {...}}</tool_call>``. A malformed call is a :class:`ToolCallError`, never an exception: the model is told
   what was wrong in the tool turn, and the metrics count it.
-- A call runs in a child process (``fork`` where the platform has it, else ``spawn``, which needs a tool
-  importable by its module name) so that a hanging tool can be killed at its timeout; a thread cannot be.
-  Exceptions, timeouts, huge results and malformed calls all become a :class:`ToolResult` text.
+- A call runs in a worker process (:mod:`rlhfkit.rollout.tool_worker`: started at the first call, ``fork``
+  where the platform has it, else ``spawn``, which needs a tool importable by its module name; reused by
+  later calls) so that a hanging tool can be killed at its timeout, which a thread cannot be; a timeout
+  replaces the worker. What a tool keeps between calls lasts in the worker, as with in-process tools.
+  Exceptions, timeouts, crashes, huge results and malformed calls all become a :class:`ToolResult` text.
 - Templates that render ``tools`` get them natively; others get the same schemas and the call format in a
   system message (:func:`render_with_tools`).
 """
@@ -20,7 +22,6 @@ tool turn (:func:`continuation_text`) before decoding on in the same KV cache.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from transformers.utils import get_json_schema
 
 from ..errors import ConfigError, ModelError
 from ..models.tiny import DEFAULT_CHAT_TEMPLATE
+from .tool_worker import ToolWorker, shared_worker
 from .user_code import load_functions
 
 __all__ = [
@@ -91,7 +93,7 @@ class ToolCallError:
 @dataclass(frozen=True)
 class ToolResult:
     """What a call gave: the text of the tool turn, the error kind (one of ERROR_KINDS) or None, and the
-    wall-clock seconds it took (process start included)."""
+    wall-clock seconds it took (the worker's start included, when the call started one)."""
 
     text: str
     error: str | None
@@ -214,41 +216,17 @@ def parse_tool_call(text: str, tools: Sequence[Tool]) -> ToolCall | ToolCallErro
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _call_in_child(connection: Any, function: Callable[..., Any], arguments: dict[str, Any],
-                   max_chars: int) -> None:
-    """The child's side: call the tool and send (error kind or None, text cut to max_chars, full length);
-    the text is cut here so that a huge result never crosses the pipe."""
-    try:
-        kind, text = None, _as_text(function(**arguments))
-    except BaseException as exc:  # noqa: BLE001 - any failure of user code is reported, never raised
-        kind, text = "exception", f"{type(exc).__name__}: {exc}"
-    connection.send((kind, text[:max_chars], len(text)))
-    connection.close()
-
-
-def _context() -> Any:
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
 def run_tool_call(call: ToolCall | ToolCallError, tools: Sequence[Tool], timeout_s: float,
-                  max_chars: int) -> ToolResult:
-    """Run ``call`` in a child process, killed after ``timeout_s``; never raises.
+                  max_chars: int, worker: ToolWorker | None = None) -> ToolResult:
+    """Run ``call`` in a worker process, killed after ``timeout_s``; never raises.
 
+    ``worker``: the :class:`~rlhfkit.rollout.tool_worker.ToolWorker` of ``tools`` to run it in; by default
+    the process's shared worker for ``tools`` (:func:`~rlhfkit.rollout.tool_worker.shared_worker`).
     The text is the tool's return value (a string as is, else ``json.dumps`` of it, else ``str``); an
-    exception gives "tool 'NAME' raised TYPE: MESSAGE" (error "exception"), a timeout error "timeout", a
-    malformed call its ToolCallError's message (error "malformed"). A text longer than ``max_chars`` keeps
-    its first ``max_chars`` characters plus a line saying how many were cut (error "truncated", unless
-    the call already failed otherwise).
+    exception gives "tool 'NAME' raised TYPE: MESSAGE" (error "exception", as does a tool that ends its
+    process), a timeout error "timeout", a malformed call its ToolCallError's message (error "malformed").
+    A text longer than ``max_chars`` keeps its first ``max_chars`` characters plus a line saying how many
+    were cut (error "truncated", unless the call already failed otherwise).
     """
     started = time.monotonic()
     if isinstance(call, ToolCallError):
@@ -258,29 +236,15 @@ def run_tool_call(call: ToolCall | ToolCallError, tools: Sequence[Tool], timeout
         names = ", ".join(t.name for t in tools) or "none"
         return ToolResult(f"malformed tool call: there is no tool '{call.name}' (tools: {names})", "malformed",
                           time.monotonic() - started)
-    context = _context()
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_call_in_child, args=(sender, tool.function, call.arguments, max_chars),
-                              daemon=True)
-    try:
-        process.start()
-        sender.close()  # the child holds the only sending end: its exit without a result reads as EOF
-        outcome = receiver.recv() if receiver.poll(timeout_s) else ("timeout", None, 0)
-    except Exception as exc:  # the child could not start (spawn: an unpicklable tool) or died mid-send
-        outcome = ("exception", f"{type(exc).__name__}: {exc}", 0)
-    finally:
-        sender.close()
-        receiver.close()
-        if process.is_alive():
-            process.join(0.05)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    kind, text, length = outcome
+    if worker is None:
+        worker = shared_worker((t.name, t.function) for t in tools)
+    kind, text, length = worker.call(call.name, call.arguments, timeout_s, max_chars)
     if kind == "timeout":
         text = f"tool '{tool.name}' timed out after {timeout_s:g} s"
     elif kind == "exception":
         text = f"tool '{tool.name}' raised {text}"
+    elif kind == "crashed":
+        kind, text = "exception", f"tool '{tool.name}' crashed: {text}"
     if length > max_chars:
         text += f"\n[... {length - max_chars} more characters cut: the result had {length}]"
         kind = kind or "truncated"

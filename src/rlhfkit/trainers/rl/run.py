@@ -23,6 +23,7 @@ from ...rollout.rewards import (
     load_reward_function,
     parse_reward_weights,
 )
+from ...rollout.tool_prompts import start_tool_worker
 from ...rollout.vllm_backend import build_rollout_backend
 from ..common import lora_settings, prepare_datasets, resolve_packing, start_run
 from .config import RLConfig, check_config
@@ -76,6 +77,8 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
     prepare = partial(prepare_prompts, max_prompt_length=config.max_prompt_length or config.max_length // 2)
     prompts, eval_prompts, report = prepare_datasets(config, tokenizer, PROMPT_FORMATS, prepare)
 
+    if config.tools:  # the tools' worker process forks before any model is loaded: it holds none of them
+        start_tool_worker(config.tools)
     # the reward source first: its configuration errors are cheap to find (optional with --env)
     optional = config.env and not (config.reward_model or config.reward_fn or config.reward_url)
     reward = None if optional else build_reward_source(
