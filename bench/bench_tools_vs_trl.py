@@ -20,7 +20,7 @@ number of the final answer is the sum), group size, β, temperature, token budge
 one step = one rollout of 8 episodes (1 prompt × group 8) + its update.
 
 - rlhfkit: ``rlhfkit grpo --tools tools.py:add --max-turns 3``: one decode loop per rollout; a row that
-  closes ``</tool_call>`` gets the tool's answer (run in a forked child) forced into the same KV cache.
+  closes ``</tool_call>`` gets the tool's answer (run in the tools' persistent worker process) forced into the same KV cache.
 - TRL: ``GRPOTrainer(tools=[add])`` with ``max_tool_calling_iterations=3``: transformers ``generate`` per
   turn; after each turn the calling rows' prompt + completion + tool turn are fed to a new ``generate`` call
   (prefilled again).
@@ -30,7 +30,7 @@ TRL max_completion_length). Measured per library, each run in its own subprocess
 bench/bench_rl_vs_trl.py and bench/bench_vs_trl.py): the episode rollout time = the library's whole rollout
 call (rlhfkit: ``HFGenerationBackend.generate(..., episodes=)``, which runs the tools; TRL:
 ``GRPOTrainer._generate``, which tokenizes the prompts, generates, parses the calls, runs the tools and
-generates again), the time inside tool calls (rlhfkit: ``run_tool_call``, fork + call + join; TRL: the tool
+generates again), the time inside tool calls (rlhfkit: ``run_tool_call``, a round trip to the worker process; TRL: the tool
 function), step time from an optimizer-step hook, and from the rollout's own output: policy tokens
 (sampled by the model), total tokens (policy + forced tool-turn tokens), assistant turns and tool calls per
 episode, generate calls per rollout, and peak RSS (VmHWM). It waits for a quiet CPU before each run and writes
@@ -364,7 +364,7 @@ def install_rollout_timer(library: str) -> list[dict]:
         from rlhfkit.rollout.generate import HFGenerationBackend
 
         original = HFGenerationBackend.generate
-        episodes_module.run_tool_call = timed_tool(episodes_module.run_tool_call)  # the fork, call and join
+        episodes_module.run_tool_call = timed_tool(episodes_module.run_tool_call)  # the round trip to the worker process
 
         def generate(self, policy, prompt_ids, num_samples, *args, **kwargs):
             TOOL_CLOCK.update(s=0.0, n=0)
@@ -582,7 +582,7 @@ def build_table(results: list[dict], args, info: dict) -> str:
         f"--max-new-tokens {args.max_new_tokens} --per-device-batch-size 8 --learning-rate {args.lr:g} "
         "--lr-scheduler-type constant --kl-coef 0.04 --reward-fn reward.py:reward --precision fp32 --num-threads "
         f"{args.threads} --save-steps 0 --sample-steps 0` (in-process in the child). One decode loop per rollout; "
-        "a tool turn is forced into the same KV cache (the tool runs in a forked child, with a timeout).",
+        "a tool turn is forced into the same KV cache (the tool runs in a persistent worker process, with a timeout).",
     ]
     t = next((r.get("trl_settings") for r in results if r.get("library") == "trl" and r.get("trl_settings")), None)
     if info["trl"]:
