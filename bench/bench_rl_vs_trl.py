@@ -291,8 +291,15 @@ def child(spec_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the parent
-def run_one(spec: dict, work: Path, args) -> dict:
-    name = f"{spec['algo']}-{spec['library']}"
+def run_name(spec: dict) -> str:
+    """A run's name: its algorithm (when the bench has several) and library."""
+    return "-".join(str(spec[k]) for k in ("algo", "library") if k in spec)
+
+
+def run_one(spec: dict, work: Path, args, script: str = __file__) -> dict:
+    """One run of ``script --child SPEC`` (this bench's or another's) in its own process; its result, or an
+    error with the log's tail."""
+    name = run_name(spec)
     spec = {**spec, "output_dir": str(work / "out" / name), "result_file": str(work / f"{name}.result.json")}
     Path(spec["result_file"]).unlink(missing_ok=True)
     spec_path = work / f"{name}.spec.json"
@@ -302,7 +309,7 @@ def run_one(spec: dict, work: Path, args) -> dict:
     try:
         with open(log_path, "w") as log:
             proc = subprocess.run(
-                [sys.executable, __file__, "--child", str(spec_path)],
+                [sys.executable, script, "--child", str(spec_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=base.child_env(spec["threads"]),
@@ -313,28 +320,27 @@ def run_one(spec: dict, work: Path, args) -> dict:
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
     if rc != 0 or not Path(spec["result_file"]).exists():
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-        return {"algo": spec["algo"], "library": spec["library"], "error": f"exit {rc}", "log_tail": tail}
+        return {**{k: spec[k] for k in ("algo", "library") if k in spec}, "error": f"exit {rc}", "log_tail": tail}
     result = json.loads(Path(spec["result_file"]).read_text())
+    if "error" in result:  # a child that caught its library's failure and said why
+        result["log_tail"] = tail
     result["process_s"] = time.perf_counter() - start
     return result
 
 
-def measure(spec: dict, work: Path, args) -> dict:
+def measure(spec: dict, work: Path, args, script: str = __file__) -> dict:
     """One run; rerun (up to --retries) when other processes disturbed it, keeping the least disturbed."""
     attempts = []
     for _ in range(args.retries + 1):
         load, waited = base.wait_for_quiet(args.quiet_wait, args.quiet_threshold)
-        r = run_one(spec, work, args)
+        r = run_one(spec, work, args, script)
         r.update({"other_load_before": load, "waited_for_quiet_s": waited})
         attempts.append(r)
         if "error" in r or r["other_processes_cores"] <= args.quiet_threshold:
             break
-        print(
-            f"  {spec['algo']}/{spec['library']}: others used {r['other_processes_cores']:.2f} cores",
-            flush=True,
-        )
+        print(f"  {run_name(spec)}: others used {r['other_processes_cores']:.2f} cores", flush=True)
     return min(attempts, key=lambda a: a.get("other_processes_cores", float("inf")))
 
 

@@ -46,7 +46,6 @@ import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -461,44 +460,9 @@ def child(spec_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the parent
-def run_one(spec: dict, work: Path, args) -> dict:
-    name = f"tools-{spec['library']}"
-    spec = {**spec, "output_dir": str(work / "out" / name), "result_file": str(work / f"{name}.result.json")}
-    Path(spec["result_file"]).unlink(missing_ok=True)
-    spec_path = work / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    log_path = work / f"{name}.log"
-    start = time.perf_counter()
-    try:
-        with open(log_path, "w") as log:
-            proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], stdout=log,
-                                  stderr=subprocess.STDOUT, env=base.child_env(spec["threads"]), cwd=REPO,
-                                  timeout=args.timeout, check=False)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-    if rc != 0 or not Path(spec["result_file"]).exists():
-        return {"library": spec["library"], "error": f"exit {rc}", "log_tail": tail}
-    result = json.loads(Path(spec["result_file"]).read_text())
-    if "error" in result:
-        result["log_tail"] = tail
-    result["process_s"] = time.perf_counter() - start
-    return result
-
-
 def measure(spec: dict, work: Path, args) -> dict:
-    """One run; rerun (up to --retries) when other processes disturbed it, keeping the least disturbed."""
-    attempts = []
-    for _ in range(args.retries + 1):
-        load, waited = base.wait_for_quiet(args.quiet_wait, args.quiet_threshold)
-        r = run_one(spec, work, args)
-        r.update({"other_load_before": load, "waited_for_quiet_s": waited})
-        attempts.append(r)
-        if "error" in r or r["other_processes_cores"] <= args.quiet_threshold:
-            break
-        print(f"  {spec['library']}: others used {r['other_processes_cores']:.2f} cores", flush=True)
-    return min(attempts, key=lambda a: a.get("other_processes_cores", float("inf")))
+    """One run in its own process, rerun when others disturbed it (bench_rl_vs_trl's, with this script)."""
+    return rl.measure(spec, work, args, script=__file__)
 
 
 MEDIAN_KEYS = ("s_per_step", "s_per_step_mean", "rollout_s_per_step", "policy_tokens_per_s", "total_tokens_per_s",
