@@ -14,7 +14,7 @@ from rlhfkit.pipeline import run_pipeline
 from rlhfkit.rollout.tools import load_tools, parse_tool_call, render_with_tools, run_tool_call
 from rlhfkit.world import World
 from rlhfkit.world.judge import GoldJudge
-from rlhfkit.world.tool_world import correct_answer, final_answer
+from rlhfkit.world.tool_world import asked_country, correct_answer, final_answer
 
 EPISODE = ('<tool_call>\n{{"name": "capital_of", "arguments": {{"country": "{c}"}}}}\n</tool_call>\n'
            "<tool_response>\n{a}\n</tool_response>\n\n{final}")
@@ -39,7 +39,7 @@ def _rows(path):
 def test_tool_questions_are_new_to_every_other_dataset(tool_world):
     folder, world = tool_world
     new = {c: a for c, a in world.atlas.items() if c not in world.countries}
-    assert len(new) == 8 + 24 + 12 and all(world.atlas[c] == f["capital"] for c, f in world.countries.items())
+    assert len(new) == 80 + 24 + 12 and all(world.atlas[c] == f["capital"] for c, f in world.countries.items())
     # no pretraining text, no RL prompt of the main demo names a new country or its capital
     words = set(re.findall(r"[A-Za-z]+", (folder / "pretrain.jsonl").read_text()
                            + (folder / "prompts_train.jsonl").read_text() + (folder / "prompts_eval.jsonl").read_text()))
@@ -47,7 +47,7 @@ def test_tool_questions_are_new_to_every_other_dataset(tool_world):
     # demonstrations, RL training and evaluation ask about different countries and different sums
     by_split: dict[str, set[str]] = {}
     for r in world.tool_requests:
-        key = r.answer_sentence.split(" is ")[0] if r.kind == "atlas" else r.answer_sentence.rsplit(" is ", 1)[0]
+        key = asked_country(r.prompt) if r.kind == "atlas" else tuple(re.findall(r"\d+", r.prompt))
         by_split.setdefault(r.split, set()).add(key)
     assert set(by_split) == {"demo", "train", "eval"}
     assert not (by_split["demo"] & by_split["train"] or by_split["demo"] & by_split["eval"]
@@ -122,7 +122,7 @@ def test_gold_judge_scores_what_the_episode_finally_says(tool_world):
     _, world = tool_world
     judge = GoldJudge(world)
     req = next(r for r in world.tool_requests if r.split == "eval" and r.kind == "atlas")
-    country = req.answer_sentence.removeprefix("The capital of ").split(" is ")[0]
+    country = asked_country(req.prompt)
     wrong = req.wrong_answers[0]
     right = judge.judge(req.prompt, EPISODE.format(c=country, a=req.answer, final=req.answer_sentence))
     assert right.total == pytest.approx(1.0) and right.flags["correct"] and right.flags["tool_call"]

@@ -27,12 +27,16 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
 )
 # A template that also renders ``tools=`` (as Qwen's and Llama 3's do), in one short line a tiny model can
-# read past: "Tools: capital_of(country) add(a, b)" in a system turn, then the conversation as above (tool
-# turns as <|tool|> turns). The demo world's tool demo (configs/tools.yaml) gives its tiny model this one.
+# read past: "Tools: capital_of(country) add(a, b)" in a system turn; tool turns are user turns in
+# <tool_response> tags (Qwen 2.5's convention). The demo world's tool demo (configs/tools.yaml) uses it.
 TOOLS_CHAT_TEMPLATE = (
     "{{ bos_token }}{% if tools %}<|system|>{{ '\\n' }}Tools:{% for t in tools %} {{ t['function']['name'] }}("
     "{{ t['function']['parameters']['properties'] | list | join(', ') }}){% endfor %}{{ '\\n' }}{% endif %}"
-    + DEFAULT_CHAT_TEMPLATE.removeprefix("{{ bos_token }}")
+    "{% for message in messages %}{% if message['role'] == 'tool' %}"
+    "<|user|>{{ '\\n' }}<tool_response>{{ '\\n' }}{{ message['content'] }}{{ '\\n' }}</tool_response>{{ '\\n' }}"
+    "{% else %}<|{{ message['role'] }}|>{{ '\\n' }}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
 )
 CHAT_TEMPLATES = {"default": DEFAULT_CHAT_TEMPLATE, "tools": TOOLS_CHAT_TEMPLATE}
 

@@ -34,7 +34,8 @@ def _world_of(path: str | Path):
 
 
 @stage("world", options=("num_countries", "eval_fraction", "pretrain_copies", "sft_demonstrations", "closing_rate",
-                        "rl_prompts", "tool_demonstrations", "tool_call_share", "tool_countries", "tool_sums"))
+                        "rl_prompts", "tool_demonstrations", "tool_call_share", "tool_countries", "tool_sums",
+                        "copy_documents"))
 def world_stage(ctx: StageContext) -> dict[str, Any]:
     """The demo world and its datasets.
 
@@ -47,8 +48,10 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
     :mod:`rlhfkit.world.tool_world`: tools.py, tool_prompts_train.jsonl / tool_prompts_eval.jsonl (questions
     only a tool answers, with an ``answer`` column) and that many demonstrations with the tools offered, of
     which a share tool_call_share (0.3) call a tool; sft.jsonl then holds every demonstration as ``messages``.
-    tool_countries ("8,24,12") and tool_sums ("40,200,60"): new countries and two-digit sums for the
-    demonstrations, RL training and held-out evaluation.
+    tool_countries ("80,24,12") and tool_sums ("300,200,60"): new countries and two-digit sums for the
+    demonstrations, RL training and held-out evaluation. copy_documents (0): that many pretraining
+    documents in which made-up names and two-digit numbers recur (:func:`rlhfkit.world.tool_world.copy_documents`),
+    the text that teaches a language model to copy what it just read, as a call's arguments need.
     """
     from . import build_world
     from .data import chat_text, pretraining_corpus, prompt_rows, sft_demonstrations, write_jsonl
@@ -56,14 +59,25 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
     out = ctx.output_dir
     world = build_world(ctx.seed, num_countries=int(ctx.option("num_countries", 12)),
                         eval_fraction=float(ctx.option("eval_fraction", 0.25)))
+    tools = bool(int(ctx.option("tool_demonstrations", 0)))
+    if tools:
+        _add_tool_questions(ctx, world)
     corpus = pretraining_corpus(world, ctx.seed, copies=int(ctx.option("pretrain_copies", 2)))
+    if int(ctx.option("copy_documents", 0)):
+        from .tool_world import copy_documents
+
+        corpus += copy_documents(world, int(ctx.option("copy_documents")), ctx.seed)
+        random.Random(ctx.seed).shuffle(corpus)
     write_jsonl(out / "pretrain.jsonl", ({"text": doc} for doc in corpus))
     demos = sft_demonstrations(world, int(ctx.option("sft_demonstrations", 400)), ctx.seed,
                                closing_rate=float(ctx.option("closing_rate", 0.5)))
     tool_texts: list[str] = []
     tool_counts: dict[str, int] = {}
-    if int(ctx.option("tool_demonstrations", 0)):
-        tool_texts, tool_counts = _tool_files(ctx, world, demos)
+    if tools:
+        from .tool_world import write_tool_datasets
+
+        tool_texts, tool_counts = write_tool_datasets(world, out, ctx.seed, int(ctx.option("tool_demonstrations")),
+                                                      float(ctx.option("tool_call_share", 0.3)), demos)
     else:
         write_jsonl(out / "sft.jsonl", ({"prompt": _messages(d["prompt"]),
                                          "completion": [{"role": "assistant", "content": d["completion"]}]}
@@ -83,9 +97,9 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
             "held_out_prompts": len(held_out), **counts, **tool_counts}
 
 
-def _tool_files(ctx: StageContext, world: Any, demos: list[dict[str, Any]]) -> tuple[list[str], dict[str, int]]:
-    """The world stage's tool options: the atlas and sums added to ``world``, and their files written."""
-    from .tool_world import add_tool_requests, write_tool_datasets
+def _add_tool_questions(ctx: StageContext, world: Any) -> None:
+    """The world stage's tool options checked, and the atlas and sums added to ``world``."""
+    from .tool_world import add_tool_requests
 
     def counts(name: str, default: str) -> tuple[int, ...]:
         value = ctx.option(name, default)
@@ -101,8 +115,7 @@ def _tool_files(ctx: StageContext, world: Any, demos: list[dict[str, Any]]) -> t
     share = float(ctx.option("tool_call_share", 0.3))
     if not 0 < share <= 1:
         raise ConfigError(f"stage '{ctx.name}': tool_call_share must be in (0, 1] (got {share})")
-    add_tool_requests(world, ctx.seed, counts("tool_countries", "8,24,12"), counts("tool_sums", "40,200,60"))
-    return write_tool_datasets(world, ctx.output_dir, ctx.seed, int(ctx.option("tool_demonstrations")), share, demos)
+    add_tool_requests(world, ctx.seed, counts("tool_countries", "80,24,12"), counts("tool_sums", "300,200,60"))
 
 
 def _samples_of_all(ctx: StageContext, prompts: list[str], k: int, temperature: float, max_new: int,

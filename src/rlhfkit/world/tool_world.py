@@ -23,14 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .generator import _FACT_ANSWERS, _FACT_QUESTIONS, Request, World, _name
+from .generator import _FACT_QUESTIONS, Request, World, _name
 
-__all__ = ["TOOL_KINDS", "add_tool_requests", "correct_answer", "final_answer", "stated_answers",
-           "tool_demonstrations", "write_tools_file"]
+__all__ = ["TOOL_KINDS", "add_tool_requests", "asked_country", "chat_render", "copy_documents", "correct_answer",
+           "final_answer", "stated_answers", "tool_demonstrations", "write_tool_datasets", "write_tools_file"]
 
 TOOL_KINDS = ("atlas", "calculator")  # a tool request's ``kind``
 _SUM_QUESTIONS = ("What is {x} plus {y}?", "How much is {x} plus {y}?", "Add {x} and {y}.")
-_SUM_ANSWER = "{x} plus {y} is {s}."
+# The answers demonstrators give: short, the result last (what a tool answered is copied from right before it)
+_CAPITAL_ANSWER = "The capital is {a}."
+_SUM_ANSWER = "The sum is {s}."
 _IS_CLAIM = re.compile(r"\bis ([A-Za-z0-9]+)")
 _TOOL_RESPONSE_END = "</tool_response>"
 _CALL = re.compile(r"<tool_call>.*?(?:</tool_call>|$)", re.S)
@@ -65,8 +67,8 @@ def add(a: int, b: int) -> int:
 '''
 
 
-def add_tool_requests(world: World, seed: int, countries: Sequence[int] = (8, 24, 12),
-                      sums: Sequence[int] = (40, 200, 60)) -> World:
+def add_tool_requests(world: World, seed: int, countries: Sequence[int] = (80, 24, 12),
+                      sums: Sequence[int] = (300, 200, 60)) -> World:
     """Give ``world`` an atlas of new countries and the tool questions about them (in place; returned).
 
     ``countries`` = how many new countries for demonstrations, training and held-out evaluation;
@@ -89,7 +91,7 @@ def add_tool_requests(world: World, seed: int, countries: Sequence[int] = (8, 24
         for c in new[split]:
             for t in _FACT_QUESTIONS["capital"]:
                 requests.append(Request(prompt=t.format(c=c), category="benign", kind="atlas", answer=atlas[c],
-                                        answer_sentence=_FACT_ANSWERS["capital"].format(c=c, a=atlas[c]),
+                                        answer_sentence=_CAPITAL_ANSWER.format(a=atlas[c]),
                                         wrong_answers=[x for x in cities if x != atlas[c]], split=split))
     pairs = [(x, y) for x in range(10, 100) for y in range(10, 100)]
     rng.shuffle(pairs)
@@ -98,13 +100,39 @@ def add_tool_requests(world: World, seed: int, countries: Sequence[int] = (8, 24
         for x, y in pairs[start:start + int(n)]:
             t = rng.choice(_SUM_QUESTIONS)
             requests.append(Request(prompt=t.format(x=x, y=y), category="benign", kind="calculator",
-                                    answer=str(x + y), answer_sentence=_SUM_ANSWER.format(x=x, y=y, s=x + y),
+                                    answer=str(x + y), answer_sentence=_SUM_ANSWER.format(s=x + y),
                                     split=split))
         start += int(n)
     world.atlas = atlas
     world.tool_requests = requests
     world.__post_init__()  # the judge's lookup covers the new requests
     return world
+
+
+_COPY_TEMPLATES = (
+    "{n} is a name. Say it again: {n}.", "A letter came from {n}. The letter said {n} on top.",
+    "My friend lives in {n}. I like {n}.", "Look up {n}: {n}.", "The word is {n}, and {n} is the word.",
+    "We wrote {x} and {y}. Then we read {x} and {y}.", "Write {x}. Now {x} again, then {y}.",
+    "{n} has {x} houses. {n} has {x} houses and {y} trees.",
+)
+
+
+def copy_documents(world: World, n: int, seed: int) -> list[str]:
+    """``n`` short documents in which a made-up name or a two-digit number recurs.
+
+    Real pretraining text repeats its names and numbers within a document, and that is what teaches a
+    language model to copy what it has read (induction heads: Olsson et al. 2022, "In-context Learning and
+    Induction Heads"). The world's own corpus never needs it (every fact is learnt by heart), yet a tool
+    call copies the question's country or numbers into its arguments, and the answer copies the tool's
+    result. The names are new ones, never a country or city of the world or its atlas."""
+    rng = random.Random(seed * 104729 + 3)
+    used = {*world.countries, *world.atlas, *world.atlas.values(),
+            *(f["language"] for f in world.countries.values()), *(f["capital"] for f in world.countries.values())}
+    docs = []
+    for _ in range(int(n)):
+        name = _name(rng, set(used))  # a fresh name each time (it may repeat across documents: text does)
+        docs.append(rng.choice(_COPY_TEMPLATES).format(n=name, x=rng.randint(10, 99), y=rng.randint(10, 99)))
+    return docs
 
 
 def write_tools_file(world: World, path: str | Path) -> Path:
@@ -114,6 +142,12 @@ def write_tools_file(world: World, path: str | Path) -> Path:
     out.write_text(_TOOLS_SOURCE.format(atlas=json.dumps(world.atlas, indent=1, sort_keys=True), example=example),
                    encoding="utf-8")
     return out
+
+
+def asked_country(prompt: str) -> str:
+    """The country a capital question asks about ("What is the capital of Velmor?" -> "Velmor")."""
+    found = re.search(r"capital of ([A-Z][a-z]+)", prompt)
+    return found.group(1) if found else ""
 
 
 def final_answer(response: str) -> str:
@@ -169,8 +203,7 @@ def tool_demonstrations(world: World, call_share: float, n: int, seed: int) -> l
 
 def _call_conversation(req: Request) -> list[dict[str, Any]]:
     if req.kind == "atlas":
-        country = req.answer_sentence.removeprefix("The capital of ").rsplit(" is ", 1)[0]
-        name, arguments = "capital_of", {"country": country}
+        name, arguments = "capital_of", {"country": asked_country(req.prompt)}
     else:
         x, y = (int(v) for v in re.findall(r"\d+", req.prompt)[:2])
         name, arguments = "add", {"a": x, "b": y}
@@ -183,7 +216,8 @@ def _call_conversation(req: Request) -> list[dict[str, Any]]:
 
 def chat_render(messages: Sequence[dict[str, Any]]) -> str:
     """A conversation as rlhfkit's tiny-model chat templates render it, without BOS (the tokenizer corpus)."""
-    return "".join(f"<|{m['role']}|>\n{m['content']}" + ("<|eos|>" if m["role"] == "assistant" else "\n")
+    return "".join(f"<|user|>\n<tool_response>\n{m['content']}\n</tool_response>\n" if m["role"] == "tool" else
+                   f"<|{m['role']}|>\n{m['content']}" + ("<|eos|>" if m["role"] == "assistant" else "\n")
                    for m in messages)
 
 
