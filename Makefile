@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-cai demo-compare demo-compare-seeds test test-fast lint \
+.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-cai demo-compare demo-compare-seeds demo-tools test test-fast lint \
 	bench clean system-deps
 
 $(STAMP): pyproject.toml
@@ -36,6 +36,11 @@ demo-hacking: $(STAMP)
 # pretrained model when present).
 demo-cai: $(STAMP)
 	$(PY) -m rlhfkit demo --config cai --output-dir runs/demo
+
+# Tool use learnt by RL: an atlas and a calculator in the demo world, SFT on a few call demonstrations, then
+# GRPO on tool episodes; held-out accuracy with and without the tools (its own folder: its world differs).
+demo-tools: $(STAMP)
+	$(PY) -m rlhfkit demo --config tools --output-dir runs/demo-tools
 
 # PPO, GRPO, DPO, KTO, SimPO and ORPO from the same SFT model, one table by the gold judge (reuses the demo's
 # world, models, preferences, reward model, PPO and DPO when present; up to ~30 min on 2 cores from scratch).

@@ -172,3 +172,64 @@ def test_eval_runs_tool_episodes(tiny_model_dir, tmp_path, monkeypatch):
     # the policy is its own reference: 0 up to float32 sums of ~100 log-probs (a forced tool turn's tokens,
     # had they counted, would add their -log π_ref: tens of nats)
     assert max(abs(s["kl"]) for s in samples) < 5e-3
+
+
+def test_spaces_apart_gives_a_word_the_same_tokens_everywhere():
+    """The tools demo's tokenizer: a name is the same token ids after a space, a quote or a newline (a call's
+    JSON and a tool's answer copy it from the question), and every text decodes back exactly."""
+    from rlhfkit.models.tiny import default_corpus, train_tokenizer
+
+    corpus = [*default_corpus(500), *('I like Velmor. Velmor says "Velmor".\nVelmor, 83 and 83' for _ in range(50))]
+    split, folded = train_tokenizer(corpus, 400, spaces_apart=True), train_tokenizer(corpus, 400)
+    texts = ("capital of Velmor?", '{"country": "Velmor"}', "<tool_response>\nVelmor\n</tool_response>",
+             "The sum is 83.", '{"a": 83}', "\n83\n")
+
+    def ids_of(tok, word, text):
+        ids, want = tok(text, add_special_tokens=False).input_ids, tok(word, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == text
+        return any(ids[i:i + len(want)] == want for i in range(len(ids)))
+
+    assert all(ids_of(split, "Velmor" if "Velmor" in t else "83", t) for t in texts)
+    # the usual byte-level BPE folds the space into the word: " Velmor" is other tokens than "Velmor"
+    assert not ids_of(folded, "Velmor", "capital of Velmor?")
+
+
+@pytest.mark.slow
+def test_tools_config_shrunk_runs_end_to_end(tmp_path):
+    """configs/tools.yaml itself, every stage shrunk: the world writes its tools, GRPO trains on tool episodes
+    with the world's reward, both evaluations run (with and without the tools), and the summary holds the
+    tool table's figures; the report is written. Its own folder: its world is not the main demo's."""
+    from importlib.resources import files
+
+    import yaml
+
+    from rlhfkit.options import read_yaml
+    from rlhfkit.world.stages import format_summary
+
+    data = read_yaml(str(files("rlhfkit") / "configs" / "tools.yaml"))
+    assert data["output_dir"] != read_yaml(str(files("rlhfkit") / "configs" / "demo.yaml"))["output_dir"]
+    shrink = {"world": {"sft_demonstrations": 40, "tool_demonstrations": 60, "copy_documents": 50,
+                        "tool_countries": "6,3,2", "tool_sums": "10,6,4", "rl_prompts": 16, "num_countries": 4},
+              "base": {"vocab": 400, "hidden": 32}, "pretrain": {"max_steps": 6}, "sft": {"max_steps": 4},
+              "grpo": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 48},
+              "eval_tools": {"num_samples": 1, "n_boot": 50, "max_new_tokens": 48},
+              "eval_no_tools": {"num_samples": 1, "n_boot": 50, "max_new_tokens": 16}}
+    for name, opts in shrink.items():
+        data["stages"][name].update(opts)
+    data.update(output_dir=str(tmp_path / "run"), defaults={**data["defaults"], "progress_bar": False,
+                                                             "num_threads": 1})
+    config = tmp_path / "tools_tiny.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    run_pipeline(config, log=lambda _: None)
+
+    run = tmp_path / "run"
+    steps = _rows(run / "grpo" / "metrics.jsonl")
+    assert len(steps) == 2 and all("tools/calls" in s and "reward/correct_answer" in s for s in steps)
+    summary = json.loads((run / "summary.json").read_text())
+    for policy in ("sft", "grpo"):
+        row = summary[policy]
+        assert 0 <= row["correct_rate"] <= 1 and 0 <= row["tool_call_rate"] <= 1 and row["turns_mean"] >= 1
+        assert row["correct_rate_ci_low"] <= row["correct_rate"] <= row["correct_rate_ci_high"]
+        assert 0 <= row["without_tools"]["correct_rate"] <= 1
+    assert "accuracy (tools)" in format_summary(summary)
+    assert (run / "report.html").exists()

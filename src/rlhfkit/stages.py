@@ -13,12 +13,14 @@ from .errors import ConfigError
 from .stage import StageContext, stage
 
 
-@stage("tiny_model", options=("corpus", "vocab", "layers", "hidden", "heads", "max_positions", "chat_template"))
+@stage("tiny_model", options=("corpus", "vocab", "layers", "hidden", "heads", "max_positions", "chat_template",
+                             "spaces_apart"))
 def tiny_model_stage(ctx: StageContext) -> dict[str, Any]:
     """A random-init Llama with a BPE tokenizer trained on ``corpus`` (a text file, one document per line).
 
     Options: corpus, vocab (1024), layers (2), hidden (128), heads (4), max_positions (256), chat_template
-    (default | tools: a template that also renders ``tools=``, rlhfkit.models.tiny.TOOLS_CHAT_TEMPLATE).
+    (default | tools: a template that also renders ``tools=``, rlhfkit.models.tiny.TOOLS_CHAT_TEMPLATE),
+    spaces_apart (false: a space is its own token, rlhfkit.models.tiny.train_tokenizer).
     """
     from .models.tiny import CHAT_TEMPLATES, build_tiny_model
 
@@ -34,7 +36,7 @@ def tiny_model_stage(ctx: StageContext) -> dict[str, Any]:
     build_tiny_model(ctx.output_dir, layers=int(ctx.option("layers", 2)), hidden=int(ctx.option("hidden", 128)),
                      heads=int(ctx.option("heads", 4)), vocab=int(ctx.option("vocab", 1024)),
                      max_positions=int(ctx.option("max_positions", 256)), seed=ctx.seed, corpus=lines,
-                     chat_template=template)
+                     chat_template=template, spaces_apart=bool(ctx.option("spaces_apart", False)))
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(ctx.output_dir)

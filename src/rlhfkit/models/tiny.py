@@ -93,10 +93,18 @@ def default_corpus(num_lines: int = 4000, seed: int = 0) -> Iterator[str]:
         yield line
 
 
-def train_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (every byte is covered, so no unknown tokens) on ``corpus``."""
+def train_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 2048,
+                    spaces_apart: bool = False) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (every byte is covered, so no unknown tokens) on ``corpus``.
+
+    ``spaces_apart``: a space is a token of its own, never the start of the next word's, so a word has the
+    same tokens wherever it stands (" Velmor" in a question, '"Velmor"' in a call's JSON, "\nVelmor" in a
+    tool's answer). GPT-style tokenizers fold the space into the word; a large model learns that the two
+    spellings are one word, a tiny one copies tokens, and needs them to be the same."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="isolated"), byte_level]) \
+        if spaces_apart else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -130,19 +138,20 @@ def build_tiny_model(
     corpus: Iterable[str] | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
     chat_template: str = "default",
+    spaces_apart: bool = False,
 ) -> Path:
     """Create a random-init Llama-architecture model and its tokenizer in ``out_dir``.
 
     ``reward=True`` gives a ``LlamaForSequenceClassification`` with one output (a scalar reward).
     Dropout is zero so training is deterministic given the seed. ``chat_template``: "default" or "tools"
-    (:data:`TOOLS_CHAT_TEMPLATE`) for a new tokenizer.
+    (:data:`TOOLS_CHAT_TEMPLATE`) and ``spaces_apart`` (:func:`train_tokenizer`) for a new tokenizer.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer if tokenizer is not None else train_tokenizer(corpus, vocab)
+    tok = tokenizer if tokenizer is not None else train_tokenizer(corpus, vocab, spaces_apart)
     if tokenizer is None:
         tok.chat_template = CHAT_TEMPLATES[chat_template]
     config = LlamaConfig(

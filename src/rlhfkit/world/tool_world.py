@@ -113,7 +113,8 @@ _COPY_TEMPLATES = (
     "{n} is a name. Say it again: {n}.", "A letter came from {n}. The letter said {n} on top.",
     "My friend lives in {n}. I like {n}.", "Look up {n}: {n}.", "The word is {n}, and {n} is the word.",
     "We wrote {x} and {y}. Then we read {x} and {y}.", "Write {x}. Now {x} again, then {y}.",
-    "{n} has {x} houses. {n} has {x} houses and {y} trees.",
+    "{n} has {x} houses. {n} has {x} houses and {y} trees.", "Name: {n}\nThe name is {n}.",
+    "Result: {x}\nSo the result is {x}.", "The sign said {n}. So the town is {n}.",
 )
 
 
