@@ -599,10 +599,7 @@ def main(argv=None) -> int:
     if args.pool:
         print(pool(args.pool))
         return 0
-    for key, value in base.child_env(args.threads).items():
-        if key != "PYTHONPATH":
-            os.environ[key] = value
-    sys.path.insert(0, str(REPO / "src"))
+    base.use_child_env(args.threads)
     started = time.perf_counter()
     import torch
     import transformers

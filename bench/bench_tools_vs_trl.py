@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import shutil
@@ -617,10 +616,7 @@ def main(argv=None) -> int:
     if args.child:
         child(args.child)
         return 0
-    for key, value in base.child_env(args.threads).items():
-        if key != "PYTHONPATH":
-            os.environ[key] = value
-    sys.path.insert(0, str(REPO / "src"))
+    base.use_child_env(args.threads)
     started = time.perf_counter()
     import torch
     import transformers

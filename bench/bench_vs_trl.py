@@ -592,6 +592,14 @@ def wait_for_quiet(max_wait: float, threshold: float) -> tuple[float, float]:
     return load, time.perf_counter() - start
 
 
+def use_child_env(threads: int) -> None:
+    """This process runs as its children do (their thread settings; the checkout's src on sys.path)."""
+    for key, value in child_env(threads).items():
+        if key != "PYTHONPATH":
+            os.environ[key] = value
+    sys.path.insert(0, str(REPO / "src"))
+
+
 def child_env(threads: int) -> dict:
     env = dict(os.environ)
     env.update(
@@ -800,10 +808,7 @@ def main(argv=None) -> int:
     if args.child:
         child(args.child)
         return 0
-    for key, value in child_env(args.threads).items():
-        if key != "PYTHONPATH":
-            os.environ[key] = value
-    sys.path.insert(0, str(REPO / "src"))
+    use_child_env(args.threads)
     started = time.perf_counter()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -21,7 +21,6 @@ import torch
 from ...rollout.environments import EnvEpisodes, EnvStats, episode_returns, load_environment, open_episodes
 from ...rollout.generate import Rollout
 from ...rollout.rewards import score_records
-from ...rollout.tools import render_with_tools
 from .config import RLConfig
 from .tool_rollouts import ToolRollouts, summed
 
@@ -37,8 +36,7 @@ class EnvRollouts(ToolRollouts):
         ``--max-prompt-length`` does not cut it."""
         cfg = self.config
         envs, conversations, failed = open_episodes(self.environment, prompts, cfg.num_generations)
-        prompt_ids = [self.tokenizer(render_with_tools(self.tokenizer, c, self.tools), add_special_tokens=False).input_ids
-                      for c in conversations]
+        prompt_ids = [self.tool_prompts.prompt(c)[1] for c in conversations]  # rendered with the tools offered
         self.started.append(EnvEpisodes(envs, conversations, cfg.max_turns, self.tools, cfg.tool_timeout,
                                         cfg.tool_max_chars, failed))
         return prompt_ids, self.started[-1]
