@@ -1,5 +1,5 @@
 """``rlhfkit label <command>``: init, add-labeller, user, import, generate, settings, serve, agreement, export,
-migrate."""
+human-eval, migrate."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ commands:
   serve          run the web app (FastAPI + uvicorn)
   agreement      print agreement statistics (Krippendorff, Cohen, Fleiss, % agreement) as JSON
   export         write preference pairs (for rlhfkit rm / dpo), SFT rows from rewrites, or raw labels
+  human-eval     per-policy win rate vs a baseline, Likert mean, success rate (bootstrap CIs over items) and
+                 agreement, from items whose import rows name each response's policy ('policies': [...]);
+                 --ai-eval DIR sets an 'rlhfkit eval' run beside it, with Cohen's kappa; writes human_eval.json
   migrate        bring the database schema up to date (serve and every command also do this)
 
 --db takes a SQLite file path (created when missing) or a SQLAlchemy URL (postgresql+psycopg://...)."""
@@ -159,6 +162,10 @@ def main(argv: Sequence[str]) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "human-eval":  # its own flags and checks (a missing --db file is an error, not created)
+        from .human_eval import main as human_eval_main
+
+        return human_eval_main(rest)
     p = argparse.ArgumentParser(prog=f"rlhfkit label {command}",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--db", default="labels.db", help="SQLite file or SQLAlchemy URL")

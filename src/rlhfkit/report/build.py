@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RlhfkitError
+from ..eval.judge_audit import audit_html
 from . import episode_figures, figures
 from .page import PlotWriter, Safe, Text, duration, esc, fmt, key_values, page, slug, table
 from .runs import WALL_KEYS, Evaluation, ReportData, Run, flatten, is_number, load
@@ -267,6 +268,10 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, summary_
     for evaluation, anchor in zip(data.evaluations, eval_anchors):
         sections.append(_evaluation(evaluation, plot, anchor))
         nav.append((anchor, "Evaluation" if len(data.evaluations) == 1 else f"Evaluation {evaluation.name}"))
+    for name, audit in data.audits:
+        anchor = slug(f"audit-{name}", taken)
+        sections.append(f'<section id="{anchor}"><h2>Judge audit: {esc(name)}</h2>{audit_html(audit)}</section>')
+        nav.append((anchor, "Judge audit" if len(data.audits) == 1 else f"Judge audit {name}"))
     hacking = _hacking(data, plot)
     if hacking:
         sections.append(hacking)

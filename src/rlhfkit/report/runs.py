@@ -195,6 +195,7 @@ class ReportData:
     evaluations: list[Evaluation]
     pipeline_summary: dict[str, Any] | None
     notes: Notes
+    audits: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (folder name, judge_audit.json)
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -204,10 +205,10 @@ def _order(name: str) -> tuple[int, str]:
     return (order.index(head) if head in order else len(order), name)
 
 
-def _walk(root: Path) -> tuple[list[Path], list[Path]]:
-    """Folders (root included, at most MAX_DEPTH below it) that hold metrics.jsonl / eval.json. A run folder
-    is not searched further (its subfolders are checkpoints)."""
-    runs, evals = [], []
+def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """Folders (root included, at most MAX_DEPTH below it) that hold metrics.jsonl / eval.json /
+    judge_audit.json. A run folder is not searched further (its subfolders are checkpoints)."""
+    runs, evals, audits = [], [], []
     for current, dirs, files in os.walk(root):
         here = Path(current)
         depth = len(here.relative_to(root).parts)
@@ -216,8 +217,10 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
             dirs[:] = []
         if "eval.json" in files:
             evals.append(here)
+        if "judge_audit.json" in files:
+            audits.append(here)
         dirs[:] = sorted(d for d in dirs if depth < MAX_DEPTH and not d.startswith((".", "checkpoint-", "__")))
-    return runs, evals
+    return runs, evals, audits
 
 
 def load(run_dir: str | Path, summary_file: str = "summary.json") -> ReportData:
@@ -227,7 +230,7 @@ def load(run_dir: str | Path, summary_file: str = "summary.json") -> ReportData:
     if not root.is_dir():
         raise RlhfkitError(f"{root}: no such directory")
     notes = Notes()
-    run_dirs, eval_dirs = _walk(root)
+    run_dirs, eval_dirs, audit_dirs = _walk(root)
     runs = []
     for folder in run_dirs:
         name = folder.relative_to(root).as_posix()
@@ -246,13 +249,20 @@ def load(run_dir: str | Path, summary_file: str = "summary.json") -> ReportData:
         samples = read_jsonl(samples_file, notes) if samples_file.is_file() else []
         name = folder.relative_to(root).as_posix()
         evaluations.append(Evaluation(root.resolve().name if name == "." else name, folder, data, samples))
-    if not runs and not evaluations:
-        raise RlhfkitError(f"{root}: no metrics.jsonl or eval/eval.json found here or in its subfolders "
-                           f"(expected an --output-dir of a training run, or a pipeline folder)")
+    audits = []
+    for folder in audit_dirs:
+        data = read_json(folder / "judge_audit.json", notes)
+        if data is not None:
+            name = folder.relative_to(root).as_posix()
+            audits.append((root.resolve().name if name == "." else name, data))
+    if not runs and not evaluations and not audits:
+        raise RlhfkitError(f"{root}: no metrics.jsonl, eval.json or judge_audit.json found here or in its "
+                           f"subfolders (expected an --output-dir of a training run, an evaluation or a judge "
+                           f"audit, or a pipeline folder)")
     pipeline_summary = None
     if not (root / "metrics.jsonl").is_file():
         pipeline_summary = read_json(root / summary_file, notes)
-    return ReportData(root, runs, evaluations, pipeline_summary, notes)
+    return ReportData(root, runs, evaluations, pipeline_summary, notes, audits)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
