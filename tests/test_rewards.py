@@ -483,7 +483,8 @@ def test_build_reward_source(reward_file, rm_same, tiny_tokenizer, server):
                                 std_coef=2.0, batch_size=4)
     assert [type(s) for s in three.sources] == [ModelReward, FunctionReward, HTTPReward]
     assert three.std_coef == 2.0 and three.sources[0].batch_size == 4
-    with pytest.raises(ConfigError, match=r"^give a reward source: --reward-model, --reward-fn or --reward-url$"):
+    with pytest.raises(ConfigError, match=r"^give a reward source: --reward-model, --reward-fn, --reward-url or "
+                                          r"--reward-judge$"):
         build_reward_source([], [], [], tiny_tokenizer)
     with pytest.raises(ConfigError, match="average"):
         build_reward_source([], [fn, fn], [], tiny_tokenizer, ensemble="average")

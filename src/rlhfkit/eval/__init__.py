@@ -1,6 +1,7 @@
 """Evaluation: judge win rates with bootstrap intervals, length control, KL, RM accuracy.
 
-``stats`` is pure (numpy / statsmodels); ``runner`` samples from models and backs ``rlhfkit eval``. The
+``stats`` is pure (numpy / statsmodels); ``runner`` samples from models and backs ``rlhfkit eval``;
+``compare`` turns a scoring or pairwise judge's verdicts into each policy's figures against the baseline. The
 reward-hacking detector watches training runs, so it lives with them (``rlhfkit.trainers.rl.hacking``).
 """
 

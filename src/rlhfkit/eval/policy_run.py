@@ -155,7 +155,7 @@ class _PolicyRun:
     """Per-response results of one policy, prompt-major: index = prompt * num_samples + sample."""
 
     texts: list[str]
-    scores: np.ndarray  # [n, k] judge scores
+    scores: np.ndarray | None  # [n, k] judge scores (None with a pairwise judge: rlhfkit.eval.compare)
     token_lengths: np.ndarray  # [n, k] response tokens (EOS included)
     char_lengths: np.ndarray  # [n, k] response characters
     ended: np.ndarray  # [n, k] bool
@@ -167,7 +167,7 @@ class _PolicyRun:
     tool_stats: dict[str, float] | None = None  # calls, errors by kind, seconds (rlhfkit.rollout.tools.ToolStats)
 
 
-def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, reward: ModelReward | None,
+def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any | None, reward: ModelReward | None,
                 reference: torch.nn.Module | None, reference_path: str | None, num_samples: int,
                 sampling: SamplingConfig, seed: int, batch_size: int, max_prompt_length: int,
                 device: torch.device, source: str, prompt_format: str = "auto",
@@ -180,7 +180,7 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
     if reference is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(reference_path), path, reference_path)
     records = _prompt_records(rows, tokenizer, max_prompt_length, source, prompt_format, path)
-    judge = _bind_tokenizer(judge, tokenizer)
+    judge = _bind_tokenizer(judge, tokenizer) if judge is not None else None  # None: sample, score no judge
     reward = _bind_tokenizer(reward, tokenizer) if reward is not None else None
     model = load_causal_lm(path).to(device)
     model.eval().requires_grad_(False)
@@ -213,11 +213,12 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
             prompt_texts = fields["prompts"]
             scoring = ScoringBatch(responses=batch_texts, prompt_ids=rollout.prompt_ids,
                                    response_ids=backend.scored_ids(rollout), ended=rollout.ended, **fields)
-            judged = checked_scores(judge, scoring, RlhfkitError, f" of policy '{name}'", role="judge")
-            scores.append(judged.numpy().astype(np.float64))
+            if judge is not None:
+                judged = checked_scores(judge, scoring, RlhfkitError, f" of policy '{name}'", role="judge")
+                scores.append(judged.numpy().astype(np.float64))
             if reward is not None:
                 rewards.append(reward.score(scoring).float().numpy().astype(np.float64))
-            if flags is not None:
+            if flags is not None and judge is not None:
                 batch_flags = _flags(judge, prompt_texts, batch_texts)
                 flags = None if batch_flags is None else flags + batch_flags
             if reference is not None:
@@ -241,7 +242,7 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any, re
 
     return _PolicyRun(
         texts=texts,
-        scores=grid(scores),
+        scores=grid(scores) if scores else None,
         token_lengths=np.asarray(token_lengths, dtype=np.float64).reshape(n, k),
         char_lengths=np.asarray([len(t) for t in texts], dtype=np.float64).reshape(n, k),
         ended=np.asarray(ended, dtype=bool).reshape(n, k),

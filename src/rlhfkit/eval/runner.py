@@ -5,10 +5,12 @@ For every policy (one at a time, so only one policy is in memory; :mod:`rlhfkit.
      trainers do: chat-message prompts are rendered with the chat template, strings are used as they are);
   2. sample ``num_samples`` responses per prompt (``HFGenerationBackend``, a ``torch.Generator`` seeded
      with ``seed`` for every policy, so two copies of one model sample identical responses);
-  3. score them with the judge (any reward source) and, when given, a reward model; collect the judge's
-     optional per-response flags (``describe``);
+  3. score them with the judge (a scoring judge: any reward source) and, when given, a reward model;
+     collect the judge's optional per-response flags (``describe``);
   4. with a reference model, estimate KL(π || π_ref) per response (see :func:`reference_logprob_sums`).
-Then every policy is compared with the baseline prompt by prompt (:mod:`rlhfkit.eval.stats`).
+Then every policy is compared with the baseline prompt by prompt (:mod:`rlhfkit.eval.compare`): from the
+scoring judge's scores, or, with a pairwise judge (``lm:``, ``openai:``, ``pairfn:``), from its verdicts on
+each policy sample against the baseline's sample of the same prompt and index, asked in both orders.
 
 Judge flags. A judge may have ``describe(prompts, responses) -> list[dict[str, bool | None]]``, one dict
 per response (None = not applicable); ``<flag>_rate`` is the mean over the responses where the flag is not
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -31,11 +32,20 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..judges.spec import JUDGE_SPECS, load_judge
+from ..judges.base import PairwiseJudge
+from ..judges.spec import (
+    JUDGE_KINDS,
+    add_judge_flags,
+    build_judge,
+    is_pairwise_spec,
+    judge_from_flags,
+    load_judge,
+)
 from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
 from ..rollout.rewards import ModelReward, RewardSource, check_reward_columns
 from ..rollout.tool_prompts import ToolSettings, start_tool_worker
+from .compare import JudgedPairs, by_category, judge_against_baseline, policy_metrics, write_outputs
 from .policy_run import (
     _bind_tokenizer,
     _clean_rows,
@@ -44,74 +54,11 @@ from .policy_run import (
     _run_policy,
     reference_logprob_sums,
 )
-from .stats import (
-    bootstrap_mean_ci,
-    length_controlled_win_rate,
-    mean_or_none,
-    pairwise_outcomes,
-    win_rate,
-)
+from .stats import pairwise_outcomes, win_rate
 
 logger = logging.getLogger("rlhfkit")
 
 __all__ = ["evaluate_policies", "format_table", "main", "reference_logprob_sums", "reward_model_accuracy"]
-
-
-def _flag_rates(flags: list[dict[str, bool | None]] | None, k: int, n_boot: int, confidence: float,
-                seed: int) -> dict[str, float | None]:
-    """``<flag>_rate`` over the responses a flag applies to, with its bootstrap interval over prompts
-    (``<flag>_rate_ci_low/high``; a flag applies to all of a prompt's samples or to none)."""
-    if not flags:
-        return {}
-    names = list(dict.fromkeys(name for f in flags for name in f))
-    out: dict[str, float | None] = {}
-    for name in names:
-        values = [f.get(name) for f in flags]
-        out[f"{name}_rate"] = mean_or_none(values)
-        grid = [values[i:i + k] for i in range(0, len(values), k)]
-        applies = np.asarray([[float(v) for v in row] for row in grid if all(v is not None for v in row)])
-        low = high = None
-        if len(applies):
-            _, low, high = bootstrap_mean_ci(applies, n_boot, confidence, seed)
-        out[f"{name}_rate_ci_low"], out[f"{name}_rate_ci_high"] = low, high
-    return out
-
-
-def _by_category(run: _PolicyRun, base: _PolicyRun, categories: list[Any]) -> dict[str, dict[str, Any]]:
-    outcomes = pairwise_outcomes(run.scores, base.scores)
-    cats = np.asarray([str(c) for c in categories])
-    by: dict[str, dict[str, Any]] = {}
-    for cat in dict.fromkeys(cats.tolist()):
-        rows = cats == cat
-        by[cat] = {"n": int(rows.sum()), "judge_score": float(run.scores[rows].mean()),
-                   "win_rate": float(outcomes[rows].mean())}
-    return by
-
-
-def _metrics(run: _PolicyRun, base: _PolicyRun, baseline: str, n_boot: int, confidence: float,
-             seed: int) -> dict[str, Any]:
-    judge_mean, judge_low, judge_high = bootstrap_mean_ci(run.scores, n_boot, confidence, seed)
-    outcomes = pairwise_outcomes(run.scores, base.scores)
-    wr = win_rate(outcomes, n_boot, confidence, seed)
-    lc, lc_low, lc_high = length_controlled_win_rate(outcomes, run.char_lengths, base.char_lengths, n_boot,
-                                                     confidence, seed)
-    out: dict[str, Any] = {
-        "judge_score": judge_mean, "judge_score_ci_low": judge_low, "judge_score_ci_high": judge_high,
-        f"win_rate_vs_{baseline}": wr.rate, "win_rate_ci_low": wr.ci_low, "win_rate_ci_high": wr.ci_high,
-        "lc_win_rate": lc, "lc_win_rate_ci_low": lc_low, "lc_win_rate_ci_high": lc_high,
-        "wins": wr.wins, "ties": wr.ties, "losses": wr.losses,
-        "reward_mean": float(run.rewards.mean()) if run.rewards is not None else None,
-        "kl": float(run.kl.mean()) if run.kl is not None else None,
-        "mean_length": float(run.token_lengths.mean()),
-        "mean_length_chars": float(run.char_lengths.mean()),
-        "no_eos_rate": float((~run.ended).mean()),
-    }
-    out.update(_flag_rates(run.flags, run.scores.shape[1], n_boot, confidence, seed))
-    if run.turns is not None and run.tool_calls is not None:  # --tools: the episodes' shape and the calls' errors
-        stats = run.tool_stats or {}
-        out.update(turns_mean=float(run.turns.mean()), tool_calls_mean=float(run.tool_calls.mean()),
-                   tool_call_errors=int(stats.get("tools/errors", 0)), tool_seconds=float(stats.get("tools/seconds", 0)))
-    return out
 
 
 # --------------------------------------------------------------------------------------------- RM accuracy
@@ -168,7 +115,7 @@ def evaluate_policies(
     policies: Mapping[str, str],
     baseline: str,
     prompts: Sequence[Mapping[str, Any]],
-    judge: RewardSource | str,
+    judge: RewardSource | PairwiseJudge | str,
     reference: str | None = None,
     reward_model: str | None = None,
     num_samples: int = 1,
@@ -189,8 +136,11 @@ def evaluate_policies(
 ) -> dict[str, Any]:
     """Sample from every policy, judge, compare with ``baseline``; returns (and writes) the eval report.
 
-    ``policies`` maps names to model paths (or hub ids); ``judge`` is a reward source or a spec for
-    :func:`rlhfkit.judges.spec.load_judge`. Per policy the report has: ``judge_score`` (+ CI), ``win_rate_vs_<baseline>``
+    ``policies`` maps names to model paths (or hub ids); ``judge`` is a reward source, a
+    :class:`PairwiseJudge` or a spec (either kind, :mod:`rlhfkit.judges.spec`). A pairwise judge compares each
+    sample with the baseline's sample of the same prompt and index in both orders: the outcome of a prompt is
+    the mean P(policy better); ``judge_score`` and flags are None (nothing scores one response) and each
+    policy gets ``judge_pairs`` / ``judge_failures`` (pairs without a readable verdict, left out). Per policy the report has: ``judge_score`` (+ CI), ``win_rate_vs_<baseline>``
     with ``win_rate_ci_low/high`` and wins/ties/losses (per-prompt outcomes from all sample pairs, see
     ``stats.pairwise_outcomes``; the baseline gets 0.5), ``lc_win_rate`` (+ CI; Δ length in characters,
     which does not depend on the tokenizer), ``reward_mean`` (reward model), ``kl``, ``mean_length``
@@ -243,9 +193,12 @@ def evaluate_policies(
     base_tokenizer = load_tokenizer(policies[baseline])
     judge_name = judge if isinstance(judge, str) else getattr(judge, "name", type(judge).__name__)
     if isinstance(judge, str):
-        judge = load_judge(judge, base_tokenizer, device)
+        judge = build_judge(judge, device=str(device)) if is_pairwise_spec(judge) else \
+            load_judge(judge, base_tokenizer, device)
+    pairwise = isinstance(judge, PairwiseJudge)
     columns = list(dict.fromkeys(k for row in rows for k in row if not k.startswith("__")))
-    check_reward_columns([judge], columns, f"--prompts {prompts_source}")  # an fn: judge's columns, before sampling
+    if not pairwise:  # an fn: judge's columns, before sampling
+        check_reward_columns([judge], columns, f"--prompts {prompts_source}")
     rm = ModelReward(reward_model, base_tokenizer, device=device, batch_size=batch_size) if reward_model else None
     ref_model = None
     if reference:
@@ -255,64 +208,30 @@ def evaluate_policies(
     order = [baseline] + [name for name in policies if name != baseline]  # the baseline first: others need it
     runs: dict[str, _PolicyRun] = {}
     for name in order:
-        runs[name] = _run_policy(name, policies[name], rows, judge, rm, ref_model, reference, num_samples,
+        runs[name] = _run_policy(name, policies[name], rows, None if pairwise else judge, rm, ref_model,
+                                 reference, num_samples,
                                  sampling, seed, batch_size, max_prompt_length, device, prompts_source,
                                  prompt_format=prompt_format, decode=decode, tools=tools)
+    judged: dict[str, JudgedPairs] = {}
+    if pairwise:  # the baseline is the other side of every pair: its outcomes are 1/2 by definition
+        judged = {name: judge_against_baseline(judge, rows, runs[name], runs[baseline], num_samples)
+                  for name in policies if name != baseline}
     categories = [r.get("category") for r in rows] if any("category" in r for r in rows) else None
     report: dict[str, Any] = {
-        "judge": judge_name, "baseline": baseline, "num_prompts": len(rows), "num_samples": num_samples,
+        "judge": judge_name, "judge_type": "pairwise" if pairwise else "scoring", "baseline": baseline, "num_prompts": len(rows), "num_samples": num_samples,
         "sampling": dataclasses.asdict(sampling), "seed": seed, "n_boot": int(n_boot), "confidence": confidence,
         "reference": reference, "reward_model": reward_model, "paths": dict(policies),
-        "policies": {name: _metrics(runs[name], runs[baseline], baseline, n_boot, confidence, seed)
-                     for name in policies},
+        "policies": {name: policy_metrics(runs[name], runs[baseline], baseline, n_boot, confidence, seed,
+                                          judged.get(name)) for name in policies},
     }
     if categories is not None:
-        report["by_category"] = {name: _by_category(runs[name], runs[baseline], categories) for name in policies}
+        report["by_category"] = {name: by_category(runs[name], runs[baseline], categories, judged.get(name))
+                                 for name in policies}
     if pairs is not None and rm is not None:
         report["rm"] = reward_model_accuracy(rm, pairs, n_boot, confidence, seed)
     if output_dir is not None:
-        _write(Path(output_dir), report, rows, runs, list(policies), num_samples)
+        write_outputs(Path(output_dir), report, rows, runs, list(policies), num_samples, judged)
     return report
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write(out: Path, report: dict[str, Any], rows: list[dict[str, Any]], runs: dict[str, _PolicyRun],
-           names: list[str], k: int) -> None:
-    from ..data import LINE_COLUMN
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(_json_safe(report), indent=2, default=str) + "\n", encoding="utf-8")
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as fh:
-        for name in names:
-            run = runs[name]
-            for p, row in enumerate(rows):
-                for s in range(k):
-                    i = p * k + s
-                    sample = {"prompt": row["prompt"], "prompt_row": row[LINE_COLUMN]}
-                    if "category" in row:
-                        sample["category"] = row["category"]
-                    sample.update({"policy": name, "sample": s, "response": run.texts[i],
-                                   "score": float(run.scores[p, s]), "length": int(run.token_lengths[p, s]),
-                                   "ended": bool(run.ended[p, s])})
-                    if run.rewards is not None:
-                        sample["reward"] = float(run.rewards[p, s])
-                    if run.kl is not None:
-                        sample["kl"] = float(run.kl[p, s])
-                    if run.turns is not None and run.tool_calls is not None:
-                        sample.update(turns=int(run.turns[p, s]), tool_calls=int(run.tool_calls[p, s]))
-                    if run.flags is not None:
-                        sample["flags"] = run.flags[i]
-                    fh.write(json.dumps(_json_safe(sample), default=str) + "\n")
-    logger.info("wrote %s and %s", out / "eval.json", out / "samples.jsonl")
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -345,6 +264,11 @@ def format_table(report: Mapping[str, Any]) -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     footer = (f"{report['num_prompts']} prompts x {report['num_samples']} samples; judge {report['judge']}; "
               f"{100 * report['confidence']:.0f}% bootstrap intervals over prompts")
+    if report.get("judge_type") == "pairwise":
+        pairs = sum(m.get("judge_pairs") or 0 for m in policies.values())
+        failed = sum(m.get("judge_failures") or 0 for m in policies.values())
+        footer += (f"\njudge column empty: a pairwise judge scores no single response; it compared each sample with "
+                   f"the baseline's (same prompt and sample, both orders): {pairs - failed} of {pairs} verdicts read")
     if "rm" in report:
         rm = report["rm"]
         footer += (f"\nRM accuracy {_fmt(rm['accuracy'])} [{_fmt(rm['ci_low'])}, {_fmt(rm['ci_high'])}] on "
@@ -390,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="name of the policy the others are compared with (None: the first policy)")
     p.add_argument("--prompts", required=True, help="prompt file (.jsonl/.json/.parquet/.csv) or dataset; "
                    "a 'category' column gives per-category results")
-    p.add_argument("--judge", required=True, help=f"judge spec: {JUDGE_SPECS}")
+    p.add_argument("--judge", required=True, help=f"judge spec: {JUDGE_KINDS}")
     p.add_argument("--reference", help="reference model for the KL (same tokenizer as the policies)")
     p.add_argument("--reward-model", help="reward model: mean reward per policy (and accuracy with --pairs)")
     p.add_argument("--pairs", help="preference file for the reward model's accuracy (needs --reward-model)")
@@ -424,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--output-dir", help="write eval.json and samples.jsonl here")
+    add_judge_flags(p, "judge-")  # lm: / openai: judges' template, endpoint, retries (as rlhfkit judge's)
     return p
 
 
@@ -467,7 +392,9 @@ def evaluate_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
     detect_format(ds.column_names, allowed=PROMPT_FORMATS, source=o.prompts)
     if o.max_prompts is not None:
         ds = ds.select(range(min(o.max_prompts, len(ds))))
-    report = evaluate_policies(policies, baseline, ds.to_list(), o.judge, reference=o.reference,
+    judge = judge_from_flags(o.judge, vars(o), "judge-", device=str(_device(None))) \
+        if is_pairwise_spec(o.judge) else o.judge
+    report = evaluate_policies(policies, baseline, ds.to_list(), judge, reference=o.reference,
                                reward_model=o.reward_model, num_samples=o.num_samples, sampling=sampling,
                                seed=o.seed, batch_size=o.batch_size, pairs=o.pairs, output_dir=o.output_dir,
                                n_boot=o.n_boot, confidence=o.confidence, max_prompt_length=o.max_prompt_length,

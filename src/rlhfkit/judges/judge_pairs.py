@@ -433,7 +433,7 @@ def label_file(input_path: str, judge: PairwiseJudge, out: str | Path, *, soft: 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .spec import JUDGE_KINDS, build_judge
+    from .spec import JUDGE_KINDS, add_judge_flags, judge_from_flags
 
     p = argparse.ArgumentParser(prog="rlhfkit judge", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Label candidate responses with an AI judge into preference pairs "
@@ -447,39 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soft", action="store_true", help="also write margin (|logit p| * --margin-scale) and "
                                                        "label (P(chosen better))")
     p.add_argument("--margin-scale", type=float, default=1.0)
-    p.add_argument("--template", help="judge template file, or a shipped one: pairwise, pairwise_cot, score")
-    p.add_argument("--cot", action="store_true", help="shorthand for --template pairwise_cot")
-    p.add_argument("--principles", help="text file (or constitution YAML) whose principles fill {principles}")
     p.add_argument("--workers", type=int, default=1, help="rows judged concurrently (threads)")
-    p.add_argument("--rate", type=float, default=0.0, help="HTTP judges: at most this many requests/s (0 = off)")
-    p.add_argument("--base-url", help="OpenAI-compatible base URL (default $RLHFKIT_JUDGE_BASE_URL or "
-                                      "$OPENAI_BASE_URL)")
-    p.add_argument("--api-key-env", help="name of the variable holding the API key (default "
-                                         "$RLHFKIT_JUDGE_API_KEY, then $OPENAI_API_KEY)")
-    p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout per request (s)")
-    p.add_argument("--max-retries", type=int, default=3, help="HTTP retries (timeouts, 429, 5xx)")
-    p.add_argument("--reply-retries", type=int, default=2, help="times to ask again after an unreadable reply")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="scoring judges: P(a better) = sigmoid((score_a - score_b) / temperature)")
+    add_judge_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--restart", action="store_true", help="discard earlier output and progress")
     a = p.parse_args(argv)
-    import os
-
-    api_key = None
-    if a.api_key_env:
-        api_key = os.environ.get(a.api_key_env)
-        if not api_key:
-            raise ConfigError(f"--api-key-env: ${a.api_key_env} is not set")
-    principles = ""
-    if a.principles:
-        from .constitution import principles_text
-
-        principles = principles_text(a.principles)
-    judge = build_judge(a.judge, template="pairwise_cot" if a.cot and not a.template else a.template,
-                        principles=principles, base_url=a.base_url, api_key=api_key, timeout=a.timeout,
-                        max_retries=a.max_retries, reply_retries=a.reply_retries, rate=a.rate,
-                        temperature=a.temperature, device=a.device)
+    judge = judge_from_flags(a.judge, a, device=a.device)
     summary = label_file(a.input, judge, a.out, soft=a.soft, margin_scale=a.margin_scale, workers=a.workers,
                          restart=a.restart)
     print(json.dumps(summary, indent=2))

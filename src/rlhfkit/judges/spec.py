@@ -7,7 +7,12 @@ A spec is ``KIND:REST``. Scoring kinds give a reward source (``score(ScoringBatc
 ``http(s)://`` URL too), and the kinds other packages register: the demo world's ``gold:DIR`` comes in
 through the ``rlhfkit.judges`` entry-point group (see pyproject.toml), so the library never imports the demo.
 Pairwise kinds give a :class:`PairwiseJudge`: ``lm:PATH``, ``openai[:MODEL]``, ``pairfn:FILE.py:FN``; a
-scoring kind used pairwise compares the two scores (:class:`SourceJudge`).
+scoring kind used pairwise compares the two scores (:class:`SourceJudge`). :func:`is_pairwise_spec` tells the
+two apart, so ``rlhfkit eval --judge`` and the RL trainers' ``--reward-judge`` take either.
+
+The flags that configure a model judge (template, principles, endpoint, retries, rate, temperature) are
+added to a parser by :func:`add_judge_flags` and read back by :func:`judge_from_flags`: ``rlhfkit judge``
+uses them bare (``--template``), ``rlhfkit eval`` with a ``judge-`` prefix (``--judge-template``).
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ from ..rollout.rewards import HTTPReward, ModelReward, RewardSource, load_reward
 from .backends import FunctionJudge, LocalLMJudge, OpenAIJudge, SourceJudge
 from .base import PairwiseJudge
 
-__all__ = ["JUDGE_KINDS", "JUDGE_SPECS", "build_judge", "load_judge", "register_judge_kind"]
+__all__ = ["JUDGE_KINDS", "JUDGE_SPECS", "PAIRWISE_KINDS", "add_judge_flags", "build_judge", "is_pairwise_spec",
+           "judge_from_flags", "load_judge", "register_judge_kind"]
 
 JUDGE_SPECS = "gold:DIR, model:PATH (or an existing folder), fn:FILE.py:FUNCTION or http:URL"
 JUDGE_KINDS = ("lm:PATH (local causal LM, option-token log-probs), openai[:MODEL] (OpenAI-compatible "
                "chat endpoint), pairfn:FILE.py:FN (fn(prompt, first, second) -> P(first better) or 'A'/'B'), "
                "or a scoring judge: gold:DIR, model:PATH (reward model), fn:FILE.py:FN (fn(prompts, "
                "responses) -> scores), http:URL (reward server)")
+
+PAIRWISE_KINDS = ("lm", "openai", "pairfn")  # the kinds that only compare two responses (no score of one)
 
 # kind -> loader(rest of the spec) of the scoring kinds registered from outside (entry points or code)
 ScoringLoader = Callable[[str], Any]
@@ -124,3 +132,63 @@ def build_judge(spec: str, *, template: str | None = None, principles: str = "",
     except ConfigError as exc:
         raise ConfigError(f"{exc}; pairwise judges: {JUDGE_KINDS}") from None
     return SourceJudge(source, temperature=temperature, name=text)
+
+
+def is_pairwise_spec(spec: str) -> bool:
+    """True for the pairwise-only kinds (``lm:``, ``openai[:MODEL]``, ``pairfn:``); False for scoring specs."""
+    text = str(spec).strip()
+    kind, sep, _ = text.partition(":")
+    return (kind if sep else text).lower() in PAIRWISE_KINDS and not text.startswith(("http://", "https://"))
+
+
+def add_judge_flags(parser: Any, prefix: str = "") -> None:
+    """Add the flags that configure a judge built by :func:`build_judge` to an argparse parser, each named
+    ``--{prefix}NAME`` (``rlhfkit judge``: no prefix; ``rlhfkit eval``: ``judge-``)."""
+    def flag(name: str, **kwargs: Any) -> None:
+        parser.add_argument(f"--{prefix}{name}", **kwargs)
+
+    flag("template", help="judge template file, or a shipped one: pairwise, pairwise_cot, score (lm:, openai:)")
+    flag("cot", action="store_true", help="shorthand for the template pairwise_cot")
+    flag("principles", help="text file (or constitution YAML) whose principles fill {principles}")
+    flag("rate", type=float, default=0.0, help="HTTP judges: at most this many requests/s (0 = off)")
+    flag("base-url", help="OpenAI-compatible base URL (default $RLHFKIT_JUDGE_BASE_URL or $OPENAI_BASE_URL)")
+    flag("api-key-env", help="name of the variable holding the API key (default $RLHFKIT_JUDGE_API_KEY, then "
+                             "$OPENAI_API_KEY)")
+    flag("timeout", type=float, default=60.0, help="HTTP judges: timeout per request (s)")
+    flag("max-retries", type=int, default=3, help="HTTP judges: retries (timeouts, 429, 5xx)")
+    flag("reply-retries", type=int, default=2, help="times to ask again after an unreadable reply")
+    flag("temperature", type=float, default=1.0,
+         help="scoring judges used pairwise: P(a better) = sigmoid((score_a - score_b) / temperature)")
+
+
+def judge_flag_defaults(prefix: str = "") -> dict[str, Any]:
+    """The defaults of :func:`add_judge_flags`'s flags by destination name (``judge_template``, ...)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_judge_flags(parser, prefix)
+    return {a.dest: a.default for a in parser._actions}
+
+
+def judge_from_flags(spec: str, values: Any, prefix: str = "", device: str = "cpu") -> PairwiseJudge:
+    """:func:`build_judge` for ``spec`` with the flags of :func:`add_judge_flags` read from ``values`` (an
+    argparse namespace or a mapping; missing ones take their defaults)."""
+    import os
+
+    given = values if isinstance(values, dict) else vars(values)
+    key = prefix.replace("-", "_")
+    o = {name[len(key):]: given.get(name, default) for name, default in judge_flag_defaults(prefix).items()}
+    api_key = None
+    if o["api_key_env"]:
+        api_key = os.environ.get(o["api_key_env"])
+        if not api_key:
+            raise ConfigError(f"--{prefix}api-key-env: ${o['api_key_env']} is not set")
+    principles = ""
+    if o["principles"]:
+        from .constitution import principles_text
+
+        principles = principles_text(o["principles"])
+    return build_judge(spec, template="pairwise_cot" if o["cot"] and not o["template"] else o["template"],
+                       principles=principles, base_url=o["base_url"], api_key=api_key, timeout=o["timeout"],
+                       max_retries=o["max_retries"], reply_retries=o["reply_retries"], rate=o["rate"],
+                       temperature=o["temperature"], device=str(device))

@@ -348,7 +348,7 @@ def check_reward_weights(weights: Sequence[float] | None, source_names: Sequence
     if len(weights) != len(source_names):
         raise ConfigError(f"--reward-weights has {len(weights)} weight(s) for {len(source_names)} reward "
                           f"source(s) ({', '.join(source_names)}; order: --reward-model, --reward-fn, "
-                          "--reward-url); give one per source")
+                          "--reward-url, --reward-judge); give one per source")
     if ensemble != "mean":
         raise ConfigError(f"--reward-weights makes the reward the weighted sum of its sources; it cannot be "
                           f"combined with --reward-ensemble {ensemble} (leave the ensemble at mean)")
@@ -426,9 +426,11 @@ def build_reward_source(
     batch_size: int = 16,
     trust_remote_code: bool = False,
     weights: Sequence[float] | None = None,
+    extra_sources: Sequence[RewardSource] = (),
 ) -> RewardSource:
-    """One source per --reward-model / --reward-fn / --reward-url; one is returned bare (unless weighted),
-    several ensembled (in that order: models, functions, URLs); ``weights`` (one per source, in that order)
+    """One source per --reward-model / --reward-fn / --reward-url, then the already built ``extra_sources``
+    (the trainers' --reward-judge, built above this layer); one is returned bare (unless weighted), several
+    ensembled (in that order: models, functions, URLs, extras); ``weights`` (one per source, in that order)
     make the reward Σ_i w_i r_i.
 
     ``batch_size`` is the reward models' forward batch size (HTTP sources use their own default chunking).
@@ -436,14 +438,15 @@ def build_reward_source(
     if ensemble not in REWARD_ENSEMBLES:
         raise ConfigError(f"reward ensemble '{ensemble}' is not one of: {', '.join(REWARD_ENSEMBLES)}")
     models, fns, urls = list(reward_models or []), list(reward_fns or []), list(reward_urls or [])
-    if not (models or fns or urls):
-        raise ConfigError("give a reward source: --reward-model, --reward-fn or --reward-url")
-    check_reward_weights(weights, models + fns + urls, ensemble)  # before any model loads
+    extras = list(extra_sources)
+    if not (models or fns or urls or extras):
+        raise ConfigError("give a reward source: --reward-model, --reward-fn, --reward-url or --reward-judge")
+    check_reward_weights(weights, models + fns + urls + [s.name for s in extras], ensemble)  # before models load
     fn_sources = [load_reward_function(spec) for spec in fns]  # cheap checks before any model loads
     url_sources = [HTTPReward(url) for url in urls]
     sources: list[RewardSource] = [ModelReward(path, policy_tokenizer, device=device, batch_size=batch_size,
                                                trust_remote_code=trust_remote_code) for path in models]
-    sources += fn_sources + url_sources
+    sources += fn_sources + url_sources + extras
     if len(sources) == 1 and weights is None:
         return sources[0]
     return EnsembleReward(sources, reduce=ensemble, std_coef=std_coef, weights=weights)

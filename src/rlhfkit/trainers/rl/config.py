@@ -65,9 +65,18 @@ class RLConfig(RolloutOptions, TrainConfig):
                                 "**kwargs) as a keyword list, one value per response; prompt= is the prompt "
                                 "as written. TRL-style functions (a 'completions' parameter) work too.")
     reward_url: str | None = arg(None, "HTTP reward endpoint(s) (POST {prompts, responses} -> {scores}).")
+    reward_judge: str | None = arg(None, "A judge as a reward source (spec as in `rlhfkit eval --judge`). A scoring "
+                                   "judge (model:, fn:, http:, gold:) scores each response; a pairwise judge (lm:, "
+                                   "openai[:MODEL], pairfn:FILE.py:FN; asked in both orders) gives P(response better "
+                                   "than --reward-judge-reference), or without one the mean P of beating each other "
+                                   "sample of its group (G(G-1)/2 pairs per prompt, each asked in both orders: "
+                                   "G(G-1) judge calls; needs --num-generations >= 2). Logged as reward/judge_mean; "
+                                   "model judges read $RLHFKIT_JUDGE_BASE_URL / $RLHFKIT_JUDGE_API_KEY.")
+    reward_judge_reference: str | None = arg(None, "Pairwise --reward-judge: the dataset column holding the "
+                                             "response each sample is compared with (e.g. chosen, reference).")
     reward_ensemble: str = arg("mean", f"How several reward sources combine: {', '.join(REWARD_ENSEMBLES)}.")
     reward_weights: str | None = arg(None, "Comma-separated weights, one per reward source in the order "
-                                     "--reward-model, --reward-fn, --reward-url: the reward is Σ w_i·r_i (with "
+                                     "--reward-model, --reward-fn, --reward-url, --reward-judge: the reward is Σ w_i·r_i (with "
                                      "--reward-ensemble mean only). Each source's mean is logged as reward/<name>.")
     reward_std_coef: float = arg(1.0, "k in mean − k·std for --reward-ensemble mean_minus_std.")
     reward_batch_size: int = arg(16, "Sequences per reward-model forward.")
@@ -239,8 +248,9 @@ def check_config(config: RLConfig) -> None:
     if config.kl_coef < 0:
         raise ConfigError("--kl-coef must be >= 0")
     check_rollout_options(config)
-    sources = [s for text in (config.reward_model, config.reward_fn, config.reward_url) for s in (text or "").split(",")
-               if s]
+    sources = reward_specs(config)
+    if config.reward_judge or config.reward_judge_reference:
+        check_reward_judge(config)
     if sources:  # a run without any source fails where it is built, with its own message
         from ...rollout.rewards import check_reward_weights, parse_reward_weights  # torch: not for --help
 
@@ -251,6 +261,34 @@ def check_config(config: RLConfig) -> None:
         check_env_options(config)
     if config.logprob_check_steps < -1 or not config.logprob_check_tolerance > 0:
         raise ConfigError("--logprob-check-steps must be >= -1 and --logprob-check-tolerance > 0")
+
+
+def reward_specs(config: RLConfig) -> list[str]:
+    """Every reward source's spec in the order of --reward-weights: models, functions, URLs, the judge."""
+    return [s for text in (config.reward_model, config.reward_fn, config.reward_url) for s in (text or "").split(",")
+            if s] + ([config.reward_judge] if config.reward_judge else [])
+
+
+def check_reward_judge(config: RLConfig) -> None:
+    """--reward-judge: a pairwise judge needs a reference column or groups (in training and evaluation)."""
+    from ...judges.spec import is_pairwise_spec
+
+    if not config.reward_judge:
+        raise ConfigError("--reward-judge-reference needs --reward-judge")
+    if not is_pairwise_spec(config.reward_judge):
+        if config.reward_judge_reference:
+            raise ConfigError(f"--reward-judge-reference needs a pairwise judge (lm:, openai:, pairfn:); "
+                              f"'{config.reward_judge}' scores each response on its own")
+        return
+    if config.reward_judge_reference:
+        return
+    if config.num_generations < 2:
+        raise ConfigError(f"--reward-judge {config.reward_judge} is pairwise: with --num-generations "
+                          f"{config.num_generations} there is no group to compare with; give "
+                          "--reward-judge-reference COLUMN (e.g. chosen)")
+    if config.eval_dataset and config.eval_num_generations < 2:
+        raise ConfigError("--reward-judge in group mode also scores evaluation responses against their group: "
+                          "set --eval-num-generations >= 2 or give --reward-judge-reference COLUMN")
 
 
 def check_tool_options(config: RLConfig) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from ...data import PROMPT_FORMATS, prepare_prompts
 from ...engine import Engine
 from ...errors import ConfigError
+from ...judges.judge_reward import reward_judge_source
 from ...judges.spec import load_judge
 from ...models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ...models.attention import use_packed_attention
@@ -26,7 +27,7 @@ from ...rollout.rewards import (
 from ...rollout.tool_prompts import start_tool_worker
 from ...rollout.vllm_backend import build_rollout_backend
 from ..common import lora_settings, prepare_datasets, resolve_packing, start_run
-from .config import RLConfig, check_config
+from .config import RLConfig, check_config, reward_specs
 from .hacking import RewardHackingDetector
 from .policy import ActorCritic
 from .task import RLTask
@@ -55,10 +56,10 @@ def check_reward_inputs(config: RLConfig, prompts: list[dict], eval_prompts: lis
     """Before any model trains: one --reward-weights value per source, and every reward function finds the
     columns it requires in the training and evaluation prompts (``sources``: the built reward sources;
     None loads the --reward-fn functions alone, as the Ray driver does)."""
-    specs = [s for text in (config.reward_model, config.reward_fn, config.reward_url) for s in (text or "").split(",")
-             if s]
-    check_reward_weights(parse_reward_weights(config.reward_weights), specs, config.reward_ensemble)
+    check_reward_weights(parse_reward_weights(config.reward_weights), reward_specs(config), config.reward_ensemble)
     if sources is None:
+        if config.reward_judge:
+            raise ConfigError("--reward-judge does not run on Ray yet; drop --ray or use --reward-fn")
         sources = [load_reward_function(s) for s in (config.reward_fn or "").split(",") if s]
     for records, where in ((prompts, f"--dataset {config.dataset}"), (eval_prompts,
                                                                         f"--eval-dataset {config.eval_dataset}")):
@@ -80,14 +81,16 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
     if config.tools:  # the tools' worker process forks before any model is loaded: it holds none of them
         start_tool_worker(config.tools)
     # the reward source first: its configuration errors are cheap to find (optional with --env)
-    optional = config.env and not (config.reward_model or config.reward_fn or config.reward_url)
+    optional = config.env and not reward_specs(config)
+    judged = [reward_judge_source(config.reward_judge, tokenizer, engine.device, config.reward_judge_reference)] \
+        if config.reward_judge else []
     reward = None if optional else build_reward_source(
         [s for s in (config.reward_model or "").split(",") if s],
         [s for s in (config.reward_fn or "").split(",") if s],
         [s for s in (config.reward_url or "").split(",") if s],
         tokenizer, device=engine.device, ensemble=config.reward_ensemble, std_coef=config.reward_std_coef,
         batch_size=config.reward_batch_size, trust_remote_code=config.trust_remote_code,
-        weights=parse_reward_weights(config.reward_weights))
+        weights=parse_reward_weights(config.reward_weights), extra_sources=judged)
     check_reward_inputs(config, prompts, eval_prompts, list(getattr(reward, "sources", [reward])))
     lora = lora_settings(config)
     policy = load_causal_lm(config.model, lora=lora, trust_remote_code=config.trust_remote_code)
