@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-cai demo-compare demo-compare-seeds demo-tools test test-fast lint \
+.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-eval demo-cai demo-compare demo-compare-seeds demo-tools test test-fast lint \
 	bench clean system-deps
 
 $(STAMP): pyproject.toml
@@ -31,6 +31,12 @@ demo-hacking-seeds: $(STAMP)
 # The reward-hacking experiment (reuses the demo's world, pretrained and SFT models when present).
 demo-hacking: $(STAMP)
 	$(PY) -m rlhfkit demo --config hacking --output-dir runs/demo
+
+# Judges a team can trust: the RM's RewardBench-style report, eval with the RM and with a small LM judge,
+# both judges audited, and a human eval by the simulated annotators in the labelling app's database, with
+# kappa against each judge (reuses the demo's world, models and eval stage when present).
+demo-eval: $(STAMP)
+	$(PY) -m rlhfkit demo --config eval --output-dir runs/demo
 
 # Constitutional AI: critique -> revision on a helpful-only model, then DPO (reuses the demo's world and
 # pretrained model when present).

@@ -289,7 +289,9 @@ def test_bundled_configs_share_their_common_stages():
     demo = read_yaml(str(configs / "demo.yaml"))
     for other_name, common in (("hacking", {"world", "base", "pretrain", "sft"}),
                                ("cai", {"world", "base", "pretrain"}),
-                               ("compare", {"world", "base", "pretrain", "sft", "preferences", "rm", "ppo", "dpo"})):
+                               ("compare", {"world", "base", "pretrain", "sft", "preferences", "rm", "ppo", "dpo"}),
+                               ("eval", {"world", "base", "pretrain", "sft", "preferences", "rm", "rm2", "ppo", "dpo",
+                                         "eval"})):
         other = read_yaml(str(configs / f"{other_name}.yaml"))
         assert demo["output_dir"] == other["output_dir"] and demo["seed"] == other["seed"]
         # (a shared name means "done before": a report stage shared with the demo would never rebuild)

@@ -14,9 +14,10 @@ Each stage writes to ``OUTPUT_DIR/<stage name>``; ``${name}`` in any string opti
 it sets ``seed:`` (fixed) or ``seed_offset: N`` (the pipeline's seed + N: a second reward model of an ensemble
 stays a different model on every seed). Stage types: the trainers of :mod:`rlhfkit.registry`
 (options as on their command line), the library's steps (:mod:`rlhfkit.stages`: tiny_model, eval, report, judge,
-cai, revision_preference) and those other packages register (:mod:`rlhfkit.stage`; the demo world's world,
-collect, cai_world and summary). A stage whose folder holds ``stage_done.json`` is
-skipped; ``--force`` reruns everything, ``--force a,b`` the named stages. ``--only a,b`` runs a subset.
+cai, revision_preference, eval_rm, audit_judge, grade) and those other packages
+register (:mod:`rlhfkit.stage`; the demo world's world, collect, cai_world, summary and human_labels).
+A stage whose folder holds ``stage_done.json`` is skipped; ``--force`` reruns everything, ``--force a,b`` the
+named stages. ``--only a,b`` runs a subset.
 A trainer stage that was interrupted continues from its checkpoints (as with --resume); a forced one replaces
 its earlier run (as with --overwrite).
 """

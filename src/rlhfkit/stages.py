@@ -1,11 +1,16 @@
 """The library's pipeline stage types (the trainers are stage types too, from :mod:`rlhfkit.registry`):
-tiny_model, eval, report, judge (an AI judge's agreement with known labels), cai (critique -> revision) and
-revision_preference (does a judge prefer the revisions?). Each takes the options documented on it.
+tiny_model, eval, report, judge (an AI judge's agreement with known labels), cai (critique -> revision),
+revision_preference (does a judge prefer the revisions?), and the evaluation commands beside eval: eval_rm
+(``rlhfkit eval-rm``), audit_judge (``rlhfkit audit-judge``) and grade (``rlhfkit grade``). Each takes the
+options documented on it; a command's stage takes the command's options by their names with underscores and
+the same defaults (its parser is the one list of both, :mod:`rlhfkit.eval.cli_options`), writes the
+command's files to the stage's folder and prints its table, with the pipeline's seed unless it sets ``seed``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +180,97 @@ def revision_preference_stage(ctx: StageContext) -> dict[str, Any]:
     return {"judge": str(ctx.option("judge")), "revision_preferred": rate.rate, "ci_low": rate.ci_low,
             "ci_high": rate.ci_high, "n_prompts": rate.n, "n_revisions": len(rows),
             "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
+
+
+# ------------------------------------------------------------------ the evaluation commands as stages
+def _options_of(module: str, extra: tuple[str, ...] = ()) -> Callable[[], set[str]]:
+    """The option names of a command's parser (output_dir is the pipeline's), imported when a config is
+    checked, not when the stage types are listed."""
+
+    def names() -> set[str]:
+        import importlib
+
+        from .eval.cli_options import option_names
+
+        return (option_names(importlib.import_module(module).build_parser()) | set(extra)) - {"output_dir"}
+
+    return names
+
+
+def _with_run(ctx: StageContext, seed: bool = True) -> dict[str, Any]:
+    options = {**ctx.options, "output_dir": str(ctx.output_dir)}
+    if seed:
+        options.setdefault("seed", ctx.seed)
+    return options
+
+
+@stage("eval_rm", options=_options_of("rlhfkit.eval.rm_report"))
+def eval_rm_stage(ctx: StageContext) -> dict[str, Any]:
+    """A reward model's RewardBench-style report (``rlhfkit eval-rm`` as a stage): accuracy per subset and
+    overall with intervals, calibration (ECE, Brier) and length bias on a labelled preference file.
+
+    Options: reward_model, pairs (required), subset_column, bins, batch_size, max_length, n_boot, ... (see
+    rlhfkit eval-rm --help). Writes rm_report.json and pairs.jsonl. Summary: accuracy [CI], ECE, Brier and
+    the share of unequal-length pairs where the longer response scores higher."""
+    from .eval.rm_report import format_rm_table, rm_report_from_options
+
+    ctx.require("reward_model", "pairs")
+    report = rm_report_from_options(_with_run(ctx))
+    print(format_rm_table(report))
+    overall, cal = report["overall"], report["calibration"]
+    return {"accuracy": overall.get("accuracy"), "ci_low": overall.get("ci_low"), "ci_high": overall.get("ci_high"),
+            "num_pairs": report["num_pairs"], "ece": cal["ece"], "brier": cal["brier"],
+            "prefers_longer": report["length_bias"]["prefers_longer"].get("accuracy"),
+            "subsets": {name: s.get("accuracy") for name, s in report["subsets"].items()}}
+
+
+@stage("audit_judge", options=_options_of("rlhfkit.eval.judge_audit"))
+def audit_judge_stage(ctx: StageContext) -> dict[str, Any]:
+    """How far to trust a pairwise judge (``rlhfkit audit-judge`` as a stage), on pairs whose better side is
+    known: accuracy and Cohen's kappa with intervals, position bias (each pair asked in both orders), length
+    bias against the labels' own, self-preference (with self_model), consistency (repeats >= 2).
+
+    Options: judge, pairs (required), max_pairs, repeats, self_model, template, n_boot, ... (see rlhfkit
+    audit-judge --help). Writes judge_audit.json, which the HTML report shows. Summary: accuracy, kappa,
+    first-slot share, flip share, length slopes (judge and labels) and the flags raised."""
+    from .eval.judge_audit import audit_from_options, format_audit_table
+
+    ctx.require("judge", "pairs")
+    report = audit_from_options(_with_run(ctx))
+    print(format_audit_table(report))
+    position, length = report["position"], report["length"]
+    return {"judge": report["judge"], "pairs": report["pairs"], "skipped": report["skipped"],
+            "accuracy": report["accuracy"]["value"], "kappa": report["kappa"].get("value"),
+            "first_slot_share": position["first_slot_share"].get("value"),
+            "flip_share": position["flip_share"].get("value"),
+            "length_slope": (length.get("judge_slope") or {}).get("slope"),
+            "label_length_slope": (length.get("label_slope") or {}).get("slope"), "flagged": report["flagged"]}
+
+
+@stage("grade", options=_options_of("rlhfkit.eval.grading_run", ("policies",)))
+def grade_stage(ctx: StageContext) -> dict[str, Any]:
+    """MT-Bench-style grading (``rlhfkit grade`` as a stage): every policy answers the questions (multi-turn)
+    and a judge grades each answer 1-10, single or reference-guided.
+
+    Options: policies ({name: path}, or policy: [NAME=PATH, ...] as on the command line), questions, judge
+    (required), mode, templates, temperature, max_new_tokens, ... (see rlhfkit grade --help). Writes
+    grades.jsonl and grading.json. Summary: each policy's mean grade [CI] and parse failures."""
+    from .eval.grading_run import format_grading_table, grade_from_options
+
+    ctx.require("questions", "judge")
+    options = _with_run(ctx)
+    policies = options.pop("policies", None)
+    if policies is not None:
+        if not isinstance(policies, Mapping) or not policies:
+            raise ConfigError(f"stage '{ctx.name}': policies must be a mapping {{name: model folder}}")
+        if options.get("policy"):
+            raise ConfigError(f"stage '{ctx.name}': give policies or policy, not both")
+        options["policy"] = [f"{name}={path}" for name, path in policies.items()]
+    elif isinstance(options.get("policy"), str):
+        options["policy"] = [options["policy"]]
+    report = grade_from_options(options)
+    print(format_grading_table(report))
+    return {"judge": report["judge"], "policies": {
+        name: {"mean": p["overall"].get("mean"), "ci_low": p["overall"].get("ci_low"),
+               "ci_high": p["overall"].get("ci_high"), "parse_failures": p["parse_failures"]}
+        for name, p in report["policies"].items()}}

@@ -13,6 +13,10 @@ Outcomes come from one of two kinds of judge (:mod:`rlhfkit.judges.spec`):
 Either way the win rate, its bootstrap interval over prompts and the length-controlled win rate are
 :mod:`rlhfkit.eval.stats` on those outcomes, so one code path gives both. A pairwise judge scores no single
 response: ``judge_score`` (and the judge's flags) are None, not made up.
+
+Verifiable tasks (``rlhfkit eval --pass-k 1,4 --verifier SPEC``): a scoring judge (the verifier) scores every
+sample besides the judge; :func:`verifiable_metrics` turns a policy's k samples per prompt into pass@k,
+maj@k and best@k (:func:`rlhfkit.eval.verifiable.verifiable_report`; correct = score >= the threshold).
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from .policy_run import _PolicyRun
 from .stats import bootstrap_mean_ci, length_controlled_win_rate, mean_or_none, pairwise_outcomes, win_rate
+from .verifiable import format_verifiable_table, verifiable_report
 
 logger = logging.getLogger("rlhfkit")
 
-__all__ = ["JudgedPairs", "judge_against_baseline"]
+__all__ = ["JudgedPairs", "format_verifiable_tables", "judge_against_baseline", "parse_pass_k",
+           "verifiable_metrics"]
 
 REPLY_CHARS = 500  # replies kept in samples.jsonl per order (longer ones are cut)
 
@@ -166,6 +173,49 @@ def policy_metrics(run: _PolicyRun, base: _PolicyRun, baseline: str, n_boot: int
     return out
 
 
+def parse_pass_k(value: Any, num_samples: int, verifier: Any) -> list[int] | None:
+    """``--pass-k 1,4`` as sorted distinct ks (None when not given); a one-line ConfigError when a k is not a
+    whole number >= 1, exceeds ``--num-samples`` (the estimators need n >= k samples per prompt) or no
+    ``--verifier`` says which samples are correct."""
+    if value is None or value == "" or value == []:
+        if verifier:
+            raise ConfigError("--verifier needs --pass-k (e.g. --pass-k 1,4): which k to report")
+        return None
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    try:
+        ks = sorted({int(str(k).strip()) for k in items if str(k).strip()})
+    except ValueError:
+        raise ConfigError(f"--pass-k {value!r}: expected whole numbers, comma-separated (1,4)") from None
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"--pass-k {value!r}: every k must be >= 1")
+    if ks[-1] > num_samples:
+        raise ConfigError(f"--pass-k {ks[-1]} needs --num-samples >= {ks[-1]} (got {num_samples}): pass@k is "
+                          "estimated from n >= k samples per prompt")
+    if not verifier:
+        raise ConfigError("--pass-k needs --verifier SPEC (a scoring judge, e.g. fn:check.py:correct or gold:WORLD)")
+    return ks
+
+
+def verifiable_metrics(run: _PolicyRun, ks: list[int], threshold: float, n_boot: int, confidence: float,
+                       seed: int) -> dict[str, Any]:
+    """pass@k, maj@k (votes over the normalised texts) and best@k of one policy from its verifier scores,
+    over its k samples per prompt: :func:`verifiable_report` without the per-prompt rows (samples.jsonl has
+    every sample's score and ``correct`` flag)."""
+    assert run.verified is not None
+    n, k = run.verified.shape
+    report = verifiable_report([i for i in range(n) for _ in range(k)], run.texts, run.verified.ravel().tolist(),
+                               ks, threshold=threshold, n_boot=n_boot, confidence=confidence, seed=seed)
+    report.pop("per_prompt")
+    return report
+
+
+def format_verifiable_tables(report: dict[str, Any]) -> str:
+    """One pass@k / maj@k / best@k table per policy (eval.json's ``verifiable``), or "" without one."""
+    blocks = [f"{name}: verifier {report.get('verifier')}\n{format_verifiable_table(v)}"
+              for name, v in (report.get("verifiable") or {}).items()]
+    return "\n\n".join(blocks)
+
+
 def json_safe(value: Any) -> Any:
     """Non-finite floats as None, recursively (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -200,6 +250,9 @@ def write_outputs(out: Path, report: dict[str, Any], rows: list[dict[str, Any]],
                                    "length": int(run.token_lengths[p, s]), "ended": bool(run.ended[p, s])})
                     if verdicts is not None:
                         sample["verdict"] = verdicts[i]
+                    if run.verified is not None:
+                        score = float(run.verified[p, s])
+                        sample.update(verified=score, correct=score >= float(report.get("pass_threshold", 0.5)))
                     if run.rewards is not None:
                         sample["reward"] = float(run.rewards[p, s])
                     if run.kl is not None:

@@ -340,7 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``rlhfkit grade``: answer, grade, write the files, print the table."""
-    a = build_parser().parse_args(list(argv) if argv is not None else None)
+    report = grade_from_options(vars(build_parser().parse_args(list(argv) if argv is not None else None)))
+    print(format_grading_table(report))
+    return 0
+
+
+def grade_from_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The grading report for a mapping of ``rlhfkit grade`` options (underscored names, the flags' defaults
+    fill in the rest; ``policy`` a list of NAME=PATH), written to ``output_dir`` when given: the CLI and the
+    pipeline's grade stage both run this."""
+    from .cli_options import options_namespace
+
+    a = options_namespace(build_parser(), options)
     policies = _parse_policies(a.policy)
     for name, path in policies.items():
         check_model_path(path, f"--policy {name}")
@@ -360,5 +371,4 @@ def main(argv: Sequence[str] | None = None) -> int:
               "settings": settings}
     if a.output_dir:
         (Path(a.output_dir) / "grading.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(format_grading_table(report))
-    return 0
+    return report

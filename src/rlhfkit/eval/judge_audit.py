@@ -355,12 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``rlhfkit audit-judge``: build the judge as ``rlhfkit judge`` does, audit, print the table, write
     ``judge_audit.json`` into ``--output-dir``."""
+    a = build_parser().parse_args(list(argv) if argv is not None else None)
+    report = audit_from_options(vars(a))
+    print(format_audit_table(report))
+    if a.output_dir:
+        print(f"wrote {Path(a.output_dir) / REPORT_FILE}")
+    return 0
+
+
+def audit_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The audit for a mapping of ``rlhfkit audit-judge`` options (underscored names, the flags' defaults
+    fill in the rest), written to ``output_dir``/judge_audit.json when given: the CLI and the pipeline's
+    audit_judge stage both run this."""
     import os
 
     from ..data import load_rows, row_number
     from ..judges.spec import build_judge
+    from .cli_options import options_namespace
 
-    a = build_parser().parse_args(list(argv) if argv is not None else None)
+    a = options_namespace(build_parser(), options)
     if a.max_pairs is not None and a.max_pairs < 1:
         raise ConfigError("--max-pairs must be >= 1")
     api_key = None
@@ -386,10 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = audit_judge(judge, rows, self_model=a.self_model, repeats=a.repeats, n_boot=a.n_boot,
                          confidence=a.confidence, seed=a.seed, source=str(a.pairs),
                          row_numbers=[row_number(r, i) for i, r in enumerate(rows)])
-    print(format_audit_table(report))
     if a.output_dir:
         out = Path(a.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {out / REPORT_FILE}")
-    return 0
+    return report

@@ -165,13 +165,15 @@ class _PolicyRun:
     turns: np.ndarray | None = None  # [n, k] assistant turns of a tool episode (with --tools)
     tool_calls: np.ndarray | None = None  # [n, k] tool calls (with --tools)
     tool_stats: dict[str, float] | None = None  # calls, errors by kind, seconds (rlhfkit.rollout.tools.ToolStats)
+    verified: np.ndarray | None = None  # [n, k] a verifier's score per response (pass@k, rlhfkit.eval.verifiable)
 
 
 def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any | None, reward: ModelReward | None,
                 reference: torch.nn.Module | None, reference_path: str | None, num_samples: int,
                 sampling: SamplingConfig, seed: int, batch_size: int, max_prompt_length: int,
                 device: torch.device, source: str, prompt_format: str = "auto",
-                decode: Mapping[str, bool] | None = None, tools: ToolSettings | None = None) -> _PolicyRun:
+                decode: Mapping[str, bool] | None = None, tools: ToolSettings | None = None,
+                verifier: Any | None = None) -> _PolicyRun:
     from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
     from ..rollout.generate import HFGenerationBackend
     from ..rollout.rewards import ScoringBatch, checked_scores, row_fields
@@ -182,6 +184,7 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any | N
     records = _prompt_records(rows, tokenizer, max_prompt_length, source, prompt_format, path)
     judge = _bind_tokenizer(judge, tokenizer) if judge is not None else None  # None: sample, score no judge
     reward = _bind_tokenizer(reward, tokenizer) if reward is not None else None
+    verifier = _bind_tokenizer(verifier, tokenizer) if verifier is not None else None
     model = load_causal_lm(path).to(device)
     model.eval().requires_grad_(False)
     backend = HFGenerationBackend(tokenizer, **dict(decode or {}))  # fast_decode / compile_decode
@@ -192,7 +195,7 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any | N
     generator = torch.Generator().manual_seed(int(seed))
     stops = tuple(s for s in sampling.stop_strings if s)
     texts: list[str] = []
-    scores, rewards, kl, token_lengths, ended = [], [], [], [], []
+    scores, rewards, kl, token_lengths, ended, verified = [], [], [], [], [], []
     flags: list[dict[str, bool | None]] | None = []
     n, k = len(records), num_samples
     logger.info("policy '%s': sampling %d x %d responses from %s", name, n, k, path)
@@ -216,6 +219,9 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any | N
             if judge is not None:
                 judged = checked_scores(judge, scoring, RlhfkitError, f" of policy '{name}'", role="judge")
                 scores.append(judged.numpy().astype(np.float64))
+            if verifier is not None:  # the same checks as the judge's: a NaN is an error, not a miss
+                verified.append(checked_scores(verifier, scoring, RlhfkitError, f" of policy '{name}'",
+                                               role="verifier").numpy().astype(np.float64))
             if reward is not None:
                 rewards.append(reward.score(scoring).float().numpy().astype(np.float64))
             if flags is not None and judge is not None:
@@ -252,4 +258,5 @@ def _run_policy(name: str, path: str, rows: list[dict[str, Any]], judge: Any | N
         turns=np.asarray(turns, dtype=np.float64).reshape(n, k) if tool_prompts is not None else None,
         tool_calls=np.asarray(calls, dtype=np.float64).reshape(n, k) if tool_prompts is not None else None,
         tool_stats=tool_stats if tool_prompts is not None else None,
+        verified=grid(verified) if verified else None,
     )

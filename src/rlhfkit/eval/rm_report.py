@@ -325,12 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``rlhfkit eval-rm``: score the pairs, print :func:`format_rm_table`, write the report."""
+    report = rm_report_from_options(vars(build_parser().parse_args(list(argv) if argv is not None else None)))
+    print(format_rm_table(report))
+    return 0
+
+
+def rm_report_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The report for a mapping of ``rlhfkit eval-rm`` options (underscored names, the flags' defaults fill
+    in the rest): the CLI and the pipeline's eval_rm stage both run this."""
     from ..models import load_tokenizer
     from ..models.loading import check_model_path
     from ..rollout.rewards import ModelReward
+    from .cli_options import options_namespace
     from .policy_run import _device
 
-    a = build_parser().parse_args(list(argv) if argv is not None else None)
+    a = options_namespace(build_parser(), options)
     if a.bins < 1 or a.batch_size < 1 or a.n_boot < 1 or not 0 < a.confidence < 1:
         raise ConfigError("--bins, --batch-size and --n-boot must be >= 1 and --confidence in (0, 1)")
     if a.max_length is not None and a.max_length < 1:
@@ -345,5 +354,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = rm_report(rm, a.pairs, subset_column=a.subset_column, bins=a.bins, n_boot=a.n_boot,
                        confidence=a.confidence, seed=a.seed, max_length=a.max_length, split=a.split,
                        columns=a.columns, config=a.pairs_config, output_dir=a.output_dir)
-    print(format_rm_table(report))
-    return 0
+    return report

@@ -45,7 +45,16 @@ from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
 from ..rollout.rewards import ModelReward, RewardSource, check_reward_columns
 from ..rollout.tool_prompts import ToolSettings, start_tool_worker
-from .compare import JudgedPairs, by_category, judge_against_baseline, policy_metrics, write_outputs
+from .compare import (
+    JudgedPairs,
+    by_category,
+    format_verifiable_tables,
+    judge_against_baseline,
+    parse_pass_k,
+    policy_metrics,
+    verifiable_metrics,
+    write_outputs,
+)
 from .policy_run import (
     _bind_tokenizer,
     _clean_rows,
@@ -133,6 +142,9 @@ def evaluate_policies(
     prompt_format: str = "auto",
     decode: Mapping[str, bool] | None = None,
     tools: ToolSettings | None = None,
+    verifier: RewardSource | str | None = None,
+    pass_k: Sequence[int] | None = None,
+    pass_threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Sample from every policy, judge, compare with ``baseline``; returns (and writes) the eval report.
 
@@ -164,6 +176,11 @@ def evaluate_policies(
     prompts are rendered with the tools offered, samples show every turn, the judge sees the whole
     episode, the KL counts the policy's own tokens only, and each policy gets ``turns_mean``,
     ``tool_calls_mean``, ``tool_call_errors`` and ``tool_seconds``.
+
+    ``verifier`` + ``pass_k``: a scoring judge (or spec) scores every sample too; per policy ``verifiable``
+    holds pass@k, maj@k and best@k for each k (correct = score >= ``pass_threshold``;
+    :func:`rlhfkit.eval.compare.verifiable_metrics`), and samples.jsonl each sample's ``verified`` score and
+    ``correct`` flag. Needs ``num_samples`` >= max(pass_k).
     """
     from ..models import load_causal_lm, load_tokenizer
 
@@ -180,6 +197,7 @@ def evaluate_policies(
         raise ConfigError("--max-prompt-length must be >= 1")
     sampling = sampling or SamplingConfig(temperature=1.0)
     sampling.check()
+    ks = parse_pass_k(list(pass_k) if pass_k else None, num_samples, verifier)
     if pairs is not None and not reward_model:
         raise ConfigError("--pairs needs --reward-model (the model whose accuracy is measured)")
     rows = _clean_rows(prompts, prompts_source)
@@ -197,8 +215,11 @@ def evaluate_policies(
             load_judge(judge, base_tokenizer, device)
     pairwise = isinstance(judge, PairwiseJudge)
     columns = list(dict.fromkeys(k for row in rows for k in row if not k.startswith("__")))
-    if not pairwise:  # an fn: judge's columns, before sampling
-        check_reward_columns([judge], columns, f"--prompts {prompts_source}")
+    if isinstance(verifier, str):
+        verifier = load_judge(verifier, base_tokenizer, device)
+    # an fn: judge's (and verifier's) columns, before sampling
+    check_reward_columns([j for j in (None if pairwise else judge, verifier) if j is not None], columns,
+                         f"--prompts {prompts_source}")
     rm = ModelReward(reward_model, base_tokenizer, device=device, batch_size=batch_size) if reward_model else None
     ref_model = None
     if reference:
@@ -211,7 +232,7 @@ def evaluate_policies(
         runs[name] = _run_policy(name, policies[name], rows, None if pairwise else judge, rm, ref_model,
                                  reference, num_samples,
                                  sampling, seed, batch_size, max_prompt_length, device, prompts_source,
-                                 prompt_format=prompt_format, decode=decode, tools=tools)
+                                 prompt_format=prompt_format, decode=decode, tools=tools, verifier=verifier)
     judged: dict[str, JudgedPairs] = {}
     if pairwise:  # the baseline is the other side of every pair: its outcomes are 1/2 by definition
         judged = {name: judge_against_baseline(judge, rows, runs[name], runs[baseline], num_samples)
@@ -227,6 +248,10 @@ def evaluate_policies(
     if categories is not None:
         report["by_category"] = {name: by_category(runs[name], runs[baseline], categories, judged.get(name))
                                  for name in policies}
+    if ks:
+        report.update(verifier=getattr(verifier, "name", str(verifier)), pass_threshold=float(pass_threshold),
+                      verifiable={name: verifiable_metrics(runs[name], ks, float(pass_threshold), n_boot, confidence,
+                                                           seed) for name in policies})
     if pairs is not None and rm is not None:
         report["rm"] = reward_model_accuracy(rm, pairs, n_boot, confidence, seed)
     if output_dir is not None:
@@ -273,7 +298,8 @@ def format_table(report: Mapping[str, Any]) -> str:
         rm = report["rm"]
         footer += (f"\nRM accuracy {_fmt(rm['accuracy'])} [{_fmt(rm['ci_low'])}, {_fmt(rm['ci_high'])}] on "
                    f"{rm['num_pairs']} pairs ({rm['reward_model']})")
-    return "\n".join(text) + "\n" + footer
+    verifiable = format_verifiable_tables(dict(report))
+    return "\n".join(text) + "\n" + footer + (f"\n\npass@k by the verifier\n{verifiable}" if verifiable else "")
 
 
 def _parse_policies(values: Sequence[str]) -> dict[str, str]:
@@ -343,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-turns", type=int, default=3, help="--tools: most tool calls per response")
     p.add_argument("--tool-timeout", type=float, default=10.0, help="--tools: seconds a call may run")
     p.add_argument("--tool-max-chars", type=int, default=2000, help="--tools: longest tool answer in characters")
+    p.add_argument("--pass-k", default=None, help="verifiable tasks: pass@k, maj@k and best@k for these k "
+                   "(comma list, e.g. 1,4; each <= --num-samples), with --verifier")
+    p.add_argument("--verifier", default=None, help="scoring judge spec deciding correctness (fn:FILE.py:FN "
+                   "returning 1/0 or a score, gold:WORLD, ...)")
+    p.add_argument("--pass-threshold", type=float, default=0.5, help="a sample is correct when verifier score >= this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
@@ -401,7 +432,9 @@ def evaluate_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
                                prompts_source=o.prompts, prompt_format=o.prompt_format,
                                decode={"fast_decode": o.fast_decode, "compile_decode": o.compile_decode},
                                tools=ToolSettings(str(o.tools), int(o.max_turns), float(o.tool_timeout),
-                                                  int(o.tool_max_chars)) if o.tools else None)
+                                                  int(o.tool_max_chars)) if o.tools else None,
+                               verifier=o.verifier, pass_k=parse_pass_k(o.pass_k, o.num_samples, o.verifier),
+                               pass_threshold=o.pass_threshold)
     return report
 
 

@@ -10,6 +10,9 @@ matched to the AI's judgement of the same two texts under the same prompt:
 * a pairwise judge (samples with ``verdict.p`` = P(policy's sample better than the baseline's sample of the
   same index)): the pair it judged, read in either order.
 
+A chat-message prompt in samples.jsonl is matched by :func:`prompt_key`: a single user turn by its text (what
+a labeller is shown), others as ``Role: content`` lines (``rlhfkit.judges.templates.prompt_text``).
+
 Both sides' verdicts are coded as :mod:`.agreement` codes pairwise labels (0 first better, 1 even, 2 second
 better) and compared with scikit-learn's ``cohen_kappa_score``. Only this module reads eval folders.
 """
@@ -26,7 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["compare_with_ai", "read_ai_eval"]
+__all__ = ["compare_with_ai", "prompt_key", "read_ai_eval"]
 
 TIE_TOL = 1e-6  # scores (or P - 1/2) closer than this are a tie
 
@@ -48,6 +51,21 @@ def read_ai_eval(path: str | Path) -> tuple[dict[str, Any], Path | None, Path]:
     return report, samples if samples.is_file() else None, file
 
 
+def prompt_key(prompt: Any) -> str | None:
+    """The text a labelling item shows for an eval prompt: a string as it is, one user turn's content, or
+    other chat messages as ``Role: content`` lines; None for anything else. Items made from an eval's samples
+    use it too (rlhfkit.world's human_labels stage), so both sides name a prompt alike."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        if len(prompt) == 1 and prompt[0].get("role", "user") == "user" and isinstance(prompt[0].get("content"), str):
+            return prompt[0]["content"]
+        from ..judges.templates import prompt_text
+
+        return prompt_text(prompt)
+    return None
+
+
 def _code(first_minus_second: float) -> int:
     """A signed preference for the first response as a verdict: 0 first better, 1 even, 2 second better."""
     return 0 if first_minus_second > TIE_TOL else 2 if first_minus_second < -TIE_TOL else 1
@@ -64,12 +82,12 @@ def ai_verdicts(samples: Path, baseline: str) -> tuple[dict[tuple[str, str], lis
             continue
         try:
             row = json.loads(line)
-            prompt, response = row["prompt"], row["response"]
+            prompt, response = prompt_key(row["prompt"]), row["response"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise DataError(f"expected a sample with prompt and response ({exc.__class__.__name__}: {exc})",
                             source=str(samples), row=n) from None
         if not isinstance(prompt, str) or not isinstance(response, str):
-            continue  # chat-message prompts: no labelled item has one
+            continue
         if isinstance(row.get("score"), int | float) and math.isfinite(row["score"]):
             scores[(prompt, response)].append(float(row["score"]))
         p = (row.get("verdict") or {}).get("p") if isinstance(row.get("verdict"), dict) else None

@@ -40,6 +40,12 @@ class Annotator:
         p = 1.0 / (1.0 + math.exp(-z)) if z > -40 else 0.0
         return rng.random() < p
 
+    def rate(self, judge: GoldJudge, prompt: str, response: str, rng: random.Random) -> int:
+        """One Likert rating 1..5: the utility mapped linearly (-1 -> 1, 0 -> 3, +1 -> 5; the gold total
+        lies in about [-1.5, 1]) plus Gaussian noise of sd ``noise / 2``, rounded and clipped."""
+        x = (self.utility(judge, prompt, response) + 1.0) / 2.0 + rng.gauss(0.0, self.noise / 2.0)
+        return min(5, max(1, 1 + round(4 * x)))
+
     def rank(self, judge: GoldJudge, prompt: str, responses: Sequence[str], rng: random.Random) -> list[int]:
         """Indices of ``responses``, best first (a Plackett–Luce draw)."""
         keyed = []

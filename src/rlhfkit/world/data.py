@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..data.jsonl import write_jsonl as write_jsonl  # re-exported: the world's stages write with it
@@ -146,6 +147,18 @@ def label_samples(world: World, samples: Sequence[dict[str, Any]], panel: Sequen
               "panel": describe_panel(panel),
               "agreement": pairwise_agreement(judge, panel, overlap, seed=seed + 1) if overlap else {}}
     return ranked, pairs, report
+
+
+def world_of(path: str | Path) -> World:
+    """The world saved by a world stage: its folder (world.json inside) or the file; one-line ConfigError
+    when it is missing."""
+    from ..errors import ConfigError
+
+    file = Path(path)
+    file = file / "world.json" if file.is_dir() else file
+    if not file.exists():
+        raise ConfigError(f"{file}: no world.json (run a 'world' stage first)")
+    return World.load(file)
 
 
 def default_panel(seed: int, biased: str | None = None, num: int = 5) -> list[Annotator]:

@@ -1,6 +1,7 @@
 """The demo world's pipeline stage types: world (the world and its datasets), collect (preferences from
 simulated annotators), cai_world (Constitutional AI data) and summary (the run's summary.json), plus the
-demo's closing table. Registered through the ``rlhfkit.stages`` entry point (pyproject.toml)."""
+demo's closing table; human_labels (a human eval in the labelling app) lives in world/human_eval_stage.py
+and is registered by importing it here. Registered through the ``rlhfkit.stages`` entry point (pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..rollout.texts import sample_responses
 from ..stage import StageContext, stage
+from . import human_eval_stage as _human_eval_stage  # noqa: F401  (registers human_labels: one entry point)
+from .data import world_of as _world_of
 
 logger = logging.getLogger("rlhfkit")
 
@@ -23,14 +26,6 @@ def _messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def _world_of(path: str | Path):
-    from . import World
-
-    file = Path(path)
-    file = file / "world.json" if file.is_dir() else file
-    if not file.exists():
-        raise ConfigError(f"{file}: no world.json (run a 'world' stage first)")
-    return World.load(file)
 
 
 @stage("world", options=("num_countries", "eval_fraction", "pretrain_copies", "sft_demonstrations", "closing_rate",
