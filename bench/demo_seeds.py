@@ -18,6 +18,12 @@ when, the proxy reward's rise, the gold score before and after, and how many see
     python bench/demo_seeds.py --seeds 0-9 --out runs/seeds        # (make demo-seeds) about 65 min on 2 cores
     python bench/demo_seeds.py --hacking --seeds 0-9 --out runs/seeds   # (make demo-hacking-seeds)
     python bench/demo_seeds.py --config compare --seeds 0-2 --out runs/seeds   # (make demo-compare-seeds)
+    python bench/demo_seeds.py --config tools --seeds 0-4 --out runs/seeds     # (make demo-tools-seeds)
+
+With ``--config tools`` (its world differs from the main demo's, so each seed gets its own ``tools-seed-S``
+folder) the table lists, per seed, held-out accuracy on tool-only questions of SFT and GRPO with their
+intervals, the rise in points, the tool-call rates, GRPO's accuracy without the tools, and the wall time; a
+seed passes (issue 24) when GRPO is >= 30 points above SFT and its interval's low end is above SFT's accuracy.
 """
 
 from __future__ import annotations
@@ -101,12 +107,18 @@ def policies_of(summaries: dict[int, dict]) -> list[str]:
     return names
 
 
+def seed_folder(out: Path, seed: int, config: str | None) -> Path:
+    """A seed's demo folder: the main, compare and hacking configs share one (they reuse each other's stages);
+    the tools config has a world of its own."""
+    return out / (f"tools-seed-{seed}" if config == "tools" else f"seed-{seed}")
+
+
 def run_seed(seed: int, out: Path, config: str | None) -> dict:
     """The demo's summary for ``seed`` (run unless already finished), with the wall time it took."""
-    folder = out / f"seed-{seed}"
+    folder = seed_folder(out, seed, config)
     summary_file = folder / summary_name(config)
     if not summary_file.exists():
-        log = folder.parent / f"seed-{seed}.log"
+        log = folder.parent / f"{folder.name}.log"
         code = run_demo(seed, folder, config, log)
         if code != 0:
             sys.exit(f"seed {seed}: the demo failed (exit {code}); see {log}")
@@ -247,6 +259,45 @@ def hacking_verdicts(results: dict[int, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+TOOL_RISE = 0.30  # issue 24: GRPO's held-out accuracy on tool-only questions >= SFT's + 30 points
+
+
+def _pct(summary: dict, key: str) -> str:
+    value = summary.get(key)
+    return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def tools_table(summaries: dict[int, dict]) -> str:
+    """Per seed: SFT's and GRPO's held-out accuracy (%, with the 95% interval), the rise, the call rates,
+    GRPO without the tools, the wall time and the verdict; then the mean and worst rise and the pass count."""
+    head = ["seed", "SFT acc [CI]", "GRPO acc [CI]", "rise", "SFT calls", "GRPO calls", "GRPO no tools",
+            "wall s", "pass"]
+    rows, rises, passed = [], [], 0
+    for seed, s in summaries.items():
+        sft, grpo = s.get("sft", {}), s.get("grpo", {})
+        base, acc, low = sft.get("correct_rate"), grpo.get("correct_rate"), grpo.get("correct_rate_ci_low")
+        rise = acc - base if None not in (acc, base) else None
+        ok = rise is not None and rise >= TOOL_RISE and low is not None and low > base
+        passed += ok
+        if rise is not None:
+            rises.append(rise)
+        no_tools = grpo.get("without_tools") or {}
+        rows.append([str(seed),
+                     f"{_pct(sft, 'correct_rate')} [{_pct(sft, 'correct_rate_ci_low')}, {_pct(sft, 'correct_rate_ci_high')}]",
+                     f"{_pct(grpo, 'correct_rate')} [{_pct(grpo, 'correct_rate_ci_low')}, {_pct(grpo, 'correct_rate_ci_high')}]",
+                     "n/a" if rise is None else f"{100 * rise:+.1f}", _pct(sft, "tool_call_rate"),
+                     _pct(grpo, "tool_call_rate"), _pct(no_tools, "correct_rate"), _num(s, "wall_seconds", 0),
+                     "yes" if ok else "NO"])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    if rises:
+        lines.append(f"rise (points): mean {100 * statistics.mean(rises):+.1f}, worst {100 * min(rises):+.1f}; "
+                     f"seeds passing (rise >= {100 * TOOL_RISE:.0f} points, GRPO CI low > SFT): "
+                     f"{passed}/{len(summaries)}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0-9", help="e.g. 0-9 or 0,3,5")
@@ -260,6 +311,9 @@ def main() -> None:
         print("\n" + hacking_verdicts(results))
         return
     summaries = {seed: run_seed(seed, Path(a.out), a.config) for seed in parse_seeds(a.seeds)}
+    if a.config == "tools":
+        print(tools_table(summaries))
+        return
     print(table(summaries, train_time=bool(a.config)))
     missed = misses(summaries)
     print(f"\nbars missed: {len(missed)}" + "".join(f"\n  {m}" for m in missed))
