@@ -1,16 +1,47 @@
-"""A command's flags as a mapping of options: what lets a pipeline stage run ``rlhfkit eval-rm``,
-``audit-judge`` or ``grade`` with the options of its command line, by their names with underscores, and the
-same defaults (the parser is the one list of options and defaults; :mod:`rlhfkit.stages`)."""
+"""The evaluation commands' shared flag handling: one-line flag errors, ``--policy NAME=PATH`` lists, and a
+command's flags as a mapping of options (what lets a pipeline stage run ``rlhfkit eval-rm``, ``audit-judge``
+or ``grade`` with the options of its command line, by their names with underscores, and the same defaults:
+the parser is the one list of options and defaults; :mod:`rlhfkit.stages`)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["option_names", "options_namespace"]
+__all__ = ["OneLineParser", "option_names", "options_namespace", "parse_policies"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Mistakes in the flags are one-line ConfigErrors (the CLI prints them), not usage text."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def parse_policies(values: Sequence[str]) -> dict[str, str]:
+    """``--policy`` values (repeatable, each may be a comma-separated list) as {name: path}; a bare PATH is
+    named after its folder. A malformed item, a name given twice or no policy at all is a ConfigError."""
+    policies: dict[str, str] = {}
+    for value in values:
+        for item in (v.strip() for v in value.split(",")):
+            if not item:
+                continue
+            name, sep, path = item.partition("=")
+            if not sep:
+                name, path = Path(item.rstrip("/")).name, item
+            name, path = name.strip(), path.strip()
+            if not name or not path:
+                raise ConfigError(f"--policy '{item}': expected NAME=PATH")
+            if name in policies:
+                raise ConfigError(f"--policy: the name '{name}' is given twice")
+            policies[name] = path
+    if not policies:
+        raise ConfigError("give at least one --policy NAME=PATH")
+    return policies
 
 
 def option_names(parser: argparse.ArgumentParser) -> set[str]:

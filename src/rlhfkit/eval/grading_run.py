@@ -42,6 +42,7 @@ from ..judges.grading import GradingTemplates, build_grader
 from ..judges.spec import JUDGE_SPECS
 from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
+from .cli_options import OneLineParser, parse_policies
 from .stats import bootstrap_mean_ci
 
 logger = logging.getLogger("rlhfkit")
@@ -285,31 +286,8 @@ def format_grading_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _parse_policies(values: Sequence[str]) -> dict[str, str]:
-    policies: dict[str, str] = {}
-    for item in (v.strip() for value in values for v in value.split(",")):
-        if not item:
-            continue
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = Path(item.rstrip("/")).name, item
-        if not name.strip() or not path.strip():
-            raise ConfigError(f"--policy '{item}': expected NAME=PATH")
-        if name.strip() in policies:
-            raise ConfigError(f"--policy: the name '{name.strip()}' is given twice")
-        policies[name.strip()] = path.strip()
-    if not policies:
-        raise ConfigError("give at least one --policy NAME=PATH")
-    return policies
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="rlhfkit grade", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineParser(prog="rlhfkit grade", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Answer your multi-turn questions with each policy and grade every answer 1-10 "
                                    "with a judge (single-answer or reference-guided): means with bootstrap "
                                    "intervals per category and turn. Resumable with the same --output-dir.")
@@ -352,7 +330,7 @@ def grade_from_options(options: dict[str, Any]) -> dict[str, Any]:
     from .cli_options import options_namespace
 
     a = options_namespace(build_parser(), options)
-    policies = _parse_policies(a.policy)
+    policies = parse_policies(a.policy)
     for name, path in policies.items():
         check_model_path(path, f"--policy {name}")
     questions = load_questions(a.questions, a.mode)

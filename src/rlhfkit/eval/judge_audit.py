@@ -54,6 +54,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..judges.base import JudgeReplyError, PairwiseJudge, PositionStats, Verdict
 from .audit_stats import excludes_zero, gap_ci, kappa_ci, logit_slope, mean_ci, ratio_ci
+from .cli_options import OneLineParser
 from .stats import win_rate
 
 logger = logging.getLogger("rlhfkit")
@@ -310,18 +311,11 @@ def audit_html(report: Mapping[str, Any]) -> str:
     return (f'<table class="judge-audit"><caption>{caption}</caption>\n' + "\n".join(cells) + "\n</table>")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Mistakes in the flags are one-line ConfigErrors (the CLI prints them), not usage text."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """``rlhfkit audit-judge``'s flags; the judge flags are ``rlhfkit judge``'s."""
     from ..judges.spec import JUDGE_KINDS
 
-    p = _OneLineParser(prog="rlhfkit audit-judge", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineParser(prog="rlhfkit audit-judge", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Audit a pairwise judge on human-labelled pairs: accuracy and kappa, position, "
                                    "length and self-preference bias, consistency, with bootstrap intervals.")
     p.add_argument("--judge", required=True, help=JUDGE_KINDS)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .cli_options import OneLineParser
 from .stats import win_rate
 
 logger = logging.getLogger("rlhfkit")
@@ -145,8 +146,8 @@ def score_preferences(reward_model: Any, ds: Any, source: str, max_length: int |
     """Score every pair of a preference dataset with a :class:`~rlhfkit.rollout.rewards.ModelReward`.
 
     Rows are tokenised with the reward model's own tokenizer (``rlhfkit.data.prepare_preferences``; a ranked
-    row gives every ordered pair, :func:`~rlhfkit.data.expand_to_pairs`) and scored as
-    :func:`rlhfkit.eval.runner.reward_model_accuracy` scores them. Returns numpy arrays, one entry per pair:
+    row gives every ordered pair, :func:`~rlhfkit.data.expand_to_pairs`) and scored by their token ids
+    (:func:`rlhfkit.eval.runner.reward_model_accuracy` uses it too). Returns numpy arrays, one entry per pair:
     ``chosen``, ``rejected`` (scores), ``row`` (index among the kept rows), ``chosen_tokens``,
     ``rejected_tokens``; and ``num_rows`` (kept), ``skipped`` and ``lines`` (each kept row's line / row
     number in the file, or None when rows were skipped and the mapping is unknown).
@@ -292,16 +293,9 @@ def format_rm_table(report: Mapping[str, Any]) -> str:
     return "\n".join(text)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Mistakes in the flags are one-line ConfigErrors (the CLI prints them), not usage text."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """``rlhfkit eval-rm``'s flags."""
-    p = _OneLineParser(prog="rlhfkit eval-rm", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineParser(prog="rlhfkit eval-rm", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="A reward model's report on a preference file: accuracy per subset with "
                                    "bootstrap intervals, calibration (ECE, Brier) and length bias.")
     p.add_argument("--reward-model", required=True, help="reward model folder or hub id")

@@ -45,6 +45,7 @@ from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
 from ..rollout.rewards import ModelReward, RewardSource, check_reward_columns
 from ..rollout.tool_prompts import ToolSettings, start_tool_worker
+from .cli_options import OneLineParser, parse_policies
 from .compare import (
     JudgedPairs,
     by_category,
@@ -56,7 +57,6 @@ from .compare import (
     write_outputs,
 )
 from .policy_run import (
-    _bind_tokenizer,
     _clean_rows,
     _device,
     _PolicyRun,
@@ -85,8 +85,8 @@ def reward_model_accuracy(reward_model: ModelReward, pairs: str | Any | Sequence
     """
     import datasets
 
-    from ..data import dataset_source, expand_to_pairs, load_rows, prepare_preferences
-    from ..rollout.rewards import ScoringBatch
+    from ..data import dataset_source, load_rows
+    from .rm_report import score_preferences
 
     if isinstance(pairs, str):
         source, ds = pairs, load_rows(pairs)
@@ -94,27 +94,14 @@ def reward_model_accuracy(reward_model: ModelReward, pairs: str | Any | Sequence
         source, ds = dataset_source(pairs, "pairs"), pairs
     else:
         source, ds = "pairs", datasets.Dataset.from_list([dict(r) for r in pairs])
-    limit = int(max_length or reward_model.max_length or 1024)
-    groups, report = prepare_preferences(ds, reward_model.tokenizer, max_length=limit, source=source)
-    report.log(logger, source)
-    own = _bind_tokenizer(reward_model, reward_model.tokenizer)  # scores token ids as they are
-    prompt_ids, response_ids, owner = [], [], []
-    for g, group in enumerate(groups):
-        for pair in expand_to_pairs([group]):
-            for response in pair["responses"]:
-                prompt_ids.append(pair["prompt_ids"])
-                response_ids.append(response)
-            owner.append(g)
-    m = len(owner)
-    scores = own.score(ScoringBatch([""] * 2 * m, [""] * 2 * m, prompt_ids, response_ids, [True] * 2 * m))
-    scores = scores.double().numpy().reshape(m, 2)
-    pair_outcomes = pairwise_outcomes(scores[:, 0], scores[:, 1])
-    owners = np.asarray(owner)
-    per_row = np.asarray([pair_outcomes[owners == g].mean() for g in range(len(groups))])
+    scored = score_preferences(reward_model, ds, source, max_length)
+    pair_outcomes = pairwise_outcomes(scored["chosen"], scored["rejected"])
+    owners, num_rows = scored["row"], scored["num_rows"]
+    per_row = np.asarray([pair_outcomes[owners == g].mean() for g in range(num_rows)])
     acc = win_rate(per_row, n_boot, confidence, seed)
-    return {"reward_model": reward_model.name, "pairs": source, "num_rows": len(groups), "num_pairs": m,
-            "skipped_rows": report.num_skipped, "accuracy": acc.rate, "ci_low": acc.ci_low,
-            "ci_high": acc.ci_high, "margin_mean": float((scores[:, 0] - scores[:, 1]).mean())}
+    return {"reward_model": reward_model.name, "pairs": source, "num_rows": num_rows, "num_pairs": len(owners),
+            "skipped_rows": scored["skipped"], "accuracy": acc.rate, "ci_low": acc.ci_low,
+            "ci_high": acc.ci_high, "margin_mean": float((scored["chosen"] - scored["rejected"]).mean())}
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -302,36 +289,9 @@ def format_table(report: Mapping[str, Any]) -> str:
     return "\n".join(text) + "\n" + footer + (f"\n\npass@k by the verifier\n{verifiable}" if verifiable else "")
 
 
-def _parse_policies(values: Sequence[str]) -> dict[str, str]:
-    policies: dict[str, str] = {}
-    for value in values:
-        for item in (v.strip() for v in value.split(",")):
-            if not item:
-                continue
-            name, sep, path = item.partition("=")
-            if not sep:
-                name, path = Path(item.rstrip("/")).name, item
-            name, path = name.strip(), path.strip()
-            if not name or not path:
-                raise ConfigError(f"--policy '{item}': expected NAME=PATH")
-            if name in policies:
-                raise ConfigError(f"--policy: the name '{name}' is given twice")
-            policies[name] = path
-    if not policies:
-        raise ConfigError("give at least one --policy NAME=PATH")
-    return policies
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Mistakes in the flags are one-line ConfigErrors (the CLI prints them), not usage text."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """``rlhfkit eval``'s flags; the pipeline's eval stage takes the same options, with the same defaults."""
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="rlhfkit eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Sample from policies and compare them with a baseline under a judge: win rate and "
                     "length-controlled win rate with bootstrap intervals, reward, KL to a reference, length.")
@@ -391,7 +351,7 @@ def option_defaults() -> dict[str, Any]:
 def _option_policies(o: Any) -> dict[str, str]:
     if isinstance(o.policies, Mapping):  # the eval stage's {name: path}
         return {str(k): str(v) for k, v in o.policies.items()}
-    return _parse_policies(o.policy or [])
+    return parse_policies(o.policy or [])
 
 
 def evaluate_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
