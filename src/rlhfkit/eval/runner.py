@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,8 +63,6 @@ from .policy_run import (
     reference_logprob_sums,
 )
 from .stats import pairwise_outcomes, win_rate
-
-logger = logging.getLogger("rlhfkit")
 
 __all__ = ["evaluate_policies", "format_table", "main", "reference_logprob_sums", "reward_model_accuracy"]
 
