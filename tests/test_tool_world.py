@@ -14,7 +14,7 @@ from rlhfkit.pipeline import run_pipeline
 from rlhfkit.rollout.tools import load_tools, parse_tool_call, render_with_tools, run_tool_call
 from rlhfkit.world import World
 from rlhfkit.world.judge import GoldJudge
-from rlhfkit.world.tool_world import asked_country, correct_answer, final_answer
+from rlhfkit.world.tool_world import asked_country, copy_documents, correct_answer, final_answer
 
 EPISODE = ('<tool_call>\n{{"name": "capital_of", "arguments": {{"country": "{c}"}}}}\n</tool_call>\n'
            "<tool_response>\n{a}\n</tool_response>\n\n{final}")
@@ -69,6 +69,24 @@ def test_tool_questions_are_new_to_every_other_dataset(tool_world):
     for messages in calls:
         req = world.request(messages[1]["content"])
         assert messages[0]["role"] == "system" and req.split == "demo" and messages[-1]["content"] == req.answer_sentence
+    # the direct answers: about half to the very questions others looked up, so that a new question does not
+    # tell the model whether to call (when to call is RL's to learn); the rest to known capitals
+    direct = [m for m in offered if m not in calls]
+    looked_up = [m for m in direct if getattr(world.request(m[1]["content"]), "split", None) == "demo"]
+    assert 0.3 <= len(looked_up) / len(direct) <= 0.7
+
+
+def test_copy_documents_repeat_names_and_numbers_in_text_and_dialogue(tool_world):
+    _, world = tool_world
+    docs = copy_documents(world, 400, seed=1)
+    dialogues = [d for d in docs if d.startswith("<|user|>\n") and "\n<|assistant|>\n" in d and d.endswith("<|eos|>")]
+    assert len(docs) == 400 and 0.35 <= len(dialogues) / 400 <= 0.65
+    numbers = [int(n) for d in docs for n in re.findall(r"\d+", d)]
+    assert min(numbers) >= 10 and max(numbers) >= 100  # three-digit numbers too: sums reach 198
+    for doc in docs:  # something recurs in each, and never a name of the world or its atlas
+        tokens = re.findall(r"[A-Za-z]+|\d+", doc)
+        assert any(tokens.count(t) >= 2 for t in tokens if t[0].isupper() or t.isdigit()), doc
+        assert not set(tokens) & (set(world.atlas) | set(world.atlas.values()))
 
 
 def test_tools_file_answers_from_the_atlas(tool_world):

@@ -118,8 +118,18 @@ _COPY_TEMPLATES = (
 )
 
 
+# The same in dialogue form: a user's turn names something and the assistant's reply repeats it. Pretraining
+# corpora hold chat logs too, and a tool's answer reaches the model as a user-side turn that the reply must copy.
+_COPY_DIALOGUES = (
+    ("My name is {n}.", "Nice to meet you, {n}."), ("Please say {n}.", "{n}."),
+    ("I come from {n}.", "So you come from {n}."), ("The code is {x}.", "The code is {x}."),
+    ("Add a note: {n} {x}", "Noted: {n} {x}."), ("{x} and {y}", "You wrote {x} and {y}."),
+    ("Where is the letter going?\n{n}", "The letter is going to {n}."), ("Count: {x}", "The count is {x}."),
+)
+
+
 def copy_documents(world: World, n: int, seed: int) -> list[str]:
-    """``n`` short documents in which a made-up name or a two-digit number recurs.
+    """``n`` short documents in which a made-up name or a number (two or three digits) recurs.
 
     Real pretraining text repeats its names and numbers within a document, and that is what teaches a
     language model to copy what it has read (induction heads: Olsson et al. 2022, "In-context Learning and
@@ -132,7 +142,14 @@ def copy_documents(world: World, n: int, seed: int) -> list[str]:
     docs = []
     for _ in range(int(n)):
         name = _name(rng, set(used))  # a fresh name each time (it may repeat across documents: text does)
-        docs.append(rng.choice(_COPY_TEMPLATES).format(n=name, x=rng.randint(10, 99), y=rng.randint(10, 99)))
+        # numbers up to three digits: a sum of two-digit numbers often has three, in two tokens to copy
+        values = {"n": name, "x": rng.randint(10, 999), "y": rng.randint(10, 999)}
+        if rng.random() < 0.5:
+            docs.append(rng.choice(_COPY_TEMPLATES).format(**values))
+        else:
+            user, reply = rng.choice(_COPY_DIALOGUES)
+            docs.append(chat_render([{"role": "user", "content": user.format(**values)},
+                                     {"role": "assistant", "content": reply.format(**values)}]))
     return docs
 
 
@@ -182,21 +199,22 @@ def tool_demonstrations(world: World, call_share: float, n: int, seed: int) -> l
     ``{"role": "tool"}``; the caller renders them for the model's template).
 
     A share ``call_share`` of them call a tool on a demonstration-split question and answer from its
-    result; the others answer directly, as the demonstrators know the answers: a known country's capital,
-    or a two-digit sum they work out themselves (a model cannot learn arithmetic from a few hundred
-    examples, so it learns to state *a* number). The model so learns the call format from a few examples
-    and that calling is one way to answer, not when it must call: that is left to RL."""
+    result; the others answer directly, as the demonstrators know the answers: half a known country's
+    capital, half the very questions others looked up (a demonstration country's capital, or a two-digit
+    sum worked out by hand; a model cannot learn those from a few hundred examples, so it learns to state
+    *a* name or number). The model so learns the call format from a few examples and that calling is one
+    way to answer, not when it must call (a new country or sum is looked up about as often as it is
+    answered from memory): that is left to RL."""
     rng = random.Random(seed * 31 + 5)
     calls = [r for r in world.tool_requests if r.split == "demo"]
     known = [r for r in world.requests if r.kind == "capital"]
-    direct_sums = [r for r in world.tool_requests if r.split == "demo" and r.kind == "calculator"]
     rows = []
     for _ in range(int(n)):
         if rng.random() < call_share:
             req = rng.choice(calls)
             rows.append({"messages": _call_conversation(req)})
         else:
-            req = rng.choice(known if rng.random() < 0.5 else direct_sums)
+            req = rng.choice(known if rng.random() < 0.5 else calls)
             rows.append({"messages": [{"role": "user", "content": req.prompt},
                                       {"role": "assistant", "content": req.answer_sentence}]})
     return rows
