@@ -126,12 +126,11 @@ def end_block(command: str, summary: dict, output_dir: str | None, seconds: floa
 SUBCOMMANDS = {
     "eval": (".eval.runner", "main", "compare policies under a judge: win rates with CIs, LC win rate, reward, KL, "
              "length"),
-    "eval-rm": (".eval.rm_report", "main", "reward-model report on a preference file: accuracy per subset with "
-                "CIs, calibration (ECE, Brier), length bias"),
-    "grade": (".eval.grading_run", "main", "answer multi-turn questions with each policy and grade every answer "
-              "1-10 with a judge (MT-Bench style): per-category means with CIs (resumable)"),
-    "audit-judge": (".eval.judge_audit", "main", "audit a pairwise judge on labelled pairs: accuracy, kappa, "
-                    "position / length / self-preference bias, consistency, with bootstrap CIs"),
+    "eval-rm": (".eval.rm_report", "main", "reward-model report: accuracy per subset, calibration, length bias"),
+    "grade": (".eval.grading_run", "main", "grade policies' answers to multi-turn questions 1-10 with a judge "
+              "(MT-Bench style)"),
+    "audit-judge": (".eval.judge_audit", "main", "audit a pairwise judge on labelled pairs: accuracy, position, "
+                    "length and self-preference bias"),
     "report": (".report", "main", "self-contained HTML report (plots, tables, samples) of a run or pipeline folder"),
     "label": (".label.cli", "main", "human-feedback labelling web app: serve, import, generate, labellers, "
               "agreement, export"),
