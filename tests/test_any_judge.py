@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from toy import save_e_heavy_policy
 
 from rlhfkit.cli import main
 from rlhfkit.errors import ConfigError
@@ -42,17 +43,8 @@ def _p_longer(a: str, b: str) -> float:
 def files(tmp_path_factory, tiny_model_dir):
     """Policies ``base`` (the tiny model) and ``short`` (its 'e' token boosted: one-character tokens, so
     shorter texts), the judges file and a prompt file with categories and a ``chosen`` column."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     root = tmp_path_factory.mktemp("any_judge")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = tok(["Tell me about the water and the old man."], return_tensors="pt").input_ids
-    with torch.no_grad():
-        hidden = model.model(ids).last_hidden_state[0].mean(0)
-        model.lm_head.weight[tok.convert_tokens_to_ids("e")] = 2.0 * hidden / hidden.norm()
-    model.save_pretrained(root / "short")
-    tok.save_pretrained(root / "short")
+    save_e_heavy_policy(tiny_model_dir, root / "short")
     (root / "judges.py").write_text(JUDGES)
     rows = [{"prompt": f"Tell me about item {i}.", "category": "ab"[i % 2], "chosen": "x" * (5 + 4 * i)}
             for i in range(N_PROMPTS)]

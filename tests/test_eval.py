@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
+from toy import save_e_heavy_policy
 
 from rlhfkit.cli import main
 from rlhfkit.errors import ConfigError, DataError
@@ -184,22 +184,11 @@ N_PROMPTS = 8
 def eval_files(tmp_path_factory, tiny_model_dir):
     """A policy ``better`` that is the tiny model with the token 'e' boosted, a tiny reward model, a judge
     file (counts 'e') and prompt / preference files."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from rlhfkit.models.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("eval")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = tok(["Tell me about the water and the old man, and what we see there."], return_tensors="pt").input_ids
-    with torch.no_grad():
-        mean_hidden = model.model(ids).last_hidden_state[0].mean(0)
-        # the final hidden states share a common direction: aligning the 'e' row with it raises its logit
-        # by about 10 nats everywhere, so the altered policy writes many more 'e's
-        model.lm_head.weight[tok.convert_tokens_to_ids("e")] = 2.0 * mean_hidden / mean_hidden.norm()
     better = root / "better"
-    model.save_pretrained(better)
-    tok.save_pretrained(better)
+    tok = save_e_heavy_policy(tiny_model_dir, better)
     rm = build_tiny_model(root / "rm", reward=True, tokenizer=tok, seed=3)
     (root / "judge.py").write_text(JUDGE_FILE)
     prompts = [{"prompt": f"Tell me about item {i}" + ("?" if i % 2 else "."), "category": ["a", "b"][i % 2]}

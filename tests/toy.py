@@ -223,3 +223,21 @@ class NeedsArgs(Countdown):
 
 NOT_A_CLASS = 3
 '''
+
+
+def save_e_heavy_policy(tiny_model_dir, out):
+    """Save the tiny model with its 'e' token boosted to ``out`` and return its tokenizer: a second policy that
+    writes many more 'e's (and shorter texts of one-character tokens). The final hidden states share a common
+    direction: aligning the 'e' row of the LM head with it raises its logit by about 10 nats everywhere."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = tok(["Tell me about the water and the old man, and what we see there."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        mean_hidden = model.model(ids).last_hidden_state[0].mean(0)
+        model.lm_head.weight[tok.convert_tokens_to_ids("e")] = 2.0 * mean_hidden / mean_hidden.norm()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return tok
