@@ -10,7 +10,7 @@ command's files to the stage's folder and prints its table, with the pipeline's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +197,9 @@ def _options_of(module: str, extra: tuple[str, ...] = ()) -> Callable[[], set[st
     return names
 
 
-def _with_run(ctx: StageContext, seed: bool = True) -> dict[str, Any]:
-    options = {**ctx.options, "output_dir": str(ctx.output_dir)}
-    if seed:
-        options.setdefault("seed", ctx.seed)
-    return options
+def _with_run(ctx: StageContext) -> dict[str, Any]:
+    """The stage's options for its command: written to the stage's folder, with the pipeline's seed."""
+    return {"seed": ctx.seed, **ctx.options, "output_dir": str(ctx.output_dir)}
 
 
 @stage("eval_rm", options=_options_of("rlhfkit.eval.rm_report"))
@@ -259,15 +257,6 @@ def grade_stage(ctx: StageContext) -> dict[str, Any]:
 
     ctx.require("questions", "judge")
     options = _with_run(ctx)
-    policies = options.pop("policies", None)
-    if policies is not None:
-        if not isinstance(policies, Mapping) or not policies:
-            raise ConfigError(f"stage '{ctx.name}': policies must be a mapping {{name: model folder}}")
-        if options.get("policy"):
-            raise ConfigError(f"stage '{ctx.name}': give policies or policy, not both")
-        options["policy"] = [f"{name}={path}" for name, path in policies.items()]
-    elif isinstance(options.get("policy"), str):
-        options["policy"] = [options["policy"]]
     report = grade_from_options(options)
     print(format_grading_table(report))
     return {"judge": report["judge"], "policies": {

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["OneLineParser", "option_names", "options_namespace", "parse_policies"]
+__all__ = ["OneLineParser", "option_names", "options_namespace", "parse_policies", "policies_of"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -63,3 +63,15 @@ def options_namespace(parser: argparse.ArgumentParser, options: Mapping[str, Any
         if action.required and merged.get(action.dest) in (None, "", []):
             raise ConfigError(f"{parser.prog}: {action.option_strings[0]} is required")
     return argparse.Namespace(**merged)
+
+
+def policies_of(policies: Any, policy: Any) -> dict[str, str]:
+    """The policies of a command's options: a stage's ``policies`` mapping {name: path}, or ``policy`` as on
+    the command line (NAME=PATH items, :func:`parse_policies`; one string or a list); never both."""
+    if policies is not None:
+        if policy:
+            raise ConfigError("give policies or policy, not both")
+        if not isinstance(policies, Mapping) or not policies:
+            raise ConfigError("policies must be a mapping {name: model folder}")
+        return {str(k): str(v) for k, v in policies.items()}
+    return parse_policies([policy] if isinstance(policy, str) else policy or [])

@@ -42,7 +42,7 @@ from ..judges.grading import GradingTemplates, build_grader
 from ..judges.spec import JUDGE_SPECS
 from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
-from .cli_options import OneLineParser, parse_policies
+from .cli_options import OneLineParser, options_namespace, policies_of
 from .stats import bootstrap_mean_ci
 
 logger = logging.getLogger("rlhfkit")
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Answer your multi-turn questions with each policy and grade every answer 1-10 "
                                    "with a judge (single-answer or reference-guided): means with bootstrap "
                                    "intervals per category and turn. Resumable with the same --output-dir.")
-    p.add_argument("--policy", action="append", required=True, help="NAME=PATH (repeatable)")
+    p.add_argument("--policy", action="append", help="NAME=PATH (repeatable; at least one)")
     p.add_argument("--questions", required=True, help="JSONL: id, category, turns (user messages), optional "
                    "reference (one per turn); see examples/grading_questions.jsonl")
     p.add_argument("--judge", required=True, help="openai[:MODEL] (writes 'Rating: [[N]]'), lm:PATH (expected "
@@ -325,12 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def grade_from_options(options: dict[str, Any]) -> dict[str, Any]:
     """The grading report for a mapping of ``rlhfkit grade`` options (underscored names, the flags' defaults
-    fill in the rest; ``policy`` a list of NAME=PATH), written to ``output_dir`` when given: the CLI and the
-    pipeline's grade stage both run this."""
-    from .cli_options import options_namespace
-
+    fill in the rest; ``policy`` a list of NAME=PATH, or ``policies`` a {name: path} mapping), written to
+    ``output_dir`` when given: the CLI and the pipeline's grade stage both run this."""
+    options = dict(options)
+    stage_policies = options.pop("policies", None)
     a = options_namespace(build_parser(), options)
-    policies = parse_policies(a.policy)
+    policies = policies_of(stage_policies, a.policy)
     for name, path in policies.items():
         check_model_path(path, f"--policy {name}")
     questions = load_questions(a.questions, a.mode)

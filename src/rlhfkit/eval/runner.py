@@ -44,7 +44,7 @@ from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
 from ..rollout.rewards import ModelReward, RewardSource, check_reward_columns
 from ..rollout.tool_prompts import ToolSettings, start_tool_worker
-from .cli_options import OneLineParser, parse_policies
+from .cli_options import OneLineParser, policies_of
 from .compare import (
     JudgedPairs,
     by_category,
@@ -345,12 +345,6 @@ def option_defaults() -> dict[str, Any]:
     return {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
 
 
-def _option_policies(o: Any) -> dict[str, str]:
-    if isinstance(o.policies, Mapping):  # the eval stage's {name: path}
-        return {str(k): str(v) for k, v in o.policies.items()}
-    return parse_policies(o.policy or [])
-
-
 def evaluate_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The report for a mapping of ``rlhfkit eval`` options (underscored names; the flags' defaults fill in
     the rest; ``policies`` may be a {name: path} mapping instead of ``policy``): the CLI and the pipeline's
@@ -359,7 +353,7 @@ def evaluate_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
     o = argparse.Namespace(**{"policies": None, **option_defaults(), **options})
 
-    policies = _option_policies(o)
+    policies = policies_of(o.policies, o.policy)
     for name in ("prompts", "judge"):
         if not o.__dict__.get(name):
             raise ConfigError(f"--{name} is required")
