@@ -20,6 +20,9 @@ Resuming: rows are written in input order; after each row the output sizes and t
 appended to ``OUT.progress.jsonl``. A rerun of the same command truncates the outputs to the last journalled
 sizes and continues with the next row, so an interrupted run (Ctrl-C, a crash, a dead server) finishes with
 exactly the files of an uninterrupted one: no row labelled twice, none lost. ``restart=True`` starts over.
+
+Routing (``--route-threshold``): confident pairs to ``--out``, the others to the labelling app
+(:mod:`.routing`); the journal keeps every verdict's ``confidence`` and ``orders_agree`` either way.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from .base import JudgeReplyError, PairwiseJudge, PositionStats, ScoringJudge, Verdict
+from .routing import add_route_flags, route_paths, router_from_flags, verdict_confidence
 
 logger = logging.getLogger("rlhfkit")
 
@@ -119,6 +123,12 @@ def pairs_of_row(row: Mapping[str, Any], index: int, source: str, rownum: int) -
     return pairs
 
 
+def _result(verdict: Verdict) -> dict[str, Any]:
+    """A verdict as the journal keeps it, with its confidence (:func:`.routing.verdict_confidence`)."""
+    return {"status": "tie" if verdict.winner is None else "labelled", **verdict.as_dict(),
+            **verdict_confidence(verdict.p_a, verdict.consistent), "winner": verdict.winner}
+
+
 def _judge_row(judge: PairwiseJudge, prompt: Any, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     results = []
     for pair in pairs:
@@ -127,8 +137,7 @@ def _judge_row(judge: PairwiseJudge, prompt: Any, pairs: list[dict[str, Any]]) -
         except JudgeReplyError as exc:
             results.append({"status": "unlabelled", "reason": str(exc)})
             continue
-        results.append({"status": "tie" if verdict.winner is None else "labelled", **verdict.as_dict(),
-                        "winner": verdict.winner})
+        results.append(_result(verdict))
     return results
 
 
@@ -159,9 +168,7 @@ def _judge_rows(judge: PairwiseJudge, prompts: list[Any], tasks: list[list[dict[
         results = []
         for _ in pairs:
             try:
-                verdict = judge.verdict(scores[2 * k], scores[2 * k + 1])
-                results.append({"status": "tie" if verdict.winner is None else "labelled", **verdict.as_dict(),
-                                "winner": verdict.winner})
+                results.append(_result(judge.verdict(scores[2 * k], scores[2 * k + 1])))
             except JudgeReplyError as exc:
                 results.append({"status": "unlabelled", "reason": str(exc)})
             k += 1
@@ -218,13 +225,14 @@ def _truncate(path: Path, size: int) -> None:
 
 
 def _output_lines(prompt: Any, pairs: list[dict[str, Any]], results: list[dict[str, Any]], rownum: int,
-                  soft: bool, margin_scale: float) -> tuple[list[str], list[str]]:
+                  soft: bool, margin_scale: float, with_confidence: bool = False) -> tuple[list[str], list[str]]:
     out, skipped = [], []
     for k, (pair, result) in enumerate(zip(pairs, results)):
+        sure = {f: result[f] for f in ("confidence", "orders_agree") if with_confidence and f in result}
         if result["status"] != "labelled":
             reason = result.get("reason") or "tie: the judge preferred neither response over both orders"
             skipped.append(json.dumps({"source_row": rownum, "pair": k, "prompt": prompt, "response_a": pair["a"],
-                                       "response_b": pair["b"], "reason": reason}, ensure_ascii=False))
+                                       "response_b": pair["b"], "reason": reason, **sure}, ensure_ascii=False))
             continue
         a_wins = result["winner"] == "a"
         record = {"prompt": prompt, "chosen": pair["a"] if a_wins else pair["b"],
@@ -234,6 +242,7 @@ def _output_lines(prompt: Any, pairs: list[dict[str, Any]], results: list[dict[s
             record["margin"] = margin_scale * math.log(p / (1.0 - p))
             record["label"] = p
         record["source_row"] = rownum
+        record.update(sure)
         out.append(json.dumps(record, ensure_ascii=False))
     return out, skipped
 
@@ -293,8 +302,10 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
 def label_rows(rows: list[Mapping[str, Any]], judge: PairwiseJudge, out: str | Path, *, source: str = "rows",
                fingerprint: str | None = None, soft: bool = False, margin_scale: float = 1.0, workers: int = 1,
                restart: bool = False, row_numbers: list[int] | None = None,
-               on_row: Callable[[int], None] | None = None, restart_if_changed: bool = False) -> dict[str, Any]:
-    """Label ``rows`` into ``out`` (resumable, see the module docstring); returns the summary.
+               on_row: Callable[[int], None] | None = None, restart_if_changed: bool = False,
+               with_confidence: bool = False) -> dict[str, Any]:
+    """Label ``rows`` into ``out`` (resumable, see the module docstring); returns the summary. With
+    ``with_confidence`` every output line also carries ``confidence`` and ``orders_agree`` (routing reads them).
 
     Progress written for different rows / judge / options is an error, or with ``restart_if_changed`` a
     reason to start over (for callers that regenerate their rows, like ``rlhfkit cai``)."""
@@ -341,7 +352,8 @@ def label_rows(rows: list[Mapping[str, Any]], judge: PairwiseJudge, out: str | P
 
     def consume(index: int, results: list[dict[str, Any]], fh_out, fh_skip, fh_journal) -> None:
         row = rows[index]
-        lines, skipped = _output_lines(row["prompt"], tasks[index], results, numbers[index], soft, margin_scale)
+        lines, skipped = _output_lines(row["prompt"], tasks[index], results, numbers[index], soft, margin_scale,
+                                       with_confidence)
         for r in results:
             if r["status"] == "unlabelled":
                 bad[0] += 1
@@ -417,7 +429,8 @@ def label_rows(rows: list[Mapping[str, Any]], judge: PairwiseJudge, out: str | P
 
 def label_file(input_path: str, judge: PairwiseJudge, out: str | Path, *, soft: bool = False,
                margin_scale: float = 1.0, workers: int = 1, restart: bool = False,
-               on_row: Callable[[int], None] | None = None, limit: int = 0) -> dict[str, Any]:
+               on_row: Callable[[int], None] | None = None, limit: int = 0,
+               with_confidence: bool = False) -> dict[str, Any]:
     """Label an input file (see the module docstring; only its first ``limit`` rows when given) with
     ``judge`` into ``out``; returns the summary."""
     from ..data import load_rows, row_number
@@ -427,6 +440,7 @@ def label_file(input_path: str, judge: PairwiseJudge, out: str | Path, *, soft: 
     numbers = [row_number(r, i) for i, r in enumerate(rows)]
     return label_rows(rows, judge, out, source=str(input_path), soft=soft, margin_scale=margin_scale,
                       workers=workers, restart=restart, row_numbers=numbers, on_row=on_row,
+                      with_confidence=with_confidence,
                       fingerprint=_fingerprint(input_path, judge.name, soft, margin_scale, limit))
 
 
@@ -451,9 +465,15 @@ def main(argv: list[str] | None = None) -> int:
     add_judge_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--restart", action="store_true", help="discard earlier output and progress")
+    add_route_flags(p)
     a = p.parse_args(argv)
+    route = router_from_flags(a) if a.route_threshold is not None else None  # checked before judging
     judge = judge_from_flags(a.judge, a, device=a.device)
-    summary = label_file(a.input, judge, a.out, soft=a.soft, margin_scale=a.margin_scale, workers=a.workers,
-                         restart=a.restart)
+    judged = route_paths(a.out)["judged"] if route else a.out  # routing: every verdict there, then split
+    summary = label_file(a.input, judge, judged, soft=a.soft, margin_scale=a.margin_scale, workers=a.workers,
+                         restart=a.restart, with_confidence=route is not None)
+    if route:
+        summary["routing"] = route(Path(judged), sidecar_paths(judged)["unlabelled"])
+        sidecar_paths(a.out)["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,5 +1,5 @@
 """``rlhfkit label <command>``: init, add-labeller, user, import, generate, settings, serve, agreement, export,
-human-eval, migrate."""
+merge, human-eval, migrate."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ commands:
   serve          run the web app (FastAPI + uvicorn)
   agreement      print agreement statistics (Krippendorff, Cohen, Fleiss, % agreement) as JSON
   export         write preference pairs (for rlhfkit rm / dpo), SFT rows from rewrites, or raw labels
+  merge          the judge's confident pairs and the app's human labels of the routed ones, one row per pair
+                 with its source (rlhfkit judge --route-threshold; see rlhfkit.label.merge)
   human-eval     per-policy win rate vs a baseline, Likert mean, success rate (bootstrap CIs over items) and
                  agreement, from items whose import rows name each response's policy ('policies': [...]);
                  --ai-eval DIR sets an 'rlhfkit eval' run beside it, with Cohen's kappa; writes human_eval.json
@@ -227,6 +229,13 @@ def main(argv: Sequence[str]) -> int:
         p.add_argument("--tasks", default="pairwise,ranking",
                        help="label types that give preference votes: pairwise, ranking, likert, binary")
         p.add_argument("--exclude-gold", action="store_true", help="leave gold items out of the pairs / KTO rows")
+    elif command == "merge":
+        p.add_argument("--project", required=True, help="the app project the routed pairs were posted to")
+        p.add_argument("--judge-labels", required=True, help="rlhfkit judge's --out (the confident pairs)")
+        p.add_argument("--routed", required=True, help="OUT.routed.jsonl (the pairs sent to the app)")
+        p.add_argument("--out", required=True, help="merged JSONL (summary beside it: .summary.json)")
+        p.add_argument("--aggregate", choices=["majority", "soft"], default="majority")
+        p.add_argument("--pending-out", default=None, help="also list the pairs still waiting for a label (or tied)")
     elif command == "migrate":
         pass
     else:
@@ -337,4 +346,9 @@ def _run(command: str, a) -> int:
         out = export_path(a.out, project.name, a.kind)
         n = write_rows(out, export.check_rows(rows, str(out)))
         print(f"{n} {a.kind} rows written to {out}")
+    elif command == "merge":
+        from .merge import merge_labels
+
+        summary = merge_labels(a.judge_labels, a.routed, db, a.project, a.out, a.aggregate, a.pending_out)
+        print(json.dumps(summary, indent=2))
     return 0

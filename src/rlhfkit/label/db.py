@@ -61,6 +61,7 @@ class Item(Base):
     responses: Mapped[list] = mapped_column(sa.JSON)
     gold: Mapped[int | None] = mapped_column(default=None)  # original index of the best response
     meta: Mapped[dict | None] = mapped_column(sa.JSON, default=None)
+    priority: Mapped[float | None] = mapped_column(default=None)  # migration 7: served higher first, NULL last
 
 
 class User(Base):
@@ -315,8 +316,15 @@ def _migration_6(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE projects ADD COLUMN hold_minutes FLOAT"))
 
 
+def _migration_7(conn: Connection) -> None:
+    """Active selection: ``items.priority`` (an item with a higher priority is served first, e.g. the pairs a
+    reward-model ensemble disagrees on most); existing items NULL: served after prioritised ones, in import
+    order, as before."""
+    conn.execute(sa.text("ALTER TABLE items ADD COLUMN priority FLOAT"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                  _migration_5, _migration_6]
+                                                  _migration_5, _migration_6, _migration_7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import random
 import secrets
 from collections import Counter
@@ -88,8 +89,9 @@ def authenticate(s: Session, token: str | None) -> User | None:
 
 
 def check_item(row: Any, source: str, rownum: int) -> dict[str, Any]:
-    """One import row validated: ``prompt`` (str), ``responses`` (2..16 strings), optional ``gold`` (index);
-    every other key is kept as the item's ``meta``. All text passes :func:`text.check_strings`."""
+    """One import row validated: ``prompt`` (str), ``responses`` (2..16 strings), optional ``gold`` (index) and
+    ``priority`` (a finite number: served higher first; not part of the item's identity); every other key is
+    kept as the item's ``meta``. All text passes :func:`text.check_strings`."""
     if not isinstance(row, dict):
         raise DataError("expected a JSON object", source=source, row=rownum)
     prompt = row.get("prompt")
@@ -114,9 +116,17 @@ def check_item(row: Any, source: str, rownum: int) -> dict[str, Any]:
         if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(responses):
             raise DataError(f"expected the index (0..{len(responses) - 1}) of the best response, got {gold!r}",
                             source=source, row=rownum, field="gold")
-    meta = {k: v for k, v in row.items() if k not in ("prompt", "responses", "gold")}
+    priority = row.get("priority")
+    try:  # a number, or its text (a CSV cell)
+        priority = None if priority is None else math.nan if isinstance(priority, bool) else float(priority)
+    except (TypeError, ValueError):
+        priority = math.nan
+    if priority is not None and not math.isfinite(priority):
+        raise DataError(f"expected a finite number, got {row['priority']!r}", source=source, row=rownum,
+                        field="priority")
+    meta = {k: v for k, v in row.items() if k not in ("prompt", "responses", "gold", "priority")}
     check_strings(meta, "", source=source, row=rownum)
-    return {"prompt": prompt, "responses": list(responses), "gold": gold, "meta": meta or None}
+    return {"prompt": prompt, "responses": list(responses), "gold": gold, "meta": meta or None, "priority": priority}
 
 
 def jsonl_lines(path: str | Path, max_bytes: int = MAX_IMPORT_BYTES) -> list[tuple[int, str]]:
@@ -211,7 +221,8 @@ def import_items(db: Database, name: str, items: list[dict[str, Any]], tasks: li
         start = s.scalar(sa.select(sa.func.coalesce(sa.func.max(Item.position), -1))
                          .where(Item.project_id == project.id)) + 1
         s.add_all(Item(project_id=project.id, position=start + i, prompt=it["prompt"],
-                       responses=it["responses"], gold=it.get("gold"), meta=it.get("meta"))
+                       responses=it["responses"], gold=it.get("gold"), meta=it.get("meta"),
+                       priority=it.get("priority"))
                   for i, it in enumerate(fresh))
     return project, len(fresh), len(items) - len(fresh)
 
@@ -285,7 +296,8 @@ def shown_order(tasks: Sequence[str], order: Sequence[int]) -> list[int]:
 def next_assignment(db: Database, user: User, project_id: int) -> Assignment | None:
     """The user's open assignment in the project, or a new one (None when nothing is left for them).
 
-    A new assignment takes the lowest free slot of its item. SQLite serialises write transactions
+    Items are served by ``priority`` (higher first, NULL last), then in import order. A new assignment takes
+    the lowest free slot of its item. SQLite serialises write transactions
     (``BEGIN IMMEDIATE``). On PostgreSQL the labeller's row is locked first (two tabs asking at once still get
     one open assignment) and the item is taken with ``SELECT ... FOR UPDATE SKIP LOCKED``, so concurrent
     labellers take different items instead of racing for one slot; ``with_for_update`` renders nothing on
@@ -302,7 +314,8 @@ def next_assignment(db: Database, user: User, project_id: int) -> Assignment | N
                     Assignment.done.is_(False)).order_by(Assignment.id).limit(1))
                 if open_one is not None:
                     return open_one
-                query = sa.select(Item).where(*_available(project, user.id)).order_by(Item.position).limit(1)
+                query = sa.select(Item).where(*_available(project, user.id)).order_by(  # NULL last, portably
+                    Item.priority.is_(None), Item.priority.desc(), Item.position).limit(1)
                 item = s.scalar(query.with_for_update(of=Item, skip_locked=True))
                 if item is None:  # what is left may be locked by others filling it: wait for them, then decide
                     item = s.scalar(query.with_for_update(of=Item))

@@ -1,0 +1,148 @@
+"""The demo world's routed collection, as a pipeline stage: routed_collect (issue 26).
+
+Preference collection the way a team runs it when people are the scarce resource:
+
+1. a policy's samples on the world's training prompts (as the ``collect`` stage draws them), every pair of
+   distinct responses of a prompt;
+2. an AI judge (option ``judge``, any judge spec: ``model:RM``, ``fn:FILE.py:FN``, ...) labels every pair,
+   with its confidence (:mod:`rlhfkit.judges.routing`);
+3. the pairs it is unsure of (confidence < ``confidence_threshold`` or the two orders disagree), and a seeded
+   ``audit_fraction`` of the others, go to a project of a labelling-app database in the stage's folder,
+   in-process through the app's service functions, with ``priority`` = a reward-model ensemble's
+   disagreement when ``active`` (``priority_models``); the simulated annotators label them through the same
+   service API the web app calls (:func:`rlhfkit.world.human_eval_stage.label_with_panel`);
+4. :func:`rlhfkit.label.merge.merge_labels` merges both into labels.jsonl (prompt as chat messages,
+   chosen, rejected, source, pair_id: what ``rlhfkit rm`` / ``dpo`` read).
+
+The gold judge only evaluates, never labels: the summary (route_summary.json) gives the judge's accuracy
+against gold on its confident share (and, for contrast, on the pairs it routed), the annotators' accuracy
+against gold on the pairs they labelled, and the judge's accuracy against the annotators on the audited pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from ..errors import ConfigError
+from ..rollout.texts import sample_responses
+from ..stage import StageContext, stage
+
+PROJECT = "routed"
+
+
+def _gold_accuracy(gold: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How often ``chosen`` beats ``rejected`` under the gold judge, gold ties left out (counted)."""
+    hits, ties = [], 0
+    for r in rows:
+        diff = gold.judge(r["prompt"], r["chosen"]).total - gold.judge(r["prompt"], r["rejected"]).total
+        if abs(diff) < 1e-9:
+            ties += 1
+        else:
+            hits.append(diff > 0)
+    return {"pairs": len(rows), "compared": len(hits), "gold_ties": ties,
+            "accuracy": sum(hits) / len(hits) if hits else None}
+
+
+def _specs(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [v for v in str(value or "").split(",") if v]
+
+
+@stage("routed_collect", options=("policy", "world", "judge", "confidence_threshold", "audit_fraction", "annotators",
+                                  "overlap", "max_prompts", "num_samples", "temperature", "max_new_tokens", "seed",
+                                  "active", "priority_models", "judge_temperature"))
+def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
+    """A policy's sample pairs labelled by an AI judge where it is confident, by the simulated annotators in the
+    labelling app elsewhere, merged (see the module docstring).
+
+    Options: policy (model folder), world (world stage folder), judge (judge spec), confidence_threshold
+    (0.2: confidence |p - 1/2| at or above which, orders agreeing, the judge's label is kept), audit_fraction
+    (0.1 of the confident pairs also sent to the annotators), annotators (5), overlap (3 labels per item),
+    max_prompts (all), num_samples (4), temperature (1.0), max_new_tokens (48), judge_temperature (1.0:
+    scoring judges' p = sigmoid(score difference / it)), active (false) with priority_models (>= 2 reward
+    model specs: the app serves first the pairs they disagree on most), seed (the pipeline's).
+    Writes judge_labels.jsonl (+ .judged/.routed/.posted sidecars), labels.db, merged.jsonl, pending.jsonl,
+    labels.jsonl and route_summary.json."""
+    from ..judges import build_judge
+    from ..judges.judge_pairs import label_rows, sidecar_paths
+    from ..judges.routing import ensemble_disagreement, load_scorers, route_judged, route_paths
+    from ..label.db import Database
+    from ..label.merge import merge_labels, service_poster
+    from ..label.service import project_by_name
+    from ..label.text import text_problem
+    from .data import default_panel, world_of, write_jsonl
+    from .human_eval_stage import label_with_panel
+    from .judge import GoldJudge
+
+    ctx.require("policy", "world", "judge")
+    world = world_of(ctx.option("world"))
+    seed = int(ctx.option("seed", ctx.seed))
+    prompts = [r.prompt for r in world.split("train")]
+    if ctx.option("max_prompts"):
+        prompts = random.Random(seed).sample(prompts, min(len(prompts), int(ctx.option("max_prompts"))))
+    samples = sample_responses(str(ctx.option("policy")), prompts, int(ctx.option("num_samples", 4)),
+                               float(ctx.option("temperature", 1.0)), int(ctx.option("max_new_tokens", 48)), seed + 1)
+    rows, left_out = [], {"prompts_fewer_than_two_distinct": 0, "unstorable_responses": 0}
+    for prompt, texts in zip(prompts, samples):
+        distinct = list(dict.fromkeys(t for t in texts if t.strip()))
+        storable = [t for t in distinct if text_problem(t) is None]  # the app refuses e.g. a NUL
+        left_out["unstorable_responses"] += len(distinct) - len(storable)
+        if len(storable) < 2:
+            left_out["prompts_fewer_than_two_distinct"] += 1
+            continue
+        rows.append({"prompt": prompt, "responses": storable})
+    if not rows:
+        raise ConfigError(f"stage '{ctx.name}': no prompt got two distinct responses to compare")
+    priority = None
+    if ctx.option("active"):
+        scorers = load_scorers(_specs(ctx.option("priority_models")))
+
+        def priority(p: list[Any], a: list[str], b: list[str]) -> list[float]:
+            return ensemble_disagreement(scorers, p, a, b)
+    judge = build_judge(str(ctx.option("judge")), temperature=float(ctx.option("judge_temperature", 1.0)))
+    out = ctx.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    labels_file = out / "judge_labels.jsonl"
+    paths = route_paths(labels_file)
+    db_file = out / "labels.db"
+    for stale in (db_file, paths["posted"], paths["routed"]):  # a stage reruns from scratch
+        stale.unlink(missing_ok=True)
+    judged = label_rows(rows, judge, paths["judged"], source="samples", restart=True, with_confidence=True)
+    db = Database(str(db_file))
+    try:
+        routing = route_judged(paths["judged"], sidecar_paths(paths["judged"])["unlabelled"], labels_file,
+                               float(ctx.option("confidence_threshold", 0.2)),
+                               service_poster(db, PROJECT, int(ctx.option("overlap", 3))),
+                               audit_fraction=float(ctx.option("audit_fraction", 0.1)), seed=seed, priority=priority)
+        gold = GoldJudge(world)
+        human_labels = 0
+        if routing["posted_this_run"]:
+            with db.session() as s:
+                project_id = project_by_name(s, PROJECT).id
+            panel = default_panel(seed, num=int(ctx.option("annotators", 5)))
+            human_labels = label_with_panel(db, project_id, panel, gold, seed, likert=False)
+        merged = merge_labels(labels_file, paths["routed"], db, PROJECT, out / "merged.jsonl",
+                              pending_out=out / "pending.jsonl")
+    finally:
+        db.dispose()
+    rows_out = [json.loads(x) for x in (out / "merged.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    write_jsonl(out / "labels.jsonl", ({"prompt": [{"role": "user", "content": r["prompt"]}],
+                                        **{k: r[k] for k in ("chosen", "rejected", "source", "pair_id")}}
+                                       for r in rows_out))
+    confident = [json.loads(x) for x in labels_file.read_text(encoding="utf-8").splitlines() if x.strip()]
+    routed = [json.loads(x) for x in paths["routed"].read_text(encoding="utf-8").splitlines() if x.strip()]
+    routed_verdicts = [{"prompt": r["prompt"], **r["judge"]} for r in routed if "chosen" in r["judge"]]
+    summary = {"pairs": merged["pairs"], "labelled": merged["rows"], "judge_labels": merged["by_source"]["judge"],
+               "human_labels": merged["by_source"]["human"], "human_share": merged["human_share"],
+               "judge_share": merged["judge_share"], "pending": merged["pending"], "ties": merged["ties"],
+               "annotator_labels": human_labels, "routing": routing, **left_out,
+               "judge_vs_gold_confident": _gold_accuracy(gold, confident),
+               "judge_vs_gold_routed": _gold_accuracy(gold, routed_verdicts),
+               "humans_vs_gold": _gold_accuracy(gold, [r for r in rows_out if r["source"] == "human"]),
+               "judge_vs_humans_audited": merged["judge_vs_human_on_audited"],
+               "judge": judge.name, "judge_summary": {k: judged.get(k) for k in ("labelled", "ties", "inconsistent")}}
+    (out / "route_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return {k: v for k, v in summary.items() if not isinstance(v, dict)} | {
+        "judge_accuracy_confident": summary["judge_vs_gold_confident"]["accuracy"],
+        "human_accuracy": summary["humans_vs_gold"]["accuracy"]}
