@@ -16,7 +16,7 @@ PACKAGE = SRC / "rlhfkit"
 # bottom up: a module may import its own layer or lower ones (DESIGN.md)
 LAYERS = [["errors", "lazy", "losses"], ["models", "data"], ["engine", "rollout"], ["judges"],
           ["trainers", "registry", "stage"], ["eval", "report", "distributed"], ["cai", "label"], ["world"],
-          ["pipeline", "stages", "options", "cli", "demo", "__main__"]]
+          ["pipeline", "stages", "rounds", "options", "cli", "demo", "__main__"]]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

@@ -1,4 +1,5 @@
-"""Assemble the report: overview, evaluation, reward hacking, run comparison, one section per run, notes."""
+"""Assemble the report: overview, evaluation, iterated rounds, reward hacking, run comparison, one section per
+run, notes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..errors import RlhfkitError
 from ..eval.judge_audit import audit_html
 from . import episode_figures, figures
 from .page import PlotWriter, Safe, Text, duration, esc, fmt, key_values, page, slug, table
+from .rounds import rounds_section
 from .runs import WALL_KEYS, Evaluation, ReportData, Run, flatten, is_number, load
 
 logger = logging.getLogger("rlhfkit")
@@ -268,6 +270,10 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, summary_
     for evaluation, anchor in zip(data.evaluations, eval_anchors):
         sections.append(_evaluation(evaluation, plot, anchor))
         nav.append((anchor, "Evaluation" if len(data.evaluations) == 1 else f"Evaluation {evaluation.name}"))
+    for name, record in data.rounds:
+        anchor = slug(f"rounds-{name}", taken)
+        sections.append(rounds_section(name, record, plot, anchor))
+        nav.append((anchor, "Rounds" if len(data.rounds) == 1 else f"Rounds {name}"))
     for name, audit in data.audits:
         anchor = slug(f"audit-{name}", taken)
         sections.append(f'<section id="{anchor}"><h2>Judge audit: {esc(name)}</h2>{audit_html(audit)}</section>')

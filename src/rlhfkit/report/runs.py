@@ -3,7 +3,8 @@
 A *run* is a folder holding ``metrics.jsonl`` (written by every trainer): rows with a ``step`` and metric
 keys; keys starting with ``eval_`` are evaluation metrics, the others training metrics. ``summary.json``
 and, for online RL, ``samples.jsonl`` sit beside it. A *pipeline* folder holds several runs (one or two
-levels down), a pipeline ``summary.json`` and an ``eval/`` folder with ``eval.json`` + ``samples.jsonl``.
+levels down), a pipeline ``summary.json`` and an ``eval/`` folder with ``eval.json`` + ``samples.jsonl``; a
+``rounds`` stage's folder holds ``rounds.json`` (its figures round by round) and its rounds' runs below it.
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ class ReportData:
     pipeline_summary: dict[str, Any] | None
     notes: Notes
     audits: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (folder name, judge_audit.json)
+    rounds: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (folder name, rounds.json)
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -205,10 +207,10 @@ def _order(name: str) -> tuple[int, str]:
     return (order.index(head) if head in order else len(order), name)
 
 
-def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path], list[Path]]:
     """Folders (root included, at most MAX_DEPTH below it) that hold metrics.jsonl / eval.json /
-    judge_audit.json. A run folder is not searched further (its subfolders are checkpoints)."""
-    runs, evals, audits = [], [], []
+    judge_audit.json / rounds.json. A run folder is not searched further (its subfolders are checkpoints)."""
+    runs, evals, audits, rounds = [], [], [], []
     for current, dirs, files in os.walk(root):
         here = Path(current)
         depth = len(here.relative_to(root).parts)
@@ -219,8 +221,10 @@ def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
             evals.append(here)
         if "judge_audit.json" in files:
             audits.append(here)
+        if "rounds.json" in files:
+            rounds.append(here)
         dirs[:] = sorted(d for d in dirs if depth < MAX_DEPTH and not d.startswith((".", "checkpoint-", "__")))
-    return runs, evals, audits
+    return runs, evals, audits, rounds
 
 
 def load(run_dir: str | Path, summary_file: str = "summary.json") -> ReportData:
@@ -230,7 +234,7 @@ def load(run_dir: str | Path, summary_file: str = "summary.json") -> ReportData:
     if not root.is_dir():
         raise RlhfkitError(f"{root}: no such directory")
     notes = Notes()
-    run_dirs, eval_dirs, audit_dirs = _walk(root)
+    run_dirs, eval_dirs, audit_dirs, round_dirs = _walk(root)
     runs = []
     for folder in run_dirs:
         name = folder.relative_to(root).as_posix()
@@ -249,20 +253,27 @@ def load(run_dir: str | Path, summary_file: str = "summary.json") -> ReportData:
         samples = read_jsonl(samples_file, notes) if samples_file.is_file() else []
         name = folder.relative_to(root).as_posix()
         evaluations.append(Evaluation(root.resolve().name if name == "." else name, folder, data, samples))
-    audits = []
-    for folder in audit_dirs:
-        data = read_json(folder / "judge_audit.json", notes)
-        if data is not None:
-            name = folder.relative_to(root).as_posix()
-            audits.append((root.resolve().name if name == "." else name, data))
-    if not runs and not evaluations and not audits:
-        raise RlhfkitError(f"{root}: no metrics.jsonl, eval.json or judge_audit.json found here or in its "
-                           f"subfolders (expected an --output-dir of a training run, an evaluation or a judge "
+    audits, rounds = _named_files(root, audit_dirs, "judge_audit.json", notes), \
+        _named_files(root, round_dirs, "rounds.json", notes)
+    if not runs and not evaluations and not audits and not rounds:
+        raise RlhfkitError(f"{root}: no metrics.jsonl, eval.json, judge_audit.json or rounds.json found here or in "
+                           f"its subfolders (expected an --output-dir of a training run, an evaluation or a judge "
                            f"audit, or a pipeline folder)")
     pipeline_summary = None
     if not (root / "metrics.jsonl").is_file():
         pipeline_summary = read_json(root / summary_file, notes)
-    return ReportData(root, runs, evaluations, pipeline_summary, notes, audits)
+    return ReportData(root, runs, evaluations, pipeline_summary, notes, audits, rounds)
+
+
+def _named_files(root: Path, folders: list[Path], file: str, notes: Notes) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name relative to root, its ``file`` read as JSON) for each folder whose file reads."""
+    out = []
+    for folder in folders:
+        data = read_json(folder / file, notes)
+        if data is not None:
+            name = folder.relative_to(root).as_posix()
+            out.append((root.resolve().name if name == "." else name, data))
+    return out
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
