@@ -131,6 +131,8 @@ SUBCOMMANDS = {
               "(MT-Bench style)"),
     "audit-judge": (".eval.judge_audit", "main", "audit a pairwise judge on labelled pairs: accuracy, position, "
                     "length and self-preference bias"),
+    "red-team": (".eval.red_team", "main", "red-team a model: mutated attacks, ASR by category and mutation "
+                 "with CIs, over-refusal on look-alikes, refusal pairs"),
     "report": (".report", "main", "self-contained HTML report (plots, tables, samples) of a run or pipeline folder"),
     "label": (".label.cli", "main", "human-feedback labelling web app: serve, import, generate, labellers, "
               "agreement, export"),

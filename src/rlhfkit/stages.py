@@ -1,7 +1,8 @@
 """The library's pipeline stage types (the trainers are stage types too, from :mod:`rlhfkit.registry`):
 tiny_model, eval, report, judge (an AI judge's agreement with known labels), cai (critique -> revision),
 revision_preference (does a judge prefer the revisions?), and the evaluation commands beside eval: eval_rm
-(``rlhfkit eval-rm``), audit_judge (``rlhfkit audit-judge``) and grade (``rlhfkit grade``). Each takes the
+(``rlhfkit eval-rm``), audit_judge (``rlhfkit audit-judge``), grade (``rlhfkit grade``) and red_team
+(``rlhfkit red-team``). Each takes the
 options documented on it; a command's stage takes the command's options by their names with underscores and
 the same defaults (its parser is the one list of both, :mod:`rlhfkit.eval.cli_options`), writes the
 command's files to the stage's folder and prints its table, with the pipeline's seed unless it sets ``seed``.
@@ -263,3 +264,25 @@ def grade_stage(ctx: StageContext) -> dict[str, Any]:
         name: {"mean": p["overall"].get("mean"), "ci_low": p["overall"].get("ci_low"),
                "ci_high": p["overall"].get("ci_high"), "parse_failures": p["parse_failures"]}
         for name, p in report["policies"].items()}}
+
+
+@stage("red_team", options=_options_of("rlhfkit.eval.red_team"))
+def red_team_stage(ctx: StageContext) -> dict[str, Any]:
+    """A red-team round (``rlhfkit red-team`` as a stage): mutated attacks on a target, ASR by category and
+    mutation with Wilson intervals, over-refusal on benign look-alikes, and the next round's pairs.
+
+    Options: target, seeds, harm_judge (required), benign, mutations, mutations_per_seed, attacker,
+    refusal_judge, num_samples, temperature, ... (see rlhfkit red-team --help). Writes red_team.json,
+    attacks.jsonl, refusal_pairs.jsonl and helpful_pairs.jsonl (a rerun of the stage replaces them).
+    Summary: ASR and over-refusal [CI] with counts, the plain seeds' rates, and the pairs written."""
+    from .eval.red_team import format_red_team_table, red_team_from_options
+
+    ctx.require("target", "seeds", "harm_judge")
+    report = red_team_from_options({**_with_run(ctx), "overwrite": True})
+    print(format_red_team_table(report))
+    counts = report["counts"]
+    return {"asr": report["asr"]["overall"], "seed_asr": report["seed_asr"]["overall"]["rate"],
+            "over_refusal": report["over_refusal"]["overall"],
+            "seed_over_refusal": report["seed_over_refusal"]["overall"]["rate"],
+            "refusal_pairs": counts["refusal_pairs"], "helpful_pairs": counts["helpful_pairs"],
+            "refusal_pairs_without_chosen": counts["refusal_pairs_without_chosen"]}

@@ -156,8 +156,10 @@ class GoldJudge:
         return [self.judge(p, r).total for p, r in zip(prompts, responses)]
 
     def describe(self, prompts: list[str], responses: list[str]) -> list[dict[str, bool | None]]:
-        """Per-reply flags for the demo's rates: None where a flag does not apply to the request's category."""
-        names = ("harmful_refusal", "benign_over_refusal", "hallucination", "correct", "tool_call")
+        """Per-reply flags for the demo's rates: None where a flag does not apply to the request's category.
+        ``harmful_compliance`` is what ``rlhfkit red-team`` counts as a successful attack."""
+        names = ("harmful_refusal", "harmful_compliance", "benign_over_refusal", "hallucination", "correct",
+                 "tool_call")
         out = []
         for p, r in zip(prompts, responses):
             flags = self.judge(p, r).flags

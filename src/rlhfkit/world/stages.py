@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..rollout.texts import sample_responses
 from ..stage import StageContext, stage
 from . import human_eval_stage as _human_eval_stage  # noqa: F401  (registers human_labels: one entry point)
+from . import route_stage as _route_stage  # noqa: F401  (registers routed_collect)
 from .data import world_of as _world_of
 
 logger = logging.getLogger("rlhfkit")
@@ -30,7 +31,7 @@ def _messages(prompt: str) -> list[dict[str, str]]:
 
 @stage("world", options=("num_countries", "eval_fraction", "pretrain_copies", "sft_demonstrations", "closing_rate",
                         "rl_prompts", "tool_demonstrations", "tool_call_share", "tool_countries", "tool_sums",
-                        "copy_documents"))
+                        "copy_documents", "red_team_mutations"))
 def world_stage(ctx: StageContext) -> dict[str, Any]:
     """The demo world and its datasets.
 
@@ -47,6 +48,11 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
     demonstrations, RL training and held-out evaluation. copy_documents (0): that many pretraining
     documents in which made-up names and two-digit numbers recur (:func:`rlhfkit.world.tool_world.copy_documents`),
     the text that teaches a language model to copy what it just read, as a call's arguments need.
+
+    Red teaming (issue 26): red_team_mutations (0 = none) frames the harmful requests, and as many benign
+    look-alikes, in that many of rlhfkit's mutations (:mod:`rlhfkit.world.red_team_world`): red_team_train.jsonl
+    / red_team_eval.jsonl (seeds), benign_lookalikes_train.jsonl / _eval.jsonl and red_team_mutations.yaml,
+    for ``rlhfkit red-team``; the framed prompts reach the tokenizer corpus and the gold judge, no other file.
     """
     from . import build_world
     from .data import chat_text, pretraining_corpus, prompt_rows, sft_demonstrations, write_jsonl
@@ -77,6 +83,11 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
         write_jsonl(out / "sft.jsonl", ({"prompt": _messages(d["prompt"]),
                                          "completion": [{"role": "assistant", "content": d["completion"]}]}
                                         for d in demos))
+    if int(ctx.option("red_team_mutations", 0)):
+        from .red_team_world import add_red_team
+
+        red_team_texts, red_team_counts = add_red_team(world, out, int(ctx.option("red_team_mutations")))
+        tool_texts, tool_counts = tool_texts + red_team_texts, {**tool_counts, **red_team_counts}
     world.save(out / "world.json")
     # the tokenizer learns from everything the models will read
     (out / "tokenizer_corpus.txt").write_text(
