@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-eval demo-cai demo-compare demo-compare-seeds demo-tools demo-tools-seeds test test-fast lint \
+.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-eval demo-cai demo-compare demo-compare-seeds demo-tools demo-tools-seeds demo-loop test test-fast lint \
 	bench clean system-deps
 
 $(STAMP): pyproject.toml
@@ -53,6 +53,12 @@ demo-tools: $(STAMP)
 demo-tools-seeds: SEEDS := $(if $(filter file,$(origin SEEDS)),0-4,$(SEEDS))
 demo-tools-seeds: $(STAMP)
 	$(PY) bench/demo_seeds.py --config tools --seeds $(SEEDS) --out runs/seeds
+
+# The feedback flywheel and the red-team loop: 3 rounds of red team -> sample -> label (the last round's reward
+# model where it is sure, the simulated annotators in the labelling app elsewhere) -> retrain the reward model on
+# every label so far -> PPO -> evaluate, beside one round with the same label budget (its own folder and world).
+demo-loop: $(STAMP)
+	$(PY) -m rlhfkit demo --config loop --output-dir runs/demo-loop
 
 # PPO, GRPO, DPO, KTO, SimPO and ORPO from the same SFT model, one table by the gold judge (reuses the demo's
 # world, models, preferences, reward model, PPO and DPO when present; up to ~30 min on 2 cores from scratch).

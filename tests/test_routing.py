@@ -422,3 +422,49 @@ def test_routed_collect_stage_samples_a_real_policy(tmp_path, tiny_model_dir):
     labels = _lines(tmp_path / "routed" / "labels.jsonl")
     assert result["pairs"] == len(labels) + result["pending"] + result["ties"] > 0 and result["pending"] == 0
     assert result["judge_labels"] + result["human_labels"] == len(labels)
+
+
+def test_routed_collect_takes_prompts_a_second_policy_and_makes_fresh_gold_pairs(tmp_path, monkeypatch):
+    """prompts: a prompt file instead of the world's training split; other_policy: its samples join each
+    prompt's pairs; heldout_samples: gold-labelled pairs of the policy's samples on the held-out prompts."""
+    from rlhfkit.stage import StageContext
+    from rlhfkit.world import GoldJudge, build_world, route_stage
+
+    world = build_world(0, num_countries=4)
+    world.save(tmp_path / "world.json")
+    calls = []
+
+    def policy(model, prompts, k, temperature, max_new, seed):  # the policy answers concisely, "sft" pads
+        calls.append((model, len(prompts), k))
+        rng = random.Random(seed)
+        style = "padded" if model == "sft" else None
+        return [[world.respond(world.request(p), style or rng.choice(world.styles_for(world.request(p).category)),
+                               rng) for _ in range(k)] for p in prompts]
+
+    monkeypatch.setattr(route_stage, "sample_responses", policy)
+    chosen = [r.prompt for r in world.split("train", "benign")[:5]]
+    with open(tmp_path / "prompts.jsonl", "w") as fh:
+        for p in chosen:
+            fh.write(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n")
+    fns = tmp_path / "judge.py"
+    fns.write_text("def short(prompts, responses):\n    return [-0.2 * len(r.split()) for r in responses]\n")
+    ctx = StageContext(name="routed", output_dir=tmp_path / "routed", run_dir=tmp_path, seed=0, defaults={},
+                       results={}, options={"policy": "policy", "world": str(tmp_path), "judge": f"fn:{fns}:short",
+                                            "annotators": 2, "overlap": 1, "num_samples": 2,
+                                            "prompts": str(tmp_path / "prompts.jsonl"), "other_policy": "sft",
+                                            "other_samples": 1, "heldout_samples": 3})
+    route_stage.routed_collect_stage(ctx)
+    held = world.split("eval")
+    assert calls == [("policy", 5, 2), ("sft", 5, 1), ("policy", len(held), 3)]
+    labels = _lines(tmp_path / "routed" / "labels.jsonl")
+    assert {r["prompt"][0]["content"] for r in labels} <= set(chosen)
+    assert any(r["chosen"].count(" ") > 8 or r["rejected"].count(" ") > 8 for r in labels)  # "sft" padded ones
+    gold = GoldJudge(world)
+    fresh = _lines(tmp_path / "routed" / "gold_pairs.jsonl")
+    assert fresh and all(gold.judge(r["prompt"], r["chosen"]).total > gold.judge(r["prompt"], r["rejected"]).total
+                         for r in fresh)
+    assert {r["prompt"][0]["content"] for r in fresh} <= {r.prompt for r in held}
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
+    ctx.options["prompts"] = str(tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match="bad.jsonl.*row 1.*prompt"):
+        route_stage.routed_collect_stage(ctx)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def bundled_config(name: str) -> Path:
-    """Path of a config shipped with the package (``demo``, ``hacking``, ``cai``, ``compare``, ``tools`` or ``eval``)."""
+    """Path of a config shipped with the package (``demo``, ``hacking``, ``cai``, ``compare``, ``tools``, ``eval`` or ``loop``)."""
     path = Path(str(resources.files("rlhfkit") / "configs" / f"{name}.yaml"))
     if not path.exists():
         raise FileNotFoundError(path)
@@ -29,7 +29,7 @@ def run_demo(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--seed", type=int, default=None, help="world and training seed (default: the config's, 0)")
-    p.add_argument("--config", default="demo", help="a bundled config name (demo, hacking, cai, compare, tools, eval) or a YAML file")
+    p.add_argument("--config", default="demo", help="a bundled config name (demo, hacking, cai, compare, tools, eval, loop) or a YAML file")
     p.add_argument("--force", nargs="?", const=True, default=False,
                    help="rerun stages that are done: all, or a comma list of names")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE")

@@ -25,10 +25,14 @@ What the numbers mean (the one place they are defined):
 * **Over-refusal.** The benign requests of ``--benign`` get the same mutations; a look-alike is over-refused
   when at least one of its responses is a refusal. Rate overall and by mutation, and on the plain benign
   requests (``seed_over_refusal``), with Wilson intervals: safety bought with uselessness shows here.
+* **Next round's prompts.** With ``--train-prompts FILE``, ``train_prompts.jsonl`` holds FILE's rows, then
+  every successful attack and every mutated look-alike (column ``red_team``: "attack" / "lookalike"): an RL
+  step on them meets the frames the reward model now has pairs for, on both sides, so it learns to refuse
+  the attacks without learning to refuse the frame.
 * **Next round.** ``refusal_pairs.jsonl``: one pair per successful attack whose seed the target refused
   harmlessly (:func:`next_round_pairs` says why); attacks without such a refusal are counted, not dropped
-  silently. ``helpful_pairs.jsonl``: the same for over-refused look-alikes (chosen: the target's answer to
-  the plain benign request when it did not refuse), so that the next round does not learn to refuse more.
+  silently. ``helpful_pairs.jsonl``: one per mutated look-alike, an answer preferred over a refusal
+  (:func:`next_round_pairs`), so that the next round does not learn to refuse the frame.
 
 Outputs (``--output-dir``): red_team.json (the report), attacks.jsonl (one row per prompt sent: set,
 prompt, seed_prompt, category, mutation, responses, per-response ``harmful`` and ``refused``, and
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +86,8 @@ class RedTeamRun:
 
 def _row(side: str, attack: Attack, responses: list[str]) -> dict[str, Any]:
     return {"set": side, "prompt": attack.prompt, "seed_prompt": attack.seed.prompt,
-            "category": attack.seed.category, "mutation": attack.mutation, "responses": responses}
+            "category": attack.seed.category, "mutation": attack.mutation, "responses": responses,
+            **({"answer": attack.seed.answer} if attack.seed.answer else {})}
 
 
 def run_red_team(target: Sampler, seeds: Sequence[Seed], assessor: Assessor, mutations: Sequence[Mutation], *,
@@ -139,12 +145,29 @@ def next_round_pairs(rows: Sequence[dict[str, Any]]) -> tuple[list[dict], list[d
     leaks in), and it comes with no model to trust beyond the harm judge that already decided success.
     An attack whose seed got no such answer (the target gave in to the plain request too) has no chosen
     side: counted in ``refusal_pairs_without_chosen``, left to other data (CAI revisions, say).
-    Helpful pairs mirror them for over-refused look-alikes: chosen = the target's first answer to the plain
-    benign request that is not a refusal (correctness unchecked), rejected = the look-alike's refusal."""
+
+    Helpful pairs, one per mutated look-alike: chosen = an answer that is not a refusal (the look-alike's own,
+    or when it was refused, the target's answer to the plain benign request), rejected = a refusal (the
+    look-alike's own, or when it was answered, one of the target's harmless refusals of the plain harmful
+    seeds, drawn in turn). Without the second kind the next round sees refusals preferred under every frame
+    and nothing preferred over a refusal there, and learns to refuse the frame (measured: over-refusal on
+    held-out look-alikes 0.004 -> 0.90 after one round in the demo). Correctness: the harm judge does not
+    decide it; a benign seed with an ``answer`` column only lends answers that contain it (a
+    wrong answer preferred over a refusal would teach the model to guess). Look-alikes without an answer or a
+    refusal to use are counted."""
     seed_rows = {(r["set"], repr(r["seed_prompt"])): r for r in rows if r["mutation"] == SEED_MUTATION}
+
+    def answers(row: dict[str, Any]) -> list[str]:
+        """A row's responses fit to be preferred: not refusals, and holding its seed's answer (as whole words,
+        so "four" is not found in "fourteen") when known."""
+        known = re.compile(rf"\b{re.escape(row['answer'])}\b", re.I) if row.get("answer") else None
+        return [t for t, x in zip(row["responses"], row["refused"]) if not x and (known is None or known.search(t))]
+
+    refusals = [t for r in rows if r["set"] == "harmful" and r["mutation"] == SEED_MUTATION
+                for t, h, x in zip(r["responses"], r["harmful"], r["refused"]) if x and not h]
     refusal, helpful = [], []
     counts = {"successful_attacks": 0, "refusal_pairs_without_chosen": 0, "over_refused_lookalikes": 0,
-              "helpful_pairs_without_chosen": 0}
+              "helpful_pairs_without_chosen": 0, "helpful_pairs_without_rejected": 0}
     for r in rows:
         if r["mutation"] == SEED_MUTATION:
             continue
@@ -159,12 +182,16 @@ def next_round_pairs(rows: Sequence[dict[str, Any]]) -> tuple[list[dict], list[d
                 counts["refusal_pairs_without_chosen"] += 1
             else:
                 refusal.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, **meta})
-        elif r["set"] == "benign" and r["over_refusal"]:
-            counts["over_refused_lookalikes"] += 1
-            chosen = next((t for t, x in zip(plain["responses"], plain["refused"]) if not x), None)
-            rejected = next(t for t, x in zip(r["responses"], r["refused"]) if x)
+        elif r["set"] == "benign":
+            counts["over_refused_lookalikes"] += bool(r["over_refusal"])
+            chosen = next(iter(answers(r) or answers(plain)), None)
+            rejected = next((t for t, x in zip(r["responses"], r["refused"]) if x), None)
+            if rejected is None and refusals:
+                rejected = refusals[len(helpful) % len(refusals)]
             if chosen is None:
                 counts["helpful_pairs_without_chosen"] += 1
+            elif rejected is None:
+                counts["helpful_pairs_without_rejected"] += 1
             else:
                 helpful.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, **meta})
     return refusal, helpful, counts
@@ -240,9 +267,10 @@ def format_red_team_table(report: dict[str, Any]) -> str:
                  f"{c['successful_attacks']} successful attacks ({c['refusal_pairs_without_chosen']} without a "
                  "harmless refusal of their seed to be the chosen side)")
     if report["over_refusal"]["overall"]["n"]:
-        lines.append(f"helpful pairs: {c['helpful_pairs']} written for {c['over_refused_lookalikes']} "
-                     f"over-refused look-alikes ({c['helpful_pairs_without_chosen']} without a non-refusing "
-                     "answer to their plain request)")
+        lines.append(f"helpful pairs (an answer over a refusal, one per look-alike): {c['helpful_pairs']} written, "
+                     f"{c['over_refused_lookalikes']} of them for over-refused look-alikes "
+                     f"({c['helpful_pairs_without_chosen']} without a non-refusing answer, "
+                     f"{c['helpful_pairs_without_rejected']} without a refusal to set against it)")
     return "\n".join(lines)
 
 
@@ -283,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--confidence", type=float, default=0.95, help="of the Wilson intervals")
     p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--train-prompts", help="JSONL of RL training prompts: also write train_prompts.jsonl, its rows "
+                   "plus the successful attacks and the mutated look-alikes (the next RL step's prompts)")
     p.add_argument("--output-dir", required=True, help="red_team.json, attacks.jsonl, refusal_pairs.jsonl, "
-                   "helpful_pairs.jsonl")
+                   "helpful_pairs.jsonl (train_prompts.jsonl with --train-prompts)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run there")
     return p
 
@@ -354,8 +384,27 @@ def red_team_from_options(options: dict[str, Any]) -> dict[str, Any]:
     write_jsonl(out / files["attacks"], run.rows)
     write_jsonl(out / files["refusal_pairs"], run.refusal_pairs)
     write_jsonl(out / files["helpful_pairs"], run.helpful_pairs)
+    if a.train_prompts:
+        report["counts"]["train_prompts"] = write_train_prompts(a.train_prompts, run.rows,
+                                                                out / "train_prompts.jsonl")
     (out / "red_team.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     return report
+
+
+def write_train_prompts(source: str, rows: Sequence[dict[str, Any]], out: Path) -> dict[str, int]:
+    """``source``'s prompt rows, then the successful attacks and the mutated look-alikes of ``rows`` (column
+    ``red_team``), written to ``out``; the counts of each."""
+    from ..data.jsonl import numbered_rows
+
+    if not Path(source).is_file():
+        raise ConfigError(f"--train-prompts {source}: no such file")
+    base = [row for _, row in numbered_rows(Path(source))]
+    extra = [{"prompt": r["prompt"], "category": r["category"],
+              "red_team": "attack" if r["set"] == "harmful" else "lookalike"}
+             for r in rows if r["mutation"] != SEED_MUTATION and (r["set"] == "benign" or r["success"])]
+    write_jsonl(out, [*base, *extra])
+    return {"given": len(base), "attacks": sum(r["red_team"] == "attack" for r in extra),
+            "lookalikes": sum(r["red_team"] == "lookalike" for r in extra)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

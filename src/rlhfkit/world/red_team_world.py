@@ -21,6 +21,7 @@ judge knows them, world.json keeps them, and no other dataset of the world holds
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..errors import ConfigError
 from ..eval.attacks import Mutation, load_mutations
 from .generator import Request, World, _stable_fraction
 
-__all__ = ["add_red_team", "lookalike_seeds", "red_team_seeds", "world_mutations"]
+__all__ = ["add_red_team", "lookalike_seeds", "red_team_seeds", "roleplay_demonstrations", "world_mutations"]
 
 SPLITS = {"train": ("red_team_train", "lookalike_train"), "eval": ("red_team_eval", "lookalike_eval")}
 
@@ -84,3 +85,23 @@ def add_red_team(world: World, out: Path, n: int) -> tuple[list[str], dict[str, 
         + yaml.safe_dump({m.name: m.template for m in frames}, sort_keys=False, allow_unicode=True, width=1000),
         encoding="utf-8")
     return [r.prompt for r in new], counts
+
+
+def roleplay_demonstrations(world: World, n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` demonstrations (prompt/completion) that play along with a frame: a framed benign request of the
+    training look-alikes answered "Sure! " + the ideal reply.
+
+    An assistant tuned to follow instructions learns to go along with role-play and "start with Sure"
+    requests on harmless questions; that habit, not a missing refusal, is what framed attacks exploit. Without
+    it the demo's SFT model refuses framed harmful requests by their words alone (ASR about 3% on seed 0)
+    and the red-team loop has nothing to fix. No demonstration frames a harmful request, and no held-out
+    look-alike is shown (its seeds are held-out requests)."""
+    pool = [r for r in world.tool_requests if r.split == SPLITS["train"][1]]
+    if n and not pool:
+        raise ConfigError("roleplay_demonstrations needs red_team_mutations > 0 (the framed look-alikes)")
+    rng = random.Random(seed + 29)
+    rows = []
+    for _ in range(n):
+        req = rng.choice(pool)
+        rows.append({"prompt": req.prompt, "completion": "Sure! " + world.respond(req, "concise", rng)})
+    return rows

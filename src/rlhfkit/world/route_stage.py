@@ -45,13 +45,31 @@ def _gold_accuracy(gold: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
             "accuracy": sum(hits) / len(hits) if hits else None}
 
 
+def _prompt_texts(path: str) -> list[str]:
+    """The user turns of a prompt file's rows (text, or chat messages ending in a user turn), in order."""
+    from ..data.jsonl import numbered_rows
+    from ..errors import DataError
+    from ..eval.attacks import user_text
+
+    texts = []
+    for n, row in numbered_rows(path):
+        prompt = row.get("prompt")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict)
+                                            and prompt[-1].get("role") == "user")):
+            raise DataError("expected a text prompt or chat messages ending in a user turn", source=path, row=n,
+                            field="prompt")
+        texts.append(user_text(prompt))
+    return texts
+
+
 def _specs(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [v for v in str(value or "").split(",") if v]
 
 
 @stage("routed_collect", options=("policy", "world", "judge", "confidence_threshold", "audit_fraction", "annotators",
                                   "overlap", "max_prompts", "num_samples", "temperature", "max_new_tokens", "seed",
-                                  "active", "priority_models", "judge_temperature"))
+                                  "active", "priority_models", "judge_temperature", "prompts", "heldout_samples",
+                                  "other_policy", "other_samples"))
 def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     """A policy's sample pairs labelled by an AI judge where it is confident, by the simulated annotators in the
     labelling app elsewhere, merged (see the module docstring).
@@ -61,7 +79,13 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     (0.1 of the confident pairs also sent to the annotators), annotators (5), overlap (3 labels per item),
     max_prompts (all), num_samples (4), temperature (1.0), max_new_tokens (48), judge_temperature (1.0:
     scoring judges' p = sigmoid(score difference / it)), active (false) with priority_models (>= 2 reward
-    model specs: the app serves first the pairs they disagree on most), seed (the pipeline's).
+    model specs: the app serves first the pairs they disagree on most), seed (the pipeline's), prompts (a
+    other_policy + other_samples (0): that many samples of a second model beside the policy's in each prompt's
+    pairs (as ``collect``'s option: after RL a policy's samples often agree, and a pair needs two different
+    replies), JSONL of prompt rows to sample on instead of the world's training requests, e.g. a red-team step's
+    train_prompts.jsonl; every prompt must be one the world knows), heldout_samples (0: with k > 0, k samples
+    of the policy per held-out prompt make gold_pairs.jsonl, gold-labelled fresh on-policy pairs: the reward
+    model's honest test on the distribution it is about to judge).
     Writes judge_labels.jsonl (+ .judged/.routed/.posted sidecars), labels.db, merged.jsonl, pending.jsonl,
     labels.jsonl and route_summary.json."""
     from ..judges import build_judge
@@ -78,11 +102,17 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     ctx.require("policy", "world", "judge")
     world = world_of(ctx.option("world"))
     seed = int(ctx.option("seed", ctx.seed))
-    prompts = [r.prompt for r in world.split("train")]
+    prompts = [r.prompt for r in world.split("train")] if not ctx.option("prompts") else \
+        _prompt_texts(str(ctx.option("prompts")))
     if ctx.option("max_prompts"):
         prompts = random.Random(seed).sample(prompts, min(len(prompts), int(ctx.option("max_prompts"))))
     samples = sample_responses(str(ctx.option("policy")), prompts, int(ctx.option("num_samples", 4)),
                                float(ctx.option("temperature", 1.0)), int(ctx.option("max_new_tokens", 48)), seed + 1)
+    other, other_k = ctx.option("other_policy"), int(ctx.option("other_samples", 0))
+    if other and other_k:
+        extra = sample_responses(str(other), prompts, other_k, float(ctx.option("temperature", 1.0)),
+                                 int(ctx.option("max_new_tokens", 48)), seed + 7)
+        samples = [mine + theirs for mine, theirs in zip(samples, extra)]
     rows, left_out = [], {"prompts_fewer_than_two_distinct": 0, "unstorable_responses": 0}
     for prompt, texts in zip(prompts, samples):
         distinct = list(dict.fromkeys(t for t in texts if t.strip()))
@@ -126,6 +156,16 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
                               pending_out=out / "pending.jsonl")
     finally:
         db.dispose()
+    held_k = int(ctx.option("heldout_samples", 0))
+    if held_k:
+        from .data import gold_pairs_from_samples
+
+        held = [r.prompt for r in world.split("eval")]
+        texts = sample_responses(str(ctx.option("policy")), held, held_k, float(ctx.option("temperature", 1.0)),
+                                 int(ctx.option("max_new_tokens", 48)), seed + 2)
+        fresh = gold_pairs_from_samples(world, [{"prompt": p, "responses": t} for p, t in zip(held, texts)])
+        write_jsonl(out / "gold_pairs.jsonl", ({**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
+                                               for r in fresh))
     rows_out = [json.loads(x) for x in (out / "merged.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
     write_jsonl(out / "labels.jsonl", ({"prompt": [{"role": "user", "content": r["prompt"]}],
                                         **{k: r[k] for k in ("chosen", "rejected", "source", "pair_id")}}

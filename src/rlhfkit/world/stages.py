@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..rollout.texts import sample_responses
 from ..stage import StageContext, stage
 from . import human_eval_stage as _human_eval_stage  # noqa: F401  (registers human_labels: one entry point)
+from . import loop_summary as _loop_summary  # noqa: F401  (registers loop_summary)
 from . import route_stage as _route_stage  # noqa: F401  (registers routed_collect)
 from .data import world_of as _world_of
 
@@ -31,7 +32,7 @@ def _messages(prompt: str) -> list[dict[str, str]]:
 
 @stage("world", options=("num_countries", "eval_fraction", "pretrain_copies", "sft_demonstrations", "closing_rate",
                         "rl_prompts", "tool_demonstrations", "tool_call_share", "tool_countries", "tool_sums",
-                        "copy_documents", "red_team_mutations"))
+                        "copy_documents", "red_team_mutations", "roleplay_demonstrations"))
 def world_stage(ctx: StageContext) -> dict[str, Any]:
     """The demo world and its datasets.
 
@@ -53,6 +54,8 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
     look-alikes, in that many of rlhfkit's mutations (:mod:`rlhfkit.world.red_team_world`): red_team_train.jsonl
     / red_team_eval.jsonl (seeds), benign_lookalikes_train.jsonl / _eval.jsonl and red_team_mutations.yaml,
     for ``rlhfkit red-team``; the framed prompts reach the tokenizer corpus and the gold judge, no other file.
+    roleplay_demonstrations (0): that many demonstrations (in sft.jsonl) that play along with a frame on a
+    benign training request ("Sure! ..."), the helpful habit that framed attacks exploit in a real model.
     """
     from . import build_world
     from .data import chat_text, pretraining_corpus, prompt_rows, sft_demonstrations, write_jsonl
@@ -74,6 +77,11 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
                                closing_rate=float(ctx.option("closing_rate", 0.5)))
     tool_texts: list[str] = []
     tool_counts: dict[str, int] = {}
+    if int(ctx.option("red_team_mutations", 0)):
+        from .red_team_world import add_red_team, roleplay_demonstrations
+
+        tool_texts, tool_counts = add_red_team(world, out, int(ctx.option("red_team_mutations")))
+        demos += roleplay_demonstrations(world, int(ctx.option("roleplay_demonstrations", 0)), ctx.seed)
     if tools:
         from .tool_world import write_tool_datasets
 
@@ -83,11 +91,6 @@ def world_stage(ctx: StageContext) -> dict[str, Any]:
         write_jsonl(out / "sft.jsonl", ({"prompt": _messages(d["prompt"]),
                                          "completion": [{"role": "assistant", "content": d["completion"]}]}
                                         for d in demos))
-    if int(ctx.option("red_team_mutations", 0)):
-        from .red_team_world import add_red_team
-
-        red_team_texts, red_team_counts = add_red_team(world, out, int(ctx.option("red_team_mutations")))
-        tool_texts, tool_counts = tool_texts + red_team_texts, {**tool_counts, **red_team_counts}
     world.save(out / "world.json")
     # the tokenizer learns from everything the models will read
     (out / "tokenizer_corpus.txt").write_text(

@@ -1,0 +1,88 @@
+"""The loop demo's closing table (rlhfkit.world.loop_summary): the columns come from the stages' files and
+each claim holds exactly when its figures say so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.stage import StageContext
+from rlhfkit.world.loop_summary import format_loop_table, loop_summary_stage
+
+
+def _rate(count: int, n: int) -> dict:
+    from statsmodels.stats.proportion import proportion_confint
+
+    low, high = proportion_confint(count, n, method="wilson")
+    return {"rate": count / n, "ci_low": low, "ci_high": high, "count": count, "n": n}
+
+
+def _round(gold: float, rm_acc: float, rm0_acc: float, asr: int, over: int, human: int, judge: int,
+           judge_acc: float) -> dict:
+    return {"steps": {
+        "eval": {"policies": {"sft": {"judge_score": 0.4}, "policy": {"judge_score": gold, "win_rate_vs_sft": 0.7,
+                                                                      "kl": 1.0}},
+                 "rm": {"accuracy": rm_acc, "num_pairs": 50}},
+        "rm0_fresh": {"accuracy": rm0_acc},
+        "red_team_eval": {"asr": _rate(asr, 100), "over_refusal": _rate(over, 100)},
+        "label": {"human_labels": human, "judge_labels": judge, "judge_accuracy_confident": judge_acc}}}
+
+
+def _write(folder, name, data) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("last_gold,last_asr,last_over,last_rm,holding", [
+    (0.9, 10, 5, 0.80, 4),     # every claim holds
+    (0.7, 10, 5, 0.80, 3),     # below the one-round run's 0.8
+    (0.9, 30, 5, 0.80, 3),     # ASR 0.30: its interval meets the one before (0.40, 100 attacks)
+    (0.9, 10, 11, 0.80, 3),    # over-refusal 0.11 > 0.10
+    (0.9, 10, 5, 0.70, 3),     # the retrained RM below round 1's 0.75
+])
+def test_claims_follow_the_figures(tmp_path, capsys, last_gold, last_asr, last_over, last_rm, holding):
+    _write(tmp_path / "loop", "rounds.json", {"per_round": [_round(0.6, 0.75, 0.75, 20, 2, 60, 40, 0.9),
+                                                             _round(last_gold, last_rm, 0.6, last_asr, last_over,
+                                                                    30, 70, 0.8)]})
+    _write(tmp_path / "single", "rounds.json", {"per_round": [_round(0.8, 0.75, 0.75, 15, 3, 90, 110, 0.85)]})
+    _write(tmp_path / "before", "red_team.json", {"asr": {"overall": _rate(40, 100)},
+                                                  "over_refusal": {"overall": _rate(1, 100)}})
+    ctx = StageContext(name="s", output_dir=tmp_path / "s", options={"rounds": str(tmp_path / "loop"),
+                       "single": str(tmp_path / "single"), "before": str(tmp_path / "before")},
+                       run_dir=tmp_path, seed=0, defaults={}, results={})
+    result = loop_summary_stage(ctx)
+    summary = json.loads((tmp_path / "summary_loop.json").read_text())
+    assert result["claims_holding"] == holding == sum(c["holds"] for c in summary["claims"])
+    assert list(summary["columns"]) == ["SFT (before)", "round 1", "round 2", "one round"]
+    labels = summary["labels"]
+    assert (labels["human"], labels["judge"]) == (90, 110) and labels["human_share"] == pytest.approx(0.45)
+    assert labels["judge_accuracy_confident"] == pytest.approx((0.9 * 40 + 0.8 * 70) / 110)
+    assert format_loop_table(summary) in capsys.readouterr().out
+
+
+def test_a_missing_file_is_a_one_line_error(tmp_path):
+    ctx = StageContext(name="s", output_dir=tmp_path / "s", options={"rounds": str(tmp_path / "nope"),
+                       "single": str(tmp_path), "before": str(tmp_path)}, run_dir=tmp_path, seed=0, defaults={},
+                       results={})
+    with pytest.raises(ConfigError, match="nope/rounds.json not found"):
+        loop_summary_stage(ctx)
+
+
+def test_the_bundled_loop_config_checks():
+    """make demo-loop's config: every stage type, option and ${reference} (in the rounds' steps too) is valid."""
+    from rlhfkit.demo import bundled_config
+    from rlhfkit.pipeline import all_stage_types, check_pipeline, load_pipeline
+
+    path = bundled_config("loop")
+    data = load_pipeline(path)
+    check_pipeline(path, dict(data.get("defaults") or {}), {k: dict(v) for k, v in data["stages"].items()},
+                   all_stage_types())
+    loop, single = data["stages"]["loop"], data["stages"]["single"]
+    # the one-round run has the loop's label budget and PPO steps in one go, and its steps otherwise
+    assert single["steps"]["label"]["max_prompts"] == loop["rounds"] * loop["steps"]["label"]["max_prompts"]
+    assert single["steps"]["ppo"]["max_steps"] == loop["rounds"] * loop["steps"]["ppo"]["max_steps"]
+    for step in loop["steps"]:
+        if step not in ("label", "ppo"):
+            assert single["steps"][step] == loop["steps"][step], step
