@@ -19,13 +19,13 @@ def _rate(count: int, n: int) -> dict:
     return {"rate": count / n, "ci_low": low, "ci_high": high, "count": count, "n": n}
 
 
-def _round(gold: float, rm_acc: float, rm0_acc: float, asr: int, over: int, human: int, judge: int,
+def _round(gold: float, rm_acc: float, rm1_acc: float, asr: int, over: int, human: int, judge: int,
            judge_acc: float) -> dict:
     return {"steps": {
         "eval": {"policies": {"sft": {"judge_score": 0.4}, "policy": {"judge_score": gold, "win_rate_vs_sft": 0.7,
-                                                                      "kl": 1.0}},
-                 "rm": {"accuracy": rm_acc, "num_pairs": 50}},
-        "rm0_fresh": {"accuracy": rm0_acc},
+                                                                      "kl": 1.0}}},
+        "rm_fresh": {"accuracy": rm_acc, "num_pairs": 50}, "rm1_fresh": {"accuracy": rm1_acc},
+        "rm0_fresh": {"accuracy": 0.5},
         "red_team_eval": {"asr": _rate(asr, 100), "over_refusal": _rate(over, 100)},
         "label": {"human_labels": human, "judge_labels": judge, "judge_accuracy_confident": judge_acc}}}
 
@@ -40,7 +40,7 @@ def _write(folder, name, data) -> None:
     (0.7, 10, 5, 0.80, 3),     # below the one-round run's 0.8
     (0.9, 30, 5, 0.80, 3),     # ASR 0.30: its interval meets the one before (0.40, 100 attacks)
     (0.9, 10, 11, 0.80, 3),    # over-refusal 0.11 > 0.10
-    (0.9, 10, 5, 0.70, 3),     # the retrained RM below round 1's 0.75
+    (0.9, 10, 5, 0.55, 3),     # the retrained RM below round 1's RM (0.6) on the same pairs
 ])
 def test_claims_follow_the_figures(tmp_path, capsys, last_gold, last_asr, last_over, last_rm, holding):
     _write(tmp_path / "loop", "rounds.json", {"per_round": [_round(0.6, 0.75, 0.75, 20, 2, 60, 40, 0.9),
@@ -81,8 +81,10 @@ def test_the_bundled_loop_config_checks():
                    all_stage_types())
     loop, single = data["stages"]["loop"], data["stages"]["single"]
     # the one-round run has the loop's label budget and PPO steps in one go, and its steps otherwise
-    assert single["steps"]["label"]["max_prompts"] == loop["rounds"] * loop["steps"]["label"]["max_prompts"]
+    assert single["steps"]["label"]["max_pairs"] == loop["rounds"] * loop["steps"]["label"]["max_pairs"]
     assert single["steps"]["ppo"]["max_steps"] == loop["rounds"] * loop["steps"]["ppo"]["max_steps"]
+    assert list(single["steps"]) == list(loop["steps"])
     for step in loop["steps"]:
         if step not in ("label", "ppo"):
-            assert single["steps"][step] == loop["steps"][step], step
+            if step != "rm1_fresh":  # round 1's RM: the loop's, or the one round's own
+                assert single["steps"][step] == loop["steps"][step], step

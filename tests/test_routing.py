@@ -464,6 +464,11 @@ def test_routed_collect_takes_prompts_a_second_policy_and_makes_fresh_gold_pairs
     assert fresh and all(gold.judge(r["prompt"], r["chosen"]).total > gold.judge(r["prompt"], r["rejected"]).total
                          for r in fresh)
     assert {r["prompt"][0]["content"] for r in fresh} <= {r.prompt for r in held}
+    # a label budget: exactly max_pairs pairs are judged (the scripted replies give more), the rest counted
+    ctx.options.update(max_pairs=6, heldout_samples=0)
+    result = route_stage.routed_collect_stage(ctx)
+    assert result["pairs"] == 6 and result["pairs_over_budget"] > 0
+    assert len(_lines(tmp_path / "routed" / "labels.jsonl")) + result["ties"] + result["pending"] == 6
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
     ctx.options["prompts"] = str(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="bad.jsonl.*row 1.*prompt"):

@@ -3,8 +3,8 @@
 It reads what the other stages wrote (rounds.json of the iterated run and of the one-round run, red_team.json
 of the attacks on the SFT model) and puts side by side, per round and for the one-round run: the gold
 judge's score, win rate against SFT and KL, the held-out attack success rate and over-refusal with their
-Wilson intervals, the reward model's accuracy on fresh on-policy pairs (and the first reward model's on the
-same pairs), and where the labels came from (human share; the judge's accuracy on its confident share).
+Wilson intervals, the reward model's accuracy on fresh on-policy pairs (the new policy's held-out samples,
+gold-labelled) beside round 1's reward model and the seed-label one on the same pairs, and where the labels came from (human share; the judge's accuracy on its confident share).
 Then the four claims the loop is run to test, each with its figures and a yes / no.
 """
 
@@ -31,9 +31,9 @@ def _column(steps: dict[str, Any]) -> dict[str, Any]:
     return {"gold": policy.get("judge_score"), "win_vs_sft": policy.get("win_rate_vs_sft"),
             "win_ci": (policy.get("win_rate_ci_low"), policy.get("win_rate_ci_high")), "kl_to_sft": policy.get("kl"),
             "heldout_asr": steps["red_team_eval"]["asr"], "over_refusal": steps["red_team_eval"]["over_refusal"],
-            "rm_accuracy_fresh": (steps["eval"].get("rm") or {}).get("accuracy"),
-            "rm0_accuracy_fresh": steps.get("rm0_fresh", {}).get("accuracy"),
-            "fresh_pairs": (steps["eval"].get("rm") or {}).get("num_pairs"),
+            "rm_accuracy_fresh": steps["rm_fresh"].get("accuracy"),
+            "rm1_accuracy_fresh": steps["rm1_fresh"].get("accuracy"),
+            "rm0_accuracy_fresh": steps["rm0_fresh"].get("accuracy"), "fresh_pairs": steps["rm_fresh"].get("num_pairs"),
             "human_labels": label.get("human_labels"), "judge_labels": label.get("judge_labels"),
             "judge_accuracy_confident": label.get("judge_accuracy_confident")}
 
@@ -58,7 +58,8 @@ def format_loop_table(summary: dict[str, Any]) -> str:
             ("held-out ASR [95% CI]", lambda c: _rate(c.get("heldout_asr"))),
             ("over-refusal [95% CI]", lambda c: _rate(c.get("over_refusal"))),
             ("RM acc., fresh pairs", lambda c: _num(c.get("rm_accuracy_fresh"))),
-            ("first RM, same pairs", lambda c: _num(c.get("rm0_accuracy_fresh"))),
+            ("round 1's RM, same", lambda c: _num(c.get("rm1_accuracy_fresh"))),
+            ("seed-label RM, same", lambda c: _num(c.get("rm0_accuracy_fresh"))),
             ("labels: human / judge", lambda c: f"{c['human_labels']} / {c['judge_labels']}"
              if c.get("human_labels") is not None else "-"),
             ("judge acc., confident", lambda c: _num(c.get("judge_accuracy_confident")))]
@@ -101,11 +102,11 @@ def loop_summary_stage(ctx: StageContext) -> dict[str, Any]:
     confident = [(c["judge_accuracy_confident"], c["judge_labels"]) for c in rounds
                  if c["judge_accuracy_confident"] is not None and c["judge_labels"]]
     claims = [
-        {"claim": "RM accuracy on fresh on-policy pairs, last round >= round 1",
-         "holds": (last["rm_accuracy_fresh"] or 0) >= (first["rm_accuracy_fresh"] or 1),
-         "figures": f"{_num(last['rm_accuracy_fresh'])} ({last['fresh_pairs']} pairs) vs "
-                    f"{_num(first['rm_accuracy_fresh'])} ({first['fresh_pairs']} pairs); the first RM on the last "
-                    f"round's pairs: {_num(last['rm0_accuracy_fresh'])}"},
+        {"claim": "on the final policy's fresh pairs, the last round's RM >= round 1's RM",
+         "holds": (last["rm_accuracy_fresh"] or 0) >= (last["rm1_accuracy_fresh"] or 1),
+         "figures": f"{_num(last['rm_accuracy_fresh'])} vs {_num(last['rm1_accuracy_fresh'])} on "
+                    f"{last['fresh_pairs']} pairs (the seed-label RM: {_num(last['rm0_accuracy_fresh'])}); round 1's "
+                    f"RM on round 1's own pairs: {_num(first['rm_accuracy_fresh'])} ({first['fresh_pairs']} pairs)"},
         {"claim": "final gold score above one round with the same label budget",
          "holds": (last["gold"] or 0) > (one["gold"] or 0),
          "figures": f"{_num(last['gold'])} vs {_num(one['gold'])}"},

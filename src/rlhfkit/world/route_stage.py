@@ -1,4 +1,5 @@
-"""The demo world's routed collection, as a pipeline stage: routed_collect (issue 26).
+"""The demo world's routed collection, as a pipeline stage: routed_collect (issue 26); and gold_pairs (fresh
+on-policy test pairs from an eval stage's samples).
 
 Preference collection the way a team runs it when people are the scarce resource:
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -69,7 +71,7 @@ def _specs(value: Any) -> list[str]:
 @stage("routed_collect", options=("policy", "world", "judge", "confidence_threshold", "audit_fraction", "annotators",
                                   "overlap", "max_prompts", "num_samples", "temperature", "max_new_tokens", "seed",
                                   "active", "priority_models", "judge_temperature", "prompts", "heldout_samples",
-                                  "other_policy", "other_samples"))
+                                  "other_policy", "other_samples", "max_pairs"))
 def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     """A policy's sample pairs labelled by an AI judge where it is confident, by the simulated annotators in the
     labelling app elsewhere, merged (see the module docstring).
@@ -80,6 +82,8 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     max_prompts (all), num_samples (4), temperature (1.0), max_new_tokens (48), judge_temperature (1.0:
     scoring judges' p = sigmoid(score difference / it)), active (false) with priority_models (>= 2 reward
     model specs: the app serves first the pairs they disagree on most), seed (the pipeline's), prompts (a
+    max_pairs (0 = all): label at most this many pairs, drawn with the seed from every prompt's pairs of
+    distinct replies (a label budget, the same however alike the policy's samples are);
     other_policy + other_samples (0): that many samples of a second model beside the policy's in each prompt's
     pairs (as ``collect``'s option: after RL a policy's samples often agree, and a pair needs two different
     replies), JSONL of prompt rows to sample on instead of the world's training requests, e.g. a red-team step's
@@ -113,7 +117,7 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
         extra = sample_responses(str(other), prompts, other_k, float(ctx.option("temperature", 1.0)),
                                  int(ctx.option("max_new_tokens", 48)), seed + 7)
         samples = [mine + theirs for mine, theirs in zip(samples, extra)]
-    rows, left_out = [], {"prompts_fewer_than_two_distinct": 0, "unstorable_responses": 0}
+    rows, left_out = [], {"prompts_fewer_than_two_distinct": 0, "unstorable_responses": 0, "pairs_over_budget": 0}
     for prompt, texts in zip(prompts, samples):
         distinct = list(dict.fromkeys(t for t in texts if t.strip()))
         storable = [t for t in distinct if text_problem(t) is None]  # the app refuses e.g. a NUL
@@ -124,6 +128,12 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
         rows.append({"prompt": prompt, "responses": storable})
     if not rows:
         raise ConfigError(f"stage '{ctx.name}': no prompt got two distinct responses to compare")
+    budget = int(ctx.option("max_pairs", 0))
+    every = [(r["prompt"], a, b) for r in rows for i, a in enumerate(r["responses"]) for b in r["responses"][i + 1:]]
+    if budget and len(every) > budget:  # pair rows (response_a / response_b) in their original order
+        keep = sorted(random.Random(seed + 3).sample(range(len(every)), budget))
+        rows = [{"prompt": every[i][0], "response_a": every[i][1], "response_b": every[i][2]} for i in keep]
+        left_out["pairs_over_budget"] = len(every) - budget
     priority = None
     if ctx.option("active"):
         scorers = load_scorers(_specs(ctx.option("priority_models")))
@@ -186,3 +196,32 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if not isinstance(v, dict)} | {
         "judge_accuracy_confident": summary["judge_vs_gold_confident"]["accuracy"],
         "human_accuracy": summary["humans_vs_gold"]["accuracy"]}
+
+
+@stage("gold_pairs", options=("world", "samples", "policy"))
+def gold_pairs_stage(ctx: StageContext) -> dict[str, Any]:
+    """Fresh on-policy test pairs for a reward model: every pair of distinct responses that one policy gave
+    to a held-out prompt in an eval stage's samples.jsonl (option ``samples``: the eval folder; ``policy``:
+    its name there), labelled by the gold judge (:func:`rlhfkit.world.data.gold_pairs_from_samples`; gold
+    ties left out). The reward model is tested on what the policy now writes, with no sampling of its own.
+    Writes gold_pairs.jsonl (chat prompts)."""
+    from ..data.jsonl import numbered_rows
+    from .data import gold_pairs_from_samples, world_of, write_jsonl
+
+    ctx.require("world", "samples", "policy")
+    path = Path(str(ctx.option("samples"))) / "samples.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"stage '{ctx.name}': {path} not found (run the eval stage first)")
+    by_prompt: dict[str, list[str]] = {}
+    for _, row in numbered_rows(path):
+        if row.get("policy") == ctx.option("policy"):
+            text = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+            by_prompt.setdefault(text, []).append(row["response"])
+    if not by_prompt:
+        raise ConfigError(f"stage '{ctx.name}': {path} holds no samples of policy {ctx.option('policy')!r}")
+    rows = [{"prompt": p, "responses": list(dict.fromkeys(r))} for p, r in by_prompt.items()]
+    pairs = gold_pairs_from_samples(world_of(ctx.option("world")), rows)
+    write_jsonl(ctx.output_dir / "gold_pairs.jsonl", ({**r, "prompt": [{"role": "user", "content": r["prompt"]}]}
+                                                     for r in pairs))
+    return {"pairs": len(pairs), "prompts": len(rows),
+            "prompts_with_a_pair": len({r["prompt"] for r in pairs})}
