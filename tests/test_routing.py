@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 from statsmodels.stats.proportion import proportion_confint
+from toy import ServerThread
 
 from rlhfkit.cli import main as rlhfkit_main
 from rlhfkit.errors import ConfigError, DataError
@@ -80,35 +78,22 @@ def judge_input(tmp_path):
     return f"pairfn:{script}:judge", rows
 
 
-class ServedApp:
+class ServedApp(ServerThread):
     """The labelling app (uvicorn) on a free localhost port in a daemon thread, with an admin token."""
 
     def __init__(self, db_path: str):
-        import uvicorn
-
         from rlhfkit.label.web import create_app
 
         self.db = Database(db_path)
         _, self.token = service.create_user(self.db, "admin", "admin")
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.db), log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
+        super().__init__(create_app(self.db))
 
     def items(self) -> list[Item]:
         with self.db.session() as s:
             return list(s.scalars(sa.select(Item).order_by(Item.position)))
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+        super().close()
         self.db.dispose()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from scoring_texts import ENDED, PROMPTS, RESPONSES
+from toy import ServerThread
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.tiny import build_tiny_model
@@ -31,29 +32,6 @@ from rlhfkit.rollout.reward_server import (
 from rlhfkit.rollout.rewards import HTTPReward, ModelReward, ScoringBatch
 
 TOLERANCE = 1e-5  # served vs local score: the same forward, only the batch composition may differ
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on a free localhost port in a daemon thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 def request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import threading
+import time
 from pathlib import Path
 
 _COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow",
@@ -241,3 +244,26 @@ def save_e_heavy_policy(tiny_model_dir, out):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return tok
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on a free localhost port in a daemon thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

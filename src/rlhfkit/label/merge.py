@@ -122,31 +122,28 @@ def merge_labels(judge_labels: str | Path, routed: str | Path, db: Database | st
         return {"prompt": prompt, "chosen": label["chosen"], "rejected": label["rejected"], "source": "human",
                 "pair_id": pid, "sent_as": why, "votes": label["votes"], **extra}
 
-    for _, row in judged:
+    def from_judge(row: dict[str, Any]) -> dict[str, Any] | None:
+        """A confident pair: the judge's label, or the people's where it was also sent to them (audit)."""
         pid = row["pair_id"]
-        if pid in seen:
-            counts["duplicates"] += 1
-            continue
-        seen.add(pid)
         if row.get("audit"):
             merged = from_people(pid, row["prompt"], sorted([row["chosen"], row["rejected"]]), "audit")
             if merged is not None:
                 audit_hits.append(merged["chosen"] == row["chosen"])
-        else:
-            counts["judge"] += 1
-            merged = {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
-                      "source": "judge", "pair_id": pid, **{k: row[k] for k in JUDGE_KEEP if k in row}}
-        if merged is not None:
-            rows.append(merged)
-    for _, row in sent:
-        pid = row["pair_id"]
-        if pid in seen:
-            counts["duplicates"] += 1
-            continue
-        seen.add(pid)
-        merged = from_people(pid, row["prompt"], list(row["responses"]), "routed")
-        if merged is not None:
-            rows.append(merged)
+            return merged
+        counts["judge"] += 1
+        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "source": "judge",
+                "pair_id": pid, **{k: row[k] for k in JUDGE_KEEP if k in row}}
+
+    for read, source in ((from_judge, judged), (lambda r: from_people(r["pair_id"], r["prompt"],
+                                                                      list(r["responses"]), "routed"), sent)):
+        for _, row in source:
+            if row["pair_id"] in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(row["pair_id"])
+            merged = read(row)
+            if merged is not None:
+                rows.append(merged)
     write_jsonl(out, rows)
     if pending_out is not None:
         write_jsonl(pending_out, waiting)
