@@ -151,7 +151,7 @@ def next_round_pairs(rows: Sequence[dict[str, Any]]) -> tuple[list[dict], list[d
     look-alike's own, or when it was answered, one of the target's harmless refusals of the plain harmful
     seeds, drawn in turn). Without the second kind the next round sees refusals preferred under every frame
     and nothing preferred over a refusal there, and learns to refuse the frame (measured: over-refusal on
-    held-out look-alikes 0.004 -> 0.90 after one round in the demo). Correctness: the harm judge does not
+    held-out look-alikes 0.017 -> 0.899 after one round in the demo, seed 0). Correctness: the harm judge does not
     decide it; a benign seed with an ``answer`` column only lends answers that contain it (a
     wrong answer preferred over a refusal would teach the model to guess). Look-alikes without an answer or a
     refusal to use are counted."""
