@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-seeds demo-hacking-seeds demo-hacking demo-eval demo-cai demo-compare demo-compare-seeds demo-tools demo-tools-seeds demo-loop test test-fast lint \
+.PHONY: bench-scaling demo demo-seeds demo-hacking-seeds demo-hacking demo-eval demo-cai demo-compare demo-compare-seeds demo-tools demo-tools-seeds demo-loop test test-fast lint \
 	bench clean system-deps
 
 $(STAMP): pyproject.toml
@@ -90,6 +90,14 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) bench/bench_vs_trl.py
+
+# rlhfkit vs TRL on a grid of model sizes x sequence lengths (SFT, RM, DPO; GRPO, RLOO): one table and
+# bench/measured/scaling.png. The whole grid takes hours on 2 cores: SIZES=5M,30M BANDS=short,mid for less.
+SIZES ?= 5M,30M,120M
+BANDS ?= short,mid,long
+bench-scaling: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) bench/bench_scaling.py --sizes $(SIZES) --bands $(BANDS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -576,6 +576,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="keep model, prompts and logs here (default: a temp dir)")
     p.add_argument("--pool", nargs="+", metavar="RESULTS_JSON", default=None,
                    help="print one table pooling the runs of saved results (bench/results/rl_*.json); runs nothing")
+    p.add_argument("--model-dir", default=None, help="train this model (default: build the 5M bench model)")
+    p.add_argument("--results-json", default=None, help="also write the results here (bench_scaling.py)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child or args.pool:
@@ -610,7 +612,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rlhfkit-rl-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = build_tiny_model(work / "model", layers=4, hidden=256, heads=4, vocab=2048)
+    if args.model_dir:
+        model_dir = Path(args.model_dir)
+    else:
+        model_dir = build_tiny_model(work / "model", layers=4, hidden=256, heads=4, vocab=2048)
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -702,6 +707,8 @@ def main(argv=None) -> int:
     }
     (RESULTS / f"rl_{stamp}.json").write_text(json.dumps(payload, indent=1))
     (RESULTS / f"rl_{stamp}.md").write_text(table + "\n")
+    if args.results_json:
+        Path(args.results_json).write_text(json.dumps(payload, indent=1))
     print(f"\nresults: {RESULTS / f'rl_{stamp}.md'} (+ .json; total {payload['total_wall_s']:.0f}s)")
     failed = any("error" in r for r in results)
     if not args.workdir and not failed:

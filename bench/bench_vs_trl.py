@@ -784,6 +784,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per (stage, library) run")
     p.add_argument("--workdir", default=None, help="keep model, data and logs here (default: a temp dir)")
+    p.add_argument("--model-dir", default=None, help="train this model (default: build the 5M bench model)")
+    p.add_argument("--results-json", default=None, help="also write the results here (bench_scaling.py)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -818,7 +820,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rlhfkit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = build_tiny_model(work / "model", layers=4, hidden=256, heads=4, vocab=2048)
+    if args.model_dir:
+        model_dir = Path(args.model_dir)
+    else:
+        model_dir = build_tiny_model(work / "model", layers=4, hidden=256, heads=4, vocab=2048)
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -896,6 +901,11 @@ def main(argv=None) -> int:
         | {
             "sft_tokens_per_example": data["sft"]["tokens_per_example"],
             "pref_tokens_per_example": data["pref"]["tokens_per_example"],
+            # token-weighted mean sequence length (attention's cost per token grows with it)
+            "t_eff": {
+                "sft": sum(n * n for n in data["sft"]["lengths"]) / data["sft"]["total_tokens"],
+                "pref": sum(n * n for p in data["pref"]["lengths"] for n in p) / data["pref"]["total_tokens"],
+            },
         },
         "results": results,
         "runs": runs,
@@ -905,6 +915,8 @@ def main(argv=None) -> int:
     out = RESULTS / f"bench_vs_trl-{stamp}.json"
     out.write_text(json.dumps(payload, indent=1))
     (RESULTS / f"bench_vs_trl-{stamp}.md").write_text(table + "\n")
+    if args.results_json:
+        Path(args.results_json).write_text(json.dumps(payload, indent=1))
     print(f"\nresults: {out} (total {payload['total_wall_s']:.0f}s)")
     if not args.workdir and not any("error" in r for r in results):
         shutil.rmtree(work, ignore_errors=True)
