@@ -209,7 +209,9 @@ def run_point(args, work: Path, size: str, band: str) -> dict:
 
 # ------------------------------------------------------------------------------------------- table, plot
 def offline_rows(point: dict, ceiling: float) -> list[dict]:
-    """One row per offline stage: both libraries' figures at this point."""
+    """One row per offline stage: both libraries' figures at this point (FLOP shares of the ceiling measured in
+    the point's own run, else of ``ceiling``)."""
+    ceiling = point.get("ceiling_gflops") or ceiling
     results = point.get("offline", {}).get("results", [])
     data = point.get("offline", {}).get("data", {})
     rows = []
@@ -260,8 +262,11 @@ def _ratio(a, b) -> str:
 
 
 def build_table(points: list[dict], ceiling: float) -> str:
+    ceilings = [p.get("ceiling_gflops") or ceiling for p in points] or [ceiling]
     lines = [
-        f"fp32 matmul ceiling of this machine: {ceiling:.1f} GFLOP/s",
+        "fp32 matmul ceiling of this machine, measured in each point's run: "
+        + "–".join(f"{c:.1f}" for c in sorted({min(ceilings), max(ceilings)}))
+        + " GFLOP/s (FLOP shares are of the point's own)",
         "",
         "| model | tokens | stage | batch | rlhfkit tok/s | TRL tok/s | speed-up | rlhfkit RSS MiB | TRL RSS MiB "
         "| rlhfkit FLOP share | TRL FLOP share |",
@@ -389,7 +394,15 @@ def main(argv=None) -> int:
     base.use_child_env(args.threads)
     if args.table:
         files = sorted({f for pattern in args.table for f in glob.glob(pattern)})
-        points = [json.loads(Path(f).read_text()) for f in files if Path(f).name.startswith("point-")]
+        by_point = {}  # (size, band) -> the last file's point (a rerun replaces an earlier one)
+        for f in files:
+            if Path(f).name.startswith("point-"):
+                point = json.loads(Path(f).read_text())
+                by_point[point["size"], point["band"]] = point
+        points = [
+            by_point[k]
+            for k in sorted(by_point, key=lambda k: (list(SIZES).index(k[0]), list(BANDS).index(k[1])))
+        ]
         ceiling = max((p.get("ceiling_gflops", 0) for p in points), default=0)
     else:
         args.out.mkdir(parents=True, exist_ok=True)
