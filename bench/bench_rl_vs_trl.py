@@ -9,8 +9,10 @@
 Same tiny Llama (fp32, random init), same plain-text prompts, same reward function, group size, β,
 max_new_tokens, temperature, learning rate and number of steps for both libraries; one step = one rollout
 (8 sequences of up to 64 new tokens) + its update. TRL 1.16 has no PPO trainer, so PPO rows are rlhfkit only.
-rlhfkit runs twice per row: as is, and with ``--compile-decode`` (rlhfkit-compiled: the decode step AOT-compiled
-in a child process and cached; its first, compiling, rollout falls in the untimed warm-up steps).
+rlhfkit runs twice per row: with its defaults (on CPU the decode step AOT-compiled in a child process and
+cached; its first rollout, which builds or loads it, falls in the untimed warm-up steps) and as rlhfkit-eager
+(``--no-compile-decode``). Saved results of older builds name the compiled runs rlhfkit-compiled (the flag
+``--compile-decode``, then opt-in); ``--libraries rlhfkit-compiled`` still passes it.
 
 Conventions of bench/bench_vs_trl.py (whose helpers this imports): every (algorithm, library) run trains
 in its own subprocess, one at a time; peak RSS = that process's VmHWM; a global optimizer step post-hook
@@ -50,7 +52,10 @@ ALGOS = {
     "rloo": {"cmd": "rloo", "name": "RLOO", "prompts": 1, "group": 8, "epochs": 1, "beta": 0.05},
 }
 TRL_ALGOS = ("grpo", "rloo")
-LIBRARIES = ("rlhfkit", "rlhfkit-compiled", "trl")  # rlhfkit-compiled: the same run with --compile-decode
+# rlhfkit: its defaults (compiled decode on CPU); rlhfkit-eager: --no-compile-decode; rlhfkit-compiled:
+# --compile-decode (the same as the default since it became one; the name of older saved runs)
+LIBRARIES = ("rlhfkit", "rlhfkit-eager", "rlhfkit-compiled", "trl")
+COMPILED = ("rlhfkit", "rlhfkit-compiled")
 REWARD_SOURCE = '''def reward(prompts, completions=None, **kwargs):
     """rlhfkit calls reward(prompts, responses); TRL calls reward(prompts=..., completions=..., ...)."""
     return [c.count("e") / 4.0 for c in completions]
@@ -150,6 +155,8 @@ def run_rlhfkit(spec: dict) -> dict:
             "--no-progress-bar", "--no-eval-on-start", "--overwrite"]  # fmt: skip
     if spec["library"] == "rlhfkit-compiled":
         argv.append("--compile-decode")
+    elif spec["library"] == "rlhfkit-eager":
+        argv.append("--no-compile-decode")
     rc = cli(argv)
     if rc != 0:
         raise RuntimeError(f"rlhfkit {' '.join(argv)} exited with {rc}")
@@ -163,7 +170,7 @@ def run_rlhfkit(spec: dict) -> dict:
         "own_mean_length": statistics.mean(r["response_length"] for r in rows) if rows else None,
         "reward_mean": statistics.mean(r["reward_mean"] for r in rows) if rows else None,
         "rollout_logprob_mismatch": max((r.get("rollout_logprob_mismatch", 0.0) for r in rows), default=None),
-        "first_rollout_s": rows[0]["rollout_time_s"] if rows else None,  # with --compile-decode: the compile
+        "first_rollout_s": rows[0]["rollout_time_s"] if rows else None,  # compiled decode: the build or load
     }
 
 
@@ -436,7 +443,7 @@ def machine() -> str:
 
 def _first_rollout(results: list[dict]) -> float | None:
     """The slowest first rollout of the compiled-decode runs (the compile; warm or cold inductor cache)."""
-    firsts = [r.get("first_rollout_s") for r in results if r.get("library") == "rlhfkit-compiled"]
+    firsts = [r.get("first_rollout_s") for r in results if r.get("library") in COMPILED]
     firsts = [f for f in firsts if f is not None]
     return max(firsts) if firsts else None
 
@@ -513,10 +520,10 @@ def build_table(results: list[dict], args, info: dict, runs: list[dict] | None =
         "--reward-fn reward.py:reward --precision fp32 --num-threads 2 --logging-steps 1 --save-steps 0 "
         "--sample-steps 0 --no-progress-bar --no-eval-on-start` (other options at their defaults; PPO "
         "(4 epochs) = 4 optimizer steps per rollout), run in-process in the child; the final model is saved "
-        "after the timed steps. rlhfkit-compiled: the same command with `--compile-decode` (the decode step "
-        "AOT-compiled, built in a child process and cached on disk); its first rollout, which compiles, is a warm-up step"
+        "after the timed steps; on CPU its default decode step is AOT-compiled (built in a child process, cached "
+        "on disk), and its first rollout, which builds or loads it, is a warm-up step"
         + (f" and took {first:.1f} s" if (first := _first_rollout(results)) else "")
-        + ".",
+        + ". rlhfkit-eager: the same command with `--no-compile-decode`.",
     ]
     if t:
         notes.append(
@@ -560,8 +567,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="rollout+update steps per run (default 20)")
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps excluded from timing (default 3)")
     p.add_argument("--only", default=",".join(ALGOS), help=f"rows: {', '.join(ALGOS)} (comma-separated)")
-    p.add_argument("--libraries", default="rlhfkit,rlhfkit-compiled,trl",
-                   help="comma-separated: rlhfkit, rlhfkit-compiled (--compile-decode), trl (default all)")
+    p.add_argument("--libraries", default="rlhfkit,rlhfkit-eager,trl",
+                   help="comma-separated: rlhfkit (its defaults), rlhfkit-eager (--no-compile-decode), "
+                   "rlhfkit-compiled (--compile-decode), trl (default: rlhfkit,rlhfkit-eager,trl)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=42)

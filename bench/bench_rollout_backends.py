@@ -8,7 +8,9 @@
         --max-new-tokens 64 --vocab 2048 --repeats 10    # the RL bench's rollout: eager vs --compile-decode
 
 One rollout = ``--prompts`` prompts x ``--num-generations`` samples of up to ``--max-new-tokens`` tokens
-(the RL step's sampling half). hf-compiled is the HF backend with ``--compile-decode`` (CPU; its package is
+(the RL step's sampling half). hf is the HF backend with its eager lean step, hf-fused the same with fused decode
+weights whatever their size, hf-loop transformers' own loop (``--no-fast-decode``), and hf-compiled the backend
+with ``--compile-decode`` and fused weights at any size (CPU; its package is
 built, or loaded from the cache, during the warm-up rollout). Each backend gets one warm-up rollout (vLLM: CUDA graphs, the KV cache; HF:
 allocator) and then ``--repeats`` timed ones; tokens/s = generated tokens / wall time, median over repeats.
 The log-prob columns compare each backend's reported log-probs of its sampled tokens with the trainer's
@@ -35,8 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from rlhfkit.rollout.fast_decode import FastDecoder  # noqa: E402
 from rlhfkit.rollout.generate import HFGenerationBackend, SamplingConfig  # noqa: E402
 from rlhfkit.rollout.logprob_check import compare_logprobs, response_mask, trainer_logprobs  # noqa: E402
+
+HF_BACKENDS = ("hf", "hf-compiled", "hf-fused", "hf-loop")
+FUSE_MAX_BYTES = FastDecoder.FUSE_MAX_BYTES
 
 WORDS = ("river", "mountain", "printing press", "the moon", "a small town", "bread", "winter", "a violin")
 
@@ -83,7 +89,9 @@ def time_backend(name, backend, model, prompts, args, sampling) -> tuple[dict, o
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a causal LM folder or hub id (default: build a tiny one here)")
-    p.add_argument("--backends", default="hf,hf-compiled,vllm", help="hf, hf-compiled (--compile-decode), vllm")
+    p.add_argument("--backends", default="hf,hf-compiled,vllm",
+                   help="hf (the eager lean step), hf-compiled (--compile-decode), hf-fused (the eager step with fused "
+                   "weights at any size), hf-loop (--no-fast-decode: transformers' loop), vllm")
     p.add_argument("--device", default="auto", help="HF backend device: auto, cpu, cuda")
     p.add_argument("--hf-dtype", default="auto", help="HF backend weights: auto (bf16 on CUDA, fp32 on CPU), "
                                                      "float32, bfloat16")
@@ -124,9 +132,13 @@ def main(argv=None) -> int:
     sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     rows = []
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        if name in ("hf", "hf-compiled"):
+        if name in HF_BACKENDS:
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=hf_dtype).to(device).eval()
-            backend = HFGenerationBackend(tokenizer, compile_decode=name == "hf-compiled")
+            # hf-fused, hf-compiled: fused decode weights whatever their size (the default fuses up to 64 MiB of
+            # them, and compiles only a fused step)
+            FastDecoder.FUSE_MAX_BYTES = 1 << 40 if name in ("hf-fused", "hf-compiled") else FUSE_MAX_BYTES
+            backend = HFGenerationBackend(tokenizer, fast_decode=name != "hf-loop",
+                                          compile_decode=name == "hf-compiled")
             label = f"{name} ({device.type}, {str(hf_dtype).removeprefix('torch.')})"
         elif name == "vllm":
             why = vllm_unavailable()
@@ -142,7 +154,7 @@ def main(argv=None) -> int:
                                             max_model_len=max(map(len, prompts)) + args.max_new_tokens)
             label = f"vllm (cuda, {args.vllm_dtype})"
         else:
-            raise SystemExit(f"unknown backend '{name}' (hf, hf-compiled, vllm)")
+            raise SystemExit(f"unknown backend '{name}' ({', '.join(HF_BACKENDS)}, vllm)")
         row, rollout = time_backend(label, backend, model, prompts, args, sampling)
         reference = trainer_logprobs(trainer, rollout.prompt_ids, rollout.response_ids, args.temperature,
                                      tokenizer.pad_token_id)

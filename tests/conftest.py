@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The online trainers compile their CPU decode step by default, once per model shape and sampling setting:
+# across the suite's many tiny models that would be dozens of ~30 s builds. The tests that check the
+# compiled step turn it on themselves (tests/test_rollout.py).
+os.environ.setdefault("RLHFKIT_COMPILE_DECODE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -336,10 +336,12 @@ def test_eval_accepts_every_option_its_messages_suggest():
     known = {s for action in parser._actions for s in action.option_strings}
     root = Path(rlhfkit.__file__).parent
     text = "".join((root / f).read_text(encoding="utf-8") for f in
-                   ("eval/runner.py", "eval/policy_run.py", "rollout/generate.py"))
-    messages = re.findall(r'(?:ConfigError|DataError|ModelError|logger\.\w+)\(\s*f?"((?:[^"\\]|\\.)*)"', text)
+                   ("eval/runner.py", "eval/policy_run.py", "rollout/generate.py", "rollout/compiled_decode.py"))
+    # a message's adjacent string literals, all of them (a flag may sit in the second line of a long message)
+    messages = re.findall(r'(?:ConfigError|DataError|ModelError|logger\.\w+)\(\s*((?:f?"(?:[^"\\]|\\.)*"\s*)+)',
+                          text)
     suggested = {flag for m in messages for flag in re.findall(r"--[a-z][a-z-]+", m)}
-    assert "--compile-decode" in suggested and suggested - known == set()
+    assert {"--compile-decode", "--no-compile-decode"} <= suggested and suggested - known == set()
     a = parser.parse_args(["--policy", "p", "--prompts", "x", "--judge", "j", "--compile-decode",
                            "--no-fast-decode"])
     assert (a.compile_decode, a.fast_decode) == (True, False)

@@ -305,12 +305,60 @@ def test_compile_decode_flag_reaches_the_backend(tiny_tokenizer):
     from rlhfkit.rollout.vllm_backend import build_rollout_backend
     from rlhfkit.trainers.rl import RLConfig
 
-    for flags, expected in (([], False), (["--compile-decode"], True)):
+    # tests/conftest.py sets RLHFKIT_COMPILE_DECODE=0, so here the default is off (test_compile_decode_default)
+    for flags, expected in (([], False), (["--compile-decode"], True), (["--no-compile-decode"], False)):
         config = parse_trainer_args(RLConfig, ["--model", "m", "--dataset", "d.jsonl", *flags], "rlhfkit grpo", "")
         assert build_rollout_backend(config, tiny_tokenizer).compile_decode is expected
 
 
-def test_compile_decode_skips_unfused_models_with_one_warning(policy, prompts, tiny_tokenizer, monkeypatch, caplog):
+def test_compile_decode_default(monkeypatch):
+    """On unless RLHFKIT_COMPILE_DECODE says 0 / false / no / off; a fresh interpreter (the CLI) reads it at
+    import, so its --help shows the default it will use."""
+    import subprocess
+    import sys
+
+    from rlhfkit.rollout.options import compile_decode_by_default
+
+    for value, expected in ((None, True), ("1", True), ("0", False), ("false", False), (" OFF ", False),
+                            ("no", False), ("yes", True)):
+        if value is None:
+            monkeypatch.delenv("RLHFKIT_COMPILE_DECODE", raising=False)
+        else:
+            monkeypatch.setenv("RLHFKIT_COMPILE_DECODE", value)
+        assert compile_decode_by_default() is expected, value
+    code = "from rlhfkit.trainers.rl import RLConfig; print(RLConfig().compile_decode)"
+    for value, expected in (("1", "True"), ("0", "False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "RLHFKIT_COMPILE_DECODE": value}).stdout.strip()
+        assert out == expected
+
+
+def test_no_cxx_compiler_fails_fast_with_one_line(policy, prompts, tiny_tokenizer, tmp_path, monkeypatch, caplog):
+    """Without a C++ compiler no child is started: one warning, then the eager step's samples."""
+    import shutil
+    import subprocess
+
+    from rlhfkit.rollout import compiled_decode
+
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(compiled_decode, "_FAILED", [])
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("no compile child expected"))
+    sampling = SamplingConfig(temperature=0.8, max_new_tokens=8)
+    with caplog.at_level("INFO", logger="rlhfkit"):
+        got = [HFGenerationBackend(tiny_tokenizer, compile_decode=True).generate(
+            policy, prompts, 2, sampling, torch.Generator().manual_seed(5)) for _ in range(2)]
+    want = HFGenerationBackend(tiny_tokenizer, compile_decode=False).generate(
+        policy, prompts, 2, sampling, torch.Generator().manual_seed(5))
+    assert got[0].response_ids == got[1].response_ids == want.response_ids
+    torch.testing.assert_close(got[0].logprobs, want.logprobs, atol=0, rtol=0)
+    said = [r for r in caplog.records if "could not be built" in r.getMessage()]
+    assert len(said) == 1 and "no C++ compiler" in said[0].getMessage() and said[0].levelname == "WARNING"
+    assert "--no-compile-decode" in said[0].getMessage()
+    assert not list(tmp_path.rglob("*.pt2"))
+
+
+def test_compile_decode_skips_unfused_models_with_one_line(policy, prompts, tiny_tokenizer, monkeypatch, caplog):
     from rlhfkit.rollout import compiled_decode
     from rlhfkit.rollout.fast_decode import FastDecoder
 
@@ -318,10 +366,11 @@ def test_compile_decode_skips_unfused_models_with_one_warning(policy, prompts, t
     monkeypatch.setattr(compiled_decode, "_build_in_child", lambda *a: pytest.fail("no build expected"))
     backend = HFGenerationBackend(tiny_tokenizer, compile_decode=True)
     sampling = SamplingConfig(max_new_tokens=6)
-    with caplog.at_level("WARNING", logger="rlhfkit"):
+    with caplog.at_level("INFO", logger="rlhfkit"):
         for _ in range(2):
             backend.generate(policy, prompts, 1, sampling, torch.Generator().manual_seed(0))
-    assert sum("--compile-decode applies to CPU" in r.getMessage() for r in caplog.records) == 1
+    said = [r for r in caplog.records if "the compiled step covers CPU policies" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"  # the default: a big model is not a mistake
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
@@ -335,7 +384,7 @@ def test_eager_cpu_decode_hints_at_compile_decode_once(fused, policy, prompts, t
     with caplog.at_level("INFO", logger="rlhfkit"):
         for _ in range(3):
             backend.generate(policy, prompts, 1, SamplingConfig(max_new_tokens=4), torch.Generator().manual_seed(0))
-    hints = [r for r in caplog.records if "--compile-decode compiles it once" in r.getMessage()]
+    hints = [r for r in caplog.records if "compiles it once and caches it" in r.getMessage()]
     assert len(hints) == (1 if fused else 0)
     assert all(r.levelname == "INFO" for r in hints)
 

@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto = chat when the tokenizer has its own chat template")
     p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
                    help="decode Llama/Mistral/Qwen2 policies with rlhfkit's lean step (same tokens and log-probs)")
-    p.add_argument("--compile-decode", action="store_true",
-                   help="CPU: run that decode step ahead-of-time compiled (needs a C++ compiler; built once, cached)")
+    p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=False,
+                   help="CPU: run that decode step ahead-of-time compiled (needs a C++ compiler; built once, cached; "
+                   "off by default here, unlike the trainers: a one-off evaluation rarely repays the build)")
     p.add_argument("--tools", default=None, help="tools the policies may call mid-response, 'file.py:fn1,fn2' "
                    "(typed, documented functions): multi-turn episodes, as rlhfkit's RL trainers run them")
     p.add_argument("--max-turns", type=int, default=3, help="--tools: most tool calls per response")

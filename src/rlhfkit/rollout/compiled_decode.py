@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -189,18 +190,31 @@ def compiled_step(decoder: Any, record: tuple[torch.Tensor, ...], temperature: f
         except Exception as error:  # no C++ compiler, an op the exporter cannot take, a full disk, ...
             message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             _FAILED.append(message)
-            logger.warning("--compile-decode: building the compiled decode step failed, decoding without it: %s",
-                           message)
+            logger.warning("the compiled decode step could not be built (%s); decoding with the eager step "
+                           "(--no-compile-decode skips the attempt)", message)
             return None
     return _LOADED[str(path)]
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would call ($CXX, else g++ / c++ / clang++ on the PATH), or None. Looked up
+    here, not through inductor, whose import the trainer process never pays (a cached package loads without
+    a compiler)."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
 def _build_in_child(spec: dict[str, Any], path: Path) -> None:
+    if cxx_compiler() is None:  # fail in a millisecond, not after the child's imports
+        raise RuntimeError("no C++ compiler found ($CXX, g++, c++ or clang++)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         spec_file, package = Path(work) / "spec.pt", Path(work) / "step.pt2"
         torch.save(spec, spec_file)
-        logger.info("--compile-decode: compiling the decode step (once; cached in %s)", path.parent)
+        logger.info("compiling the decode step for this model shape and sampling setting (once; cached in %s; "
+                    "--no-compile-decode skips it)", path.parent)
         done = subprocess.run([sys.executable, "-m", "rlhfkit.rollout.compiled_decode", str(spec_file),
                                str(package)], capture_output=True, text=True, env=_child_env())
         if done.returncode != 0 or not package.exists():
