@@ -310,6 +310,7 @@ def plot(points: list[dict], ceiling: float, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [row for point in points for row in offline_rows(point, ceiling)]
     stages = [s for s in OFFLINE if any(r["stage"] == s for r in rows)]
@@ -339,6 +340,7 @@ def plot(points: list[dict], ceiling: float, path: Path) -> None:
                         name = group if key == "size" else "{}–{} tokens".format(*BANDS[group])
                         ax.plot(*zip(*xy), color=color, label=f"{name} {lib}", **style)
             ax.set(xscale="log", yscale="log", title=stage.upper(), xlabel=label)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=6)
         axes[row][0].set_ylabel("useful tokens / s (fp32, CPU)")
