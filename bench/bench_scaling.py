@@ -160,51 +160,43 @@ def run_point(args, work: Path, size: str, band: str) -> dict:
     ]
     offline = [s for s in args.stages if s in OFFLINE]
     if offline:
-        out = args.out / f"{size}-{band}-offline.json"
-        cmd = [
-            sys.executable,
-            str(HERE / "bench_vs_trl.py"),
-            "--only",
-            ",".join(offline),
-            "--batch-size",
-            str(batch),
-            "--min-tokens",
-            str(point["min_tokens"]),
-            "--max-tokens",
-            str(hi),
-            "--max-length",
-            str(hi),
-            "--workdir",
-            str(work / f"{size}-{band}"),
-            "--results-json",
-            str(out),
-            *common,
-        ]
         print(f"== {size} x {band}: {' '.join(offline)}, batch {batch}", flush=True)
-        subprocess.run(cmd, check=False)
-        if out.exists():
-            point["offline"] = json.loads(out.read_text())
+        lengths = ["--min-tokens", str(point["min_tokens"]), "--max-tokens", str(hi), "--max-length", str(hi)]
+        point["offline"] = _bench(
+            "bench_vs_trl.py",
+            offline,
+            args.out / f"{size}-{band}-offline.json",
+            work / f"{size}-{band}",
+            ["--batch-size", str(batch), *lengths, *common],
+        )
     online = [s for s in args.stages if s in ONLINE]
     if online and band == "short":  # a rollout's length is its own (64 new tokens): one band is enough
-        out = args.out / f"{size}-online.json"
-        cmd = [
-            sys.executable,
-            str(HERE / "bench_rl_vs_trl.py"),
-            "--only",
-            ",".join(online),
-            "--libraries",
-            "rlhfkit,trl",
-            "--workdir",
-            str(work / f"{size}-rl"),
-            "--results-json",
-            str(out),
-            *common,
-        ]
         print(f"== {size}: {' '.join(online)}", flush=True)
-        subprocess.run(cmd, check=False)
-        if out.exists():
-            point["online"] = json.loads(out.read_text())
+        point["online"] = _bench(
+            "bench_rl_vs_trl.py",
+            online,
+            args.out / f"{size}-online.json",
+            work / f"{size}-rl",
+            ["--libraries", "rlhfkit,trl", *common],
+        )
     return point
+
+
+def _bench(script: str, stages: list[str], out: Path, workdir: Path, options: list[str]) -> dict:
+    """Run one of the side-by-side benches on ``stages``; its results payload ({} if it wrote none)."""
+    cmd = [
+        sys.executable,
+        str(HERE / script),
+        "--only",
+        ",".join(stages),
+        "--workdir",
+        str(workdir),
+        "--results-json",
+        str(out),
+        *options,
+    ]
+    subprocess.run(cmd, check=False)
+    return json.loads(out.read_text()) if out.exists() else {}
 
 
 # ------------------------------------------------------------------------------------------- table, plot
