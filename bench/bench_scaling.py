@@ -177,7 +177,7 @@ def run_point(args, work: Path, size: str, band: str) -> dict:
             online,
             args.out / f"{size}-online.json",
             work / f"{size}-rl",
-            ["--libraries", "rlhfkit,trl", *common],
+            ["--libraries", "rlhfkit,rlhfkit-eager,trl", *common],
         )
     return point
 
@@ -279,16 +279,20 @@ def build_table(points: list[dict], ceiling: float) -> str:
     if online:
         lines += [
             "",
-            "| model | algorithm | rlhfkit s/step (defaults) | of it generation | TRL s/step | of it generation "
-            "| speed-up | rlhfkit RSS MiB | TRL RSS MiB |",
+            "| model | algorithm | rlhfkit defaults s/step (generation) | rlhfkit eager decode s/step (generation) "
+            "| TRL s/step (generation) | speed-up, defaults | speed-up, eager | rlhfkit RSS MiB | TRL RSS MiB |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+
+        def cell(r: dict) -> str:
+            return f"{r['s_per_step']:.2f} ({r.get('gen_s_per_step') or 0:.2f})" if r else "—"
+
         for row in online:
-            ours, trl = row.get("rlhfkit", {}), row.get("trl", {})
+            ours, eager, trl = (row.get(lib, {}) for lib in ("rlhfkit", "rlhfkit-eager", "trl"))
             lines.append(
-                f"| {row['size']} | {row['stage'].upper()} | {ours.get('s_per_step', 0):.2f} "
-                f"| {ours.get('gen_s_per_step') or 0:.2f} | {trl.get('s_per_step', 0):.2f} "
-                f"| {trl.get('gen_s_per_step') or 0:.2f} | {_ratio(trl.get('s_per_step'), ours.get('s_per_step'))} "
+                f"| {row['size']} | {row['stage'].upper()} | {cell(ours)} | {cell(eager)} | {cell(trl)} "
+                f"| {_ratio(trl.get('s_per_step'), ours.get('s_per_step'))} "
+                f"| {_ratio(trl.get('s_per_step'), eager.get('s_per_step'))} "
                 f"| {ours.get('peak_rss_mib', 0):,.0f} | {trl.get('peak_rss_mib', 0):,.0f} |"
             )
     return "\n".join(lines)

@@ -107,6 +107,11 @@ def test_table_and_plot_from_point_files(bench, tmp_path):
     assert "| 1.50× |" in rows[0] and "| 1.50× |" in rows[1]
     per_token = 6 * 1_500_000 + 6 * 2 * 64 * 100.0
     assert f"| {3000 * per_token / 1e10:.0%} | {2000 * per_token / 1e10:.0%} |" in rows[0]
+    online = [{"algo": "grpo", "library": lib, "s_per_step": sps, "gen_s_per_step": gen, "peak_rss_mib": 700.0}
+              for lib, sps, gen in (("rlhfkit", 1.5, 0.7), ("rlhfkit-eager", 2.0, 1.2), ("trl", 2.4, 1.6))]
+    points[0]["online"] = {"results": online}
+    row = next(line for line in bench.build_table(points, 10.0).splitlines() if line.startswith("| 5M | GRPO"))
+    assert row.startswith("| 5M | GRPO | 1.50 (0.70) | 2.00 (1.20) | 2.40 (1.60) | 1.60× | 1.20× |")
     plot = tmp_path / "scaling.png"
     bench.plot(points, 10.0, plot)
     assert plot.stat().st_size > 1000
