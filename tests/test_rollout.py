@@ -314,6 +314,7 @@ def test_compile_decode_flag_reaches_the_backend(tiny_tokenizer):
 def test_compile_decode_default(monkeypatch):
     """On unless RLHFKIT_COMPILE_DECODE says 0 / false / no / off; a fresh interpreter (the CLI) reads it at
     import, so its --help shows the default it will use."""
+    import os
     import subprocess
     import sys
 
@@ -329,7 +330,7 @@ def test_compile_decode_default(monkeypatch):
     code = "from rlhfkit.trainers.rl import RLConfig; print(RLConfig().compile_decode)"
     for value, expected in (("1", "True"), ("0", "False")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**__import__("os").environ, "RLHFKIT_COMPILE_DECODE": value}).stdout.strip()
+                             env={**os.environ, "RLHFKIT_COMPILE_DECODE": value}).stdout.strip()
         assert out == expected
 
 
