@@ -502,8 +502,8 @@ def build_table(results: list[dict], args, info: dict, runs: list[dict] | None =
     t = info["trl_settings"]
     notes = [
         "",
-        f"Model: tiny Llama ({info['params'] / 1e6:.2f}M params: 4 layers, hidden 256, 4 heads, vocab "
-        f"{info['vocab']}), fp32, random init, no gradient checkpointing, one process at a time. Prompts: "
+        f"Model: Llama ({info['params'] / 1e6:.2f}M params: {info.get('shape', '?')}), fp32, "
+        f"random init, no gradient checkpointing, one process at a time. Prompts: "
         f"{info['n_prompts']} plain strings 'Write a sentence about <word>.' ({info['prompt_tokens']} tokens "
         "with BOS, tokenised the same way by both). Reward: the same Python function for both, "
         "count('e') / 4 of the decoded completion.",
@@ -663,6 +663,7 @@ def main(argv=None) -> int:
         "git": base.git_state(),
         "params": params,
         "vocab": config.vocab_size,
+        "shape": base.model_shape(config),
         "n_prompts": len(prompts),
         "prompt_tokens": f"{min(lengths)}"
         if min(lengths) == max(lengths)

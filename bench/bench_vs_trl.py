@@ -532,6 +532,12 @@ def combine(runs: list[dict], quiet_threshold: float) -> dict:
     return out
 
 
+def model_shape(config) -> str:
+    """'10 layers, hidden 768, 12 heads, vocab 16384': the shape a table's note names, read from the config."""
+    return (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_attention_heads} heads, vocab {config.vocab_size}")
+
+
 def git_state() -> str:
     """Commit of the checkout, with '+dirty' when src/ has uncommitted changes."""
     try:
@@ -679,8 +685,8 @@ def build_table(results: list[dict], data: dict, args, info: dict) -> str:
     timed = args.steps - args.warmup_steps
     notes = [
         "",
-        f"Model: tiny Llama ({info['params'] / 1e6:.2f}M params: 4 layers, hidden 256, 4 heads, vocab "
-        f"{info['vocab']}), fp32, random init; the reward model is the same checkpoint with a 1-output score "
+        f"Model: Llama ({info['params'] / 1e6:.2f}M params: {info.get('shape', '?')}), fp32, "
+        f"random init; the reward model is the same checkpoint with a 1-output score "
         f"head. Data: {data['rows']} rows per file, prompt+response "
         f"{data['min_tokens']}–{data['max_tokens']} tokens (uniform, incl. BOS/EOS), mean "
         f"{data['sft']['tokens_per_example']:.1f} tokens per SFT example "
@@ -839,6 +845,7 @@ def main(argv=None) -> int:
     info = {
         "params": params,
         "vocab": config.vocab_size,
+        "shape": model_shape(config),
         "torch_version": torch.__version__,
         "rlhfkit_git": git_state(),
         "trl_version": None,
