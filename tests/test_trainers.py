@@ -171,8 +171,19 @@ def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir
     same = tok("Same length twice", add_special_tokens=False).input_ids
     groups.append({"prompt_ids": tok("Echo").input_ids, "responses": [same + [tok.eos_token_id],
                    same[::-1] + [tok.eos_token_id]], "ranks": [0, 1], "margin": 0.0})
+    # a ranking of three (lengths 2, 1, 2: two runs of one length split by another) after a pair with the
+    # same prompt: adjacent groups with one prompt share one copy of it too
+    again = tok("Echo").input_ids
+    groups.append({"prompt_ids": again, "responses": [same[:2], [tok.eos_token_id], same[1:3]],
+                   "ranks": [0, 1, 2], "margin": 0.0})
     packed = collate_groups(groups, tok.pad_token_id, packed=True)
     padded = collate_groups(groups, tok.pad_token_id, packed=False)
+    shared = collate_groups(groups, tok.pad_token_id, packed=True, share_prompts=True)
+    prompt_tokens = [len(g["prompt_ids"]) for g in groups]
+    # each pair's prompt once, the last two groups' one prompt once for all five of their responses
+    assert shared["num_tokens"] == packed["num_tokens"] - sum(prompt_tokens[:3]) - 4 * len(again)
+    for key in ("group_index", "ranks", "margins"):
+        torch.testing.assert_close(shared[key], packed[key])
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert supports_packing(lm)
     with torch.no_grad():
@@ -182,19 +193,30 @@ def test_packed_and_padded_batches_give_same_logprobs_and_rewards(tiny_model_dir
         assert use_packed_attention(lm) and lm.config._attn_implementation == PACKED_ATTENTION
         torch.testing.assert_close(sequence_logps(lm, packed), padded_logps, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sequence_logps(lm, padded), padded_logps, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(sequence_logps(lm, shared), padded_logps, atol=1e-5, rtol=1e-5)
     # and the gradients: per-sequence attention backpropagates into each sequence's own slice only
-    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5])
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5, 1.5, -0.75, 0.3])
     grads = []
-    for batch in (packed, padded):
+    for batch in (packed, padded, shared):
         lm.zero_grad()
         (sequence_logps(lm, batch) * weights).sum().backward()
         grads.append([p.grad.clone() for p in lm.parameters()])
-    for g_packed, g_padded in zip(*grads, strict=True):
+    for g_packed, g_padded, g_shared in zip(*grads, strict=True):
         torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g_shared, g_padded, atol=1e-5, rtol=1e-4)
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
     assert use_packed_attention(rm)
     with torch.no_grad():
         torch.testing.assert_close(reward_scores(rm, packed), reward_scores(rm, padded), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reward_scores(rm, shared), reward_scores(rm, padded), atol=1e-5, rtol=1e-5)
+    rm_grads = []
+    for batch in (shared, padded):  # the reward model's gradients through the shared prompt's copy
+        rm.zero_grad()
+        (reward_scores(rm, batch) * weights).sum().backward()
+        rm_grads.append([p.grad.clone() for p in rm.parameters()])
+    for g_shared, g_padded in zip(*rm_grads, strict=True):
+        torch.testing.assert_close(g_shared, g_padded, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
         # and both equal transformers' own pooling on one unpadded sequence at a time
         for m, ids in enumerate(padded["input_ids"]):
             n = int(padded["attention_mask"][m].sum())
@@ -271,3 +293,31 @@ def test_models_load_without_hub_kernels(tiny_model_dir):
 
     for model in (load_causal_lm(tiny_model_dir), load_reward_model(tiny_model_dir)):
         assert getattr(model, "use_kernels", False) is False
+
+
+def test_shared_prompts_train_as_whole_sequences(tiny_model_dir, toy, tmp_path):
+    """The reward model on rankings and DPO on pairs with each prompt packed once for its responses (the
+    default) log the losses and gradient norms of the same runs with every response packed whole, step by step,
+    and the shared runs put fewer tokens through the model."""
+    from toy import ranked_rows, write_jsonl
+
+    ranked = write_jsonl(ranked_rows(64, seed=3), tmp_path / "ranked.jsonl")
+    runs = {"rm": (run_reward, RewardConfig, ranked, 1e-3, ("loss", "grad_norm", "accuracy", "reward_mean")),
+            "dpo": (run_dpo, DPOConfig, toy["pref_train"], 5e-4, ("loss", "grad_norm", "reward_margin"))}
+    for name, (run, config_class, data, lr, keys) in runs.items():
+        rows, summaries = [], []
+        for share in (True, False):
+            out = tmp_path / f"{name}-{share}"
+            summaries.append(run(config_class(model=str(tiny_model_dir), dataset=str(data), output_dir=str(out),
+                                              max_steps=4, per_device_batch_size=8, learning_rate=lr,
+                                              share_prompts=share, eval_on_start=False, **FAST)))
+            rows.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                         if '"loss"' in line])
+        assert [s["shared_prompts"] for s in summaries] == [True, False], name
+        assert len(rows[0]) == len(rows[1]) == 4
+        assert rows[0][-1]["loss"] != rows[0][0]["loss"]  # training moved, so step-by-step equality means something
+        for shared, whole in zip(*rows, strict=True):
+            for key in keys:
+                assert shared[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-5), (name, shared["step"], key)
+            # the same step put fewer tokens through the model (the rate logged counts processed tokens)
+            assert shared["tokens_per_s"] * shared["step_time_s"] < whole["tokens_per_s"] * whole["step_time_s"]

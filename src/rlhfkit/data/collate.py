@@ -175,7 +175,8 @@ def pack_shared_prompts(prompts: Sequence[Sequence[int]], responses: Sequence[Se
     }
 
 
-def collate_groups(groups: Sequence[dict[str, Any]], pad_token_id: int | None, packed: bool) -> dict[str, Any]:
+def collate_groups(groups: Sequence[dict[str, Any]], pad_token_id: int | None, packed: bool,
+                   share_prompts: bool = False) -> dict[str, Any]:
     """Batch response groups (from :func:`prepare_preferences`) as one sequence per response.
 
     Each sequence is ``prompt_ids + response`` with loss mask 0 on the prompt and 1 on the response. The
@@ -183,9 +184,14 @@ def collate_groups(groups: Sequence[dict[str, Any]], pad_token_id: int | None, p
     (``responses = [chosen, rejected]``) chosen sequences are the even rows (0, 2, ...) and rejected
     sequences the odd rows. Adds ``group_index`` [M] long (the group of each sequence), ``ranks`` [M]
     float32 (lower = better, ties equal), ``margins`` [num_groups] float32 and ``num_groups``.
+
+    ``share_prompts`` (a packed layout): a group's responses share one copy of its prompt
+    (:func:`pack_shared_prompts`, which needs rlhfkit's packed attention in the model). Scores and
+    log-probs are those of the separate sequences up to float rounding; a pair's prompt is processed once
+    instead of twice, a ranking's once instead of K times.
     """
-    sequences: list[list[int]] = []
-    masks: list[list[int]] = []
+    prompts: list[list[int]] = []
+    responses: list[list[int]] = []
     group_index: list[int] = []
     ranks: list[float] = []
     margins: list[float] = []
@@ -194,12 +200,17 @@ def collate_groups(groups: Sequence[dict[str, Any]], pad_token_id: int | None, p
         if len(group["ranks"]) != len(group["responses"]):
             raise ValueError(f"group {g}: {len(group['ranks'])} ranks for {len(group['responses'])} responses")
         for response, rank in zip(group["responses"], group["ranks"]):
-            sequences.append(prompt + list(response))
-            masks.append([0] * len(prompt) + [1] * len(response))
+            prompts.append(prompt)
+            responses.append(list(response))
             group_index.append(g)
             ranks.append(float(rank))
         margins.append(float(group.get("margin", 0.0) or 0.0))
-    batch = pack_batch(sequences, masks) if packed else pad_batch(sequences, masks, pad_token_id)
+    if share_prompts and all(prompts):  # a prompt-less row (no BOS either) has nothing to share
+        batch = pack_shared_prompts(prompts, responses)
+    else:
+        sequences = [p + r for p, r in zip(prompts, responses)]
+        masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
+        batch = pack_batch(sequences, masks) if packed else pad_batch(sequences, masks, pad_token_id)
     batch["group_index"] = torch.as_tensor(group_index, dtype=torch.long)
     batch["ranks"] = torch.as_tensor(ranks, dtype=torch.float32)
     batch["margins"] = torch.as_tensor(margins, dtype=torch.float32)

@@ -13,7 +13,7 @@ from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .checkpoint import atomic_dir_write, atomic_write_text, latest_checkpoint, list_checkpoints
-    from .config import TrainConfig, arg
+    from .config import SharedPromptOptions, TrainConfig, arg
     from .loop import Engine, Task, TrainingError
     from .metrics import MetricSums, StepResult
     from .seeds import epoch_seed, step_seed
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 # name -> the module that defines it; imported on first use, so that the config classes (``config``, no
 # torch) serve ``--help`` without loading torch and accelerate
 _HOMES = {"atomic_dir_write": "checkpoint", "atomic_write_text": "checkpoint", "latest_checkpoint": "checkpoint",
-          "list_checkpoints": "checkpoint", "TrainConfig": "config", "arg": "config", "Engine": "loop",
+          "list_checkpoints": "checkpoint", "SharedPromptOptions": "config", "TrainConfig": "config",
+          "arg": "config", "Engine": "loop",
           "Task": "loop", "TrainingError": "loop", "MetricSums": "metrics", "StepResult": "metrics",
           "epoch_seed": "seeds", "step_seed": "seeds", "resolve_precision": "setup",
           "shutdown_distributed": "setup"}
@@ -31,6 +32,7 @@ _HOMES = {"atomic_dir_write": "checkpoint", "atomic_write_text": "checkpoint", "
 __all__ = [
     "Engine",
     "MetricSums",
+    "SharedPromptOptions",
     "StepResult",
     "Task",
     "TrainingError",

@@ -92,3 +92,14 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class SharedPromptOptions:
+    """``--share-prompts``: a mixin of the configs of trainers that see several responses to one prompt."""
+
+    share_prompts: bool = arg(True, "Packed batches: the responses to one prompt (a preference pair, a ranking, "
+                              "the samples of an RL group) share one copy of it in every forward (same scores, "
+                              "log-probs and gradients up to float rounding; the prompt's tokens are processed "
+                              "once, not once per response). --no-share-prompts packs every response whole. "
+                              "Needs rlhfkit's packed attention (not flash-attention).")

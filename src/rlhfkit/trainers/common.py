@@ -16,7 +16,7 @@ from ..engine.run_folder import begin_run, check_output_dir
 from ..errors import ConfigError
 from ..models import LoraSettings
 from ..models.attention import use_packed_attention
-from ..models.forward import supports_packing
+from ..models.forward import shares_prompts, supports_packing
 
 logger = logging.getLogger("rlhfkit")
 
@@ -36,6 +36,12 @@ def resolve_packing(config: TrainConfig, model: torch.nn.Module, reward: bool = 
         logger.info("packing: %s does not isolate packed sequences; using padded batches",
                     type(model).__name__)
     return ok
+
+
+def prompt_sharing(config: TrainConfig, packed: bool, *models: torch.nn.Module | None) -> bool:
+    """Whether a run's batches give each prompt one copy for all its responses (``--share-prompts``): asked,
+    packed, and every model that reads the batches (None: absent) runs rlhfkit's packed attention."""
+    return bool(getattr(config, "share_prompts", False)) and packed and shares_prompts(*models)
 
 
 def lora_settings(config: TrainConfig) -> LoraSettings:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.config import TrainConfig, arg
+from ..engine.config import SharedPromptOptions, TrainConfig, arg
 from ..losses.names import DPO_LOSS_TYPES
 
 
@@ -18,14 +18,14 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(SharedPromptOptions, TrainConfig):
     learning_rate: float = arg(1e-5, "Peak learning rate (AdamW).")
     center_rewards_coef: float = arg(0.0, "Weight of the reward-centring penalty c·(r_chosen + r_rejected)²; "
                                      "0 disables it (try 0.01).")
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(SharedPromptOptions, TrainConfig):
     learning_rate: float = arg(5e-7, "Peak learning rate (AdamW); DPO wants small ones.")
     beta: float = arg(0.1, "β: strength of the implicit KL leash to the reference (higher = closer).")
     loss_type: str = arg("sigmoid", f"One of {', '.join(DPO_LOSS_TYPES)} (ipo_normalized / sigmoid_norm: "
@@ -58,7 +58,7 @@ class KTOConfig(TrainConfig):
 
 
 @dataclass
-class ReferenceFreeConfig(TrainConfig):
+class ReferenceFreeConfig(SharedPromptOptions, TrainConfig):
     """What the reference-free preference trainers (SimPO, ORPO, CPO) share: no reference model is loaded."""
 
     learning_rate: float = arg(1e-6, "Peak learning rate (AdamW).")

@@ -28,7 +28,15 @@ from ..models import check_same_tokenizer, load_causal_lm, load_tokenizer
 from ..models.attention import use_packed_attention
 from ..models.dropout import apply_dropout_setting
 from ..models.forward import loss_logits, loss_sequence_ids, loss_targets, num_sequences, to_device
-from .common import finish_run, iterate_batches, lora_settings, prepare_datasets, resolve_packing, start_run
+from .common import (
+    finish_run,
+    iterate_batches,
+    lora_settings,
+    prepare_datasets,
+    prompt_sharing,
+    resolve_packing,
+    start_run,
+)
 from .configs import DPOConfig
 
 logger = logging.getLogger("rlhfkit")
@@ -67,8 +75,10 @@ class DPOTask:
     name = "dpo"
 
     def __init__(self, config, pad_token_id: int, packed: bool, ref_model, eval_records: list,
-                 objective: PairObjective | None = None, uses_reference: bool = True, name: str | None = None):
+                 objective: PairObjective | None = None, uses_reference: bool = True, name: str | None = None,
+                 share_prompts: bool = False):
         self.config, self.pad_token_id, self.packed = config, pad_token_id, packed
+        self.share_prompts = packed and share_prompts  # a pair's two responses read one copy of its prompt
         self.ref_model = ref_model  # None: the policy with adapters disabled (LoRA), or no reference at all
         self.eval_records = eval_records
         self.objective = objective or self._dpo_objective
@@ -85,7 +95,7 @@ class DPOTask:
                         rejected_lengths=lengths[1::2])
 
     def collate(self, records) -> dict[str, Any]:
-        batch = collate_groups(list(records), self.pad_token_id, self.packed)
+        batch = collate_groups(list(records), self.pad_token_id, self.packed, self.share_prompts)
         if "ref_logps" in records[0]:
             batch["ref_logps"] = torch.tensor([v for r in records for v in r["ref_logps"]], dtype=torch.float32)
         return batch
@@ -219,7 +229,8 @@ class PreferenceRun:
 
     def finish(self, task: DPOTask) -> dict[str, Any]:
         return finish_run(self.engine, task, self.model, self.records, self.tokenizer,
-                          {"train_rows": self.train_rows, "train_pairs": len(self.records), "packing": self.packed})
+                          {"train_rows": self.train_rows, "train_pairs": len(self.records), "packing": self.packed,
+                           "shared_prompts": task.share_prompts})
 
 
 def start_preference_run(config) -> PreferenceRun:
@@ -286,7 +297,8 @@ def run_dpo(config: DPOConfig) -> dict[str, Any]:
         raise ConfigError("--sync-ref-model mixes whole parameters: use DDP or one process, not FSDP / DeepSpeed")
     ref_name = config.ref_model or config.model
     ref_model = load_reference(config, engine, run.tokenizer, run.lora, run.packed)
-    task = DPOTask(config, run.tokenizer.pad_token_id, run.packed, ref_model, run.eval_records)
+    task = DPOTask(config, run.tokenizer.pad_token_id, run.packed, ref_model, run.eval_records,
+                   share_prompts=prompt_sharing(config, run.packed, run.model, ref_model))
     if config.sync_ref_model:
         task.reference_sync = ReferenceSync(engine, ref_model, config.ref_model_mixup_alpha,
                                             config.ref_model_sync_steps)

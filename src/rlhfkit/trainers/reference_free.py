@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..losses import DPOLossOutput, cpo_loss, orpo_loss, simpo_loss
+from .common import prompt_sharing
 from .configs import CPOConfig, ORPOConfig, ReferenceFreeConfig, SimPOConfig
 from .dpo import DPOTask, PairObjective, start_preference_run
 
@@ -44,5 +45,5 @@ def run_reference_free(config: ReferenceFreeConfig) -> dict[str, Any]:
     name, objective = _objective(config)
     run = start_preference_run(config)
     task = DPOTask(config, run.tokenizer.pad_token_id, run.packed, None, run.eval_records, objective=objective,
-                   uses_reference=False, name=name)
+                   uses_reference=False, name=name, share_prompts=prompt_sharing(config, run.packed, run.model))
     return run.finish(task)

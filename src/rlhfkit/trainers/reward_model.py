@@ -14,7 +14,15 @@ from ..losses import ranked_bradley_terry_loss
 from ..models import load_reward_model, load_tokenizer
 from ..models.dropout import apply_dropout_setting
 from ..models.forward import LastTokenReward, to_device
-from .common import finish_run, iterate_batches, lora_settings, prepare_datasets, resolve_packing, start_run
+from .common import (
+    finish_run,
+    iterate_batches,
+    lora_settings,
+    prepare_datasets,
+    prompt_sharing,
+    resolve_packing,
+    start_run,
+)
 from .configs import RewardConfig
 
 logger = logging.getLogger("rlhfkit")
@@ -26,13 +34,13 @@ class RewardTask:
     name = "reward"
 
     def __init__(self, pad_token_id: int, packed: bool, center_rewards_coef: float, eval_records: list,
-                 eval_batch_size: int):
-        self.pad_token_id, self.packed = pad_token_id, packed
+                 eval_batch_size: int, share_prompts: bool = False):
+        self.pad_token_id, self.packed, self.share_prompts = pad_token_id, packed, packed and share_prompts
         self.center_rewards_coef = center_rewards_coef
         self.eval_records, self.eval_batch_size = eval_records, eval_batch_size
 
     def collate(self, records) -> dict[str, Any]:
-        return collate_groups(list(records), self.pad_token_id, self.packed)
+        return collate_groups(list(records), self.pad_token_id, self.packed, self.share_prompts)
 
     def batch_weight(self, batch) -> float:
         return float(batch["num_groups"])
@@ -85,7 +93,8 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
     model.to(engine.device)
     packed = resolve_packing(config, model, reward=True)
     task = RewardTask(tokenizer.pad_token_id, packed, config.center_rewards_coef, eval_records,
-                      config.per_device_eval_batch_size)
+                      config.per_device_eval_batch_size, prompt_sharing(config, packed, model))
     return finish_run(engine, task, LastTokenReward(model), records, tokenizer,
-                      {"train_rows": report.total_rows, "train_groups": len(records), "packing": packed},
+                      {"train_rows": report.total_rows, "train_groups": len(records), "packing": packed,
+                       "shared_prompts": task.share_prompts},
                       submodule="model")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...engine import TrainConfig, arg
+from ...engine import SharedPromptOptions, TrainConfig, arg
 from ...errors import ConfigError
 from ...losses import (
     GROUP_ADVANTAGE_TYPES,
@@ -26,7 +26,7 @@ CRITICS = ("value_head", "reward_model")
 
 
 @dataclass
-class RLConfig(RolloutOptions, TrainConfig):
+class RLConfig(RolloutOptions, SharedPromptOptions, TrainConfig):
     """Settings shared by ``rlhfkit ppo``, ``grpo``, ``rloo``, ``gspo`` and ``reinforce_pp`` (they differ in
     defaults only)."""
 
@@ -45,10 +45,6 @@ class RLConfig(RolloutOptions, TrainConfig):
     top_p: float = arg(1.0, "Nucleus sampling mass (1.0 = off).")
     max_new_tokens: int = arg(64, "Longest response in tokens.")
     stop_strings: str = arg("", "Comma-separated strings that end a response (kept, text after cut).")
-    share_prompts: bool = arg(True, "Packed batches: the samples of a prompt share one copy of it in the reference "
-                              "and update forwards (same log-probs and gradients up to float rounding; the prompt's "
-                              "tokens are processed once per group, not once per sample). --no-share-prompts "
-                              "packs every sample whole. Needs rlhfkit's packed attention (not flash-attention).")
     logprob_check_steps: int = arg(0, "Compare the rollout engine's log-probs of the sampled tokens with the "
                                    "trainer's forward: 0 = at the first step, N = every N steps (1, N+1, ...), "
                                    "-1 = never. Logged as rollout_logprob_diff_mean / _max and "

@@ -15,7 +15,6 @@ from ...judges.spec import load_judge
 from ...models import check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from ...models.attention import use_packed_attention
 from ...models.dropout import apply_dropout_setting
-from ...models.forward import shares_prompts
 from ...rollout.rewards import (
     ModelReward,
     build_reward_source,
@@ -26,7 +25,7 @@ from ...rollout.rewards import (
 )
 from ...rollout.tool_prompts import start_tool_worker
 from ...rollout.vllm_backend import build_rollout_backend
-from ..common import lora_settings, prepare_datasets, resolve_packing, start_run
+from ..common import lora_settings, prepare_datasets, prompt_sharing, resolve_packing, start_run
 from .config import RLConfig, check_config, reward_specs
 from .hacking import RewardHackingDetector
 from .policy import ActorCritic
@@ -124,7 +123,7 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
     for source in getattr(reward, "sources", [reward]):  # reward models run like the reference
         if isinstance(source, ModelReward):
             source.model = engine.prepare_frozen(source.model)
-    share = config.share_prompts and config.num_generations > 1 and shares_prompts(policy, ref_model, value_model)
+    share = config.num_generations > 1 and prompt_sharing(config, packed, policy, ref_model, value_model)
     task = RLTask(config, tokenizer, packed, ref_model, reward, build_rollout_backend(config, tokenizer),
                   eval_prompts, share_prompts=share)
     task.engine = engine
