@@ -94,6 +94,18 @@ def test_pipeline_skips_done_stages_and_force_reruns(tiny_pipeline):
     lines: list[str] = []
     run_pipeline(config, log=lines.append)
     assert sum("skipped" in line for line in lines) == 12
+    assert not any("warning" in line for line in lines)  # nothing changed since the stages ran
+    # a finished stage whose options changed since is still skipped, but not silently: the log names them
+    lines.clear()
+    changed = config.with_name("changed.yaml")
+    changed.write_text(config.read_text().replace("max_steps: 3}", "max_steps: 5}").replace(
+        "type: world, sft_demonstrations: 60", "type: world, sft_demonstrations: 61"))
+    run_pipeline(changed, log=lines.append)
+    warnings = [line for line in lines if "warning" in line]
+    assert len(warnings) == 2, lines
+    assert "world was done with other options (sft_demonstrations: 60 -> 61)" in warnings[0]
+    assert "dpo was done with other options (max_steps: 3 -> 5)" in warnings[1]
+    assert "--force dpo reruns it" in warnings[1]
     stamp = (run / "dpo" / "stage_done.json").stat().st_mtime_ns
     lines.clear()
     run_pipeline(config, force="dpo", only="dpo", log=lines.append)
@@ -477,3 +489,17 @@ def test_eval_stage_options_default_as_the_eval_command(tmp_path, monkeypatch, t
     assert stage_args == cli_args and stage_kwargs == cli_kwargs
     assert stage_kwargs["num_samples"] == 1 and stage_kwargs["sampling"].max_new_tokens == 128
     assert stage_kwargs["n_boot"] == 2000 and stage_kwargs["batch_size"] == 8
+
+
+def test_demo_writes_where_its_config_says_unless_told(tmp_path, monkeypatch):
+    """`rlhfkit demo --config FILE` without --output-dir uses the config's output_dir (loop.yaml and tools.yaml
+    have worlds of their own and must not land in, or reuse, the main demo's runs/demo)."""
+    from rlhfkit.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "one.yaml"
+    config.write_text("output_dir: from-config\nstages:\n  world: {type: world, sft_demonstrations: 10}\n")
+    assert run_demo(["--config", str(config)]) == 0
+    assert (tmp_path / "from-config" / "world" / "stage_done.json").exists()
+    assert run_demo(["--config", str(config), "--output-dir", "given"]) == 0
+    assert (tmp_path / "given" / "world" / "stage_done.json").exists() and not (tmp_path / "runs").exists()

@@ -27,15 +27,18 @@ def run_demo(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="rlhfkit demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--output-dir", default=None,
+                   help="where the stages go (default: the config's output_dir, e.g. runs/demo, runs/demo-loop)")
     p.add_argument("--seed", type=int, default=None, help="world and training seed (default: the config's, 0)")
     p.add_argument("--config", default="demo", help="a bundled config name (demo, hacking, cai, compare, tools, eval, loop) or a YAML file")
     p.add_argument("--force", nargs="?", const=True, default=False,
                    help="rerun stages that are done: all, or a comma list of names")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.OPTION=VALUE")
     a = p.parse_args(argv)
+    from .pipeline import load_pipeline
+
     config = Path(a.config) if a.config.endswith((".yaml", ".yml")) else bundled_config(a.config)
-    out = Path(a.output_dir)
+    out = Path(a.output_dir or load_pipeline(config).get("output_dir") or "runs/demo")
     print(f"rlhfkit demo: {config.name} -> {out}")
     run_pipeline(config, output_dir=str(out), seed=a.seed, force=a.force, overrides=parse_sets(a.set))
     for summary_file, report in _outputs(config, out):

@@ -241,8 +241,13 @@ def run_stages(stages: dict[str, dict[str, Any]], folder: Path, refs: dict[str, 
         done = out / DONE_FILE
         if name not in selected or (done.exists() and name not in forced):
             if done.exists():
-                results[name] = json.loads(done.read_text(encoding="utf-8")).get("summary", {})
+                record = json.loads(done.read_text(encoding="utf-8"))
+                results[name] = record.get("summary", {})
                 log(f"[{i}/{len(names)}] {name} ({kind}): done before, skipped (--force {name} reruns it)")
+                changed = changed_options(record, kind, options)
+                if changed:
+                    log(f"    warning: {name} was done with other options ({changed}); its results are "
+                        f"used as they are (--force {name} reruns it with this config's)")
             continue
         if before is not None:
             before(name)
@@ -262,6 +267,18 @@ def run_stages(stages: dict[str, dict[str, Any]], folder: Path, refs: dict[str, 
                                    default=str), encoding="utf-8")
         log(f"    {name}: {timings[name]:.1f}s")
     return results, timings
+
+
+def changed_options(record: dict[str, Any], kind: str, options: dict[str, Any]) -> str:
+    """How a finished stage's record (stage_done.json) differs from the stage as configured now: ``''`` when
+    not at all, else e.g. ``"type rm -> dpo; red_team_mutations: None -> 7"`` (a key one side lacks shows as
+    None). Values are compared as the record stores them (JSON, paths as text)."""
+    now = json.loads(json.dumps(options, default=str))
+    before = record.get("options", {})
+    diffs = [f"type {record.get('type')} -> {kind}"] if record.get("type", kind) != kind else []
+    diffs += [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+              if before.get(key) != now.get(key)]
+    return "; ".join(diffs)
 
 
 def run_pipeline(config_path: str | Path, output_dir: str | None = None, seed: int | None = None,
