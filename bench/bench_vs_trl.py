@@ -15,8 +15,10 @@ way, independently of their own logging:
   holds whole iterations (data, forward, backward, clipping, optimizer, the library's own logging);
 * useful tokens: a global forward pre-hook on ``nn.Embedding`` modules that are training with grad
   enabled (the policy / reward model, never the frozen DPO reference) counts the non-pad input ids of
-  every step. As a cross-check, the table also shows the estimate "mean example length x batch / s per
-  step" computed from the data files (chosen + rejected for RM and DPO).
+  every step; a prompt that rlhfkit's packed batch shares among its responses counts once per response,
+  as the data holds it (the model sees it once: fewer tokens processed, same useful tokens). As a
+  cross-check, the table also shows the estimate "mean example length x batch / s per step" computed
+  from the data files (chosen + rejected for RM and DPO).
 
 The data set holds exactly steps x batch rows, so each library consumes every row once (in its own order);
 the script checks that the tokens each library counted over all steps equal the tokens of the data, that
@@ -201,6 +203,7 @@ class Probe:
         self.step_tokens: list[int] = []
         self.step_padded: list[int] = []
         self._tokens = self._padded = 0
+        self._shared = 0  # prompt tokens rlhfkit's shared-prompt batches did not repeat (see count_shared_prompts)
         self.autocast_seen = False
         self.embedding_dtypes: set[str] = set()
         self.optimizers: set[str] = set()
@@ -241,14 +244,29 @@ class Probe:
             self.step_ends.append(time.perf_counter())
             self.optimizer_s.append(self.step_ends[-1] - self._step_start)
             self.cpu.append(cpu_seconds())
-            self.step_tokens.append(self._tokens)
-            self.step_padded.append(self._padded)
-            self._tokens = self._padded = 0
+            self.step_tokens.append(self._tokens + self._shared)
+            self.step_padded.append(self._padded + self._shared)
+            self._tokens = self._padded = self._shared = 0
             self.optimizers.add(type(optimizer).__name__)
 
         register_module_forward_pre_hook(on_forward)
         register_optimizer_step_pre_hook(before_step)
         register_optimizer_step_post_hook(on_step)
+
+    def count_shared_prompts(self) -> None:
+        """Count a prompt that rlhfkit's packed batch shares among its responses (``--share-prompts``) once per
+        response, as the data holds it: useful tokens are the examples' tokens whatever the layout, so the
+        tokens a library saves by not repeating a prompt make it faster, not its token count smaller."""
+        from rlhfkit.data import collate
+
+        packed_once = collate.pack_shared_prompts
+
+        def counted(prompts, responses):
+            batch = packed_once(prompts, responses)
+            self._shared += sum(len(p) + len(r) for p, r in zip(prompts, responses)) - batch["num_tokens"]
+            return batch
+
+        collate.pack_shared_prompts = counted
 
 
 def peak_rss_mib() -> float:
@@ -424,6 +442,8 @@ def child(spec_path: str) -> None:
     rss_import = peak_rss_mib()
     probe = Probe(spec["pad_token_id"])
     probe.install()
+    if spec["library"] == "rlhfkit":
+        probe.count_shared_prompts()
     t0 = time.perf_counter()
     extra = run_rlhfkit(spec) if spec["library"] == "rlhfkit" else run_trl(spec)
     wall = time.perf_counter() - t0
@@ -713,7 +733,8 @@ def build_table(results: list[dict], data: dict, args, info: dict) -> str:
     notes += [
         f"Useful tok/s = non-pad tokens fed to the trained model during the {timed} timed steps "
         "(counted by a "
-        "forward hook; chosen + rejected for RM and DPO) / time from the end of the last warm-up step to the "
+        "forward hook; chosen + rejected for RM and DPO; a prompt rlhfkit shares among a pair's responses "
+        "counted once per response, as the data holds it) / time from the end of the last warm-up step to the "
         "end of the last step (optimizer-step hook). Data order differs between the libraries, so the last "
         "column gives the library-independent estimate mean example length × batch × timed steps / time. "
         "s/step over the timed steps. Peak RSS = VmHWM of the process that trained (imports included). "
