@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import Counter
 
 import pytest
@@ -106,6 +107,12 @@ def test_pipeline_skips_done_stages_and_force_reruns(tiny_pipeline):
     assert "world was done with other options (sft_demonstrations: 60 -> 61)" in warnings[0]
     assert "dpo was done with other options (max_steps: 3 -> 5)" in warnings[1]
     assert "--force dpo reruns it" in warnings[1]
+    # a run folder copied whole is the same run: its stages' paths into the old folder count as the new one's
+    copy = run.with_name("copied")
+    shutil.copytree(run, copy)
+    lines.clear()
+    run_pipeline(config, output_dir=str(copy), log=lines.append)
+    assert sum("skipped" in line for line in lines) == 12 and not any("warning" in line for line in lines), lines
     stamp = (run / "dpo" / "stage_done.json").stat().st_mtime_ns
     lines.clear()
     run_pipeline(config, force="dpo", only="dpo", log=lines.append)

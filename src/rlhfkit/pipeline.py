@@ -244,7 +244,7 @@ def run_stages(stages: dict[str, dict[str, Any]], folder: Path, refs: dict[str, 
                 record = json.loads(done.read_text(encoding="utf-8"))
                 results[name] = record.get("summary", {})
                 log(f"[{i}/{len(names)}] {name} ({kind}): done before, skipped (--force {name} reruns it)")
-                changed = changed_options(record, kind, options)
+                changed = changed_options(record, kind, options, folder)
                 if changed:
                     log(f"    warning: {name} was done with other options ({changed}); its results are "
                         f"used as they are (--force {name} reruns it with this config's)")
@@ -263,18 +263,35 @@ def run_stages(stages: dict[str, dict[str, Any]], folder: Path, refs: dict[str, 
         summary.setdefault("wall_seconds", timings[name])
         results[name] = summary
         out.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps({"type": kind, "options": options, "summary": summary}, indent=2,
-                                   default=str), encoding="utf-8")
+        done.write_text(json.dumps({"type": kind, "options": options, "summary": summary, "folder": str(folder)},
+                                   indent=2, default=str), encoding="utf-8")
         log(f"    {name}: {timings[name]:.1f}s")
     return results, timings
 
 
-def changed_options(record: dict[str, Any], kind: str, options: dict[str, Any]) -> str:
+def _rebased(value: Any, old: re.Pattern, new: str) -> Any:
+    """``value`` (JSON-like) with every path that starts with the ``old`` folder moved to ``new``."""
+    if isinstance(value, str):
+        return old.sub(lambda _: new, value)
+    if isinstance(value, list):
+        return [_rebased(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _rebased(v, old, new) for k, v in value.items()}
+    return value
+
+
+def changed_options(record: dict[str, Any], kind: str, options: dict[str, Any], folder: Path) -> str:
     """How a finished stage's record (stage_done.json) differs from the stage as configured now: ``''`` when
     not at all, else e.g. ``"type rm -> dpo; red_team_mutations: None -> 7"`` (a key one side lacks shows as
-    None). Values are compared as the record stores them (JSON, paths as text)."""
+    None). Values are compared as the record stores them (JSON, paths as text), except that paths into the
+    folder the record was made in are read as paths into ``folder``: a run folder moved or copied whole is
+    the same run."""
     now = json.loads(json.dumps(options, default=str))
     before = record.get("options", {})
+    made_in = record.get("folder")
+    if made_in and made_in != str(folder):
+        inside = re.compile(re.escape(made_in) + r"(?=[/\\]|$)")
+        before = _rebased(before, inside, str(folder))
     diffs = [f"type {record.get('type')} -> {kind}"] if record.get("type", kind) != kind else []
     diffs += [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
               if before.get(key) != now.get(key)]
