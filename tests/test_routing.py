@@ -390,6 +390,12 @@ def test_routed_collect_stage_reports_judge_accuracy_against_gold(tmp_path, monk
     with Database(str(out / "labels.db")).session() as s:
         priorities = [it.priority for it in s.scalars(sa.select(Item))]
     assert priorities and all(p is not None and p >= 0 for p in priorities)
+    # the same seed gives the same labels: the simulated annotators' display orders are seeded too (the app's
+    # own stay unpredictable), and their position bias would otherwise flip some of their choices
+    again = StageContext(name="again", output_dir=tmp_path / "again", run_dir=tmp_path, seed=0, defaults={},
+                         results={}, options=ctx.options)
+    route_stage.routed_collect_stage(again)
+    assert _lines(tmp_path / "again" / "labels.jsonl") == labels
 
 
 def test_routed_collect_stage_samples_a_real_policy(tmp_path, tiny_model_dir):

@@ -293,8 +293,9 @@ def shown_order(tasks: Sequence[str], order: Sequence[int]) -> list[int]:
     return list(order) if set(tasks) - {"pairwise"} else list(order[:2])
 
 
-def next_assignment(db: Database, user: User, project_id: int) -> Assignment | None:
-    """The user's open assignment in the project, or a new one (None when nothing is left for them).
+def next_assignment(db: Database, user: User, project_id: int, rng: random.Random = _rng) -> Assignment | None:
+    """The user's open assignment in the project, or a new one (None when nothing is left for them). ``rng``
+    draws its pair and display order (unpredictable by default; a seeded one makes a simulation repeatable).
 
     Items are served by ``priority`` (higher first, NULL last), then in import order. A new assignment takes
     the lowest free slot of its item. SQLite serialises write transactions
@@ -330,9 +331,9 @@ def next_assignment(db: Database, user: User, project_id: int) -> Assignment | N
                         continue  # filled while we waited for its lock: look again
                     slot = min(free)
                 k = len(item.responses)
-                pair = pick_pair(k, [order[:2] for _, order in taken]) if "pairwise" in project.tasks else None
+                pair = pick_pair(k, [order[:2] for _, order in taken], rng) if "pairwise" in project.tasks else None
                 assignment = Assignment(item_id=item.id, user_id=user.id, project_id=project_id, slot=slot,
-                                        order=display_order(k, pair))
+                                        order=display_order(k, pair, rng))
                 s.add(assignment)
                 s.flush()
                 return assignment

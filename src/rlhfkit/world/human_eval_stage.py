@@ -102,12 +102,14 @@ def label_with_panel(db: Any, project_id: int, panel: list[Any], judge: Any, see
     from ..label import service
     from ..label.db import Assignment
 
-    rng = random.Random(seed)
+    # seeded draws for the labels and for the app's display orders (the annotators' position bias makes the
+    # order count): one seed, one set of labels
+    rng, shown = random.Random(seed), random.Random(seed + 1)
     users = [service.create_user(db, a.name)[0] for a in panel]
     active, labels = list(range(len(panel))), 0
     while active:
         for i in list(active):  # round robin, so every item's slots go to different annotators
-            assignment = service.next_assignment(db, users[i], project_id)
+            assignment = service.next_assignment(db, users[i], project_id, shown)
             if assignment is None:
                 active.remove(i)
                 continue
