@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: bench-scaling demo demo-seeds demo-hacking-seeds demo-hacking demo-eval demo-cai demo-compare demo-compare-seeds demo-tools demo-tools-seeds demo-loop test test-fast lint \
+.PHONY: bench-scaling demo demo-seeds demo-hacking-seeds demo-hacking demo-eval demo-cai demo-compare demo-compare-seeds demo-tools demo-tools-seeds demo-loop demo-loop-seeds test test-fast lint \
 	bench clean system-deps
 
 $(STAMP): pyproject.toml
@@ -59,6 +59,11 @@ demo-tools-seeds: $(STAMP)
 # every label so far -> PPO -> evaluate, beside one round with the same label budget (its own folder and world).
 demo-loop: $(STAMP)
 	$(PY) -m rlhfkit demo --config loop --output-dir runs/demo-loop
+
+# The loop demo on seeds 0-2 (SEEDS=...), one table: which of its four claims hold on each seed.
+demo-loop-seeds: SEEDS := $(if $(filter file,$(origin SEEDS)),0-2,$(SEEDS))
+demo-loop-seeds: $(STAMP)
+	$(PY) bench/demo_seeds.py --config loop --seeds $(SEEDS) --out runs/seeds
 
 # PPO, GRPO, DPO, KTO, SimPO and ORPO from the same SFT model, one table by the gold judge (reuses the demo's
 # world, models, preferences, reward model, PPO and DPO when present; up to ~30 min on 2 cores from scratch).

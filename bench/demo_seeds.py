@@ -20,6 +20,14 @@ when, the proxy reward's rise, the gold score before and after, and how many see
     python bench/demo_seeds.py --config compare --seeds 0-2 --out runs/seeds   # (make demo-compare-seeds)
     python bench/demo_seeds.py --config tools --seeds 0-4 --out runs/seeds     # (make demo-tools-seeds)
 
+With ``--config loop`` (or a variant of loop.yaml given as a file) each seed gets its own ``loop-seed-S`` folder
+(``STEM-seed-S`` for a file) and the table lists, per seed, the gold score of each round and of the one-round
+run with the same label budget, the last round's reward model against round 1's on the final policy's fresh
+pairs, held-out attack success before and after with intervals, over-refusal, the human share of the labels
+and which of the four claims of ``make demo-loop`` hold (issue 26); then how many seeds hold each claim.
+
+    python bench/demo_seeds.py --config loop --seeds 0-2 --out runs/seeds    # (make demo-loop-seeds)
+
 With ``--config tools`` (its world differs from the main demo's, so each seed gets its own ``tools-seed-S``
 folder) the table lists, per seed, held-out accuracy on tool-only questions of SFT and GRPO with their
 intervals, the rise in points, the tool-call rates, GRPO's accuracy without the tools, and the wall time; a
@@ -107,16 +115,31 @@ def policies_of(summaries: dict[int, dict]) -> list[str]:
     return names
 
 
+def is_loop(config: str | None) -> bool:
+    """Is ``config`` the loop demo (loop.yaml, or a file with a loop_summary stage)?"""
+    if config == "loop":
+        return True
+    if not config or not config.endswith((".yaml", ".yml")):
+        return False
+    from rlhfkit.pipeline import load_pipeline
+
+    return any(s.get("type") == "loop_summary" for s in load_pipeline(config)["stages"].values())
+
+
 def seed_folder(out: Path, seed: int, config: str | None) -> Path:
     """A seed's demo folder: the main, compare and hacking configs share one (they reuse each other's stages);
-    the tools config has a world of its own."""
-    return out / (f"tools-seed-{seed}" if config == "tools" else f"seed-{seed}")
+    the tools and loop configs have worlds of their own (a loop variant given as a file: its file name)."""
+    if config == "tools" or config == "loop":
+        return out / f"{config}-seed-{seed}"
+    if is_loop(config):
+        return out / f"{Path(str(config)).stem}-seed-{seed}"
+    return out / f"seed-{seed}"
 
 
 def run_seed(seed: int, out: Path, config: str | None) -> dict:
     """The demo's summary for ``seed`` (run unless already finished), with the wall time it took."""
     folder = seed_folder(out, seed, config)
-    summary_file = folder / summary_name(config)
+    summary_file = folder / ("summary_loop.json" if is_loop(config) else summary_name(config))
     if not summary_file.exists():
         log = folder.parent / f"{folder.name}.log"
         code = run_demo(seed, folder, config, log)
@@ -298,6 +321,45 @@ def tools_table(summaries: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+# the claims loop_summary tests, in its order, as the table's short column names
+LOOP_CLAIMS = ("RM", "gold", "ASR", "refusal")
+
+
+def _stage_seconds(folder: Path) -> float | None:
+    """The wall time of a finished demo folder: the sum of its stages' ``wall_seconds`` (a loop variant that
+    reused another run's first stages counts them too)."""
+    total = [json.loads(f.read_text()).get("summary", {}).get("wall_seconds") for f in folder.glob("*/stage_done.json")]
+    total = [t for t in total if isinstance(t, int | float)]
+    return sum(total) if total else None
+
+
+def loop_table(summaries: dict[int, dict], walls: dict[int, float | None]) -> str:
+    """Per seed: gold by round and for one round, the RM comparison, ASR before -> after, over-refusal, the
+    human share and the claims (y/n in LOOP_CLAIMS' order); then per claim, how many seeds hold it."""
+    head = ["seed", "gold by round", "one round", "last RM / round-1 RM (pairs)", "ASR before -> after",
+            "over-ref.", "human", "claims " + "/".join(LOOP_CLAIMS), "wall s"]
+    rows, held = [], [0] * len(LOOP_CLAIMS)
+    for seed, s in summaries.items():
+        cols = s["columns"]
+        rounds = [c for name, c in cols.items() if name.startswith("round ")]
+        last, one, before = rounds[-1], cols["one round"], cols["SFT (before)"]
+        claims = [bool(c["holds"]) for c in s["claims"]]
+        held = [h + c for h, c in zip(held, claims)]
+        rate = lambda st: f"{st['rate']:.3f} [{st['ci_low']:.2f},{st['ci_high']:.2f}]"  # noqa: E731
+        rows.append([str(seed), " / ".join(f"{c['gold']:.3f}" for c in rounds), f"{one['gold']:.3f}",
+                     f"{last['rm_accuracy_fresh']:.3f} / {last['rm1_accuracy_fresh']:.3f} ({last['fresh_pairs']})",
+                     f"{rate(before['heldout_asr'])} -> {rate(last['heldout_asr'])}",
+                     f"{last['over_refusal']['rate']:.3f}", f"{s['labels']['human_share']:.2f}",
+                     "/".join("y" if c else "N" for c in claims),
+                     "n/a" if walls.get(seed) is None else f"{walls[seed]:.0f}"])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append("claims holding: " + ", ".join(f"{name} {n}/{len(summaries)} seeds"
+                                                for name, n in zip(LOOP_CLAIMS, held)))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0-9", help="e.g. 0-9 or 0,3,5")
@@ -313,6 +375,10 @@ def main() -> None:
     summaries = {seed: run_seed(seed, Path(a.out), a.config) for seed in parse_seeds(a.seeds)}
     if a.config == "tools":
         print(tools_table(summaries))
+        return
+    if is_loop(a.config):
+        walls = {seed: _stage_seconds(seed_folder(Path(a.out), seed, a.config)) for seed in summaries}
+        print(loop_table(summaries, walls))
         return
     print(table(summaries, train_time=bool(a.config)))
     missed = misses(summaries)

@@ -88,3 +88,33 @@ def test_the_bundled_loop_config_checks():
         if step not in ("label", "ppo"):
             if step != "rm1_fresh":  # round 1's RM: the loop's, or the one round's own
                 assert single["steps"][step] == loop["steps"][step], step
+
+
+def test_the_seed_sweep_table_counts_the_claims_per_seed(tmp_path):
+    """bench/demo_seeds.py --config loop: one row per seed from summary_loop.json, the claims as y/N in the
+    summary's order, and per claim how many seeds hold it."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_seeds", Path(__file__).resolve().parents[1] / "bench" / "demo_seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    summaries = {}
+    for seed, last_gold in ((0, 0.9), (1, 0.7)):  # seed 1's loop ends below the one-round run's 0.8
+        run = tmp_path / str(seed)
+        _write(run / "loop", "rounds.json", {"per_round": [_round(0.6, 0.75, 0.75, 20, 2, 60, 40, 0.9),
+                                                            _round(last_gold, 0.8, 0.6, 10, 5, 30, 70, 0.8)]})
+        _write(run / "single", "rounds.json", {"per_round": [_round(0.8, 0.75, 0.75, 15, 3, 90, 110, 0.85)]})
+        _write(run / "before", "red_team.json", {"asr": {"overall": _rate(40, 100)},
+                                                 "over_refusal": {"overall": _rate(1, 100)}})
+        ctx = StageContext(name="s", output_dir=run / "s", options={"rounds": str(run / "loop"),
+                           "single": str(run / "single"), "before": str(run / "before")},
+                           run_dir=run, seed=seed, defaults={}, results={})
+        loop_summary_stage(ctx)
+        summaries[seed] = json.loads((run / "summary_loop.json").read_text())
+    lines = seeds.loop_table(summaries, {0: 812.0, 1: None}).splitlines()
+    assert lines[1].split()[:5] == ["0", "0.600", "/", "0.900", "0.800"] and lines[1].split()[-2:] == ["y/y/y/y", "812"]
+    assert lines[2].split()[-2:] == ["y/N/y/y", "n/a"]
+    assert lines[-1] == "claims holding: RM 2/2 seeds, gold 1/2 seeds, ASR 2/2 seeds, refusal 2/2 seeds"
+    assert seeds.seed_folder(tmp_path, 3, "loop") == tmp_path / "loop-seed-3"
