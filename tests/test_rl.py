@@ -167,11 +167,17 @@ def test_ppo_with_value_model_from_reward_model(tiny_model_dir, rl_files, tmp_pa
     from rlhfkit.models.tiny import build_tiny_model
 
     rm_dir = build_tiny_model(tmp_path / "rm", reward=True)
-    out = tmp_path / "ppo_rm"
-    run_rl(_config(PPOConfig, tiny_model_dir, rl_files, out, reward_fn=None, reward_model=str(rm_dir),
-                   critic="reward_model", prompts_per_step=4, num_generations=1, max_steps=2,
-                   learning_rate=1e-3, missing_eos_penalty=1.0))
-    rows = _rows(out)
+    runs = {}
+    for checkpointing in (False, True):  # activation checkpointing on the policy and the value model
+        out = tmp_path / f"ppo_rm_{checkpointing}"
+        run_rl(_config(PPOConfig, tiny_model_dir, rl_files, out, reward_fn=None, reward_model=str(rm_dir),
+                       critic="reward_model", prompts_per_step=4, num_generations=1, max_steps=2,
+                       learning_rate=1e-3, missing_eos_penalty=1.0, gradient_checkpointing=checkpointing))
+        runs[checkpointing] = _rows(out)
+    rows = runs[False]
+    for plain, checkpointed in zip(rows, runs[True], strict=True):  # it changes memory, not the run
+        for key in ("loss", "value_loss", "kl", "score_mean"):
+            assert checkpointed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
     assert all(r["value_loss"] > 0 and r["value_loss"] == r["value_loss"] for r in rows)
     assert all(-1.0 <= r["explained_variance"] <= 1.0 for r in rows)
     assert rows[0]["no_eos_rate"] > 0  # a random model rarely ends within 16 tokens: the penalty applies

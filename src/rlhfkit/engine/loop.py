@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ConfigError, RlhfkitError
+from ..models.forward import enable_activation_checkpointing
 from .checkpoint import read_state, resume_checkpoint
 from .config import TrainConfig
 from .metrics import MetricSums, StepResult, append_row, logged_row, restart_logs, task_postfix
@@ -275,7 +276,7 @@ class Engine(ParallelMixin, SavingMixin):
         checkpointing, the optimizer, ``accelerate.prepare`` (DDP / FSDP / DeepSpeed), the LR schedule, and the
         objects every checkpoint carries. Sets ``self.model``, ``self.optimizer``, ``self.scheduler``."""
         if self.config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         optimizer = self.build_optimizer(model)

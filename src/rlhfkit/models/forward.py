@@ -18,6 +18,17 @@ from .attention import PACKED_ATTENTION, SHARED_PROMPTS
 logger = logging.getLogger("rlhfkit")
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant, as torch
+    recommends). transformers 5 names it ``activation_checkpointing_enable`` and keeps the older
+    ``gradient_checkpointing_enable`` as a deprecated alias; rlhfkit's wrappers define the new name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers 4
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Move the tensors of a batch to ``device`` (other values pass through)."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -205,8 +216,8 @@ class LastTokenReward(torch.nn.Module):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return reward_scores(self.model, batch)
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.model.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **_: Any) -> None:
+        enable_activation_checkpointing(self.model)
 
     def enable_input_require_grads(self) -> None:
         self.model.enable_input_require_grads()

@@ -7,7 +7,14 @@ from typing import Any
 import torch
 
 from ...losses import selected_token_logprobs
-from ...models.forward import at_loss_positions, forward_inputs, loss_logits, loss_targets, reward_parts
+from ...models.forward import (
+    at_loss_positions,
+    enable_activation_checkpointing,
+    forward_inputs,
+    loss_logits,
+    loss_targets,
+    reward_parts,
+)
 
 
 class ActorCritic(torch.nn.Module):
@@ -30,11 +37,10 @@ class ActorCritic(torch.nn.Module):
             torch.nn.init.zeros_(self.value_head.weight)  # values start at 0: no random critic noise
             torch.nn.init.zeros_(self.value_head.bias)
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        if self.policy is not None:
-            self.policy.gradient_checkpointing_enable(**kwargs)
-        if self.value_model is not None:
-            self.value_model.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **_: Any) -> None:
+        for model in (self.policy, self.value_model):
+            if model is not None:
+                enable_activation_checkpointing(model)
 
     def forward(self, batch: dict[str, Any], with_logits: bool = True) -> tuple[torch.Tensor | None,
                                                                                   torch.Tensor | None]:
