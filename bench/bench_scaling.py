@@ -145,6 +145,7 @@ def run_point(args, work: Path, size: str, band: str) -> dict:
         "shape": flop_shape(model_dir),
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
+        "gradient_checkpointing": args.gradient_checkpointing,
     }
     common = [
         "--steps",
@@ -165,9 +166,10 @@ def run_point(args, work: Path, size: str, band: str) -> dict:
         point["offline"] = _bench(
             "bench_vs_trl.py",
             offline,
-            args.out / f"{size}-{band}-offline.json",
+            args.out / f"{size}-{band}{'-gc' if args.gradient_checkpointing else ''}-offline.json",
             work / f"{size}-{band}",
-            ["--batch-size", str(batch), *lengths, *common],
+            ["--batch-size", str(batch), *lengths, *common]
+            + (["--gradient-checkpointing"] if args.gradient_checkpointing else []),
         )
     online = [s for s in args.stages if s in ONLINE]
     if online and band == "short":  # a rollout's length is its own (64 new tokens): one band is enough
@@ -363,6 +365,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--warmup-steps", type=int, default=2, help="first steps left out of the timing (default 2)"
     )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="SFT/RM/DPO with activation checkpointing in both libraries (point files get a -gc suffix)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     p.add_argument("--workdir", default=str(base.RESULTS / "scaling-work"), help="models, data, logs")
@@ -415,7 +422,8 @@ def main(argv=None) -> int:
                     "ceiling_gflops": ceiling,
                     "git": base.git_state(),
                 }
-                (args.out / f"point-{size}-{band}.json").write_text(json.dumps(point, indent=1))
+                suffix = "-gc" if args.gradient_checkpointing else ""
+                (args.out / f"point-{size}-{band}{suffix}.json").write_text(json.dumps(point, indent=1))
                 points.append(point)
     table = build_table(points, ceiling)
     print("\n" + table)

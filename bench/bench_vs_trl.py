@@ -329,6 +329,7 @@ def run_rlhfkit(spec: dict) -> dict:
         eval_on_start=False,
         logging_steps=1,
         packing=spec["rlhfkit_packing"],
+        gradient_checkpointing=spec.get("gradient_checkpointing", False),
         overwrite=True,  # each repeat replaces the previous repeat's run in the same folder
     )
     stage = spec["stage"]
@@ -382,7 +383,7 @@ def run_trl(spec: dict) -> dict:
         bf16=False,
         fp16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        gradient_checkpointing=spec.get("gradient_checkpointing", False),
         eval_strategy="no",
         save_strategy="no",
         logging_strategy="steps",
@@ -714,7 +715,7 @@ def build_table(results: list[dict], data: dict, args, info: dict) -> str:
         f"Settings (both libraries): batch {args.batch_size} per step, no gradient accumulation, "
         f"{args.steps} steps of which the first {args.warmup_steps} are warm-up (not timed), max length "
         f"{args.max_length} (nothing truncated), lr {args.lr:g} cosine, AdamW, grad clip 1.0, "
-        f"seed {args.seed}, "
+        f"seed {args.seed}, activation checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
         f"torch threads {args.threads}, one process at a time. DPO: beta 0.1, sigmoid loss, reference = a "
         "separate frozen copy, reference log-probs computed on the fly (not precomputed).",
         f"rlhfkit {info['rlhfkit_git']}: packing={args.rlhfkit_packing} (packing used: {packing}), "
@@ -723,7 +724,8 @@ def build_table(results: list[dict], data: dict, args, info: dict) -> str:
     ]
     if info["trl_version"]:
         notes.append(
-            f"TRL {info['trl_version']}: bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, "
+            f"TRL {info['trl_version']}: bf16=False, fp16=False, use_cpu=True, "
+            f"gradient_checkpointing={args.gradient_checkpointing}, "
             "no eval, save_strategy=no, logging only at the last step, report_to=none, "
             "dataloader_num_workers=0; "
             + "; ".join(f"{STAGE_NAMES[s]}: {TRL_OPTIONS[s]}" for s in args.only)
@@ -781,6 +783,11 @@ def parse_args(argv=None):
         default="auto",
         choices=("auto", "on", "off"),
         help="rlhfkit's packing setting (default auto)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="both libraries recompute activations in backward (memory for time; default off)",
     )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
@@ -891,6 +898,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "pad_token_id": data["pad_token_id"],
         "rlhfkit_packing": args.rlhfkit_packing,
+        "gradient_checkpointing": args.gradient_checkpointing,
     }
     runs: list[dict] = []
     results: list[dict] = []
