@@ -347,7 +347,7 @@ def test_priority_is_the_ensemble_disagreement(tmp_path):
 
 def test_routed_collect_stage_reports_judge_accuracy_against_gold(tmp_path, monkeypatch):
     from rlhfkit.stage import StageContext
-    from rlhfkit.world import GoldJudge, build_world, route_stage
+    from rlhfkit.world import GoldJudge, build_world, route_stage, sampling
 
     world = build_world(0, num_countries=4)
     world.save(tmp_path / "world.json")
@@ -360,7 +360,8 @@ def test_routed_collect_stage_reports_judge_accuracy_against_gold(tmp_path, monk
             out.append([world.respond(req, rng.choice(world.styles_for(req.category)), rng) for _ in range(k)])
         return out
 
-    monkeypatch.setattr(route_stage, "sample_responses", policy)
+    monkeypatch.setattr(route_stage, "sample_responses", policy)  # held-out samples
+    monkeypatch.setattr(sampling, "sample_responses", policy)  # the pairs' replies
     fns = tmp_path / "judge.py"
     fns.write_text("def short(prompts, responses):\n    return [-0.2 * len(r.split()) for r in responses]\n\n"
                    "def polite(prompts, responses):\n    return [float('sorry' in r.lower()) for r in responses]\n")
@@ -419,7 +420,7 @@ def test_routed_collect_takes_prompts_a_second_policy_and_makes_fresh_gold_pairs
     """prompts: a prompt file instead of the world's training split; other_policy: its samples join each
     prompt's pairs; heldout_samples: gold-labelled pairs of the policy's samples on the held-out prompts."""
     from rlhfkit.stage import StageContext
-    from rlhfkit.world import GoldJudge, build_world, route_stage
+    from rlhfkit.world import GoldJudge, build_world, route_stage, sampling
 
     world = build_world(0, num_countries=4)
     world.save(tmp_path / "world.json")
@@ -432,7 +433,8 @@ def test_routed_collect_takes_prompts_a_second_policy_and_makes_fresh_gold_pairs
         return [[world.respond(world.request(p), style or rng.choice(world.styles_for(world.request(p).category)),
                                rng) for _ in range(k)] for p in prompts]
 
-    monkeypatch.setattr(route_stage, "sample_responses", policy)
+    monkeypatch.setattr(route_stage, "sample_responses", policy)  # held-out samples
+    monkeypatch.setattr(sampling, "sample_responses", policy)  # the pairs' replies
     chosen = [r.prompt for r in world.split("train", "benign")[:5]]
     with open(tmp_path / "prompts.jsonl", "w") as fh:
         for p in chosen:
@@ -460,6 +462,13 @@ def test_routed_collect_takes_prompts_a_second_policy_and_makes_fresh_gold_pairs
     result = route_stage.routed_collect_stage(ctx)
     assert result["pairs"] == 6 and result["pairs_over_budget"] > 0
     assert len(_lines(tmp_path / "routed" / "labels.jsonl")) + result["ties"] + result["pending"] == 6
+    # the policy's hotter samples and replies borrowed from the nearest other prompt join the pairs (as collect's)
+    calls.clear()
+    ctx.options.update(max_pairs=0, explore_samples=1, explore_temperature=1.6)
+    hot = route_stage.routed_collect_stage(ctx)["pairs"]
+    assert calls == [("policy", 5, 2), ("sft", 5, 1), ("policy", 5, 1)]
+    ctx.options.update(off_prompt_samples=1)
+    assert route_stage.routed_collect_stage(ctx)["pairs"] > hot
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
     ctx.options["prompts"] = str(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="bad.jsonl.*row 1.*prompt"):

@@ -9,7 +9,7 @@ import pytest
 from rlhfkit.errors import DataError
 from rlhfkit.world import GoldJudge, annotator_panel, build_world, pairwise_agreement
 from rlhfkit.world.data import gold_pairs_from_samples, label_samples, pretraining_corpus, sft_demonstrations
-from rlhfkit.world.stages import off_prompt_responses
+from rlhfkit.world.sampling import off_prompt_responses
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..rollout.texts import sample_responses
 from ..stage import StageContext, stage
+from .sampling import reply_pools
 
 PROJECT = "routed"
 
@@ -71,7 +72,8 @@ def _specs(value: Any) -> list[str]:
 @stage("routed_collect", options=("policy", "world", "judge", "confidence_threshold", "audit_fraction", "annotators",
                                   "overlap", "max_prompts", "num_samples", "temperature", "max_new_tokens", "seed",
                                   "active", "priority_models", "judge_temperature", "prompts", "heldout_samples",
-                                  "other_policy", "other_samples", "max_pairs"))
+                                  "other_policy", "other_samples", "max_pairs", "explore_samples",
+                                  "explore_temperature", "off_prompt_samples"))
 def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     """A policy's sample pairs labelled by an AI judge where it is confident, by the simulated annotators in the
     labelling app elsewhere, merged (see the module docstring).
@@ -82,14 +84,15 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     max_prompts (all), num_samples (4), temperature (1.0), max_new_tokens (48), judge_temperature (1.0:
     scoring judges' p = sigmoid(score difference / it)), active (false) with priority_models (>= 2 reward
     model specs: the app serves first the pairs they disagree on most), seed (the pipeline's), prompts (a
-    max_pairs (0 = all): label at most this many pairs, drawn with the seed from every prompt's pairs of
-    distinct replies (a label budget, the same however alike the policy's samples are);
-    other_policy + other_samples (0): that many samples of a second model beside the policy's in each prompt's
-    pairs (as ``collect``'s option: after RL a policy's samples often agree, and a pair needs two different
-    replies), JSONL of prompt rows to sample on instead of the world's training requests, e.g. a red-team step's
-    train_prompts.jsonl; every prompt must be one the world knows), heldout_samples (0: with k > 0, k samples
-    of the policy per held-out prompt make gold_pairs.jsonl, gold-labelled fresh on-policy pairs: the reward
-    model's honest test on the distribution it is about to judge).
+    JSONL of prompt rows to sample on instead of the world's training requests, e.g. a red-team step's
+    train_prompts.jsonl; every prompt must be one the world knows), max_pairs (0 = all: label at most this
+    many pairs, drawn with the seed from every prompt's pairs of distinct replies; a label budget, the same
+    however alike the policy's samples are), heldout_samples (0: with k > 0, k samples of the policy per
+    held-out prompt make gold_pairs.jsonl, gold-labelled fresh on-policy pairs: the reward model's honest test
+    on the distribution it is about to judge). The pairs' replies, as ``collect``'s options draw them
+    (:func:`.sampling.reply_pools`): other_policy + other_samples (0; after RL a policy's samples often
+    agree, and a pair needs two different replies), explore_samples + explore_temperature (the policy's hotter
+    samples), off_prompt_samples (replies borrowed from the nearest other prompt).
     Writes judge_labels.jsonl (+ .judged/.routed/.posted sidecars), labels.db, merged.jsonl, pending.jsonl,
     labels.jsonl and route_summary.json."""
     from ..judges import build_judge
@@ -110,15 +113,10 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
         _prompt_texts(str(ctx.option("prompts")))
     if ctx.option("max_prompts"):
         prompts = random.Random(seed).sample(prompts, min(len(prompts), int(ctx.option("max_prompts"))))
-    samples = sample_responses(str(ctx.option("policy")), prompts, int(ctx.option("num_samples", 4)),
-                               float(ctx.option("temperature", 1.0)), int(ctx.option("max_new_tokens", 48)), seed + 1)
-    other, other_k = ctx.option("other_policy"), int(ctx.option("other_samples", 0))
-    if other and other_k:
-        extra = sample_responses(str(other), prompts, other_k, float(ctx.option("temperature", 1.0)),
-                                 int(ctx.option("max_new_tokens", 48)), seed + 7)
-        samples = [mine + theirs for mine, theirs in zip(samples, extra)]
+    pools = reply_pools(ctx, prompts, int(ctx.option("num_samples", 4)), float(ctx.option("temperature", 1.0)),
+                        int(ctx.option("max_new_tokens", 48)), seed + 1, other_seed=seed + 7)
     rows, left_out = [], {"prompts_fewer_than_two_distinct": 0, "unstorable_responses": 0, "pairs_over_budget": 0}
-    for prompt, texts in zip(prompts, samples):
+    for prompt, texts in ((r["prompt"], r["responses"]) for r in pools):
         distinct = list(dict.fromkeys(t for t in texts if t.strip()))
         storable = [t for t in distinct if text_problem(t) is None]  # the app refuses e.g. a NUL
         left_out["unstorable_responses"] += len(distinct) - len(storable)

@@ -8,18 +8,16 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
-from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..rollout.texts import sample_responses
 from ..stage import StageContext, stage
 from . import human_eval_stage as _human_eval_stage  # noqa: F401  (registers human_labels: one entry point)
 from . import loop_summary as _loop_summary  # noqa: F401  (registers loop_summary)
 from . import route_stage as _route_stage  # noqa: F401  (registers routed_collect)
 from .data import world_of as _world_of
+from .sampling import reply_pools
 
 logger = logging.getLogger("rlhfkit")
 
@@ -127,63 +125,6 @@ def _add_tool_questions(ctx: StageContext, world: Any) -> None:
     add_tool_requests(world, ctx.seed, counts("tool_countries", "80,24,12"), counts("tool_sums", "300,200,60"))
 
 
-def _samples_of_all(ctx: StageContext, prompts: list[str], k: int, temperature: float, max_new: int,
-                    seed: int, explore: bool = True) -> list[dict[str, Any]]:
-    """Rows {prompt, responses, sources}: ``k`` samples of the policy, plus the other policy's and the
-    policy's hotter samples (source "explore") where set."""
-    policy = ctx.option("policy")
-    samples = sample_responses(policy, prompts, k, temperature, max_new, seed)
-    rows = [{"prompt": p, "responses": s, "sources": ["policy"] * len(s)} for p, s in zip(prompts, samples)]
-    other, other_k = ctx.option("other_policy"), int(ctx.option("other_samples", 0))
-    explore_k = int(ctx.option("explore_samples", 0)) if explore else 0
-    extras = []
-    if other and other_k:
-        extras.append(("other", sample_responses(other, prompts, other_k, temperature, max_new, seed + 7)))
-    if explore_k:
-        hot = float(ctx.option("explore_temperature", 1.5))
-        extras.append(("explore", sample_responses(policy, prompts, explore_k, hot, max_new, seed + 11)))
-    for source, extra in extras:
-        for row, more in zip(rows, extra):
-            row["responses"] = row["responses"] + more
-            row["sources"] = row["sources"] + [source] * len(more)
-    off_k = int(ctx.option("off_prompt_samples", 0)) if explore else 0
-    if off_k:
-        borrowed = off_prompt_responses(prompts, samples, off_k, random.Random(seed + 13))
-        for row, more in zip(rows, borrowed):
-            row["responses"] = row["responses"] + more
-            row["sources"] = row["sources"] + ["off_prompt"] * len(more)
-    return rows
-
-
-def off_prompt_responses(prompts: list[str], samples: list[list[str]], k: int,
-                         rng: random.Random) -> list[list[str]]:
-    """For each prompt, ``k`` of the policy's replies to the most similar *other* prompt (words in order,
-    difflib's ratio; ties drawn at random): "One plus one is two." beside the replies to "What is one plus
-    two?" (a word set would pick "What is two plus one?", whose answer is the same).
-
-    A reward model that has only seen replies to their own prompt can learn that a reply is good in itself
-    (a sum that adds up) without checking that it answers the question asked; replies borrowed from a close
-    prompt are the counter-examples (RRM, Liu et al. 2024, "RRM: Robust Reward Model Training Mitigates
-    Reward Hacking", augments with other prompts' responses for the same reason). The annotators rank them
-    with the rest, so a borrowed reply that does answer this prompt too is not marked down.
-    """
-    replies: dict[str, list[str]] = {}
-    for p, s in zip(prompts, samples):
-        replies.setdefault(p, []).extend(r for r in s if r.strip())
-    words = {p: re.findall(r"[a-z0-9']+", p.lower()) for p in replies}
-    nearest: dict[str, list[str]] = {}
-    for p, mine in words.items():
-        scored = [(SequenceMatcher(None, mine, w, autojunk=False).ratio(), q)
-                  for q, w in words.items() if q != p and replies[q]]
-        best = max((x for x, _ in scored), default=None)
-        nearest[p] = [q for x, q in scored if x == best]
-    out = []
-    for p in prompts:
-        pool = replies[rng.choice(nearest[p])] if nearest[p] else []
-        out.append(rng.sample(pool, min(k, len(pool))))
-    return out
-
-
 @stage("collect", options=("policy", "world", "num_samples", "temperature", "max_new_tokens", "rounds", "max_prompts",
                           "other_policy", "other_samples", "explore_samples", "explore_temperature", "biased",
                           "annotators", "heldout_samples", "off_prompt_samples"))
@@ -199,7 +140,7 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
     explore_samples (0) + explore_temperature (1.5): the policy's own samples at a higher temperature, whose
     near misses (a wrong sum, a wrong capital) are the mistakes RL's exploration finds first; labelled
     before RL, they teach the reward model what the policy is about to try. off_prompt_samples (0): the
-    policy's replies to the most similar other prompt (source "off_prompt", see off_prompt_responses): a
+    policy's replies to the most similar other prompt (source "off_prompt", see sampling.off_prompt_responses): a
     right answer to another question, which the reward model must learn to mark down.
     Writes ranked.jsonl (prompt + responses best first, for rlhfkit rm / dpo), ranked_policy.jsonl (only the
     policy's responses, in the same order: on-policy data for DPO), pairs.jsonl (best vs worst),
@@ -216,7 +157,7 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
     prompts = [r.prompt for r in world.split("train")] * int(ctx.option("rounds", 1))
     if ctx.option("max_prompts"):
         prompts = random.Random(seed).sample(prompts, min(len(prompts), int(ctx.option("max_prompts"))))
-    samples = _samples_of_all(ctx, prompts, k, temperature, max_new, seed + 1)
+    samples = reply_pools(ctx, prompts, k, temperature, max_new, seed + 1)
     panel = default_panel(seed, biased=ctx.option("biased"), num=int(ctx.option("annotators", 5)))
     ranked, pairs, report = label_samples(world, samples, panel, seed)
     out = ctx.output_dir
@@ -231,7 +172,7 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
     if held_k:
         held = [r.prompt for r in world.split("eval")]
         # the held-out test keeps the sources of the demo's first build (no hot samples): its figures compare
-        held_samples = _samples_of_all(ctx, held, held_k, temperature, max_new, seed + 2, explore=False)
+        held_samples = reply_pools(ctx, held, held_k, temperature, max_new, seed + 2, explore=False)
         gold = gold_pairs_from_samples(world, held_samples)
         write_jsonl(out / "gold_pairs.jsonl", ({**r, "prompt": _messages(r["prompt"])} for r in gold))
         report["gold_pairs"] = len(gold)
