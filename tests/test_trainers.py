@@ -326,29 +326,31 @@ def test_shared_prompts_train_as_whole_sequences(tiny_model_dir, toy, tmp_path):
 def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dir, toy, tmp_path, monkeypatch):
     """--gradient-checkpointing recomputes activations in backward: SFT (packed rows) and DPO end with the
     weights of the same runs without it, so the option trades time for memory and nothing else; and it is on
-    (each decoder layer runs again in backward, so more layer calls per run)."""
+    (each decoder layer's MLP runs again in backward, so more MLP calls per run)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    layer_class = type(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir)).model.layers[0])
+    # the MLP inside a layer, not the layer: transformers wraps a layer's own forward to checkpoint it, and
+    # replacing that forward would switch the checkpointing off
+    mlp_class = type(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir)).model.layers[0].mlp)
     calls = [0]
-    original = layer_class.forward
+    original = mlp_class.forward
 
     def counted(self, *args, **kwargs):
         calls[0] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(layer_class, "forward", counted)
+    monkeypatch.setattr(mlp_class, "forward", counted)
     for name, (run, config_class, data) in {"sft": (run_sft, SFTConfig, toy["sft_train"]),
                                             "dpo": (run_dpo, DPOConfig, toy["pref_train"])}.items():
-        weights, layer_calls = {}, {}
-        for checkpointing in (True, False):
+        weights, mlp_calls = {}, {}
+        for checkpointing in (False, True):  # the first run also holds the packing probe's calls
             out = tmp_path / f"{name}-{checkpointing}"
             calls[0] = 0
             run(config_class(model=str(tiny_model_dir), dataset=str(data), output_dir=str(out), max_steps=3,
                              per_device_batch_size=4, learning_rate=1e-3, max_grad_norm=0.0,
                              gradient_checkpointing=checkpointing, eval_on_start=False, **FAST))
-            weights[checkpointing], layer_calls[checkpointing] = _weights(out), calls[0]
-        assert layer_calls[True] > layer_calls[False] > 0, (name, layer_calls)
+            weights[checkpointing], mlp_calls[checkpointing] = _weights(out), calls[0]
+        assert mlp_calls[True] > mlp_calls[False] > 0, (name, mlp_calls)
         start = _weights(tiny_model_dir)
         assert max(float((weights[False][k] - start[k]).abs().max()) for k in start) > 1e-4, name  # it trained
         for key in start:
