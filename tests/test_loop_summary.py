@@ -9,7 +9,7 @@ import pytest
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.stage import StageContext
-from rlhfkit.world.loop_summary import format_loop_table, loop_summary_stage
+from rlhfkit.world.loop_summary import format_loop_table, loop_summary_stage, paired_gold_difference
 
 
 def _rate(count: int, n: int) -> dict:
@@ -60,6 +60,35 @@ def test_claims_follow_the_figures(tmp_path, capsys, last_gold, last_asr, last_o
     assert (labels["human"], labels["judge"]) == (90, 110) and labels["human_share"] == pytest.approx(0.45)
     assert labels["judge_accuracy_confident"] == pytest.approx((0.9 * 40 + 0.8 * 70) / 110)
     assert format_loop_table(summary) in capsys.readouterr().out
+
+
+def _samples(folder, scores: dict[int, list[float]]) -> None:
+    rows = [{"policy": policy, "prompt_row": row, "sample": i, "score": score if policy == "policy" else 0.0}
+            for row, values in scores.items() for i, score in enumerate(values) for policy in ("sft", "policy")]
+    _write(folder / "eval", "samples.jsonl", "")
+    (folder / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_gold_difference_is_paired_by_prompt(tmp_path):
+    """Loop minus one round, per prompt (mean over its samples; only prompts both evaluated), bootstrapped over
+    prompts: a constant gap gives a zero-width interval, a gap that flips sign between prompts one that spans 0."""
+    import numpy as np
+
+    loop = {row: [0.5 + row / 10, 0.7 + row / 10] for row in range(10)}
+    _samples(tmp_path / "loop", loop)
+    _samples(tmp_path / "single", {**{row: [0.5 + row / 10, 0.5 + row / 10] for row in range(10)}, 99: [1.0]})
+    gap = paired_gold_difference(tmp_path / "loop", tmp_path / "single")
+    assert gap["prompts"] == 10
+    assert gap["difference"] == pytest.approx(0.1) and gap["ci_low"] == pytest.approx(0.1)
+    assert gap["ci_high"] == pytest.approx(0.1)
+    rng = np.random.default_rng(0)
+    noise = {row: float(rng.choice([-0.3, 0.3])) for row in range(40)}
+    _samples(tmp_path / "a", {row: [0.5 + noise[row]] for row in range(40)})
+    _samples(tmp_path / "b", {row: [0.5] for row in range(40)})
+    gap = paired_gold_difference(tmp_path / "a", tmp_path / "b")
+    assert gap["difference"] == pytest.approx(np.mean(list(noise.values())))
+    assert gap["ci_low"] < 0 < gap["ci_high"]
+    assert paired_gold_difference(tmp_path / "a", tmp_path / "missing") is None
 
 
 def test_a_missing_file_is_a_one_line_error(tmp_path):

@@ -320,6 +320,27 @@ def test_adaptive_kl_controller_direction_and_clip() -> None:
     assert fixed.beta == 0.05
 
 
+def test_adaptive_kl_controller_floor_makes_the_target_a_budget() -> None:
+    # under the target a floored controller keeps beta where it started (the fixed-beta run) ...
+    floored = AdaptiveKLController(0.15, target=1.0, horizon=100, min_beta=0.15)
+    free = AdaptiveKLController(0.15, target=1.0, horizon=100)
+    for kl in (0.2, 0.5, 0.1):
+        floored.update(kl, 32)
+        free.update(kl, 32)
+    assert floored.beta == 0.15
+    assert free.beta == pytest.approx(0.15 * (1 - 0.2 * 0.32) ** 3, rel=1e-12)  # each error clipped at -0.2
+    # ... and over it tightens as the free one does: KL 1.1 (error 0.1), then 3.0 (clipped at 0.2)
+    assert floored.update(1.1, 32) == pytest.approx(0.15 * (1 + 0.1 * 0.32), rel=1e-12)
+    assert floored.update(3.0, 32) == pytest.approx(0.15 * (1 + 0.1 * 0.32) * (1 + 0.2 * 0.32), rel=1e-12)
+    # then falls back to the floor, never below it
+    for _ in range(50):
+        floored.update(0.0, 32)
+    assert floored.beta == 0.15
+    assert AdaptiveKLController(1.0).load_state_dict(floored.state_dict()) is None
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.1, target=1.0, min_beta=0.2)
+
+
 def test_adaptive_kl_controller_state_and_validation(tmp_path) -> None:
     ctl = AdaptiveKLController(0.2, target=3.0, horizon=500)
     for kl in (10.0, 1.0, 4.0):

@@ -268,6 +268,23 @@ def test_reinforce_pp_cli_and_its_baseline_variant(tiny_model_dir, count_e_files
     assert "needs --num-generations >= 2" in capsys.readouterr().err
     assert main(["ppo", *base, "--scale-rewards", "batch"]) == 2
     assert "--scale-rewards applies to --advantage grpo only" in capsys.readouterr().err
+    assert main(["ppo", *base, "--kl-coef-min", "0.01"]) == 2
+    assert "--kl-coef-min needs --kl-target" in capsys.readouterr().err
+
+
+def test_a_kl_floor_keeps_beta_while_the_kl_is_under_its_target(tiny_model_dir, count_e_files, tmp_path):
+    """--kl-target far above the KL: the free controller lowers β at every step, the floored one keeps it."""
+    betas = {}
+    for name, extra in (("free", []), ("floored", ["--kl-coef-min", "0.05"])):
+        out = tmp_path / name
+        assert main(["rloo", "--model", str(tiny_model_dir), "--dataset", str(count_e_files / "prompts.jsonl"),
+                     "--output-dir", str(out), "--reward-fn", f"{count_e_files / 'reward.py'}:count_e",
+                     "--max-steps", "3", "--max-new-tokens", "8", "--prompts-per-step", "2", "--kl-coef", "0.05",
+                     "--kl-target", "50", "--kl-horizon", "10", "--no-progress-bar", *extra]) == 0
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"beta"' in x]
+        betas[name] = [r["beta"] for r in rows]
+    assert betas["floored"] == [0.05] * 3
+    assert betas["free"][0] <= 0.05 and betas["free"][-1] < betas["free"][0]
 
 
 def test_reinforce_pp_advantages_in_a_rollout_are_whitened_over_the_batch(tiny_model_dir, count_e_files, tmp_path):

@@ -84,16 +84,21 @@ class AdaptiveKLController:
 
     With target KL t and horizon H, after a batch with observed KL k covering n steps:
         e    = clip(k / t - 1, -0.2, 0.2)
-        beta <- beta * (1 + e * n / H)
-    target=None gives a fixed beta (update is a no-op). The clip bounds how fast beta can move when the
+        beta <- max(beta * (1 + e * n / H), min_beta)
+    target=None gives a fixed beta (update is a no-op). ``min_beta`` (default 0) keeps beta from falling below
+    a floor: with ``min_beta = init_beta`` the controller only tightens the leash, so a run whose KL stays
+    under the target is exactly the fixed-beta run, and the target acts as a KL budget. The clip bounds how fast beta can move when the
     measured KL is far from the target, so one noisy batch cannot blow it up or collapse it.
 
     `state_dict` / `load_state_dict` make it checkpointable via `Accelerator.register_for_checkpointing`.
     """
 
-    def __init__(self, init_beta: float, target: float | None = None, horizon: int = 10000) -> None:
+    def __init__(self, init_beta: float, target: float | None = None, horizon: int = 10000,
+                 min_beta: float = 0.0) -> None:
         if init_beta < 0:
             raise ValueError(f"init_beta must be >= 0, got {init_beta}")
+        if not 0 <= min_beta <= init_beta:
+            raise ValueError(f"min_beta must be in [0, init_beta = {init_beta}], got {min_beta}")
         if target is not None and target <= 0:
             raise ValueError(f"target must be > 0 (or None for a fixed beta), got {target}")
         if horizon <= 0:
@@ -101,22 +106,24 @@ class AdaptiveKLController:
         self.beta = float(init_beta)
         self.target = None if target is None else float(target)
         self.horizon = int(horizon)
+        self.min_beta = float(min_beta)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Move beta towards keeping the KL at target; returns the new beta."""
         if self.target is None:
             return self.beta
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.beta *= 1.0 + error * n_steps / self.horizon
+        self.beta = max(self.beta * (1.0 + error * n_steps / self.horizon), self.min_beta)
         return self.beta
 
     def state_dict(self) -> dict[str, Any]:
-        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}
+        return {"beta": self.beta, "target": self.target, "horizon": self.horizon, "min_beta": self.min_beta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = float(state["beta"])
         self.target = None if state.get("target") is None else float(state["target"])
         self.horizon = int(state.get("horizon", self.horizon))
+        self.min_beta = float(state.get("min_beta", self.min_beta))
 
 
 # ----------------------------------------------------------------------------- advantages

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..eval.stats import bootstrap_mean_ci
 from ..stage import StageContext, stage
 
 
@@ -36,6 +37,30 @@ def _column(steps: dict[str, Any]) -> dict[str, Any]:
             "rm0_accuracy_fresh": steps["rm0_fresh"].get("accuracy"), "fresh_pairs": steps["rm_fresh"].get("num_pairs"),
             "human_labels": label.get("human_labels"), "judge_labels": label.get("judge_labels"),
             "judge_accuracy_confident": label.get("judge_accuracy_confident")}
+
+
+def _prompt_scores(folder: Path) -> dict[Any, float]:
+    """The gold score of the round's policy per held-out prompt (mean over its samples), from the eval step's
+    samples.jsonl; empty when the file is not there."""
+    path = folder / "eval" / "samples.jsonl"
+    by_prompt: dict[Any, list[float]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("policy") == "policy" and row.get("score") is not None:
+                by_prompt.setdefault(row["prompt_row"], []).append(float(row["score"]))
+    return {k: sum(v) / len(v) for k, v in by_prompt.items()}
+
+
+def paired_gold_difference(loop_folder: Path, single_folder: Path, n_boot: int = 2000) -> dict[str, Any] | None:
+    """Final gold score minus the one-round run's, paired by held-out prompt (both evals sample the same prompts
+    with the same seed), with a percentile-bootstrap 95% interval over prompts; None without both sample files."""
+    loop, single = _prompt_scores(loop_folder), _prompt_scores(single_folder)
+    common = sorted(set(loop) & set(single), key=str)
+    if len(common) < 2:
+        return None
+    mean, low, high = bootstrap_mean_ci([loop[k] - single[k] for k in common], n_boot=n_boot)
+    return {"difference": mean, "ci_low": low, "ci_high": high, "prompts": len(common)}
 
 
 def _num(v: Any) -> str:
@@ -101,6 +126,8 @@ def loop_summary_stage(ctx: StageContext) -> dict[str, Any]:
     judged = sum(c["judge_labels"] or 0 for c in rounds)
     confident = [(c["judge_accuracy_confident"], c["judge_labels"]) for c in rounds
                  if c["judge_accuracy_confident"] is not None and c["judge_labels"]]
+    folders = [r.get("folder") for r in (loop["per_round"][-1], single["per_round"][-1])]
+    gold_gap = paired_gold_difference(Path(folders[0]), Path(folders[1])) if all(folders) else None
     claims = [
         {"claim": "on the final policy's fresh pairs, the last round's RM >= round 1's RM",
          "holds": (last["rm_accuracy_fresh"] or 0) >= (last["rm1_accuracy_fresh"] or 1),
@@ -109,13 +136,15 @@ def loop_summary_stage(ctx: StageContext) -> dict[str, Any]:
                     f"RM on round 1's own pairs: {_num(first['rm_accuracy_fresh'])} ({first['fresh_pairs']} pairs)"},
         {"claim": "final gold score above one round with the same label budget",
          "holds": (last["gold"] or 0) > (one["gold"] or 0),
-         "figures": f"{_num(last['gold'])} vs {_num(one['gold'])}"},
+         "figures": f"{_num(last['gold'])} vs {_num(one['gold'])}" + (
+             f"; difference {gold_gap['difference']:+.3f} [{gold_gap['ci_low']:+.3f}, {gold_gap['ci_high']:+.3f}] "
+             f"paired over {gold_gap['prompts']} prompts" if gold_gap else "")},
         {"claim": "held-out ASR lower after the loop, intervals apart",
          "holds": asr_after["ci_high"] < asr_before["ci_low"],
          "figures": f"{_rate(asr_after)} vs {_rate(asr_before)} before"},
         {"claim": f"over-refusal on held-out benign look-alikes <= {cap:.2f}",
          "holds": last["over_refusal"]["rate"] <= cap, "figures": _rate(last["over_refusal"])}]
-    summary = {"seed": ctx.seed, "columns": cols, "claims": claims,
+    summary = {"seed": ctx.seed, "columns": cols, "claims": claims, "gold_difference": gold_gap,
                "labels": {"human": human, "judge": judged, "human_share": human / (human + judged) if human + judged
                           else None,
                           "judge_accuracy_confident": sum(a * n for a, n in confident) / sum(n for _, n in confident)

@@ -88,6 +88,8 @@ class RLConfig(RolloutOptions, SharedPromptOptions, TrainConfig):
                        "RLHF) or 'loss' (β·KL added to the loss, as GRPO does).")
     kl_target: float | None = arg(None, "Adaptive β (Ziegler et al.): target KL per response; unset = fixed β.")
     kl_horizon: int = arg(10000, "Adaptive β horizon in samples.")
+    kl_coef_min: float | None = arg(None, "Adaptive β: the lowest β the controller may set (e.g. --kl-coef: it "
+                                    "then only tightens, and --kl-target is a KL budget); unset = no floor.")
     # advantages and losses
     advantage: str = arg("gae", f"Advantage estimator: {', '.join(ADVANTAGE_TYPES)}.")
     gamma: float = arg(1.0, "GAE discount γ.")
@@ -225,6 +227,8 @@ def check_config(config: RLConfig) -> None:
         if getattr(config, name) not in allowed:
             raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                               f"not '{getattr(config, name)}'")
+    if config.kl_coef_min is not None and (config.kl_target is None or not 0 <= config.kl_coef_min <= config.kl_coef):
+        raise ConfigError("--kl-coef-min needs --kl-target and must be in [0, --kl-coef]")
     if config.scale_rewards != "group" and config.advantage != "grpo":
         raise ConfigError("--scale-rewards applies to --advantage grpo only")
     if config.dynamic_sampling and (config.advantage in ("gae", "reinforce_pp") or config.num_generations < 2):
