@@ -65,7 +65,8 @@ class TrainConfig:
                        "attention across them. auto = on when the model supports it; on; off (padded).")
     force_precision: bool = arg(False, "Use --precision as given even where it would be slow (bf16 on a CPU "
                                 "without bf16 units, which is otherwise refused).")
-    gradient_checkpointing: bool = arg(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = arg(False, "Recompute each decoder layer's activations in backward: less peak "
+                                       "memory for more compute; for runs that would not fit without it.")
     num_threads: int = arg(0, "CPU threads for torch (0 = torch's default).")
     # LoRA
     lora_r: int = arg(0, "LoRA rank; 0 trains all weights.")
