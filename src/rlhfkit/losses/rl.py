@@ -85,7 +85,7 @@ class AdaptiveKLController:
     With target KL t and horizon H, after a batch with observed KL k covering n steps:
         e    = clip(k / t - 1, -0.2, 0.2)
         beta <- max(beta * (1 + e * n / H), min_beta)
-    target=None gives a fixed beta (update is a no-op). ``min_beta`` (default 0) keeps beta from falling below
+    target=None gives a fixed beta (update is a no-op). ``min_beta`` (None = 0) keeps beta from falling below
     a floor: with ``min_beta = init_beta`` the controller only tightens the leash, so a run whose KL stays
     under the target is exactly the fixed-beta run, and the target acts as a KL budget. The clip bounds how fast beta can move when the
     measured KL is far from the target, so one noisy batch cannot blow it up or collapse it.
@@ -94,9 +94,10 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_beta: float, target: float | None = None, horizon: int = 10000,
-                 min_beta: float = 0.0) -> None:
+                 min_beta: float | None = None) -> None:
         if init_beta < 0:
             raise ValueError(f"init_beta must be >= 0, got {init_beta}")
+        min_beta = 0.0 if min_beta is None else float(min_beta)
         if not 0 <= min_beta <= init_beta:
             raise ValueError(f"min_beta must be in [0, init_beta = {init_beta}], got {min_beta}")
         if target is not None and target <= 0:
@@ -106,7 +107,7 @@ class AdaptiveKLController:
         self.beta = float(init_beta)
         self.target = None if target is None else float(target)
         self.horizon = int(horizon)
-        self.min_beta = float(min_beta)
+        self.min_beta = min_beta
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Move beta towards keeping the KL at target; returns the new beta."""

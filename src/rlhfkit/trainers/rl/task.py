@@ -53,8 +53,7 @@ class RLTask:
         self.sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.max_new_tokens,
                                        tuple(s for s in config.stop_strings.split(",") if s))
         self.sampling.check()
-        self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon,
-                                                   config.kl_coef_min or 0.0)
+        self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon, config.kl_coef_min)
         self.reward_stats = RunningMoments()
         self.pad_id = tokenizer.pad_token_id
         self.train_prompts: list[dict] = []  # where DAPO's dynamic sampling draws further prompts (run_rl sets it)
