@@ -65,7 +65,7 @@ def test_claims_follow_the_figures(tmp_path, capsys, last_gold, last_asr, last_o
 def _samples(folder, scores: dict[int, list[float]]) -> None:
     rows = [{"policy": policy, "prompt_row": row, "sample": i, "score": score if policy == "policy" else 0.0}
             for row, values in scores.items() for i, score in enumerate(values) for policy in ("sft", "policy")]
-    _write(folder / "eval", "samples.jsonl", "")
+    (folder / "eval").mkdir(parents=True)
     (folder / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

@@ -85,10 +85,10 @@ class AdaptiveKLController:
     With target KL t and horizon H, after a batch with observed KL k covering n steps:
         e    = clip(k / t - 1, -0.2, 0.2)
         beta <- max(beta * (1 + e * n / H), min_beta)
-    target=None gives a fixed beta (update is a no-op). ``min_beta`` (None = 0) keeps beta from falling below
-    a floor: with ``min_beta = init_beta`` the controller only tightens the leash, so a run whose KL stays
-    under the target is exactly the fixed-beta run, and the target acts as a KL budget. The clip bounds how fast beta can move when the
-    measured KL is far from the target, so one noisy batch cannot blow it up or collapse it.
+    target=None gives a fixed beta (update is a no-op). The clip bounds how fast beta can move when the
+    measured KL is far from the target, so one noisy batch cannot blow it up or collapse it. ``min_beta``
+    (None = 0) is a floor: with ``min_beta = init_beta`` the controller only tightens the leash, so a run whose
+    KL stays under the target is exactly the fixed-beta run, and the target acts as a KL budget.
 
     `state_dict` / `load_state_dict` make it checkpointable via `Accelerator.register_for_checkpointing`.
     """

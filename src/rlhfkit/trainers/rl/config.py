@@ -227,7 +227,8 @@ def check_config(config: RLConfig) -> None:
         if getattr(config, name) not in allowed:
             raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                               f"not '{getattr(config, name)}'")
-    if config.kl_coef_min is not None and (config.kl_target is None or not 0 <= config.kl_coef_min <= config.kl_coef):
+    floor = config.kl_coef_min
+    if floor is not None and (config.kl_target is None or not 0 <= floor <= config.kl_coef):
         raise ConfigError("--kl-coef-min needs --kl-target and must be in [0, --kl-coef]")
     if config.scale_rewards != "group" and config.advantage != "grpo":
         raise ConfigError("--scale-rewards applies to --advantage grpo only")
