@@ -285,6 +285,48 @@ def test_a_kl_floor_keeps_beta_while_the_kl_is_under_its_target(tiny_model_dir, 
         betas[name] = [r["beta"] for r in rows]
     assert betas["floored"] == [0.05] * 3
     assert betas["free"][0] <= 0.05 and betas["free"][-1] < betas["free"][0]
+    # --kl-coef-from: a later run starts at the β the free run's controller ended at (after its last update),
+    # and keeps adapting from there; a floor above it wins
+    summary = json.loads((tmp_path / "free" / "summary.json").read_text())
+    assert summary["kl_coef_final"] < betas["free"][-1]
+    carried = (("carried", [], summary["kl_coef_final"]), ("carried-floored", ["--kl-coef-min", "0.04"], 0.04))
+    for name, extra, first in carried:
+        out = tmp_path / name
+        assert main(["rloo", "--model", str(tiny_model_dir), "--dataset", str(count_e_files / "prompts.jsonl"),
+                     "--output-dir", str(out), "--reward-fn", f"{count_e_files / 'reward.py'}:count_e",
+                     "--max-steps", "2", "--max-new-tokens", "8", "--prompts-per-step", "2", "--kl-coef", "0.05",
+                     "--kl-target", "50", "--kl-horizon", "10", "--no-progress-bar",
+                     "--kl-coef-from", str(tmp_path / "free"), *extra]) == 0
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"beta"' in x]
+        assert rows[0]["beta"] == pytest.approx(first, rel=1e-12) and rows[1]["beta"] <= rows[0]["beta"]
+
+
+def test_kl_coef_from_names_what_is_wrong(tmp_path):
+    """A folder without a finished run's final β, or with a bad one, is a one-line ConfigError naming the file."""
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.trainers.rl import PPOConfig
+    from rlhfkit.trainers.rl.config import build_kl_controller, check_config
+
+    def config(**kw):
+        return PPOConfig(model="m", dataset="d", output_dir=str(tmp_path / "out"), reward_fn="r.py:f",
+                         kl_target=1.0, **kw)
+
+    assert build_kl_controller(config(kl_coef_from="")).beta == 0.05  # '' (a pipeline's round 1) = --kl-coef
+    with pytest.raises(ConfigError, match="--kl-coef-from needs --kl-target"):
+        check_config(PPOConfig(model="m", dataset="d", output_dir="o", reward_fn="r.py:f", kl_coef_from="x"))
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"run.summary\.json gives no final β \(FileNotFoundError\)"):
+        build_kl_controller(config(kl_coef_from=str(run)))
+    run.mkdir()
+    for text, message in (('{"steps": 3}', "no key 'kl_coef_final'"), ("{", "JSONDecodeError"),
+                          ('{"kl_coef_final": -1}', "is -1, not a number >= 0"),
+                          ('{"kl_coef_final": "0.1"}', "is '0.1', not a number")):
+        (run / "summary.json").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            build_kl_controller(config(kl_coef_from=str(run)))
+    (run / "summary.json").write_text('{"kl_coef_final": 0.2}')
+    assert build_kl_controller(config(kl_coef_from=str(run))).beta == 0.2
+    assert build_kl_controller(config(kl_coef_from=str(run), kl_coef_min=0.05)).beta == 0.2
 
 
 def test_reinforce_pp_advantages_in_a_rollout_are_whitened_over_the_batch(tiny_model_dir, count_e_files, tmp_path):

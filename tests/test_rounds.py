@@ -281,3 +281,24 @@ def test_two_real_rounds_collect_rm_dpo_eval(tmp_path):
     dpo2 = json.loads((loop / "round-2" / "dpo" / "stage_done.json").read_text())
     assert dpo2["options"]["model"] == str(loop / "round-1" / "dpo")
     assert results["iterate"]["final_policy"] == str(loop / "round-2" / "dpo")
+
+
+def test_rounds_carry_the_adaptive_beta_from_one_round_to_the_next(tmp_path, tiny_model_dir, count_e_files):
+    """``kl_coef_from: ${previous.rl}`` (round 1: ``first: {rl: ""}``, i.e. --kl-coef): each round's β starts
+    where the last round's controller ended, so iterated RL keeps one leash instead of slackening every round."""
+    out = tmp_path / "run"
+    rl = {"type": "rloo", "model": "${policy}", "dataset": str(count_e_files / "prompts.jsonl"),
+          "reward_fn": f"{count_e_files / 'reward.py'}:count_e", "max_steps": 2, "max_new_tokens": 8,
+          "prompts_per_step": 2, "kl_coef": 0.05, "kl_target": 50.0, "kl_horizon": 10, "progress_bar": False,
+          "kl_coef_from": "${previous.rl}"}
+    data = {"output_dir": str(out), "seed": 0, "stages": {"loop": {
+        "type": "rounds", "rounds": 2, "policy": str(tiny_model_dir), "next_policy": "rl", "first": {"rl": ""},
+        "steps": {"rl": rl}}}}
+    config = tmp_path / "carry.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    run_pipeline(config, log=lambda _: None)
+    betas = {k: [json.loads(x)["beta"] for x in (out / "loop" / f"round-{k}" / "rl" / "metrics.jsonl").open()
+                 if '"beta"' in x] for k in (1, 2)}
+    final = json.loads((out / "loop" / "round-1" / "rl" / "summary.json").read_text())["kl_coef_final"]
+    assert betas[1][0] == 0.05 and final < betas[1][-1] < 0.05  # the KL is far under the target: β falls
+    assert betas[2][0] == pytest.approx(final, rel=1e-12) and betas[2][-1] < betas[2][0]

@@ -146,7 +146,8 @@ def run_ray_rl(config: RLConfig, on_sync: Callable[[int, RayCluster], None] | No
             cluster.shutdown()
         if started_ray:
             ray.shutdown()
-    summary.update({"train_prompts": len(prompts), "prompt_rows": report.total_rows, "algorithm": config.algorithm,
+    summary.update({"kl_coef_final": task.kl_controller.beta, "train_prompts": len(prompts),
+                    "prompt_rows": report.total_rows, "algorithm": config.algorithm,
                     "ray": {"placement": config.ray_placement, "workers": roles_of(config)}})
     write_summary(out, summary)
     return summary

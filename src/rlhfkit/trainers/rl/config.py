@@ -6,7 +6,11 @@ adds its own (:func:`rlhfkit.distributed.with_ray_options`).
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from ...engine import SharedPromptOptions, TrainConfig, arg
 from ...errors import ConfigError
@@ -90,6 +94,9 @@ class RLConfig(RolloutOptions, SharedPromptOptions, TrainConfig):
     kl_horizon: int = arg(10000, "Adaptive β horizon in samples.")
     kl_coef_min: float | None = arg(None, "Adaptive β: the lowest β the controller may set (e.g. --kl-coef: it "
                                     "then only tightens, and --kl-target is a KL budget); unset = no floor.")
+    kl_coef_from: str | None = arg(None, "Adaptive β: start at the β an earlier RL run's controller ended at (its "
+                                   "folder's summary.json kl_coef_final; e.g. the last round's PPO in iterated "
+                                   "RLHF, so the leash does not slacken between rounds); unset or '' = --kl-coef.")
     # advantages and losses
     advantage: str = arg("gae", f"Advantage estimator: {', '.join(ADVANTAGE_TYPES)}.")
     gamma: float = arg(1.0, "GAE discount γ.")
@@ -230,6 +237,8 @@ def check_config(config: RLConfig) -> None:
     floor = config.kl_coef_min
     if floor is not None and (config.kl_target is None or not 0 <= floor <= config.kl_coef):
         raise ConfigError("--kl-coef-min needs --kl-target and must be in [0, --kl-coef]")
+    if config.kl_coef_from and config.kl_target is None:
+        raise ConfigError("--kl-coef-from needs --kl-target (a fixed β has nothing to carry on)")
     if config.scale_rewards != "group" and config.advantage != "grpo":
         raise ConfigError("--scale-rewards applies to --advantage grpo only")
     if config.dynamic_sampling and (config.advantage in ("gae", "reinforce_pp") or config.num_generations < 2):
@@ -262,6 +271,33 @@ def check_config(config: RLConfig) -> None:
         check_env_options(config)
     if config.logprob_check_steps < -1 or not config.logprob_check_tolerance > 0:
         raise ConfigError("--logprob-check-steps must be >= -1 and --logprob-check-tolerance > 0")
+
+
+def build_kl_controller(config: RLConfig) -> Any:
+    """The run's β controller. β at the first step: --kl-coef, or with --kl-coef-from the β the earlier run's
+    controller ended at, never under --kl-coef-min. Read when the run starts (in a pipeline the earlier run
+    does not exist when the pipeline is checked)."""
+    from ...losses import AdaptiveKLController  # torch: not for --help
+
+    floor = config.kl_coef_min
+    return AdaptiveKLController(max(_carried_kl_coef(config), floor or 0.0), config.kl_target, config.kl_horizon,
+                                floor)
+
+
+def _carried_kl_coef(config: RLConfig) -> float:
+    if not config.kl_coef_from:
+        return config.kl_coef
+    path = Path(config.kl_coef_from) / "summary.json"
+    try:
+        beta = json.loads(path.read_text(encoding="utf-8"))["kl_coef_final"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = f"no key {e}" if isinstance(e, KeyError) else type(e).__name__
+        raise ConfigError(f"--kl-coef-from {config.kl_coef_from}: {path} gives no final β ({reason}); name "
+                          "the folder of a finished rlhfkit PPO / GRPO / RLOO run") from None
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not math.isfinite(beta) or beta < 0:
+        raise ConfigError(f"--kl-coef-from {config.kl_coef_from}: kl_coef_final in {path} is {beta!r}, "
+                          "not a number >= 0")
+    return float(beta)
 
 
 def reward_specs(config: RLConfig) -> list[str]:

@@ -155,7 +155,8 @@ def run_rl(config: RLConfig) -> dict[str, Any]:
                          extra_logs=["samples.jsonl"])
     if task.heldout is not None:
         summary["hacking"] = task.heldout.summary()
-    summary.update({"train_prompts": len(prompts), "prompt_rows": report.total_rows, "packing": packed,
+    summary.update({"kl_coef_final": task.kl_controller.beta, "train_prompts": len(prompts),
+                    "prompt_rows": report.total_rows, "packing": packed,
                     "shared_prompts": task.share_prompts, "algorithm": config.algorithm})
     engine.save_final(engine.trained_model, tokenizer, submodule="policy")
     engine.write_summary(summary)

@@ -16,7 +16,6 @@ import torch
 
 from ...engine import Engine, MetricSums, StepResult, TrainingError, step_seed
 from ...losses import (
-    AdaptiveKLController,
     RunningMoments,
     approx_kl,
     clipped_value_loss,
@@ -28,7 +27,7 @@ from ...rollout.generate import HFGenerationBackend, Rollout, SamplingConfig
 from ...rollout.logprob_check import check_logprob_match, compare_logprobs, response_mask
 from ...rollout.rewards import source_metrics
 from .batches import aggregate, batch_weight, collate_records, token_sums
-from .config import RLConfig
+from .config import RLConfig, build_kl_controller
 from .env_rollouts import episode_rollouts, score_rollout
 from .experience import Experience, build_experience, split_rows
 from .policy import ActorCritic, response_logps, rollout_forwards, tempered_logits
@@ -53,7 +52,7 @@ class RLTask:
         self.sampling = SamplingConfig(config.temperature, config.top_k, config.top_p, config.max_new_tokens,
                                        tuple(s for s in config.stop_strings.split(",") if s))
         self.sampling.check()
-        self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon, config.kl_coef_min)
+        self.kl_controller = build_kl_controller(config)
         self.reward_stats = RunningMoments()
         self.pad_id = tokenizer.pad_token_id
         self.train_prompts: list[dict] = []  # where DAPO's dynamic sampling draws further prompts (run_rl sets it)
@@ -89,7 +88,7 @@ class RLTask:
         old = batch["old_logps"]
         policy, pg_losses = surrogate(cfg, logps, batch)  # PPO's or GSPO's, TIS-weighted (.variants)
         per_token = pg_losses
-        if cfg.kl_mode == "loss" and cfg.kl_coef > 0:
+        if cfg.kl_mode == "loss" and self.kl_controller.beta > 0:
             per_token = per_token + self.kl_controller.beta * kl_penalty(logps, batch["ref_logps"], cfg.kl_estimator)
         if cfg.entropy_coef > 0:
             per_token = per_token - cfg.entropy_coef * entropy
