@@ -49,12 +49,17 @@ def test_claims_follow_the_figures(tmp_path, capsys, last_gold, last_asr, last_o
     _write(tmp_path / "single", "rounds.json", {"per_round": [_round(0.8, 0.75, 0.75, 15, 3, 90, 110, 0.85)]})
     _write(tmp_path / "before", "red_team.json", {"asr": {"overall": _rate(40, 100)},
                                                   "over_refusal": {"overall": _rate(1, 100)}})
+    # the last rounds' eval samples, under the stages' folders (a copied run: rounds.json records no folder)
+    _samples(tmp_path / "loop" / "round-2", {row: [last_gold] for row in range(6)})
+    _samples(tmp_path / "single" / "round-1", {row: [0.8] for row in range(6)})
     ctx = StageContext(name="s", output_dir=tmp_path / "s", options={"rounds": str(tmp_path / "loop"),
                        "single": str(tmp_path / "single"), "before": str(tmp_path / "before")},
                        run_dir=tmp_path, seed=0, defaults={}, results={})
     result = loop_summary_stage(ctx)
     summary = json.loads((tmp_path / "summary_loop.json").read_text())
     assert result["claims_holding"] == holding == sum(c["holds"] for c in summary["claims"])
+    gap = summary["gold_difference"]
+    assert gap["prompts"] == 6 and gap["difference"] == pytest.approx(last_gold - 0.8)
     assert list(summary["columns"]) == ["SFT (before)", "round 1", "round 2", "one round"]
     labels = summary["labels"]
     assert (labels["human"], labels["judge"]) == (90, 110) and labels["human_share"] == pytest.approx(0.45)

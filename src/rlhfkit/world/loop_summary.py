@@ -126,8 +126,10 @@ def loop_summary_stage(ctx: StageContext) -> dict[str, Any]:
     judged = sum(c["judge_labels"] or 0 for c in rounds)
     confident = [(c["judge_accuracy_confident"], c["judge_labels"]) for c in rounds
                  if c["judge_accuracy_confident"] is not None and c["judge_labels"]]
-    folders = [r.get("folder") for r in (loop["per_round"][-1], single["per_round"][-1])]
-    gold_gap = paired_gold_difference(Path(folders[0]), Path(folders[1])) if all(folders) else None
+    # the last rounds' folders under the stages' folders as they are now (a run folder moved or copied whole
+    # is the same run; rounds.json records where it was made)
+    gold_gap = paired_gold_difference(*(Path(ctx.option(name)) / f"round-{len(record['per_round'])}"
+                                        for name, record in (("rounds", loop), ("single", single))))
     claims = [
         {"claim": "on the final policy's fresh pairs, the last round's RM >= round 1's RM",
          "holds": (last["rm_accuracy_fresh"] or 0) >= (last["rm1_accuracy_fresh"] or 1),
