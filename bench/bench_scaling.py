@@ -202,9 +202,26 @@ def _bench(script: str, stages: list[str], out: Path, workdir: Path, options: li
 
 
 # ------------------------------------------------------------------------------------------- table, plot
+def merge_point(earlier: dict, rerun: dict) -> dict:
+    """A point rerun for some stages (``--stages sft``): its results replace those stages' and the earlier
+    run's other results stay, each row keeping the matmul ceiling of the run that measured it."""
+    merged = dict(rerun)
+    for part, key in (("offline", "stage"), ("online", "algo")):
+        old = [{**r, "ceiling_gflops": r.get("ceiling_gflops") or earlier.get("ceiling_gflops")}
+               for r in (earlier.get(part) or {}).get("results", [])]
+        if part not in rerun:
+            if part in earlier:
+                merged[part] = {**earlier[part], "results": old}
+            continue
+        new = rerun[part].get("results", [])
+        redone = {r.get(key) for r in new}
+        merged[part] = {**rerun[part], "results": [r for r in old if r.get(key) not in redone] + new}
+    return merged
+
+
 def offline_rows(point: dict, ceiling: float) -> list[dict]:
     """One row per offline stage: both libraries' figures at this point (FLOP shares of the ceiling measured in
-    the point's own run, else of ``ceiling``)."""
+    the run that measured the row, else in the point's run, else of ``ceiling``)."""
     ceiling = point.get("ceiling_gflops") or ceiling
     results = point.get("offline", {}).get("results", [])
     data = point.get("offline", {}).get("data", {})
@@ -218,11 +235,13 @@ def offline_rows(point: dict, ceiling: float) -> list[dict]:
         per_token = flops_per_token(stage, point["shape"], t_eff)
         row = {"size": point["size"], "band": point["band"], "stage": stage, "batch": point["batch"]}
         for lib, r in by_lib.items():
+            own = r.get("ceiling_gflops") or ceiling
             row[lib] = {
                 "s_per_step": r["s_per_step"],
                 "tokens_per_s": r["tokens_per_s"],
                 "peak_rss_mib": r["peak_rss_mib"],
-                "flop_share": r["tokens_per_s"] * per_token / (ceiling * 1e9) if ceiling else None,
+                "flop_share": r["tokens_per_s"] * per_token / (own * 1e9) if own else None,
+                "ceiling_gflops": own,
             }
         rows.append(row)
     return rows
@@ -256,11 +275,12 @@ def _ratio(a, b) -> str:
 
 
 def build_table(points: list[dict], ceiling: float) -> str:
-    ceilings = [p.get("ceiling_gflops") or ceiling for p in points] or [ceiling]
+    ceilings = [r[lib]["ceiling_gflops"] for p in points for r in offline_rows(p, ceiling)
+                for lib in ("rlhfkit", "trl") if lib in r and r[lib]["ceiling_gflops"]] or [ceiling]
     lines = [
-        "fp32 matmul ceiling of this machine, measured in each point's run: "
+        "fp32 matmul ceiling of this machine, measured in each run: "
         + "–".join(f"{c:.1f}" for c in sorted({min(ceilings), max(ceilings)}))
-        + " GFLOP/s (FLOP shares are of the point's own)",
+        + " GFLOP/s (FLOP shares are of the run's own)",
         "",
         "| model | tokens | stage | batch | rlhfkit tok/s | TRL tok/s | speed-up | rlhfkit RSS MiB | TRL RSS MiB "
         "| rlhfkit FLOP share | TRL FLOP share |",
@@ -270,8 +290,9 @@ def build_table(points: list[dict], ceiling: float) -> str:
         for row in offline_rows(point, ceiling):
             ours, trl = row.get("rlhfkit", {}), row.get("trl", {})
             lo, hi = BANDS[row["band"]]
+            ckpt = " (checkpointed)" if point.get("gradient_checkpointing") else ""
             lines.append(
-                f"| {row['size']} | {lo}–{hi} | {row['stage'].upper()} | {row['batch']} "
+                f"| {row['size']} | {lo}–{hi} | {row['stage'].upper()}{ckpt} | {row['batch']} "
                 f"| {ours.get('tokens_per_s', 0):,.0f} | {trl.get('tokens_per_s', 0):,.0f} "
                 f"| {_ratio(ours.get('tokens_per_s'), trl.get('tokens_per_s'))} "
                 f"| {ours.get('peak_rss_mib', 0):,.0f} | {trl.get('peak_rss_mib', 0):,.0f} "
@@ -310,7 +331,8 @@ def plot(points: list[dict], ceiling: float, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    rows = [row for point in points for row in offline_rows(point, ceiling)]
+    plain = [p for p in points if not p.get("gradient_checkpointing")] or points  # one line per size or band
+    rows = [row for point in plain for row in offline_rows(point, ceiling)]
     stages = [s for s in OFFLINE if any(r["stage"] == s for r in rows)]
     if not stages:
         return
@@ -399,14 +421,14 @@ def main(argv=None) -> int:
     base.use_child_env(args.threads)
     if args.table:
         files = sorted({f for pattern in args.table for f in glob.glob(pattern)})
-        by_point = {}  # (size, band) -> the last file's point (a rerun replaces an earlier one)
+        by_point = {}  # (size, band, checkpointing) -> its point file (a rerun merges into it when measured)
         for f in files:
             if Path(f).name.startswith("point-"):
                 point = json.loads(Path(f).read_text())
-                by_point[point["size"], point["band"]] = point
+                by_point[point["size"], point["band"], bool(point.get("gradient_checkpointing"))] = point
         points = [
             by_point[k]
-            for k in sorted(by_point, key=lambda k: (list(SIZES).index(k[0]), list(BANDS).index(k[1])))
+            for k in sorted(by_point, key=lambda k: (list(SIZES).index(k[0]), list(BANDS).index(k[1]), k[2]))
         ]
         ceiling = max((p.get("ceiling_gflops", 0) for p in points), default=0)
     else:
@@ -423,7 +445,10 @@ def main(argv=None) -> int:
                     "git": base.git_state(),
                 }
                 suffix = "-gc" if args.gradient_checkpointing else ""
-                (args.out / f"point-{size}-{band}{suffix}.json").write_text(json.dumps(point, indent=1))
+                path = args.out / f"point-{size}-{band}{suffix}.json"
+                if path.is_file():  # other stages of this point measured before stay in its file
+                    point = merge_point(json.loads(path.read_text()), point)
+                path.write_text(json.dumps(point, indent=1))
                 points.append(point)
     table = build_table(points, ceiling)
     print("\n" + table)

@@ -115,3 +115,24 @@ def test_table_and_plot_from_point_files(bench, tmp_path):
     plot = tmp_path / "scaling.png"
     bench.plot(points, 10.0, plot)
     assert plot.stat().st_size > 1000
+
+
+def test_a_rerun_of_some_stages_keeps_the_others_with_their_own_ceiling(bench):
+    """``--stages sft`` on a measured point: SFT's rows are the rerun's, RM's stay, and each row's FLOP share is
+    of the ceiling measured in the run that measured it; a second rerun merges the same way."""
+    shape = {"layer_matmul_params": 1_000_000, "head_params": 500_000, "layers": 2, "hidden": 64}
+    first = _point("30M", "long", 1, (100, 200), (50, 150), shape) | {"ceiling_gflops": 50.0}
+    first["offline"]["results"] += [{**r, "stage": "rm"} for r in first["offline"]["results"]]
+    rerun = _point("30M", "long", 1, (120, 200), (80, 150), shape) | {"ceiling_gflops": 80.0}
+    merged = bench.merge_point(first, rerun)
+    by = {(r["stage"], r["library"]): r for r in merged["offline"]["results"]}
+    assert len(by) == len(merged["offline"]["results"]) == 4
+    assert by["sft", "rlhfkit"]["tokens_per_s"] == 120 and by["rm", "rlhfkit"]["tokens_per_s"] == 100
+    rows = {r["stage"]: r for r in bench.offline_rows(merged, 10.0)}
+    assert rows["sft"]["rlhfkit"]["ceiling_gflops"] == 80.0 and rows["rm"]["rlhfkit"]["ceiling_gflops"] == 50.0
+    assert rows["sft"]["rlhfkit"]["flop_share"] == pytest.approx(120 * bench.flops_per_token("sft", shape, 100.0) / 80e9)
+    assert rows["rm"]["rlhfkit"]["flop_share"] == pytest.approx(100 * bench.flops_per_token("rm", shape, 136.0) / 50e9)
+    again = bench.merge_point(merged, _point("30M", "long", 1, (130, 200), (90, 150), shape) | {"ceiling_gflops": 70.0})
+    rows = {r["stage"]: r for r in bench.offline_rows(again, 10.0)}
+    assert [rows[s]["rlhfkit"]["ceiling_gflops"] for s in ("sft", "rm")] == [70.0, 50.0]
+    assert "50.0–70.0 GFLOP/s" in bench.build_table([again], 10.0)
