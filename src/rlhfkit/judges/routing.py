@@ -18,6 +18,8 @@ posted twice, nothing lost.
 
 Active selection: with ``--route-priority-rm`` every posted pair gets ``priority`` = the disagreement of a
 reward-model ensemble on it (:func:`ensemble_disagreement`), and the app serves higher priorities first.
+Where a label budget buys only some of the candidate pairs, :func:`budget_pairs` spends a share of it on the
+pairs the ensemble disagrees on most (the ``routed_collect`` stage's ``active_budget``).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from ..errors import ConfigError, DataError
 
 logger = logging.getLogger("rlhfkit")
 
-__all__ = ["audit_ids", "confidence", "ensemble_disagreement", "http_poster", "pair_id", "route_judged",
-           "route_paths", "verdict_confidence"]
+__all__ = ["audit_ids", "budget_pairs", "confidence", "ensemble_disagreement", "http_poster", "pair_id",
+           "route_judged", "route_paths", "verdict_confidence"]
 
 Poster = Callable[[list[dict[str, Any]]], Mapping[str, Any]]
 POST_BATCH = 200  # items per request to the app
@@ -93,6 +95,29 @@ def ensemble_disagreement(judges: Sequence[Any], prompts: list[Any], a: list[str
     if not np.isfinite(values).all():
         raise ConfigError("a priority reward model returned a non-finite score")
     return [float(v) for v in values]
+
+
+def budget_pairs(disagreement: Sequence[float], budget: int, active_share: float, seed: int = 0) -> list[int]:
+    """Which of n candidate pairs a label budget buys: the ``round(active_share · budget)`` pairs with the
+    largest ensemble disagreement (:func:`ensemble_disagreement`; ties: the earlier pair), then the rest of
+    the budget drawn at random (``random.Random(seed)``) from the other pairs. Returns sorted indices.
+
+    The naive equivalent: ``active_share = 0`` is ``sorted(random.Random(seed).sample(range(n), budget))``,
+    and this returns exactly that. Why only a share: the pairs a committee disagrees on most are the ones a
+    reward model learns most from, but taken alone they are also where the labels are noisiest (near gold
+    ties), and a reward model trained on them only stops seeing the ordinary pairs it must still rank."""
+    import random
+
+    if not 0.0 <= active_share <= 1.0:
+        raise ConfigError(f"active_budget must be in [0, 1], got {active_share}")
+    n = len(disagreement)
+    if budget >= n:
+        return list(range(n))
+    top = round(active_share * budget)
+    chosen = sorted(range(n), key=lambda i: (-float(disagreement[i]), i))[:top] if top else []
+    taken = set(chosen)
+    rest = [i for i in range(n) if i not in taken]
+    return sorted(chosen + random.Random(seed).sample(rest, budget - top))
 
 
 def load_scorers(specs: Sequence[str], device: str = "cpu") -> list[Any]:

@@ -73,7 +73,7 @@ def _specs(value: Any) -> list[str]:
                                   "overlap", "max_prompts", "num_samples", "temperature", "max_new_tokens", "seed",
                                   "active", "priority_models", "judge_temperature", "prompts", "heldout_samples",
                                   "other_policy", "other_samples", "max_pairs", "explore_samples",
-                                  "explore_temperature", "off_prompt_samples"))
+                                  "explore_temperature", "off_prompt_samples", "active_budget"))
 def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     """A policy's sample pairs labelled by an AI judge where it is confident, by the simulated annotators in the
     labelling app elsewhere, merged (see the module docstring).
@@ -87,7 +87,9 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     JSONL of prompt rows to sample on instead of the world's training requests, e.g. a red-team step's
     train_prompts.jsonl; every prompt must be one the world knows), max_pairs (0 = all: label at most this
     many pairs, drawn with the seed from every prompt's pairs of distinct replies; a label budget, the same
-    however alike the policy's samples are), heldout_samples (0: with k > 0, k samples of the policy per
+    however alike the policy's samples are), active_budget (0: the share of max_pairs spent on the pairs the
+    priority_models disagree on most, the rest drawn at random: :func:`rlhfkit.judges.routing.budget_pairs`),
+    heldout_samples (0: with k > 0, k samples of the policy per
     held-out prompt make gold_pairs.jsonl, gold-labelled fresh on-policy pairs: the reward model's honest test
     on the distribution it is about to judge). The pairs' replies, as ``collect``'s options draw them
     (:func:`.sampling.reply_pools`): other_policy + other_samples (0; after RL a policy's samples often
@@ -97,7 +99,7 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     labels.jsonl and route_summary.json."""
     from ..judges import build_judge
     from ..judges.judge_pairs import label_rows, sidecar_paths
-    from ..judges.routing import ensemble_disagreement, load_scorers, route_judged, route_paths
+    from ..judges.routing import budget_pairs, ensemble_disagreement, load_scorers, route_judged, route_paths
     from ..label.db import Database
     from ..label.merge import merge_labels, service_poster
     from ..label.service import project_by_name
@@ -116,6 +118,7 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     pools = reply_pools(ctx, prompts, int(ctx.option("num_samples", 4)), float(ctx.option("temperature", 1.0)),
                         int(ctx.option("max_new_tokens", 48)), seed + 1, other_seed=seed + 7)
     rows, left_out = [], {"prompts_fewer_than_two_distinct": 0, "unstorable_responses": 0, "pairs_over_budget": 0}
+    selection: dict[str, Any] = {}
     for prompt, texts in ((r["prompt"], r["responses"]) for r in pools):
         distinct = list(dict.fromkeys(t for t in texts if t.strip()))
         storable = [t for t in distinct if text_problem(t) is None]  # the app refuses e.g. a NUL
@@ -126,16 +129,24 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
         rows.append({"prompt": prompt, "responses": storable})
     if not rows:
         raise ConfigError(f"stage '{ctx.name}': no prompt got two distinct responses to compare")
-    budget = int(ctx.option("max_pairs", 0))
+    budget, active_share = int(ctx.option("max_pairs", 0)), float(ctx.option("active_budget", 0))
+    if not 0.0 <= active_share <= 1.0:
+        raise ConfigError(f"stage '{ctx.name}': active_budget must be in [0, 1], got {active_share}")
+    if active_share and not budget:
+        raise ConfigError(f"stage '{ctx.name}': active_budget needs max_pairs (the label budget it shares out)")
+    scorers = load_scorers(_specs(ctx.option("priority_models"))) if ctx.option("active") or active_share else None
     every = [(r["prompt"], a, b) for r in rows for i, a in enumerate(r["responses"]) for b in r["responses"][i + 1:]]
     if budget and len(every) > budget:  # pair rows (response_a / response_b) in their original order
-        keep = sorted(random.Random(seed + 3).sample(range(len(every)), budget))
+        spread = ensemble_disagreement(scorers, *map(list, zip(*every))) if active_share else [0.0] * len(every)
+        keep = budget_pairs(spread, budget, active_share, seed + 3)
         rows = [{"prompt": every[i][0], "response_a": every[i][1], "response_b": every[i][2]} for i in keep]
         left_out["pairs_over_budget"] = len(every) - budget
+        if active_share:  # what the active share bought: its pairs' mean disagreement against all candidates'
+            top = round(active_share * budget)
+            selection = {"active_pairs": top, "disagreement_mean_active": sum(sorted(spread)[::-1][:top]) / max(top, 1),
+                         "disagreement_mean_candidates": sum(spread) / len(spread)}
     priority = None
     if ctx.option("active"):
-        scorers = load_scorers(_specs(ctx.option("priority_models")))
-
         def priority(p: list[Any], a: list[str], b: list[str]) -> list[float]:
             return ensemble_disagreement(scorers, p, a, b)
     judge = build_judge(str(ctx.option("judge")), temperature=float(ctx.option("judge_temperature", 1.0)))
@@ -184,7 +195,7 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     summary = {"pairs": merged["pairs"], "labelled": merged["rows"], "judge_labels": merged["by_source"]["judge"],
                "human_labels": merged["by_source"]["human"], "human_share": merged["human_share"],
                "judge_share": merged["judge_share"], "pending": merged["pending"], "ties": merged["ties"],
-               "annotator_labels": human_labels, "routing": routing, **left_out,
+               "annotator_labels": human_labels, "routing": routing, **left_out, **selection,
                "judge_vs_gold_confident": _gold_accuracy(gold, confident),
                "judge_vs_gold_routed": _gold_accuracy(gold, routed_verdicts),
                "humans_vs_gold": _gold_accuracy(gold, [r for r in rows_out if r["source"] == "human"]),
