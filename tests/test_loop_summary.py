@@ -115,7 +115,8 @@ def test_the_bundled_loop_config_checks():
                    all_stage_types())
     loop, single = data["stages"]["loop"], data["stages"]["single"]
     # the one-round run has the loop's label budget and PPO steps in one go, and its steps otherwise
-    assert single["steps"]["label"]["max_pairs"] == loop["rounds"] * loop["steps"]["label"]["max_pairs"]
+    for budget in ("max_pairs", "max_prompts"):
+        assert single["steps"]["label"][budget] == loop["rounds"] * loop["steps"]["label"][budget]
     assert single["steps"]["ppo"]["max_steps"] == loop["rounds"] * loop["steps"]["ppo"]["max_steps"]
     assert list(single["steps"]) == list(loop["steps"])
     for step in loop["steps"]:
