@@ -111,6 +111,13 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     ctx.require("policy", "world", "judge")
     world = world_of(ctx.option("world"))
     seed = int(ctx.option("seed", ctx.seed))
+    # the options and the priority models are checked before any sampling
+    budget, active_share = int(ctx.option("max_pairs", 0)), float(ctx.option("active_budget", 0))
+    if not 0.0 <= active_share <= 1.0:
+        raise ConfigError(f"stage '{ctx.name}': active_budget must be in [0, 1], got {active_share}")
+    if active_share and not budget:
+        raise ConfigError(f"stage '{ctx.name}': active_budget needs max_pairs (the label budget it shares out)")
+    scorers = load_scorers(_specs(ctx.option("priority_models"))) if ctx.option("active") or active_share else None
     prompts = [r.prompt for r in world.split("train")] if not ctx.option("prompts") else \
         _prompt_texts(str(ctx.option("prompts")))
     if ctx.option("max_prompts"):
@@ -129,12 +136,6 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
         rows.append({"prompt": prompt, "responses": storable})
     if not rows:
         raise ConfigError(f"stage '{ctx.name}': no prompt got two distinct responses to compare")
-    budget, active_share = int(ctx.option("max_pairs", 0)), float(ctx.option("active_budget", 0))
-    if not 0.0 <= active_share <= 1.0:
-        raise ConfigError(f"stage '{ctx.name}': active_budget must be in [0, 1], got {active_share}")
-    if active_share and not budget:
-        raise ConfigError(f"stage '{ctx.name}': active_budget needs max_pairs (the label budget it shares out)")
-    scorers = load_scorers(_specs(ctx.option("priority_models"))) if ctx.option("active") or active_share else None
     every = [(r["prompt"], a, b) for r in rows for i, a in enumerate(r["responses"]) for b in r["responses"][i + 1:]]
     if budget and len(every) > budget:  # pair rows (response_a / response_b) in their original order
         spread = ensemble_disagreement(scorers, *map(list, zip(*every))) if active_share else [0.0] * len(every)
@@ -143,7 +144,7 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
         left_out["pairs_over_budget"] = len(every) - budget
         if active_share:  # what the active share bought: its pairs' mean disagreement against all candidates'
             top = round(active_share * budget)
-            selection = {"active_pairs": top, "disagreement_mean_active": sum(sorted(spread)[::-1][:top]) / max(top, 1),
+            selection = {"active_pairs": top, "disagreement_mean_active": sum(sorted(spread, reverse=True)[:top]) / max(top, 1),
                          "disagreement_mean_candidates": sum(spread) / len(spread)}
     priority = None
     if ctx.option("active"):
