@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if name in HF_BACKENDS:
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=hf_dtype).to(device).eval()
-            # hf-fused, hf-compiled: fused decode weights whatever their size (the default fuses up to 64 MiB of
+            # hf-fused, hf-compiled: fused decode weights whatever their size (the default fuses up to 128 MiB of
             # them, and compiles only a fused step)
             FastDecoder.FUSE_MAX_BYTES = 1 << 40 if name in ("hf-fused", "hf-compiled") else FUSE_MAX_BYTES
             backend = HFGenerationBackend(tokenizer, fast_decode=name != "hf-loop",

@@ -38,6 +38,7 @@ STATIC_ROPE = ("default", "linear", "llama3")
 # model -> its fused weight buffers, refilled in place at every rollout: a fresh 10+ MB allocation per
 # rollout costs more in page faults (~4 ms on the bench model) than the copy itself
 _FUSED_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COPY_ROWS = 512  # rows of an [out, in] weight transposed per copy in _fill (512 x 512 fp32: 1 MiB)
 
 
 def _fill(buffers: dict[str, torch.Tensor], name: str, parts: list[torch.Tensor],
@@ -49,13 +50,22 @@ def _fill(buffers: dict[str, torch.Tensor], name: str, parts: list[torch.Tensor]
     weight, and MKL often reads an ``[in, out]`` matrix faster than the transposed view that ``F.linear``
     hands it (up to 2x on the bench model's 8-row shapes); whole compiled rollouts of that model took ~8%
     less time, the transposing copy (~5 ms per rollout) included.
+
+    Why in blocks of rows: one ``copy_`` of a whole transposed view writes one column of the source per
+    output row, and a 16384 x 512 LM head took 18-20 ms that way against 6-7 ms as ``_COPY_ROWS``-row blocks
+    (each block's source stays in cache while it is written out).
     """
     cols = sum(p.shape[0] for p in parts)
     first = parts[0]
     out = buffers.get(name)
     if out is None or out.shape != (first.shape[1], cols) or out.dtype != first.dtype or out.device != first.device:
         out = buffers[name] = first.new_empty((first.shape[1], cols))
-    torch.cat([p.t() for p in parts], dim=1, out=out) if len(parts) > 1 else out.copy_(first.t())
+    col = 0
+    for part in parts:
+        for row in range(0, part.shape[0], _COPY_ROWS):
+            block = part[row:row + _COPY_ROWS]
+            out[:, col + row:col + row + block.shape[0]].copy_(block.t())
+        col += part.shape[0]
     if first.dtype == torch.float32:
         return out.mul_(scale[:, None])
     return out.copy_(out.float() * scale.float()[:, None])
@@ -92,7 +102,10 @@ class FastDecoder:
     per rollout of 8 x 64 tokens.
     """
 
-    FUSE_MAX_BYTES = 64 * 2**20  # the copies stay allocated with the model; bigger models decode unfused
+    # the copies stay allocated with the model; bigger models decode unfused. 128 MiB takes in the scaling
+    # bench's 30M policy (76 MiB; compiled, its rollouts took 0.28-0.37 s against 0.45 eager) and leaves out
+    # its 120M one (236 MiB), where every path is bound by reading the weights and compiling gained nothing
+    FUSE_MAX_BYTES = 128 * 2**20
     compiled = False  # run the step ahead-of-time compiled (rlhfkit.rollout.compiled_decode)
 
     def __init__(self, model: torch.nn.Module):

@@ -31,7 +31,7 @@ class RolloutOptions:
                             "buffer; same tokens and log-probs); --no-fast-decode keeps the transformers loop.")
     compile_decode: bool = arg(compile_decode_by_default(), "CPU: run that decode step ahead-of-time compiled "
                                "(torch.export + AOTInductor; needs a C++ compiler), for policies whose fused "
-                               "decode weights fit 64 MiB. Built once per model shape and sampling setting in a "
+                               "decode weights fit 128 MiB. Built once per model shape and sampling setting in a "
                                "child process before the first rollout, and cached in $RLHFKIT_CACHE (default "
                                "~/.cache/rlhfkit): every rollout of a run decodes the same way, so runs repeat "
                                "and resume exactly. Samples drawn the same way, log-probs within 1e-5 of the "
