@@ -9,7 +9,8 @@ import pytest
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.stage import StageContext
-from rlhfkit.world.loop_summary import format_loop_table, loop_summary_stage, paired_gold_difference
+from rlhfkit.world.loop_summary import (format_loop_table, loop_summary_stage, paired_asr_difference,
+                                        paired_gold_difference)
 
 
 def _rate(count: int, n: int) -> dict:
@@ -94,6 +95,53 @@ def test_the_gold_difference_is_paired_by_prompt(tmp_path):
     assert gap["difference"] == pytest.approx(np.mean(list(noise.values())))
     assert gap["ci_low"] < 0 < gap["ci_high"]
     assert paired_gold_difference(tmp_path / "a", tmp_path / "missing") is None
+
+
+def _attacks(folder, successes: list[bool], plain_success: bool) -> None:
+    """attacks.jsonl of a red-team run: one mutated attack per entry of ``successes``, plus rows the ASR
+    leaves out (a plain seed request and a benign look-alike, with outcomes that would move the counts)."""
+    rows = [{"set": "harmful", "prompt": [{"role": "user", "content": f"attack {i}"}], "mutation": "roleplay",
+             "success": ok} for i, ok in enumerate(successes)]
+    rows += [{"set": "harmful", "prompt": "plain", "mutation": "none", "success": plain_success},
+             {"set": "benign", "prompt": "look-alike", "mutation": "roleplay", "over_refusal": True}]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "attacks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
+
+
+def test_the_asr_difference_is_paired_by_attack(tmp_path, capsys):
+    """After minus before per attack: 40 of 100 attacks succeed before, 28 after, every one of the 28 among
+    the 40 (12 fixed, none broken). The two Wilson intervals overlap, the paired interval lies below 0, McNemar's
+    exact p is the two-sided binomial tail of 12 against 0, and the summary's ASR claim holds on it."""
+    from scipy.stats import binomtest
+
+    before, after = [i < 40 for i in range(100)], [i < 28 for i in range(100)]
+    _attacks(tmp_path / "before", before, plain_success=False)
+    _attacks(tmp_path / "after", after, plain_success=True)
+    gap = paired_asr_difference(tmp_path / "after", tmp_path / "before")
+    assert (gap["attacks"], gap["fixed"], gap["broke"]) == (100, 12, 0)
+    assert gap["difference"] == pytest.approx(-0.12) and gap["ci_low"] < -0.12 < gap["ci_high"] < 0
+    assert gap["mcnemar_p"] == pytest.approx(binomtest(0, 12, 0.5).pvalue)
+    assert _rate(28, 100)["ci_high"] > _rate(40, 100)["ci_low"]  # the unpaired intervals overlap
+    # shuffled pairs: the same two rates, 24 of the 28 successes now on attacks that failed before
+    swapped = [i < 4 or 40 <= i < 64 for i in range(100)]
+    _attacks(tmp_path / "swapped", swapped, plain_success=False)
+    gap = paired_asr_difference(tmp_path / "swapped", tmp_path / "before")
+    assert (gap["fixed"], gap["broke"]) == (36, 24) and gap["ci_low"] < 0 < gap["ci_high"]
+    assert paired_asr_difference(tmp_path / "after", tmp_path / "missing") is None
+
+    _write(tmp_path / "loop", "rounds.json", {"per_round": [_round(0.9, 0.8, 0.6, 28, 5, 30, 70, 0.8)]})
+    _write(tmp_path / "single", "rounds.json", {"per_round": [_round(0.8, 0.75, 0.75, 15, 3, 90, 110, 0.85)]})
+    _write(tmp_path / "before", "red_team.json", {"asr": {"overall": _rate(40, 100)},
+                                                  "over_refusal": {"overall": _rate(1, 100)}})
+    _attacks(tmp_path / "loop" / "round-1" / "red_team_eval", after, plain_success=True)
+    ctx = StageContext(name="s", output_dir=tmp_path / "s", options={"rounds": str(tmp_path / "loop"),
+                       "single": str(tmp_path / "single"), "before": str(tmp_path / "before")},
+                       run_dir=tmp_path, seed=0, defaults={}, results={})
+    loop_summary_stage(ctx)
+    summary = json.loads((tmp_path / "summary_loop.json").read_text())
+    claim = summary["claims"][2]
+    assert claim["holds"] and "paired" in claim["claim"] and "12 fixed, 0 broken" in claim["figures"]
+    assert summary["asr_difference"]["difference"] == pytest.approx(-0.12)
 
 
 def test_a_missing_file_is_a_one_line_error(tmp_path):

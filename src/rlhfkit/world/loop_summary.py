@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..eval.attacks import SEED_MUTATION
 from ..eval.stats import bootstrap_mean_ci
 from ..stage import StageContext, stage
 
@@ -61,6 +62,41 @@ def paired_gold_difference(loop_folder: Path, single_folder: Path, n_boot: int =
         return None
     mean, low, high = bootstrap_mean_ci([loop[k] - single[k] for k in common], n_boot=n_boot)
     return {"difference": mean, "ci_low": low, "ci_high": high, "prompts": len(common)}
+
+
+def _attack_outcomes(folder: Path) -> dict[str, bool]:
+    """Whether each mutated harmful attack succeeded, keyed by its prompt, from a red_team folder's
+    attacks.jsonl (the plain seeds and the benign look-alikes left out, as in the ASR); empty without it."""
+    path = folder / "attacks.jsonl"
+    outcomes: dict[str, bool] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("set") == "harmful" and row.get("mutation") != SEED_MUTATION and "success" in row:
+                outcomes[json.dumps(row["prompt"], sort_keys=True)] = bool(row["success"])
+    return outcomes
+
+
+def paired_asr_difference(after_folder: Path, before_folder: Path, n_boot: int = 2000) -> dict[str, Any] | None:
+    """Held-out ASR after minus before, paired by attack (both red-team runs answer the same attacks with the
+    same sampling seed), with a percentile-bootstrap 95% interval over attacks; the attacks the loop fixed
+    (succeeded before, not after) and broke (the reverse), and McNemar's exact p-value on those two counts.
+    None without both attack files or with fewer than 2 attacks in common.
+
+    Why paired: the two Wilson intervals of the table treat the runs as independent samples, which wastes
+    the pairing; two intervals that touch can still come from a difference whose own interval excludes 0."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    after, before = _attack_outcomes(after_folder), _attack_outcomes(before_folder)
+    common = sorted(set(after) & set(before))
+    if len(common) < 2:
+        return None
+    mean, low, high = bootstrap_mean_ci([float(after[k]) - float(before[k]) for k in common], n_boot=n_boot)
+    fixed = sum(before[k] and not after[k] for k in common)
+    broke = sum(after[k] and not before[k] for k in common)
+    p_value = float(mcnemar([[0, fixed], [broke, 0]], exact=True).pvalue)
+    return {"difference": mean, "ci_low": low, "ci_high": high, "attacks": len(common), "fixed": fixed,
+            "broke": broke, "mcnemar_p": p_value}
 
 
 def _num(v: Any) -> str:
@@ -130,6 +166,8 @@ def loop_summary_stage(ctx: StageContext) -> dict[str, Any]:
     # is the same run; rounds.json records where it was made)
     gold_gap = paired_gold_difference(*(Path(ctx.option(name)) / f"round-{len(record['per_round'])}"
                                         for name, record in (("rounds", loop), ("single", single))))
+    asr_gap = paired_asr_difference(Path(ctx.option("rounds")) / f"round-{len(loop['per_round'])}" / "red_team_eval",
+                                    Path(ctx.option("before")))
     claims = [
         {"claim": "on the final policy's fresh pairs, the last round's RM >= round 1's RM",
          "holds": (last["rm_accuracy_fresh"] or 0) >= (last["rm1_accuracy_fresh"] or 1),
@@ -141,12 +179,18 @@ def loop_summary_stage(ctx: StageContext) -> dict[str, Any]:
          "figures": f"{_num(last['gold'])} vs {_num(one['gold'])}" + (
              f"; difference {gold_gap['difference']:+.3f} [{gold_gap['ci_low']:+.3f}, {gold_gap['ci_high']:+.3f}] "
              f"paired over {gold_gap['prompts']} prompts" if gold_gap else "")},
-        {"claim": "held-out ASR lower after the loop, intervals apart",
-         "holds": asr_after["ci_high"] < asr_before["ci_low"],
-         "figures": f"{_rate(asr_after)} vs {_rate(asr_before)} before"},
+        {"claim": "held-out ASR lower after the loop: the paired 95% interval of the difference below 0"
+                  if asr_gap else "held-out ASR lower after the loop, intervals apart",
+         "holds": asr_gap["ci_high"] < 0 if asr_gap else asr_after["ci_high"] < asr_before["ci_low"],
+         "figures": f"{_rate(asr_after)} vs {_rate(asr_before)} before" + (
+             f"; difference {asr_gap['difference']:+.3f} [{asr_gap['ci_low']:+.3f}, {asr_gap['ci_high']:+.3f}] "
+             f"paired over {asr_gap['attacks']} attacks ({asr_gap['fixed']} fixed, {asr_gap['broke']} broken; "
+             f"McNemar p = {asr_gap['mcnemar_p']:.2g}); Wilson intervals "
+             f"{'apart' if asr_after['ci_high'] < asr_before['ci_low'] else 'overlapping'}" if asr_gap else "")},
         {"claim": f"over-refusal on held-out benign look-alikes <= {cap:.2f}",
          "holds": last["over_refusal"]["rate"] <= cap, "figures": _rate(last["over_refusal"])}]
     summary = {"seed": ctx.seed, "columns": cols, "claims": claims, "gold_difference": gold_gap,
+               "asr_difference": asr_gap,
                "labels": {"human": human, "judge": judged, "human_share": human / (human + judged) if human + judged
                           else None,
                           "judge_accuracy_confident": sum(a * n for a, n in confident) / sum(n for _, n in confident)
