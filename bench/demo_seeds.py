@@ -335,10 +335,10 @@ def _stage_seconds(folder: Path) -> float | None:
 
 def loop_table(summaries: dict[int, dict], walls: dict[int, float | None]) -> str:
     """Per seed: gold by round and for one round (and the paired difference with its interval), the RM
-    comparison, ASR before -> after, over-refusal, the human share and the claims (y/n in LOOP_CLAIMS' order);
+    comparison, ASR before -> after and its paired difference, over-refusal, the human share and the claims (y/n in LOOP_CLAIMS' order);
     then per claim, how many seeds hold it."""
     head = ["seed", "gold by round", "one round", "loop - one round [95% CI]", "last RM / round-1 RM (pairs)",
-            "ASR before -> after", "over-ref.", "human", "claims " + "/".join(LOOP_CLAIMS), "wall s"]
+            "ASR before -> after", "ASR after - before [95% CI] (fixed/broken)", "over-ref.", "human", "claims " + "/".join(LOOP_CLAIMS), "wall s"]
     rows, held = [], [0] * len(LOOP_CLAIMS)
     for seed, s in summaries.items():
         cols = s["columns"]
@@ -348,10 +348,13 @@ def loop_table(summaries: dict[int, dict], walls: dict[int, float | None]) -> st
         held = [h + c for h, c in zip(held, claims)]
         rate = lambda st: f"{st['rate']:.3f} [{st['ci_low']:.2f},{st['ci_high']:.2f}]"  # noqa: E731
         gap = s.get("gold_difference")  # paired by prompt (loop_summary); absent in summaries of older builds
+        asr = s.get("asr_difference")  # paired by attack; likewise
         rows.append([str(seed), " / ".join(f"{c['gold']:.3f}" for c in rounds), f"{one['gold']:.3f}",
                      f"{gap['difference']:+.3f} [{gap['ci_low']:+.3f},{gap['ci_high']:+.3f}]" if gap else "-",
                      f"{last['rm_accuracy_fresh']:.3f} / {last['rm1_accuracy_fresh']:.3f} ({last['fresh_pairs']})",
                      f"{rate(before['heldout_asr'])} -> {rate(last['heldout_asr'])}",
+                     f"{asr['difference']:+.3f} [{asr['ci_low']:+.3f},{asr['ci_high']:+.3f}] "
+                     f"({asr['fixed']}/{asr['broke']})" if asr else "-",
                      f"{last['over_refusal']['rate']:.3f}", f"{s['labels']['human_share']:.2f}",
                      "/".join("y" if c else "N" for c in claims),
                      "n/a" if walls.get(seed) is None else f"{walls[seed]:.0f}"])

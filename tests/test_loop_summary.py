@@ -9,8 +9,12 @@ import pytest
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.stage import StageContext
-from rlhfkit.world.loop_summary import (format_loop_table, loop_summary_stage, paired_asr_difference,
-                                        paired_gold_difference)
+from rlhfkit.world.loop_summary import (
+    format_loop_table,
+    loop_summary_stage,
+    paired_asr_difference,
+    paired_gold_difference,
+)
 
 
 def _rate(count: int, n: int) -> dict:
@@ -191,6 +195,9 @@ def test_the_seed_sweep_table_counts_the_claims_per_seed(tmp_path):
         _write(run / "single", "rounds.json", {"per_round": [_round(0.8, 0.75, 0.75, 15, 3, 90, 110, 0.85)]})
         _write(run / "before", "red_team.json", {"asr": {"overall": _rate(40, 100)},
                                                  "over_refusal": {"overall": _rate(1, 100)}})
+        if seed == 0:  # seed 0's attack files: its row shows the paired difference, seed 1's a dash
+            _attacks(run / "before", [i < 40 for i in range(100)], plain_success=False)
+            _attacks(run / "loop" / "round-2" / "red_team_eval", [i < 10 for i in range(100)], plain_success=False)
         ctx = StageContext(name="s", output_dir=run / "s", options={"rounds": str(run / "loop"),
                            "single": str(run / "single"), "before": str(run / "before")},
                            run_dir=run, seed=seed, defaults={}, results={})
@@ -199,5 +206,6 @@ def test_the_seed_sweep_table_counts_the_claims_per_seed(tmp_path):
     lines = seeds.loop_table(summaries, {0: 812.0, 1: None}).splitlines()
     assert lines[1].split()[:5] == ["0", "0.600", "/", "0.900", "0.800"] and lines[1].split()[-2:] == ["y/y/y/y", "812"]
     assert lines[2].split()[-2:] == ["y/N/y/y", "n/a"]
+    assert "-0.300 [" in lines[1] and "(30/0)" in lines[1] and "(30/0)" not in lines[2]
     assert lines[-1] == "claims holding: RM 2/2 seeds, gold 1/2 seeds, ASR 2/2 seeds, refusal 2/2 seeds"
     assert seeds.seed_folder(tmp_path, 3, "loop") == tmp_path / "loop-seed-3"

@@ -167,6 +167,17 @@ def test_selected_token_logprobs_and_entropy_match_plain_python(dtype: torch.dty
     leaf = logits.double().clone().requires_grad_()
     logps, entropy = selected_token_logprobs_and_entropy(leaf, targets)
     assert logps.requires_grad and not entropy.requires_grad
+    # the log-probs' gradient (by hand: 1[v = y] - p_v, times the upstream gradient) is autograd's, in chunks of
+    # 2 rows here and (gradcheck, below) in one chunk
+    upstream = torch.randn(7, generator=g, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((torch.log_softmax(leaf, -1).gather(-1, targets[:, None]).squeeze(-1)
+                                       * upstream).sum(), leaf)
+    (grad,) = torch.autograd.grad((logps * upstream).sum(), leaf)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
+    (grad,) = torch.autograd.grad((selected_token_logprobs_and_entropy(leaf, targets)[0] * upstream).sum(), leaf)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
+    monkeypatch.undo()
+    assert torch.autograd.gradcheck(lambda z: selected_token_logprobs_and_entropy(z, targets)[0], (leaf,))
     _, entropy = selected_token_logprobs_and_entropy(leaf, targets, entropy_grad=True)
     (grad,) = torch.autograd.grad(entropy.sum(), leaf)
     probs = leaf.detach().softmax(-1)

@@ -33,8 +33,8 @@ __all__ = [
 
 from .names import GROUP_ADVANTAGE_TYPES, KL_ESTIMATORS
 
-# Same budget as `token_logprobs`: at most 2**24 logit elements are upcast / exponentiated at once.
-_MAX_CHUNK_ELEMENTS = 1 << 24
+# Same budget as `token_logprobs` (see there why): at most 2**21 logit elements are upcast / exponentiated at once.
+_MAX_CHUNK_ELEMENTS = 1 << 21
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -385,7 +385,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
         H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v
     Output shape logits.shape[:-1]; float32 for bf16/fp16 logits, the input dtype for float32/float64.
     Like `token_logprobs`, [B, T, V] logits are processed in chunks over T (over rows for [N, V]) so at
-    most ~2**24 elements are upcast / exponentiated at once. Logits of -inf (e.g. top-k masked) are
+    most ~2**21 elements are upcast / exponentiated at once. Logits of -inf (e.g. top-k masked) are
     allowed: their 0 * -inf term is taken as 0.
     """
     if logits.dim() == 0:
