@@ -179,7 +179,7 @@ def loop_summary_stage(ctx: StageContext) -> dict[str, Any]:
          "figures": f"{_num(last['gold'])} vs {_num(one['gold'])}" + (
              f"; difference {gold_gap['difference']:+.3f} [{gold_gap['ci_low']:+.3f}, {gold_gap['ci_high']:+.3f}] "
              f"paired over {gold_gap['prompts']} prompts" if gold_gap else "")},
-        {"claim": "held-out ASR lower after the loop: the paired 95% interval of the difference below 0"
+        {"claim": "held-out ASR lower after the loop (the paired 95% interval of the difference below 0)"
                   if asr_gap else "held-out ASR lower after the loop, intervals apart",
          "holds": asr_gap["ci_high"] < 0 if asr_gap else asr_after["ci_high"] < asr_before["ci_low"],
          "figures": f"{_rate(asr_after)} vs {_rate(asr_before)} before" + (
