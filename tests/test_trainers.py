@@ -239,11 +239,19 @@ def test_shared_prompt_layout_by_hand():
     assert (batch["num_sequences"], batch["num_tokens"], batch["num_loss_tokens"]) == (4, 14, 7)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2_gqa"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_gqa", "mistral_window"])
 def test_shared_prompt_batches_equal_whole_sequences(arch, tiny_model_dir, monkeypatch):
     """A group's samples packed with one copy of their prompt give the log-probs and the gradients of the
-    same samples packed whole (the prompt repeated per sample), on a model with grouped-query attention too."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    same samples packed whole (the prompt repeated per sample), on a model with grouped-query attention too,
+    and with a sliding window shorter than the sequences. Responses shorter and longer than their prompt take
+    the two attention paths (masked; causal over prompt + response)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     from rlhfkit.data import pack_batch, pack_shared_prompts
     from rlhfkit.losses import selected_token_logprobs
@@ -253,6 +261,9 @@ def test_shared_prompt_batches_equal_whole_sequences(arch, tiny_model_dir, monke
     torch.manual_seed(0)
     if arch == "llama":
         lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    elif arch == "mistral_window":
+        lm = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, sliding_window=4))
     else:
         lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2))

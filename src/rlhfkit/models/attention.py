@@ -54,7 +54,8 @@ def _shared_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torc
 
     Per group: causal SDPA over the prompt; then per run of equal-length responses one batched call whose
     keys are the prompt's (broadcast to every response) followed by the response's own, under the mask
-    ``key j visible from query i  <=>  j < P  or  j - P <= i`` (P = prompt length)."""
+    ``key j visible from query i  <=>  j < P  or  j - P <= i`` (P = prompt length); for responses longer than
+    their prompt, the same attention as causal SDPA over prompt + response (the prompt's rows dropped)."""
     plan = [(prompt_length, _runs(lengths)) for _, prompt_length, lengths in groups]
     spans: list[int] = []
     for prompt_length, runs in plan:
@@ -68,19 +69,29 @@ def _shared_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     pieces_q, pieces_k, pieces_v = (t.split(spans, dim=2) for t in (query, key, value))
     out, at = [], 0
     for prompt_length, runs in plan:
-        prompt_k, prompt_v = pieces_k[at], pieces_v[at]
-        out.append(_causal(pieces_q[at], prompt_k, prompt_v, dropout, scaling, window))
+        prompt_q, prompt_k, prompt_v = pieces_q[at], pieces_k[at], pieces_v[at]
+        out.append(_causal(prompt_q, prompt_k, prompt_v, dropout, scaling, window))
         at += 1
         for n, count in runs:
             q, k, v = (t[at].view(heads, count, n, dim).transpose(0, 1) for t in (pieces_q, pieces_k, pieces_v))
             k = torch.cat([prompt_k.expand(count, -1, -1, -1), k], dim=2)
             v = torch.cat([prompt_v.expand(count, -1, -1, -1), v], dim=2)
-            rows = torch.arange(n, device=query.device)[:, None]
-            cols = torch.arange(prompt_length + n, device=query.device)[None, :]
-            mask = (cols < prompt_length) | (cols - prompt_length <= rows)  # [n, P + n]
-            if window is not None:  # a key's column is its position; response token i sits at P + i
-                mask &= cols > prompt_length + rows - window
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+            if prompt_length < n:
+                # Long responses: each response with the prompt's queries in front is one causal sequence of
+                # P + n tokens, and the prompt rows' outputs are dropped. Causal SDPA skips the blocks above
+                # the diagonal, ~(P + n)²/2 scores, where the mask below makes it compute all n·(P + n):
+                # fewer whenever P < n (a reward pair of 150-token prompts and ~1,750-token responses:
+                # 1.8x fewer).
+                q = torch.cat([prompt_q.expand(count, -1, -1, -1), q], dim=2)
+                attended = _causal(q, k, v, dropout, scaling, window)[:, :, prompt_length:]
+            else:
+                rows = torch.arange(n, device=query.device)[:, None]
+                cols = torch.arange(prompt_length + n, device=query.device)[None, :]
+                mask = (cols < prompt_length) | (cols - prompt_length <= rows)  # [n, P + n]
+                if window is not None:  # a key's column is its position; response token i sits at P + i
+                    mask &= cols > prompt_length + rows - window
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                          scale=scaling)
             out.append(attended.transpose(0, 1).reshape(1, heads, n * count, dim))
             at += 1
     return torch.cat(out, dim=2)
