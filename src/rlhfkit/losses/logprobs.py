@@ -18,8 +18,8 @@ __all__ = ["masked_mean", "masked_sum", "selected_token_logprobs", "selected_tok
 # needs an exp() temporary of its input's size, and low-precision logits need an upcast copy; chunking keeps
 # both bounded instead of growing to a second [B, T, V] tensor. Why this small: on the 2-core CPU of
 # bench/, the forward and backward of 512 x 16,384 logits took about half as long in 8 MiB chunks as in one
-# 32 MiB block (temporaries of 32 MiB and more are fresh pages from the OS each time), and 2,048-4,096 rows
-# of 16-32k vocabulary 30-50% less; smaller chunks gained nothing more.
+# 32 MiB block, and 2,048-4,096 rows of 16-32k vocabulary 30-50% less (likely because glibc maps temporaries
+# of 32 MiB and more fresh from the OS each time); smaller chunks gained nothing more.
 _MAX_CHUNK_ELEMENTS = 1 << 21
 
 
