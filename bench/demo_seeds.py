@@ -335,10 +335,11 @@ def _stage_seconds(folder: Path) -> float | None:
 
 def loop_table(summaries: dict[int, dict], walls: dict[int, float | None]) -> str:
     """Per seed: gold by round and for one round (and the paired difference with its interval), the RM
-    comparison, ASR before -> after and its paired difference, over-refusal, the human share and the claims (y/n in LOOP_CLAIMS' order);
-    then per claim, how many seeds hold it."""
+    comparison, ASR before -> after and its paired difference, over-refusal, the human share and the claims
+    (y/n in LOOP_CLAIMS' order); then per claim, how many seeds hold it."""
     head = ["seed", "gold by round", "one round", "loop - one round [95% CI]", "last RM / round-1 RM (pairs)",
-            "ASR before -> after", "ASR after - before [95% CI] (fixed/broken)", "over-ref.", "human", "claims " + "/".join(LOOP_CLAIMS), "wall s"]
+            "ASR before -> after", "ASR after - before [95% CI] (fixed/broken)", "over-ref.", "human",
+            "claims " + "/".join(LOOP_CLAIMS), "wall s"]
     rows, held = [], [0] * len(LOOP_CLAIMS)
     for seed, s in summaries.items():
         cols = s["columns"]

@@ -31,10 +31,8 @@ __all__ = [
     "whiten",
 ]
 
+from .logprobs import _MAX_CHUNK_ELEMENTS  # the same budget as the log-probs' (see there why)
 from .names import GROUP_ADVANTAGE_TYPES, KL_ESTIMATORS
-
-# Same budget as `token_logprobs` (see there why): at most 2**21 logit elements are upcast / exponentiated at once.
-_MAX_CHUNK_ELEMENTS = 1 << 21
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
