@@ -139,6 +139,53 @@ def test_selected_token_logprobs_matches_reference(dtype: torch.dtype, monkeypat
         selected_token_logprobs(logits, ids)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selected_token_logprobs_gradient_is_autograds(temperature: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the gradient by hand, (1[v = y] - p_v) / T times the upstream gradient, equals autograd's through
+    # log_softmax(z / T), in one chunk and in chunks of 2 rows (the last one short)
+    g = torch.Generator().manual_seed(8)
+    leaf = (torch.randn(7, 9, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    targets = torch.randint(0, 9, (7,), generator=g)
+    upstream = torch.randn(7, generator=g, dtype=torch.float64)
+    naive = torch.log_softmax(leaf / temperature, -1).gather(-1, targets[:, None]).squeeze(-1)
+    (expected,) = torch.autograd.grad((naive * upstream).sum(), leaf)
+    for budget in (1 << 21, 2 * 9):
+        monkeypatch.setattr(logprobs_mod, "_MAX_CHUNK_ELEMENTS", budget)
+        out = selected_token_logprobs(leaf, targets, temperature)
+        torch.testing.assert_close(out, naive, rtol=1e-12, atol=1e-12)
+        (grad,) = torch.autograd.grad((out * upstream).sum(), leaf)
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
+        # the gradient of a row sums to 0 (softmax's shift invariance), the target's entry is (1 - p_y) g / T
+        torch.testing.assert_close(grad.sum(-1), torch.zeros(7, dtype=torch.float64), rtol=0, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda z: selected_token_logprobs(z, targets, temperature), (leaf,))
+    # bf16 logits: float32 log-probs, a bf16 gradient equal to float32's up to bf16 rounding
+    bf = leaf.detach().to(torch.bfloat16).requires_grad_()
+    out = selected_token_logprobs(bf, targets, temperature)
+    assert out.dtype == torch.float32
+    (grad,) = torch.autograd.grad((out * upstream.float()).sum(), bf)
+    ref = bf.detach().float().requires_grad_()
+    (grad_ref,) = torch.autograd.grad((torch.log_softmax(ref / temperature, -1).gather(-1, targets[:, None])
+                                       .squeeze(-1) * upstream.float()).sum(), ref)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), grad_ref, rtol=1e-2, atol=1e-2)
+
+
+def test_logprob_and_entropy_low_precision_gradient() -> None:
+    # bf16 logits: the log-probs and entropy in float32, the gradient bf16 and autograd's in float32 rounded
+    g = torch.Generator().manual_seed(9)
+    bf = (torch.randn(5, 11, generator=g) * 2).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 11, (5,), generator=g)
+    upstream = torch.randn(5, generator=g)
+    logps, entropy = selected_token_logprobs_and_entropy(bf, targets)
+    assert logps.dtype == entropy.dtype == torch.float32
+    (grad,) = torch.autograd.grad((logps * upstream).sum(), bf)
+    ref = bf.detach().float().requires_grad_()
+    (grad_ref,) = torch.autograd.grad((torch.log_softmax(ref, -1).gather(-1, targets[:, None]).squeeze(-1)
+                                       * upstream).sum(), ref)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), grad_ref, rtol=1e-2, atol=1e-2)
+
+
 def test_token_logprobs_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError):
         token_logprobs(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long))

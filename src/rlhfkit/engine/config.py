@@ -68,6 +68,8 @@ class TrainConfig:
     gradient_checkpointing: bool = arg(False, "Recompute each decoder layer's activations in backward: less peak "
                                        "memory for more compute; for runs that would not fit without it.")
     num_threads: int = arg(0, "CPU threads for torch (0 = torch's default).")
+    keep_large_blocks: bool = arg(True, "Linux/glibc: reuse freed tensors of 32 MiB and more from the heap instead "
+                                  "of mapping them fresh (and page-faulting them in) at every step.")
     # LoRA
     lora_r: int = arg(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: int = arg(16, "LoRA alpha.")

@@ -27,7 +27,13 @@ from .metrics import MetricSums, StepResult, append_row, logged_row, restart_log
 from .parallel import ParallelMixin
 from .saving import SavingMixin
 from .seeds import epoch_seed
-from .setup import cpu_process_group, distributed_on_cpu, resolve_precision, resolve_trackers
+from .setup import (
+    cpu_process_group,
+    distributed_on_cpu,
+    keep_large_blocks,
+    resolve_precision,
+    resolve_trackers,
+)
 
 logger = logging.getLogger("rlhfkit")
 
@@ -71,6 +77,8 @@ class Engine(ParallelMixin, SavingMixin):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
+        if config.keep_large_blocks:
+            keep_large_blocks()
         mixed_precision, why = resolve_precision(config.precision, getattr(config, "force_precision", False))
         self.trackers = resolve_trackers(config.report_to)
         self._unwrapped: tuple[torch.nn.Module, torch.nn.Module] | None = None

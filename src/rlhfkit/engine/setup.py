@@ -1,11 +1,14 @@
 """Process-level set-up of a training run, before and after the loop: the precision picked from the
-device, the gloo process group of a multi-process run on CPU, the metrics trackers, and the shutdown of a
-multi-process run."""
+device, the heap's handling of large blocks, the gloo process group of a multi-process run on CPU, the
+metrics trackers, and the shutdown of a multi-process run."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +26,34 @@ def _cpu_flags() -> set[str]:
         return set()
     return {flag for line in text.splitlines() if line.lower().startswith(("flags", "features"))
             for flag in line.split(":", 1)[-1].split()}
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+LARGE_BLOCKS_KEPT = 1 << 30  # bytes: blocks up to this size come from the heap, and this much free heap is kept
+
+
+def keep_large_blocks(limit: int = LARGE_BLOCKS_KEPT) -> bool:
+    """Have glibc's malloc serve blocks up to ``limit`` bytes from its heap and keep up to ``limit`` bytes of
+    freed heap, instead of mapping every block of 32 MiB or more fresh from the OS and unmapping it on free.
+    Returns whether it was set (False off Linux/glibc).
+
+    Why: a training step allocates the same large tensors every time (a policy's [rows, vocabulary] float32
+    logits and their gradient, the LM head's and the embedding's weight gradients: 32 MiB each for 512 rows
+    of a 16,384-token vocabulary). Mapped fresh, each is page-faulted in 4 KiB at a time when first written:
+    on bench/'s 2-core VM a new 32 MiB tensor took ~11 ms to zero against 0.7 ms for a reused one, and a GRPO
+    step of the 30M-parameter policy took ~24,000 page faults (~50 ms of kernel time) against a handful with
+    this setting. The cost: up to ``limit`` of freed memory stays with the process (peak memory is unchanged).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
 
 
 def cpu_has_bf16_units() -> bool | None:

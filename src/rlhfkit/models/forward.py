@@ -158,7 +158,8 @@ def loss_logits(model: torch.nn.Module, batch: dict[str, Any], **kwargs: Any) ->
     if "loss_index" in batch:  # shared-prompt batch: positions, a shared prompt's last one repeated
         if supports_logits_index(model):
             out = model(**forward_inputs(batch), logits_to_keep=batch["loss_index"], **kwargs)
-            return out.logits[0], out
+            # squeeze, not [0]: a view's backward is a view too, where indexing's zero-fills a [1, n, V] gradient
+            return out.logits.squeeze(0), out
         out = model(**forward_inputs(batch), **kwargs)
         return at_loss_positions(out.logits, batch), out
     keep = loss_positions(batch)
