@@ -14,7 +14,7 @@ import torch
 from rlhfkit.engine.setup import keep_large_blocks
 kept = keep_large_blocks() if sys.argv[1] == "keep" else None
 faults = []
-for _ in range(6):  # a training step's fresh 32 MiB tensors (logits, their gradient, a weight's gradient)
+for _ in range(10):  # a training step's fresh 32 MiB tensors (logits, their gradient, a weight's gradient)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     logits = torch.empty(512, 16384).fill_(1.0)
     grad = torch.empty_like(logits).fill_(2.0)
@@ -40,7 +40,7 @@ def test_large_blocks_are_reused_instead_of_page_faulted_again() -> None:
     kept = _probe("keep")
     assert kept["kept"] is True
     assert kept["faults"][0] > 3 * 8_000, kept  # the first steps grow the heap: those faults are unavoidable
-    assert max(kept["faults"][3:]) < 1_000, kept  # the heap has grown to the step's blocks: they are reused
+    assert max(kept["faults"][-5:]) < 1_000, kept  # the heap has grown to the step's blocks: they are reused
 
 
 def test_trainer_config_keeps_large_blocks_by_default() -> None:

@@ -42,14 +42,15 @@ _COPY_ROWS = 512  # rows of an [out, in] weight transposed per copy in _fill (51
 
 
 def _fill(buffers: dict[str, torch.Tensor], name: str, parts: list[torch.Tensor],
-          scale: torch.Tensor) -> torch.Tensor:
+          scale: torch.Tensor | None) -> torch.Tensor:
     """``[in, out]`` copy of the ``[out, in]`` weights ``parts`` stacked along the output, each input row
-    times ``scale`` (product in float32), into a reused buffer.
+    times ``scale`` if given (product in float32), into a reused buffer.
 
     Why transposed: with a handful of rows (one token per sample) the product is bound by reading the
     weight, and MKL often reads an ``[in, out]`` matrix faster than the transposed view that ``F.linear``
-    hands it (up to 2x on the bench model's 8-row shapes); whole compiled rollouts of that model took ~8%
-    less time, the transposing copy (~5 ms per rollout) included.
+    hands it (up to 2x on the bench model's 8-row shapes; on the scaling bench's 30M one, 8 rows: the LM
+    head 0.82 against 1.85 ms, the MLP's down projection 0.09 against 0.14 ms); whole compiled rollouts of
+    the bench model took ~8% less time, the transposing copy (~5 ms per rollout) included.
 
     Why in blocks of rows: one ``copy_`` of a whole transposed view writes one column of the source per
     output row, and a 16384 x 512 LM head took 18-20 ms that way against 6-7 ms as ``_COPY_ROWS``-row blocks
@@ -66,19 +67,22 @@ def _fill(buffers: dict[str, torch.Tensor], name: str, parts: list[torch.Tensor]
             block = part[row:row + _COPY_ROWS]
             out[:, col + row:col + row + block.shape[0]].copy_(block.t())
         col += part.shape[0]
+    if scale is None:
+        return out
     if first.dtype == torch.float32:
         return out.mul_(scale[:, None])
     return out.copy_(out.float() * scale.float()[:, None])
 
 
-def _projection(modules: list[torch.nn.Linear], norm_weight: torch.Tensor,
+def _projection(modules: list[torch.nn.Linear], norm_weight: torch.Tensor | None,
                 buffers: dict[str, torch.Tensor] | None, name: str) -> tuple:
-    """Linear maps that read the same input (q/k/v, gate/up, or the LM head alone) as
-    ((weight [in, out], bias), ...) for :func:`_project`.
+    """Linear maps that read the same input (q/k/v, gate/up, or the LM head, o or down projection alone)
+    as ((weight [in, out], bias), ...) for :func:`_project`.
 
-    Fused (``buffers`` given): one contiguous weight made by concatenating them, with the preceding
-    RMSNorm's weight folded in (``W·(w ⊙ x̂) = (W·diag(w))·x̂``): one matrix product instead of three and no
-    weight multiply in the norm. Otherwise transposed views of the modules' own parameters, one product each.
+    Fused (``buffers`` given): one contiguous ``[in, out]`` weight made by concatenating them, with the
+    preceding RMSNorm's weight, if any, folded in (``W·(w ⊙ x̂) = (W·diag(w))·x̂``): one matrix product
+    instead of three and no weight multiply in the norm. Otherwise transposed views of the modules' own
+    parameters, one product each.
     """
     if buffers is None:
         return tuple((m.weight.t(), m.bias) for m in modules)
@@ -95,16 +99,18 @@ class FastDecoder:
     A step calls functional kernels on the model's parameters rather than its modules: at one token per
     row a step is a few dozen small ops, and each op's dispatch costs about as much as its arithmetic.
     Where the copies are small (:attr:`FUSE_MAX_BYTES`; they are kept between rollouts and refilled), the
-    q/k/v and gate/up weights are concatenated once per rollout with the RMSNorm weights folded in, and the
-    LM head takes the final norm's weight: 17 matrix products per step instead of 29 on a 4-layer model.
+    q/k/v and gate/up weights are concatenated once per rollout with the RMSNorm weights folded in, the LM
+    head takes the final norm's weight, and the o and down projections are copied transposed too (``_fill``
+    says why): 17 matrix products per step instead of 29 on a 4-layer model.
     The residual adds ride in ``addmm`` and RoPE is applied to q and k together. On the bench model
     (bench/bench_rl_vs_trl.py) these, with the leaner sampling loop, took generation from 0.35 to 0.23 s
     per rollout of 8 x 64 tokens.
     """
 
     # the copies stay allocated with the model; bigger models decode unfused. 128 MiB takes in the scaling
-    # bench's 30M policy (76 MiB; compiled, its rollouts took 0.28-0.37 s against 0.45 eager) and leaves out
-    # its 120M one (236 MiB), where every path is bound by reading the weights and compiling gained nothing
+    # bench's 30M policy (96 MiB with its o and down projections; compiled, its rollouts took 0.28-0.37 s
+    # against 0.45 eager) and leaves out its 120M one (408 MiB), where every path is bound by reading the
+    # weights and compiling gained nothing
     FUSE_MAX_BYTES = 128 * 2**20
     compiled = False  # run the step ahead-of-time compiled (rlhfkit.rollout.compiled_decode)
 
@@ -129,8 +135,8 @@ class FastDecoder:
     def _fused_bytes(self) -> int:
         head = self.model.lm_head.weight
         per_layer = sum(m.weight.nbytes for layer in self.layers for m in (
-            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-            layer.mlp.gate_proj, layer.mlp.up_proj))
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
         return per_layer + head.nbytes
 
     @torch.inference_mode()  # the reused weight buffers are inference tensors: always filled in this mode
@@ -176,10 +182,10 @@ class FastDecoder:
             plan.append((
                 None if self.fused else norm_in.weight, norm_in.variance_epsilon,
                 _projection([attn.q_proj, attn.k_proj, attn.v_proj], norm_in.weight, buffers, f"qkv{index}"),
-                (attn.o_proj.weight.t(), attn.o_proj.bias), attn.scaling,
+                _projection([attn.o_proj], None, buffers, f"o{index}")[0], attn.scaling,
                 None if self.fused else norm_post.weight, norm_post.variance_epsilon,
                 _projection([mlp.gate_proj, mlp.up_proj], norm_post.weight, buffers, f"gate_up{index}"),
-                (mlp.down_proj.weight.t(), mlp.down_proj.bias)))
+                _projection([mlp.down_proj], None, buffers, f"down{index}")[0]))
         norm, head = self.base.norm, self.model.lm_head
         self.head = (None if self.fused else norm.weight, norm.variance_epsilon,
                      *_projection([head], norm.weight, buffers, "head")[0])
