@@ -23,6 +23,12 @@ __all__ = ["masked_mean", "masked_sum", "selected_token_logprobs", "selected_tok
 _MAX_CHUNK_ELEMENTS = 1 << 21
 
 
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype log-probabilities are computed and returned in: float64 and float32 stay, bf16 / fp16
+    logits are upcast to float32 (a logsumexp in them loses several digits)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     """Log-probability of each observed token under the model's prediction from the previous position.
 
@@ -44,7 +50,7 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
             f"expected logits [B, T, V] and input_ids [B, T], got {tuple(logits.shape)} and {tuple(input_ids.shape)}"
         )
     batch, seq_len, vocab = logits.shape
-    out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    out_dtype = result_dtype(logits.dtype)
     first = logits.new_zeros((batch, 1), dtype=out_dtype)
     if seq_len < 2:
         return first
@@ -73,7 +79,7 @@ def _row_chunking(logits: Tensor, targets: Tensor) -> tuple[int, torch.dtype, in
         raise ValueError(f"expected logits [N, V] and targets [N], got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")
     rows, vocab = logits.shape
-    out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    out_dtype = result_dtype(logits.dtype)
     return rows, out_dtype, max(1, _MAX_CHUNK_ELEMENTS // max(1, vocab))
 
 
@@ -110,7 +116,7 @@ class _SelectedLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, y: Tensor, temperature: float, chunk: int) -> Tensor:
-        out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+        out_dtype = result_dtype(logits.dtype)
         logp = logits.new_empty(logits.shape[0], dtype=out_dtype)
         lse = torch.empty_like(logp)
         for start in range(0, logits.shape[0], chunk):
@@ -227,7 +233,7 @@ class _LogprobAndEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-        out_dtype = z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
+        out_dtype = result_dtype(z.dtype)
         logp, entropy = z.new_empty(z.shape[0], dtype=out_dtype), z.new_empty(z.shape[0], dtype=out_dtype)
         kept = []
         for start in range(0, z.shape[0], chunk):

@@ -31,7 +31,7 @@ __all__ = [
     "whiten",
 ]
 
-from .logprobs import _MAX_CHUNK_ELEMENTS  # the same budget as the log-probs' (see there why)
+from .logprobs import _MAX_CHUNK_ELEMENTS, result_dtype  # the log-probs' chunk budget (see there why)
 from .names import GROUP_ADVANTAGE_TYPES, KL_ESTIMATORS
 
 
@@ -388,7 +388,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """
     if logits.dim() == 0:
         raise ValueError("expected logits with a vocabulary dimension, got a 0-dim tensor")
-    out_dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    out_dtype = result_dtype(logits.dtype)
     if logits.dim() == 1:
         return _entropy_chunk(logits.to(out_dtype))
 
