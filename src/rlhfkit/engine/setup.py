@@ -43,7 +43,9 @@ def keep_large_blocks(limit: int = LARGE_BLOCKS_KEPT) -> bool:
     of a 16,384-token vocabulary). Mapped fresh, each is page-faulted in 4 KiB at a time when first written:
     on bench/'s 2-core VM a new 32 MiB tensor took ~11 ms to zero against 0.7 ms for a reused one, and a GRPO
     step of the 30M-parameter policy took ~24,000 page faults (~50 ms of kernel time) against a handful with
-    this setting. The cost: up to ``limit`` of freed memory stays with the process (peak memory is unchanged).
+    this setting. The cost: up to ``limit`` of freed memory stays with the process, and the heap's
+    fragmentation adds to the peak (+50 MiB on that GRPO run, +80-90 MiB at the scaling bench's long-sequence
+    points, measured by bench/bench_scaling.py).
     """
     if not sys.platform.startswith("linux"):
         return False
