@@ -138,7 +138,7 @@ class _SelectedLogprob(torch.autograd.Function):
             block = grad[rows]
             work = block if block.dtype == lse.dtype else torch.empty_like(block, dtype=lse.dtype)
             torch.sub(_tempered(logits[rows], lse.dtype, ctx.temperature), lse[rows, None], out=work).exp_()
-            _onehot_minus(work, y[rows], scaled[rows])
+            _onehot_minus(work, y[rows], scaled[rows], out=work)
             if work is not block:
                 block.copy_(work)
         return grad, None, None, None
@@ -150,11 +150,10 @@ def _tempered(part: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
     return part if temperature == 1.0 else part / temperature
 
 
-def _onehot_minus(probs: Tensor, y: Tensor, grad_logp: Tensor) -> Tensor:
-    """In place: probs -> (onehot(y) - probs) * grad_logp[:, None], the gradient of log p_y with respect to
-    the logits, times the upstream gradient."""
-    probs.mul_(-grad_logp[:, None])
-    return probs.scatter_add_(-1, y[:, None], grad_logp[:, None])
+def _onehot_minus(probs: Tensor, y: Tensor, grad_logp: Tensor, out: Tensor | None = None) -> Tensor:
+    """(onehot(y) - probs) * grad_logp[:, None], the gradient of log p_y with respect to the logits times the
+    upstream gradient, written into ``out`` (``probs`` itself for an in-place update; a new tensor if None)."""
+    return torch.mul(probs, -grad_logp[:, None], out=out).scatter_add_(-1, y[:, None], grad_logp[:, None])
 
 
 def sequence_logprob_sums(
@@ -257,10 +256,9 @@ class _LogprobAndEntropy(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk)
             block = grad[rows]
             if block.dtype == probs.dtype:  # (1[v = y] - p) g, written into the gradient
-                torch.mul(probs, -grad_logp[rows, None], out=block).scatter_add_(-1, y[rows, None],
-                                                                                 grad_logp[rows, None])
+                _onehot_minus(probs, y[rows], grad_logp[rows], out=block)
             else:
-                block.copy_(_onehot_minus(probs.clone(), y[rows], grad_logp[rows]))
+                block.copy_(_onehot_minus(probs, y[rows], grad_logp[rows]))
         return grad, None, None
 
 
