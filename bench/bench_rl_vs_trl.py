@@ -390,6 +390,26 @@ def paired_speedups(runs: list[dict], algo: str, library: str) -> list[float]:
             if ok(r) and r["library"] == library and r["repeat"] in trl]
 
 
+def median_ratio_interval(runs: list[dict], algo: str, library: str, resamples: int = 2000,
+                          seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of TRL's median s/step over ``library``'s, resampling whole repeats
+    (each repeat ran both libraries minutes apart, so a repeat, not a run, is the unit the machine's drift
+    acts on); None with fewer than 3 repeats that ran both."""
+    def steps(lib: str) -> dict:
+        return {r["repeat"]: r["s_per_step"] for r in runs
+                if r.get("algo") == algo and r["library"] == lib and "error" not in r}
+
+    trl, mine = steps("trl"), steps(library)
+    repeats = sorted(set(trl) & set(mine))
+    if len(repeats) < 3:
+        return None
+    rng = random.Random(seed)
+    ratios = sorted(
+        statistics.median(trl[k] for k in draw) / statistics.median(mine[k] for k in draw)
+        for draw in ([rng.choice(repeats) for _ in repeats] for _ in range(resamples)))
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
+
+
 def _paired(ratios: list[float]) -> str:
     if len(ratios) < 2:
         return ""
@@ -407,8 +427,9 @@ def pool(files: list[str]) -> str:
         "Pooled: " + ", ".join(builds),
         "",
         "| algorithm | library | runs | s/step (median) | range | speed-up vs TRL (medians) "
-        "| paired speed-up (geo-mean of the runs' ratios; range) | peak RSS vs TRL (largest) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| 95% interval (bootstrap over repeats) | paired speed-up (geo-mean of the runs' ratios; range) "
+        "| peak RSS vs TRL (largest) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for algo in ALGOS:
         rows = {lib: [r for r in runs if r["algo"] == algo and r["library"] == lib and "error" not in r]
@@ -419,13 +440,15 @@ def pool(files: list[str]) -> str:
             if not mine:
                 continue
             steps = [r["s_per_step"] for r in mine]
-            speed = rss = paired = ""
+            speed = interval = rss = paired = ""
             if lib != "trl" and trl:
                 speed = f"**{statistics.median(r['s_per_step'] for r in trl) / statistics.median(steps):.2f}×**"
+                bounds = median_ratio_interval(runs, algo, lib)
+                interval = f"{bounds[0]:.2f}–{bounds[1]:.2f}×" if bounds else ""
                 rss = f"{max(r['peak_rss_mib'] for r in mine) / max(r['peak_rss_mib'] for r in trl):.2f}×"
                 paired = _paired(paired_speedups(runs, algo, lib))
             lines.append(f"| {ALGOS[algo]['name']} | {lib} | {len(mine)} | {statistics.median(steps):.3f} | "
-                         f"{min(steps):.3f}–{max(steps):.3f} | {speed} | {paired} | {rss} |")
+                         f"{min(steps):.3f}–{max(steps):.3f} | {speed} | {interval} | {paired} | {rss} |")
     return "\n".join(lines)
 
 

@@ -50,6 +50,31 @@ def test_pool_takes_every_run_of_every_file(bench, tmp_path):
     ratios = [0.70 / 0.35, 0.80 / 0.30, 0.60 / 0.40, 0.90 / 0.45]  # repeat 1 of file 0 pairs only with its own TRL
     assert cells[:5] == ["GRPO", "rlhfkit-compiled", "4", "0.375", "0.300–0.450"]
     assert cells[5] == f"**{statistics.median([0.7, 0.8, 0.6, 0.9]) / 0.375:.2f}×**"
-    assert cells[6] == f"{statistics.geometric_mean(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
-    assert cells[7] == f"{740 / 760:.2f}×"
+    low, high = bench.median_ratio_interval(bench_runs(files), "grpo", "rlhfkit-compiled")
+    assert cells[6] == f"{low:.2f}–{high:.2f}×"
+    assert cells[7] == f"{statistics.geometric_mean(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+    assert cells[8] == f"{740 / 760:.2f}×"
     assert "rl_0 (abc0), rl_1 (abc1)" in table.splitlines()[0]
+
+
+def bench_runs(files):
+    """The pooled runs as pool() keys them: repeat = (batch, repeat)."""
+    return [{**r, "repeat": (batch, r["repeat"])} for batch, name in enumerate(files)
+            for r in json.loads(Path(name).read_text())["runs"]]
+
+
+def test_median_ratio_interval_resamples_whole_repeats(bench):
+    # every repeat 2x: any resample of repeats gives 2x
+    steady = [_run("grpo", lib, rep, t) for rep in range(4)
+              for lib, t in (("trl", 0.5 + rep), ("rlhfkit", (0.5 + rep) / 2))]
+    assert bench.median_ratio_interval(steady, "grpo", "rlhfkit") == pytest.approx((2.0, 2.0))
+    # three repeats: 27 equally likely resamples; with 2000 draws the 2.5% and 97.5% points are the extremes
+    trl, mine = [1.0, 2.0, 3.0], [0.5, 1.5, 1.0]
+    runs = [_run("grpo", "trl", k, trl[k]) for k in range(3)]
+    runs += [_run("grpo", "rlhfkit", k, mine[k]) for k in range(3)]
+    outcomes = [statistics.median(trl[k] for k in d) / statistics.median(mine[k] for k in d)
+                for d in ((a, b, c) for a in range(3) for b in range(3) for c in range(3))]
+    assert bench.median_ratio_interval(runs, "grpo", "rlhfkit") == pytest.approx((min(outcomes), max(outcomes)))
+    # an unpaired or failed repeat does not count; under three paired repeats there is no interval
+    runs[0] = {**runs[0], "error": "crashed"}
+    assert bench.median_ratio_interval(runs, "grpo", "rlhfkit") is None
