@@ -510,3 +510,30 @@ def test_demo_writes_where_its_config_says_unless_told(tmp_path, monkeypatch):
     assert (tmp_path / "from-config" / "world" / "stage_done.json").exists()
     assert run_demo(["--config", str(config), "--output-dir", "given"]) == 0
     assert (tmp_path / "given" / "world" / "stage_done.json").exists() and not (tmp_path / "runs").exists()
+
+
+def test_demo_seeds_paired_hallucination_difference_resamples_prompts():
+    """bench/demo_seeds.py: PPO's hallucination rate minus SFT's pools the samples (a rate over answers, not a
+    mean over prompts), skips rows where the flag does not apply, and its bootstrap resamples prompts."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_seeds", Path(__file__).resolve().parents[1] / "bench" / "demo_seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+
+    def rows(prompt, policy, flags):
+        return [{"prompt_row": prompt, "policy": policy, "flags": {"hallucination": f}} for f in flags]
+
+    # every prompt: PPO 2 of 4, SFT 1 of 4 -> +0.25 on any resample
+    same = [r for k in range(5) for r in rows(k, "ppo", [1, 1, 0, 0]) + rows(k, "sft", [1, 0, 0, 0])]
+    assert seeds.paired_rate_difference(same, "ppo", "sft", "hallucination") == pytest.approx((0.25, 0.25, 0.25, 5))
+    # prompt 0: PPO 4 of 4 against 0 of 4; prompt 1: 0 of 4 each plus 4 PPO rows where the flag is None (a
+    # harmful request); prompt 2: SFT only (PPO never answered it), left out
+    mixed = rows(0, "ppo", [1] * 4) + rows(0, "sft", [0] * 4) + rows(1, "ppo", [0] * 4 + [None] * 4) \
+        + rows(1, "sft", [0] * 4) + rows(2, "sft", [1] * 4) + rows(0, "dpo", [1] * 4)
+    diff, low, high, n = seeds.paired_rate_difference(mixed, "ppo", "sft", "hallucination")
+    assert n == 2 and diff == pytest.approx(4 / 8 - 0 / 8)
+    # resamples of two prompts: {0,0} -> 1.0, {1,1} -> 0.0, mixed -> 0.5; each extreme has probability 1/4
+    assert (low, high) == pytest.approx((0.0, 1.0))
