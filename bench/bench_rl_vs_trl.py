@@ -394,7 +394,12 @@ def median_ratio_interval(runs: list[dict], algo: str, library: str, resamples: 
                           seed: int = 0) -> tuple[float, float] | None:
     """95% percentile-bootstrap interval of TRL's median s/step over ``library``'s, resampling whole repeats
     (each repeat ran both libraries minutes apart, so a repeat, not a run, is the unit the machine's drift
-    acts on); None with fewer than 3 repeats that ran both."""
+    acts on; :func:`rlhfkit.eval.stats.bootstrap_indices` draws them); None with fewer than 3 repeats that ran
+    both."""
+    import numpy as np
+
+    from rlhfkit.eval.stats import bootstrap_indices, percentile_interval
+
     def steps(lib: str) -> dict:
         return {r["repeat"]: r["s_per_step"] for r in runs
                 if r.get("algo") == algo and r["library"] == lib and "error" not in r}
@@ -403,11 +408,10 @@ def median_ratio_interval(runs: list[dict], algo: str, library: str, resamples: 
     repeats = sorted(set(trl) & set(mine))
     if len(repeats) < 3:
         return None
-    rng = random.Random(seed)
-    ratios = sorted(
-        statistics.median(trl[k] for k in draw) / statistics.median(mine[k] for k in draw)
-        for draw in ([rng.choice(repeats) for _ in repeats] for _ in range(resamples)))
-    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
+    trl_s, mine_s = (np.array([d[k] for k in repeats]) for d in (trl, mine))
+    ratios = np.concatenate([np.median(trl_s[idx], axis=1) / np.median(mine_s[idx], axis=1)
+                             for idx in bootstrap_indices(len(repeats), resamples, seed)])
+    return percentile_interval(ratios)
 
 
 def _paired(ratios: list[float]) -> str:
@@ -416,13 +420,20 @@ def _paired(ratios: list[float]) -> str:
     return f"{statistics.geometric_mean(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
-def pool(files: list[str]) -> str:
-    """One table over several saved runs (bench/results/rl_*.json): every run of a row pooled."""
+def pooled_runs(files: list[str]) -> tuple[list[dict], list[str]]:
+    """Every run of the saved results ``files``, its repeat keyed (batch, repeat) so that repeats of different
+    files stay apart, and each file's name with the build it measured."""
     runs, builds = [], []
     for batch, name in enumerate(files):
         payload = json.loads(Path(name).read_text())
         builds.append(f"{Path(name).stem} ({payload['info']['git']})")
         runs += [{**r, "repeat": (batch, r["repeat"])} for r in payload["runs"]]
+    return runs, builds
+
+
+def pool(files: list[str]) -> str:
+    """One table over several saved runs (bench/results/rl_*.json): every run of a row pooled."""
+    runs, builds = pooled_runs(files)
     lines = [
         "Pooled: " + ", ".join(builds),
         "",

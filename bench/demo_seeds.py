@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -229,8 +228,12 @@ def paired_rate_difference(samples: list[dict], policy: str, baseline: str, flag
                            seed: int = 0) -> tuple[float, float, float, int]:
     """``policy``'s rate of ``flag`` minus ``baseline``'s over the eval samples (rows of eval/samples.jsonl; a
     rate counts the samples where the flag applies), and its 95% percentile-bootstrap interval resampling the
-    held-out prompts both policies answered: (difference, low, high, prompts). A bar on two rates of a few
-    hundred answers reads against this interval."""
+    held-out prompts both policies answered (:func:`rlhfkit.eval.stats.bootstrap_indices`): (difference, low,
+    high, prompts). A bar on two rates of a few hundred answers reads against this interval."""
+    import numpy as np
+
+    from rlhfkit.eval.stats import bootstrap_indices, percentile_interval
+
     counts: dict[int, dict[str, list[int]]] = {}
     for row in samples:
         value = row["flags"].get(flag)
@@ -238,16 +241,18 @@ def paired_rate_difference(samples: list[dict], policy: str, baseline: str, flag
             hit_n = counts.setdefault(row["prompt_row"], {policy: [0, 0], baseline: [0, 0]})[row["policy"]]
             hit_n[0] += bool(value)
             hit_n[1] += 1
-    prompts = [k for k, c in counts.items() if c[policy][1] and c[baseline][1]]
+    # [prompts, 2] hits and answers per policy, prompts both answered
+    hits, answers = (np.array([[c[name][i] for name in (policy, baseline)] for c in counts.values()
+                               if c[policy][1] and c[baseline][1]], dtype=np.float64).reshape(-1, 2)
+                     for i in (0, 1))
 
-    def difference(draw: list[int]) -> float:
-        rate = {name: sum(counts[k][name][0] for k in draw) / sum(counts[k][name][1] for k in draw)
-                for name in (policy, baseline)}
-        return rate[policy] - rate[baseline]
+    def difference(h: np.ndarray, n: np.ndarray) -> np.ndarray:  # summed over the prompt axis (-2)
+        rate = h.sum(axis=-2) / n.sum(axis=-2)
+        return rate[..., 0] - rate[..., 1]
 
-    rng = random.Random(seed)
-    draws = sorted(difference([rng.choice(prompts) for _ in prompts]) for _ in range(resamples))
-    return difference(prompts), draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1], len(prompts)
+    draws = np.concatenate([difference(hits[idx], answers[idx])
+                            for idx in bootstrap_indices(len(hits), resamples, seed)])
+    return (float(difference(hits, answers)), *percentile_interval(draws), len(hits))
 
 
 def _num(summary: dict, key: str, digits: int = 3) -> str:
@@ -416,7 +421,9 @@ def main() -> None:
     print(table(summaries, train_time=bool(a.config)))
     missed = misses(summaries)
     print(f"\nbars missed: {len(missed)}" + "".join(f"\n  {m}" for m in missed))
-    for seed in sorted({int(m.split(":")[0].split()[1]) for m in missed if "halluc." in m}):
+    hallucination_bar = BARS["ppo"]["halluc."][0]
+    for seed in [k for k, s in summaries.items() if "ppo" in s and not hallucination_bar(
+            s["ppo"][COLUMNS["halluc."][0]], s)]:
         rows = [json.loads(line) for line in
                 (seed_folder(Path(a.out), seed, a.config) / "eval" / "samples.jsonl").read_text().splitlines()]
         diff, low, high, n = paired_rate_difference(rows, "ppo", summaries[seed].get("baseline", "sft"),

@@ -50,17 +50,11 @@ def test_pool_takes_every_run_of_every_file(bench, tmp_path):
     ratios = [0.70 / 0.35, 0.80 / 0.30, 0.60 / 0.40, 0.90 / 0.45]  # repeat 1 of file 0 pairs only with its own TRL
     assert cells[:5] == ["GRPO", "rlhfkit-compiled", "4", "0.375", "0.300–0.450"]
     assert cells[5] == f"**{statistics.median([0.7, 0.8, 0.6, 0.9]) / 0.375:.2f}×**"
-    low, high = bench.median_ratio_interval(bench_runs(files), "grpo", "rlhfkit-compiled")
+    low, high = bench.median_ratio_interval(bench.pooled_runs(files)[0], "grpo", "rlhfkit-compiled")
     assert cells[6] == f"{low:.2f}–{high:.2f}×"
     assert cells[7] == f"{statistics.geometric_mean(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
     assert cells[8] == f"{740 / 760:.2f}×"
     assert "rl_0 (abc0), rl_1 (abc1)" in table.splitlines()[0]
-
-
-def bench_runs(files):
-    """The pooled runs as pool() keys them: repeat = (batch, repeat)."""
-    return [{**r, "repeat": (batch, r["repeat"])} for batch, name in enumerate(files)
-            for r in json.loads(Path(name).read_text())["runs"]]
 
 
 def test_median_ratio_interval_resamples_whole_repeats(bench):

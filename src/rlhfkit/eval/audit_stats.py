@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import bootstrap_indices, bootstrap_mean_ci
+from .stats import bootstrap_indices, bootstrap_mean_ci, percentile_interval
 
 __all__ = ["KAPPA_LABELS", "cohen_kappa", "excludes_zero", "finite_or_none", "gap_ci", "kappa_ci", "logit_slope", "mean_ci",
            "ratio_ci"]
@@ -45,9 +45,7 @@ def _quantiles(reps: np.ndarray, confidence: float) -> tuple[float | None, float
     reps = reps[np.isfinite(reps)]  # a replicate can be undefined (no decisive asks, one class only)
     if not len(reps):
         return None, None
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(reps, [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    return percentile_interval(reps, confidence)
 
 
 def ratio_ci(numerators: Any, denominators: Any, n_boot: int, confidence: float, seed: int) -> dict[str, Any]:

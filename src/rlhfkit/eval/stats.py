@@ -31,6 +31,7 @@ __all__ = [
     "length_controlled_win_rate",
     "lc_glm_fit",
     "pairwise_outcomes",
+    "percentile_interval",
     "win_rate",
 ]
 
@@ -103,7 +104,9 @@ def bootstrap_indices(n: int, n_boot: int, seed: int = 0) -> Iterator[np.ndarray
         yield rng.integers(0, n, size=(min(rows, n_boot - start), n))
 
 
-def _percentile_ci(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+def percentile_interval(replicates: Any, confidence: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap replicates: their (1 - confidence) / 2 and (1 + confidence) / 2
+    quantiles (numpy's linear interpolation)."""
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(replicates, [alpha, 1.0 - alpha])
     return float(low), float(high)
@@ -131,7 +134,7 @@ def bootstrap_mean_ci(values: Any, n_boot: int = 2000, confidence: float = 0.95,
     per_prompt = _per_prompt_means(values, "values")
     reps = np.concatenate([per_prompt[idx].mean(axis=1) for idx in bootstrap_indices(len(per_prompt), n_boot,
                                                                                        seed)])
-    low, high = _percentile_ci(reps, confidence)
+    low, high = percentile_interval(reps, confidence)
     return float(per_prompt.mean()), low, high
 
 
@@ -144,7 +147,7 @@ def win_rate(outcomes: Any, n_boot: int = 2000, confidence: float = 0.95, seed: 
     _check_boot(n_boot, confidence)
     y = _outcome_vector(outcomes)
     reps = np.concatenate([y[idx].mean(axis=1) for idx in bootstrap_indices(len(y), n_boot, seed)])
-    low, high = _percentile_ci(reps, confidence)
+    low, high = percentile_interval(reps, confidence)
     return WinRate(rate=float(y.mean()), ci_low=low, ci_high=high, n=len(y), wins=int((y > 0.5).sum()),
                    ties=int((y == 0.5).sum()), losses=int((y < 0.5).sum()))
 
@@ -292,7 +295,7 @@ def length_controlled_win_rate(
     delta = p_len - b_len
     rate, _ = _lc_rate(y, delta)
     reps = [_lc_rate(y[row], delta[row])[0] for idx in bootstrap_indices(len(y), n_boot, seed) for row in idx]
-    low, high = _percentile_ci(np.asarray(reps), confidence)
+    low, high = percentile_interval(np.asarray(reps), confidence)
     return rate, low, high
 
 
