@@ -180,6 +180,42 @@ def test_fast_decode_equals_the_transformers_loop(kind, fused, policy, prompts, 
             assert torch.allclose(rollouts[0].logprobs[i, :len(response)], reference, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("through_mkl", [True, False], ids=["mkl", "blocked"])
+def test_fused_weight_fill_is_the_stacked_transpose_times_the_norm(dtype, through_mkl, monkeypatch):
+    """The fused decode weights: [out, in] parts stacked along the output, transposed to [in, out], each input
+    row times the folded norm weight; the same values through MKL's transposition and through the blocked
+    copy (an x86 build of PyTorch links MKL: the fast path must be found there, not silently skipped);
+    a part that is not contiguous, and a refill after an in-place update, too."""
+    from rlhfkit.rollout import fast_decode
+
+    if through_mkl:
+        if torch.backends.mkl.is_available():
+            assert dtype in fast_decode._mkl_omatcopy()
+    else:
+        monkeypatch.setattr(fast_decode, "_mkl_omatcopy", lambda: {})
+    monkeypatch.setattr(fast_decode, "_COPY_ROWS", 48)  # several blocks per part in the fallback
+    took = []  # per part: went through MKL or not
+    transpose = fast_decode._mkl_transpose
+    monkeypatch.setattr(fast_decode, "_mkl_transpose", lambda *a: took.append(transpose(*a)) or took[-1])
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(rows, 40, generator=generator, dtype=dtype) for rows in (100, 7, 64)]
+    parts[1] = torch.randn(40, 7, generator=generator, dtype=dtype).t()  # a transposed view: not contiguous
+    scale = torch.rand(40, generator=generator, dtype=dtype) + 0.5
+    buffers: dict = {}
+    for _ in range(2):  # a refill reuses the buffer and sees the new weights
+        fused = fast_decode._fill(buffers, "w", parts, scale)
+        assert torch.equal(fused, torch.cat(parts).t() * scale[:, None])
+        plain = fast_decode._fill(buffers, "plain", parts[:1], None)
+        assert torch.equal(plain, parts[0].t()) and plain.is_contiguous()
+        parts[0].mul_(1.5)
+    assert buffers["w"] is fused and fused.shape == (40, 171)
+    if through_mkl and torch.backends.mkl.is_available():  # the contiguous parts went through MKL
+        assert took == [True, False, True, True] * 2
+    else:
+        assert not any(took)
+
+
 def _prefilled_cache(model, prompts):
     from transformers import DynamicCache
 
