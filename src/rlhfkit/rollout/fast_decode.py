@@ -85,9 +85,9 @@ def _fill(buffers: dict[str, torch.Tensor], name: str, parts: list[torch.Tensor]
     head 0.82 against 1.85 ms, the MLP's down projection 0.09 against 0.14 ms); whole compiled rollouts of
     the bench model took ~8% less time, the transposing copy (~5 ms per rollout) included.
 
-    How: MKL's transposition where PyTorch links it (:func:`_mkl_transpose`): the whole fill of the scaling
-    bench's 30M policy took 24-26 ms against 40-43 ms for the fallback, blocks of ``_COPY_ROWS`` rows
-    through ``copy_``; 2.7 against 5.0 ms on the 5M bench model. Why the fallback goes in blocks: one
+    How: MKL's transposition where PyTorch links it (:func:`_mkl_transpose`): ``bench/bench_decode_fill.py``
+    has the decoder's start on the scaling bench's 30M policy at 20-27 ms against 34-35 ms for the fallback,
+    blocks of ``_COPY_ROWS`` rows through ``copy_`` (5M: 4-6 against 7-9 ms). Why the fallback goes in blocks: one
     ``copy_`` of a whole transposed view writes one column of the source per output row, and a 16384 x 512
     LM head took 18-20 ms that way against 6-7 ms in blocks (each block's source stays in cache while it is
     written out).
