@@ -12,7 +12,7 @@ buffers and the RoPE tables) for the RL bench's rollout of 8 x (7 + 64) tokens, 
 (``MKL_Somatcopy``, where PyTorch links MKL) and ``blocked`` (the fallback, ``copy_`` of ``_COPY_ROWS``-row
 blocks). ``hot``: the weights and buffers in cache from the previous repeat;
 ``cold``: a 256 MiB write between repeats evicts them, as a training step's forward, backward and AdamW do.
-Without ``--model-dir`` the models are random-init Llamas of the bench shapes (the fill reads weights only).
+Without ``--model-dir`` the models are random-init Llamas of bench_scaling.py's 5M and 30M shapes.
 Prints a Markdown table; the medians over ``--repeats``.
 """
 
@@ -29,19 +29,23 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_scaling import SIZES  # noqa: E402
 
 from rlhfkit.rollout import fast_decode  # noqa: E402
 
-# name -> (layers, hidden, heads, MLP width, vocabulary): the RL bench's 5M model, the scaling bench's 30M one
-SHAPES = {"5M": (4, 256, 4, 1024, 2048), "30M": (4, 512, 8, 2048, 16384)}
+DEFAULT_SIZES = ("5M", "30M")  # the sizes whose fused decode weights fit FastDecoder.FUSE_MAX_BYTES
 
 
-def build(shape: tuple[int, int, int, int, int]) -> torch.nn.Module:
+def build(size: str) -> torch.nn.Module:
+    """A random-init Llama of the scaling bench's ``size`` (its shape, no tokenizer: the start reads weights only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    layers, hidden, heads, width, vocab = shape
-    config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                         num_key_value_heads=heads, intermediate_size=width, vocab_size=vocab)
+    shape = SIZES[size]
+    config = LlamaConfig(num_hidden_layers=shape["layers"], hidden_size=shape["hidden"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+                         intermediate_size=4 * shape["hidden"], vocab_size=shape["vocab"] or 2048)
     return LlamaForCausalLM(config).eval()
 
 
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
 
         models = {Path(d).name: load_causal_lm(d).eval() for d in args.model_dir}
     else:
-        models = {name: build(shape) for name, shape in SHAPES.items()}
+        models = {size: build(size) for size in DEFAULT_SIZES}
     has_mkl = bool(fast_decode._mkl_omatcopy())
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"MKL transposition {'found' if has_mkl else 'not found'}; medians of {args.repeats}\n")
@@ -90,15 +94,13 @@ def main(argv=None) -> int:
         if decoder is None:
             print(f"| {name} | not a layout the lean decode step takes | | | | | |")
             continue
-        row = {}
+        row, filled = {}, {}
         for cold in (False, True):
             for way in ("mkl", "blocked"):
                 fast_decode._mkl_omatcopy = found if way == "mkl" else (lambda: {})
-                row[way, cold], filled = time_start(decoder, args.repeats, cold)
-                row[way, "buffers"] = filled
+                row[way, cold], filled[way] = time_start(decoder, args.repeats, cold)
         fast_decode._mkl_omatcopy = found
-        same = all(torch.equal(row["mkl", "buffers"][k], row["blocked", "buffers"][k]) for k in row["mkl", "buffers"])
-        if not same:
+        if not all(torch.equal(filled["mkl"][k], filled["blocked"][k]) for k in filled["mkl"]):
             raise SystemExit(f"{name}: the two ways filled different values")
         mib = decoder._fused_bytes() / 2**20
         print(f"| {name} | {mib:.0f} | {row['mkl', False]:.2f} | {row['blocked', False]:.2f} | {row['mkl', True]:.2f} "
