@@ -468,7 +468,15 @@ def test_routed_collect_takes_prompts_a_second_policy_and_makes_fresh_gold_pairs
     hot = route_stage.routed_collect_stage(ctx)["pairs"]
     assert calls == [("policy", 5, 2), ("sft", 5, 1), ("policy", 5, 1)]
     ctx.options.update(off_prompt_samples=1)
-    assert route_stage.routed_collect_stage(ctx)["pairs"] > hot
+    borrowed = route_stage.routed_collect_stage(ctx)["pairs"]
+    assert borrowed > hot
+    ctx.options.update(near_miss_samples=1)
+    assert route_stage.routed_collect_stage(ctx)["pairs"] >= borrowed  # these five prompts share one country
+    sums = [r.prompt for r in world.split("train", "benign") if r.kind == "math"][:12]
+    pools = sampling.reply_pools(ctx, sums, 2, 1.0, 16, 0)
+    edits = [(r, x) for r in pools for x, source in zip(r["responses"], r["sources"]) if source == "near_miss"]
+    assert len(edits) >= len(sums) // 2
+    assert all(x not in r["responses"][:2] for r, x in edits)  # never one of the policy's own replies
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
     ctx.options["prompts"] = str(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="bad.jsonl.*row 1.*prompt"):

@@ -9,7 +9,7 @@ import pytest
 from rlhfkit.errors import DataError
 from rlhfkit.world import GoldJudge, annotator_panel, build_world, pairwise_agreement
 from rlhfkit.world.data import gold_pairs_from_samples, label_samples, pretraining_corpus, sft_demonstrations
-from rlhfkit.world.sampling import off_prompt_responses
+from rlhfkit.world.sampling import near_miss_responses, off_prompt_responses, span_swaps
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +182,39 @@ def test_off_prompt_replies_come_from_the_nearest_other_prompt(world):
     asked, other = next((a, b) for a in maths for b in maths if a.answer != b.answer)
     right_elsewhere = world.respond(other, world.good_style(other.category), random.Random(0))
     assert judge.judge(asked.prompt, right_elsewhere).flags["hallucination"]
+
+
+def test_near_miss_edits_swap_the_answer_and_the_annotators_mark_them_wrong(world):
+    """A reply with one aligned span taken from the nearest other prompt's reply, never a span that repeats
+    the prompt's words: for every sum and fact of the world the edit keeps the question and swaps the answer,
+    a wrong answer (the gold judge flags a hallucination), and no edit repeats one of the prompt's own
+    replies."""
+    assert span_swaps("One plus six is seven.", "One plus two is three.") == [
+        "One plus two is seven.", "One plus six is three."]
+    # spans of different lengths align; a long differing span (a closing) is no near miss
+    assert span_swaps("The capital of Avon is Bree.", "The capital of Upper Dale is Esk. Have a nice day.") == [
+        "The capital of Upper Dale is Bree."]
+    assert span_swaps("I don't know.", "I don't know.") == []
+    prompts = ["What is one plus six?", "What is one plus two?", "What is the capital of Avon?"]
+    assert near_miss_responses(prompts, [["One plus six is seven."], ["One plus two is three."], []], 1,
+                               random.Random(0))[0] == ["One plus six is three."]
+    judge = GoldJudge(world)
+    benign = [r for r in world.split("train", "benign") if r.answer]
+    prompts = [r.prompt for r in benign]
+    samples = [[r.answer_sentence] for r in benign]
+    edited = near_miss_responses(prompts, samples, 2, random.Random(0))
+    assert [len(e) for e in edited].count(2) > 0.9 * len(prompts)
+    answer_swapped = 0
+    for req, own, edits in zip(benign, samples, edited):
+        assert not set(edits) & set(own)
+        asked = set(req.prompt.lower().rstrip("?.").split())
+        for e in edits:
+            kept = [w for w in req.answer_sentence.split() if w.lower() in asked]
+            assert kept == [w for w in e.split() if w.lower() in asked], (req.prompt, e)  # the question's words
+            flags = judge.judge(req.prompt, e).flags
+            assert not flags["correct"], (req.prompt, e)
+            answer_swapped += flags["hallucination"]
+    assert answer_swapped > 0.8 * sum(map(len, edited))  # most swap the answer for one of its kind
+    # the same draw again, and a prompt alone (no neighbour) gets none
+    assert near_miss_responses(prompts, samples, 2, random.Random(0)) == edited
+    assert near_miss_responses(["What is one plus two?"], [["One plus two is three."]], 1, random.Random(0)) == [[]]

@@ -73,7 +73,8 @@ def _specs(value: Any) -> list[str]:
                                   "overlap", "max_prompts", "num_samples", "temperature", "max_new_tokens", "seed",
                                   "active", "priority_models", "judge_temperature", "prompts", "heldout_samples",
                                   "other_policy", "other_samples", "max_pairs", "explore_samples",
-                                  "explore_temperature", "off_prompt_samples", "active_budget"))
+                                  "explore_temperature", "off_prompt_samples", "near_miss_samples",
+                                  "active_budget"))
 def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     """A policy's sample pairs labelled by an AI judge where it is confident, by the simulated annotators in the
     labelling app elsewhere, merged (see the module docstring).
@@ -94,7 +95,8 @@ def routed_collect_stage(ctx: StageContext) -> dict[str, Any]:
     on the distribution it is about to judge). The pairs' replies, as ``collect``'s options draw them
     (:func:`.sampling.reply_pools`): other_policy + other_samples (0; after RL a policy's samples often
     agree, and a pair needs two different replies), explore_samples + explore_temperature (the policy's hotter
-    samples), off_prompt_samples (replies borrowed from the nearest other prompt).
+    samples), off_prompt_samples (replies borrowed from the nearest other prompt), near_miss_samples (the
+    policy's replies with their answer swapped for that prompt's).
     Writes judge_labels.jsonl (+ .judged/.routed/.posted sidecars), labels.db, merged.jsonl, pending.jsonl,
     labels.jsonl and route_summary.json."""
     from ..judges import build_judge

@@ -127,7 +127,7 @@ def _add_tool_questions(ctx: StageContext, world: Any) -> None:
 
 @stage("collect", options=("policy", "world", "num_samples", "temperature", "max_new_tokens", "rounds", "max_prompts",
                           "other_policy", "other_samples", "explore_samples", "explore_temperature", "biased",
-                          "annotators", "heldout_samples", "off_prompt_samples"))
+                          "annotators", "heldout_samples", "off_prompt_samples", "near_miss_samples"))
 def collect_stage(ctx: StageContext) -> dict[str, Any]:
     """Preference collection in the demo world: a policy's samples labelled by simulated annotators.
 
@@ -141,7 +141,9 @@ def collect_stage(ctx: StageContext) -> dict[str, Any]:
     near misses (a wrong sum, a wrong capital) are the mistakes RL's exploration finds first; labelled
     before RL, they teach the reward model what the policy is about to try. off_prompt_samples (0): the
     policy's replies to the most similar other prompt (source "off_prompt", see sampling.off_prompt_responses): a
-    right answer to another question, which the reward model must learn to mark down.
+    right answer to another question, which the reward model must learn to mark down. near_miss_samples (0):
+    the policy's replies with their answer swapped for the nearest other prompt's (source "near_miss", see
+    sampling.near_miss_responses): "One plus six is three.", a wrong answer to this very question.
     Writes ranked.jsonl (prompt + responses best first, for rlhfkit rm / dpo), ranked_policy.jsonl (only the
     policy's responses, in the same order: on-policy data for DPO), pairs.jsonl (best vs worst),
     gold_pairs.jsonl (held-out prompts, labelled by the gold judge: the RM's honest test) and labels.json.
