@@ -38,22 +38,16 @@ def reply_pools(ctx: StageContext, prompts: list[str], k: int, temperature: floa
     if explore_k:
         hot = float(ctx.option("explore_temperature", 1.5))
         extras.append(("explore", sample_responses(policy, prompts, explore_k, hot, max_new, seed + 11)))
+    off_k = int(ctx.option("off_prompt_samples", 0)) if explore else 0
+    if off_k:
+        extras.append(("off_prompt", off_prompt_responses(prompts, samples, off_k, random.Random(seed + 13))))
+    near_k = int(ctx.option("near_miss_samples", 0)) if explore else 0
+    if near_k:
+        extras.append(("near_miss", near_miss_responses(prompts, samples, near_k, random.Random(seed + 17))))
     for source, extra in extras:
         for row, more in zip(rows, extra):
             row["responses"] = row["responses"] + more
             row["sources"] = row["sources"] + [source] * len(more)
-    off_k = int(ctx.option("off_prompt_samples", 0)) if explore else 0
-    if off_k:
-        borrowed = off_prompt_responses(prompts, samples, off_k, random.Random(seed + 13))
-        for row, more in zip(rows, borrowed):
-            row["responses"] = row["responses"] + more
-            row["sources"] = row["sources"] + ["off_prompt"] * len(more)
-    near_k = int(ctx.option("near_miss_samples", 0)) if explore else 0
-    if near_k:
-        edited = near_miss_responses(prompts, samples, near_k, random.Random(seed + 17))
-        for row, more in zip(rows, edited):
-            row["responses"] = row["responses"] + more
-            row["sources"] = row["sources"] + ["near_miss"] * len(more)
     return rows
 
 
