@@ -297,6 +297,19 @@ def test_pipeline_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert err.count("\n") == 0 and "pipeline config not found" in err
 
 
+@pytest.mark.parametrize("name", ["demo", "hacking", "cai", "compare", "tools", "eval", "loop"])
+def test_every_bundled_config_checks(name):
+    """Each config `rlhfkit demo --config NAME` runs: every stage type, option and ${reference} is valid (a
+    misspelt option would otherwise fail only minutes into `make demo`)."""
+    from rlhfkit.demo import bundled_config
+    from rlhfkit.pipeline import all_stage_types, check_pipeline, load_pipeline
+
+    path = bundled_config(name)
+    data = load_pipeline(path)
+    check_pipeline(path, dict(data.get("defaults") or {}), {k: dict(v) for k, v in data["stages"].items()},
+                   all_stage_types())
+
+
 def test_bundled_configs_share_their_common_stages():
     """The other bundled configs reuse the demo's folder: a stage both define must be defined the same way, or
     whichever config ran first would silently decide the other's world / models."""
