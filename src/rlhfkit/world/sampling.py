@@ -124,7 +124,7 @@ def _swaps(reply: str, other: str, max_words: int, keep: frozenset[str]) -> tupl
 
 
 def _words(text: str) -> list[str]:
-    """Lower-case words, punctuation dropped: how prompts are compared."""
+    """Lower-case words, punctuation dropped: how prompts are compared, and a span checked against its prompt."""
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
