@@ -12,7 +12,7 @@ buffers and the RoPE tables) for the RL bench's rollout of 8 x (7 + 64) tokens, 
 (``MKL_Somatcopy``, where PyTorch links MKL) and ``blocked`` (the fallback, ``copy_`` of ``_COPY_ROWS``-row
 blocks). ``hot``: the weights and buffers in cache from the previous repeat;
 ``cold``: a 256 MiB write between repeats evicts them, as a training step's forward, backward and AdamW do.
-Without ``--model-dir`` the models are random-init Llamas of bench_scaling.py's 5M and 30M shapes.
+Without ``--model-dir`` the models are bench_scaling.py's 5M and 30M (its ``build_model``, random init).
 Prints a Markdown table; the medians over ``--repeats``.
 """
 
@@ -22,6 +22,7 @@ import argparse
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,22 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_scaling import SIZES  # noqa: E402
+from bench_scaling import build_model  # noqa: E402
 
 from rlhfkit.rollout import fast_decode  # noqa: E402
 
 DEFAULT_SIZES = ("5M", "30M")  # the sizes whose fused decode weights fit FastDecoder.FUSE_MAX_BYTES
-
-
-def build(size: str) -> torch.nn.Module:
-    """A random-init Llama of the scaling bench's ``size`` (its shape, no tokenizer: the start reads weights only)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shape = SIZES[size]
-    config = LlamaConfig(num_hidden_layers=shape["layers"], hidden_size=shape["hidden"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-                         intermediate_size=4 * shape["hidden"], vocab_size=shape["vocab"] or 2048)
-    return LlamaForCausalLM(config).eval()
 
 
 def time_start(decoder: fast_decode.FastDecoder, repeats: int, cold: bool) -> tuple[float, dict]:
@@ -77,12 +67,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.model_dir:
-        from rlhfkit.models import load_causal_lm
+    from rlhfkit.models import load_causal_lm
 
-        models = {Path(d).name: load_causal_lm(d).eval() for d in args.model_dir}
-    else:
-        models = {size: build(size) for size in DEFAULT_SIZES}
+    work = Path(tempfile.mkdtemp(prefix="rlhfkit-decode-fill-"))
+    dirs = args.model_dir or [build_model(work, size) for size in DEFAULT_SIZES]  # the scaling bench's own models
+    models = {Path(d).name: load_causal_lm(str(d)).eval() for d in dirs}
     has_mkl = bool(fast_decode._mkl_omatcopy())
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"MKL transposition {'found' if has_mkl else 'not found'}; medians of {args.repeats}\n")

@@ -39,11 +39,14 @@ def reply_pools(ctx: StageContext, prompts: list[str], k: int, temperature: floa
         hot = float(ctx.option("explore_temperature", 1.5))
         extras.append(("explore", sample_responses(policy, prompts, explore_k, hot, max_new, seed + 11)))
     off_k = int(ctx.option("off_prompt_samples", 0)) if explore else 0
-    if off_k:
-        extras.append(("off_prompt", off_prompt_responses(prompts, samples, off_k, random.Random(seed + 13))))
     near_k = int(ctx.option("near_miss_samples", 0)) if explore else 0
+    neighbours = _nearest_prompts(prompts, samples) if off_k or near_k else None  # both read it: made once
+    if off_k:
+        extras.append(("off_prompt", off_prompt_responses(prompts, samples, off_k, random.Random(seed + 13),
+                                                          neighbours)))
     if near_k:
-        extras.append(("near_miss", near_miss_responses(prompts, samples, near_k, random.Random(seed + 17))))
+        extras.append(("near_miss", near_miss_responses(prompts, samples, near_k, random.Random(seed + 17),
+                                                        neighbours=neighbours)))
     for source, extra in extras:
         for row, more in zip(rows, extra):
             row["responses"] = row["responses"] + more
@@ -51,8 +54,8 @@ def reply_pools(ctx: StageContext, prompts: list[str], k: int, temperature: floa
     return rows
 
 
-def off_prompt_responses(prompts: list[str], samples: list[list[str]], k: int,
-                         rng: random.Random) -> list[list[str]]:
+def off_prompt_responses(prompts: list[str], samples: list[list[str]], k: int, rng: random.Random,
+                         neighbours: tuple[dict, dict] | None = None) -> list[list[str]]:
     """For each prompt, ``k`` of the policy's replies to the most similar *other* prompt (words in order,
     difflib's ratio; ties drawn at random): "One plus one is two." beside the replies to "What is one plus
     two?" (a word set would pick "What is two plus one?", whose answer is the same).
@@ -61,9 +64,10 @@ def off_prompt_responses(prompts: list[str], samples: list[list[str]], k: int,
     (a sum that adds up) without checking that it answers the question asked; replies borrowed from a close
     prompt are the counter-examples (RRM, Liu et al. 2024, "RRM: Robust Reward Model Training Mitigates
     Reward Hacking", augments with other prompts' responses for the same reason). The annotators rank them
-    with the rest, so a borrowed reply that does answer this prompt too is not marked down.
+    with the rest, so a borrowed reply that does answer this prompt too is not marked down. ``neighbours``:
+    :func:`_nearest_prompts` of the same prompts and samples, when the caller has it.
     """
-    replies, nearest = _nearest_prompts(prompts, samples)
+    replies, nearest = neighbours or _nearest_prompts(prompts, samples)
     out = []
     for p in prompts:
         pool = replies[rng.choice(nearest[p])] if nearest[p] else []
@@ -72,7 +76,7 @@ def off_prompt_responses(prompts: list[str], samples: list[list[str]], k: int,
 
 
 def near_miss_responses(prompts: list[str], samples: list[list[str]], k: int, rng: random.Random,
-                        max_words: int = 2) -> list[list[str]]:
+                        max_words: int = 2, neighbours: tuple[dict, dict] | None = None) -> list[list[str]]:
     """For each prompt, up to ``k`` of its own replies with one short span (at most ``max_words`` words)
     swapped for the aligned span of a reply to the most similar other prompt, where the span swapped out
     repeats no word of the prompt: the reply still restates the question but answers it wrong. For "What is
@@ -87,8 +91,9 @@ def near_miss_responses(prompts: list[str], samples: list[list[str]], k: int, rn
     rarely get a sum or a capital wrong and RL's exploration then finds the wrong sums the reward model never
     saw. The text only is used, no knowledge of the world: the annotators rank the edits with the rest, so
     an edit that is still right (two prompts with one answer) is not marked down. Fewer than ``k`` where a
-    prompt's replies and its neighbour's differ in no short span."""
-    replies, nearest = _nearest_prompts(prompts, samples)
+    prompt's replies and its neighbour's differ in no short span. ``neighbours``: as
+    :func:`off_prompt_responses` takes it."""
+    replies, nearest = neighbours or _nearest_prompts(prompts, samples)
     out = []
     for p, mine in zip(prompts, samples):
         own = [r for r in mine if r.strip()]
