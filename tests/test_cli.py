@@ -152,6 +152,23 @@ def test_tiny_model_command_builds_loadable_models(tmp_path):
         assert tok.pad_token and tok.eos_token and tok.chat_template
 
 
+def test_tiny_model_never_writes_over_a_folder_that_holds_files(tmp_path, capsys):
+    small = ["--layers", "1", "--hidden", "32", "--vocab", "512"]
+    out = tmp_path / "model"
+    assert main(["tiny-model", "--output-dir", str(out), *small]) == 0  # the trainers' flag works too
+    weights = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    # a second build there (another seed: other weights) is refused in one line and leaves the files alone
+    assert main(["tiny-model", str(out), *small, "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds" in err and "--overwrite" in err and "\n" not in err
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert main(["tiny-model", str(out), *small, "--seed", "1", "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != weights
+    assert main(["tiny-model", str(out), "--output-dir", str(tmp_path / "other")]) == 2  # two folders
+    assert main(["tiny-model"]) == 2
+
+
 @pytest.mark.parametrize("steps", [0, -5])
 def test_impossible_max_steps_is_one_line_error(tiny_model_dir, tmp_path, capsys, steps):
     data = write_jsonl(preference_rows(4), tmp_path / "prefs.jsonl")

@@ -33,7 +33,10 @@ def tiny_model_main(argv: Sequence[str]) -> int:
                                 description="Build a tiny random-init model and a locally trained tokenizer "
                                             "(no network), loadable with from_pretrained.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", nargs="?", help="the folder to write (or --output-dir, as the trainers take it)")
+    p.add_argument("--output-dir", dest="output_dir", help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that already holds files (the model's files are replaced)")
     p.add_argument("--reward", action="store_true", help="a sequence-classification reward model (1 output)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
@@ -43,12 +46,22 @@ def tiny_model_main(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", help="text file (one document per line) to train the tokenizer on")
     a = p.parse_args(argv)
+    if a.out_dir and a.output_dir and Path(a.out_dir) != Path(a.output_dir):
+        p.error(f"two output folders: {a.out_dir} and --output-dir {a.output_dir}")
+    out_dir = a.out_dir or a.output_dir
+    if not out_dir:
+        p.error("the output folder is required: rlhfkit tiny-model OUT_DIR")
+    held = sorted(Path(out_dir).iterdir()) if Path(out_dir).is_dir() else []
+    if held and not a.overwrite:  # a trained model there would be replaced by random weights
+        raise ConfigError(f"{out_dir} already holds {len(held)} files or folders ({', '.join(h.name for h in held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}); pass --overwrite to write the tiny model over them, "
+                          "or choose a new folder")
     corpus = None
     if a.corpus:
         if not Path(a.corpus).exists():
             raise ConfigError(f"{a.corpus}: corpus file not found")
         corpus = Path(a.corpus).read_text(encoding="utf-8", errors="replace").splitlines()
-    out = build_tiny_model(a.out_dir, reward=a.reward, layers=a.layers, hidden=a.hidden, heads=a.heads,
+    out = build_tiny_model(out_dir, reward=a.reward, layers=a.layers, hidden=a.hidden, heads=a.heads,
                            vocab=a.vocab, max_positions=a.max_positions, seed=a.seed, corpus=corpus)
     print(f"tiny {'reward model' if a.reward else 'causal LM'} written to {out}")
     return 0
