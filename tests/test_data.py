@@ -139,6 +139,20 @@ def test_jsonl_inconsistent_types_name_column_and_row(tmp_path):
     assert "got a number" in msg
 
 
+def test_inconsistent_types_name_the_earliest_bad_row_whatever_its_column(tmp_path):
+    # 'chosen' goes wrong on row 4, 'rejected' already on row 2 (a later column): row 2 is what to fix first
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": ["not", "a", "string"]},
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": [{"role": "assistant", "content": "x"}], "rejected": "b"}])
+    with pytest.raises(DataError) as excinfo:
+        load_rows(path)
+    msg = one_line_error(excinfo)
+    assert msg.startswith(f"{path}, row 2, field 'rejected': values of inconsistent types: expected a string")
+    assert msg.endswith("; also column 'chosen'")
+
+
 def test_json_file_layouts_and_errors(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
     assert load_rows(str(tmp_path / "list.json"))["text"] == ["a", "b"]

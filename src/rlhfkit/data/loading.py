@@ -305,13 +305,19 @@ def _from_rows(rows: list[tuple[int, Any]], source: str, lines: bool = False) ->
     try:
         return datasets.Dataset.from_dict(data)
     except Exception as exc:  # pyarrow raises ArrowInvalid / ArrowTypeError / OverflowError
+        failed = []  # (first bad row, column, detail, the column's own error), for every column that fails
         for key in columns:
             try:
                 datasets.Dataset.from_dict({key: data[key]})
-            except Exception:
+            except Exception as column_exc:
                 line, detail = _first_inconsistent(rows, key)
-                raise DataError(f"values of inconsistent types{detail} ({one_line(exc, 120)})",
-                                source=source, row=line, field=key) from None
+                failed.append((line, key, detail, column_exc))
+        if failed:  # the earliest bad row, whichever column it is in: what the user fixes first
+            line, key, detail, column_exc = min(failed, key=lambda f: (f[0] is None, f[0] or 0))
+            others = f"; also column{'s' if len(failed) > 2 else ''} " + ", ".join(
+                repr(f[1]) for f in failed if f[1] != key) if len(failed) > 1 else ""
+            raise DataError(f"values of inconsistent types{detail} ({one_line(column_exc, 120)}){others}",
+                            source=source, row=line, field=key) from None
         raise DataError(f"cannot build a table: {one_line(exc)}", source=source) from None
 
 
