@@ -239,6 +239,31 @@ def test_skips_are_counted_with_first_row(tmp_path, tiny_tokenizer, caplog):
     assert len(sft) == 1 and sft_report.skipped == {"empty response": 1} and sft_report.first_row["empty response"] == 1
 
 
+def test_message_roles_outside_the_known_ones_are_kept_and_counted_once_per_row(tiny_tokenizer, caplog):
+    def chat(user_role="user", assistant="Hello"):
+        return [{"role": user_role, "content": "Hi"}, {"role": "assistant", "content": assistant}]
+
+    rows = [{"messages": chat()}, {"messages": chat("usr")}, {"messages": chat("tool")},
+            {"messages": [{"role": "usr", "content": "a"}, {"role": "Assistant", "content": "b"}]}]
+    records, report = prepare_sft(ds_of(rows), tiny_tokenizer, 64, source="chat.jsonl")
+    # kept as written (a template may know a role we do not); row 4, with no "assistant" turn, is skipped for that
+    assert len(records) == 3 and report.skipped == {"no assistant turn": 1}
+    assert report.noted == {"with a message role outside system/user/assistant/tool/developer": 2}
+    assert report.summary().endswith("; 2 rows with a message role outside system/user/assistant/tool/developer "
+                                     "(first: row 2, 'usr'; kept as written)")
+    with caplog.at_level(logging.INFO, logger="rlhfkit"):
+        report.log()
+    assert caplog.records[-1].levelno == logging.WARNING
+    # preference pairs: a row whose prompt carries the odd role twice counts once
+    pairs = [{"prompt": chat("human")[:1], "chosen": chat()[1:], "rejected": chat(assistant="Go")[1:]},
+             {"prompt": chat("usr")[:1] * 2, "chosen": chat()[1:], "rejected": chat(assistant="Go")[1:]}]
+    _, pair_report = prepare_preferences(ds_of(pairs), tiny_tokenizer, 64)
+    assert pair_report.noted == {"with a message role outside system/user/assistant/tool/developer": 2}
+    assert pair_report.first_noted[next(iter(pair_report.noted))] == (1, "human")
+    _, clean = prepare_sft(ds_of(rows[:1] + rows[2:3]), tiny_tokenizer, 64)
+    assert clean.noted == {} and "role" not in clean.summary()
+
+
 def test_all_rows_skipped_is_an_error(tiny_tokenizer):
     with pytest.raises(DataError) as excinfo:
         prepare_preferences(ds_of([{"prompt": "q", "chosen": "x", "rejected": "x"}]), tiny_tokenizer, 32,

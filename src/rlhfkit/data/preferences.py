@@ -99,20 +99,20 @@ def prepare_preferences(
         rownum = row_number(row, index)
         report.total_rows += 1
         if fmt is DataFormat.RANKED:
-            prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt")
+            prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt", report)
             raw = _require(row, "responses", source, rownum)
             if not isinstance(raw, list) or any(isinstance(r, Mapping) for r in raw):
                 raise DataError("expected a list of responses (strings or chat-message lists)", source=source,
                                 row=rownum, field="responses")
-            responses = [_text_or_messages(r, source, rownum, "responses") for r in raw]
+            responses = [_text_or_messages(r, source, rownum, "responses", report) for r in raw]
             names = ["responses"] * len(responses)
             if has_ranks and row.get("ranks") is not None:
                 ranks = _dense_ranks(_numbers(row["ranks"], len(responses), "ranks", source, rownum))
             else:
                 ranks = list(range(len(responses)))
         else:
-            chosen = _text_or_messages(row.get("chosen"), source, rownum, "chosen")
-            rejected = _text_or_messages(row.get("rejected"), source, rownum, "rejected")
+            chosen = _text_or_messages(row.get("chosen"), source, rownum, "chosen", report)
+            rejected = _text_or_messages(row.get("rejected"), source, rownum, "rejected", report)
             if fmt is DataFormat.PREFERENCE_IMPLICIT:
                 if isinstance(chosen, str) != isinstance(rejected, str):
                     raise DataError("chosen and rejected must both be strings or both be message lists",
@@ -122,7 +122,7 @@ def prepare_preferences(
                     continue
                 prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
             else:
-                prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt")
+                prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt", report)
             responses, names, ranks = [chosen, rejected], ["chosen", "rejected"], [0, 1]
         margin = 0.0
         if has_margin and row.get("margin") is not None:

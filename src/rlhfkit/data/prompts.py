@@ -55,7 +55,7 @@ def prepare_prompts(
     for index, row in enumerate(ds):
         rownum = row_number(row, index)
         report.total_rows += 1
-        prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt")
+        prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt", report)
         if (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
             report.skip(EMPTY_PROMPT, rownum)
             continue

@@ -116,7 +116,7 @@ def _sft_message_parts(enc: _Encoder, row: Mapping[str, Any], source: str, rownu
     if not isinstance(raw, list):
         raise DataError(f"expected a list of chat messages, got {type(raw).__name__}", source=source,
                         row=rownum, field="messages")
-    messages = _clean_messages(raw, source, rownum, "messages")
+    messages = _clean_messages(raw, source, rownum, "messages", report)
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant_turns and completion_only_loss:
         report.skip(NO_ASSISTANT, rownum)

@@ -51,6 +51,10 @@ SAME_RESPONSES = "chosen == rejected"
 TOO_FEW_RESPONSES = "fewer than 2 responses"
 NO_PREFERENCE = "no strict preference"
 NO_ASSISTANT = "no assistant turn"
+# Message roles chat templates know; another (a typo such as "usr") is kept as written but counted: templates
+# render it as a header of that name, or drop the message without a word.
+KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
+UNKNOWN_ROLE = "with a message role outside " + "/".join(KNOWN_ROLES[:5])
 
 
 @dataclass
@@ -64,11 +68,21 @@ class PrepareReport:
     first_row: dict[str, int] = field(default_factory=dict)
     max_length: int | None = None
     source: str = ""
+    noted: dict[str, int] = field(default_factory=dict)  # rows with something to warn about, by reason
+    first_noted: dict[str, tuple[int, str]] = field(default_factory=dict)  # reason -> (first row, example)
+    last_noted: dict[str, int] = field(default_factory=dict, repr=False)
 
     def skip(self, reason: str, row: int) -> None:
         """Count one skipped row (``row`` is the 1-based row / JSONL line number)."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         self.first_row.setdefault(reason, row)
+
+    def note(self, reason: str, row: int, example: str) -> None:
+        """Count a row with something worth a warning (not a reason to skip it), once per row."""
+        self.first_noted.setdefault(reason, (row, example))
+        if self.last_noted.get(reason) != row:  # rows come in order: a row's second hit is not counted
+            self.noted[reason] = self.noted.get(reason, 0) + 1
+            self.last_noted[reason] = row
 
     @property
     def num_skipped(self) -> int:
@@ -82,6 +96,10 @@ class PrepareReport:
         if self.truncated:
             limit = f" to max_length {self.max_length}" if self.max_length is not None else ""
             parts.append(f"truncated {self.truncated}{limit}")
+        for reason, count in self.noted.items():
+            row, example = self.first_noted[reason]
+            parts.append(f"{count} {'row' if count == 1 else 'rows'} {reason} (first: row {row}, {example!r}; "
+                         "kept as written)")
         return "; ".join(parts)
 
     def summary(self, source: str | None = None) -> str:
@@ -92,7 +110,7 @@ class PrepareReport:
     def log(self, logger: logging.Logger | None = None, source: str | None = None) -> None:
         """Log the summary: a warning when rows were skipped or truncated, info otherwise."""
         logger = logger or _LOGGER
-        level = logging.WARNING if (self.skipped or self.truncated) else logging.INFO
+        level = logging.WARNING if (self.skipped or self.truncated or self.noted) else logging.INFO
         logger.log(level, "%s", self.summary(source))
 
 
@@ -176,8 +194,10 @@ def _require(row: Mapping[str, Any], name: str, source: str, rownum: int) -> Any
     return value
 
 
-def _clean_messages(value: list, source: str, rownum: int, name: str) -> list[dict[str, Any]]:
-    """Validate a chat-message list; drop the None keys Arrow adds for keys other messages had."""
+def _clean_messages(value: list, source: str, rownum: int, name: str,
+                    report: PrepareReport | None = None) -> list[dict[str, Any]]:
+    """Validate a chat-message list; drop the None keys Arrow adds for keys other messages had. A role
+    outside ``KNOWN_ROLES`` is counted in ``report``."""
     out = []
     for i, msg in enumerate(value):
         if not isinstance(msg, Mapping):
@@ -186,6 +206,8 @@ def _clean_messages(value: list, source: str, rownum: int, name: str) -> list[di
         role, content = msg.get("role"), msg.get("content")
         if not isinstance(role, str):
             raise DataError(f"message {i + 1} has no 'role'", source=source, row=rownum, field=name)
+        if report is not None and role not in KNOWN_ROLES:
+            report.note(UNKNOWN_ROLE, rownum, role)
         if content is not None and not isinstance(content, (str, list)):
             raise DataError(f"message {i + 1} 'content' is {type(content).__name__}, expected a string",
                             source=source, row=rownum, field=name)
@@ -193,7 +215,8 @@ def _clean_messages(value: list, source: str, rownum: int, name: str) -> list[di
     return out
 
 
-def _text_or_messages(value: Any, source: str, rownum: int, name: str) -> str | list[dict[str, Any]]:
+def _text_or_messages(value: Any, source: str, rownum: int, name: str,
+                      report: PrepareReport | None = None) -> str | list[dict[str, Any]]:
     """A field that holds a string or a chat-message list (anything else is a DataError naming row+field)."""
     if value is None:
         raise DataError("missing", source=source, row=rownum, field=name)
@@ -202,7 +225,7 @@ def _text_or_messages(value: Any, source: str, rownum: int, name: str) -> str | 
     if isinstance(value, list):
         if not value:
             return []
-        return _clean_messages(value, source, rownum, name)
+        return _clean_messages(value, source, rownum, name, report)
     raise DataError(f"expected a string or a list of chat messages, got {type(value).__name__}",
                     source=source, row=rownum, field=name)
 
@@ -401,8 +424,8 @@ def _prompt_and_completion(enc: _Encoder, row: Mapping[str, Any], source: str, r
                            report: PrepareReport) -> tuple[list[int], tuple[int, ...], list[int]] | None:
     """A prompt/completion row (SFT, KTO) -> (prompt ids, the prompt's turn heads, completion ids ending with
     EOS); None (skipped and counted) when the completion is empty."""
-    prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt")
-    completion = _text_or_messages(row.get("completion"), source, rownum, "completion")
+    prompt = _text_or_messages(row.get("prompt"), source, rownum, "prompt", report)
+    completion = _text_or_messages(row.get("completion"), source, rownum, "completion", report)
     if _is_empty(completion):
         report.skip(EMPTY_RESPONSE, rownum)
         return None
