@@ -248,9 +248,9 @@ def test_message_roles_outside_the_known_ones_are_kept_and_counted_once_per_row(
     records, report = prepare_sft(ds_of(rows), tiny_tokenizer, 64, source="chat.jsonl")
     # kept as written (a template may know a role we do not); row 4, with no "assistant" turn, is skipped for that
     assert len(records) == 3 and report.skipped == {"no assistant turn": 1}
-    assert report.noted == {"with a message role outside system/user/assistant/tool/developer": 2}
-    assert report.summary().endswith("; 2 rows with a message role outside system/user/assistant/tool/developer "
-                                     "(first: row 2, 'usr'; kept as written)")
+    assert report.noted == {"with a message role outside system/user/assistant/tool/developer/function/ipython": 2}
+    assert report.summary().endswith("; 2 rows with a message role outside system/user/assistant/tool/developer/"
+                                     "function/ipython (first: row 2, 'usr'; kept as written)")
     with caplog.at_level(logging.INFO, logger="rlhfkit"):
         report.log()
     assert caplog.records[-1].levelno == logging.WARNING
@@ -258,7 +258,7 @@ def test_message_roles_outside_the_known_ones_are_kept_and_counted_once_per_row(
     pairs = [{"prompt": chat("human")[:1], "chosen": chat()[1:], "rejected": chat(assistant="Go")[1:]},
              {"prompt": chat("usr")[:1] * 2, "chosen": chat()[1:], "rejected": chat(assistant="Go")[1:]}]
     _, pair_report = prepare_preferences(ds_of(pairs), tiny_tokenizer, 64)
-    assert pair_report.noted == {"with a message role outside system/user/assistant/tool/developer": 2}
+    assert pair_report.noted == {"with a message role outside system/user/assistant/tool/developer/function/ipython": 2}
     assert pair_report.first_noted[next(iter(pair_report.noted))] == (1, "human")
     _, clean = prepare_sft(ds_of(rows[:1] + rows[2:3]), tiny_tokenizer, 64)
     assert clean.noted == {} and "role" not in clean.summary()

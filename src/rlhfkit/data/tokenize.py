@@ -54,7 +54,7 @@ NO_ASSISTANT = "no assistant turn"
 # Message roles chat templates know; another (a typo such as "usr") is kept as written but counted: templates
 # render it as a header of that name, or drop the message without a word.
 KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
-UNKNOWN_ROLE = "with a message role outside " + "/".join(KNOWN_ROLES[:5])
+UNKNOWN_ROLE = "with a message role outside " + "/".join(KNOWN_ROLES)
 
 
 @dataclass
@@ -108,7 +108,7 @@ class PrepareReport:
         return f"{name}: {self._body()}" if name else self._body()
 
     def log(self, logger: logging.Logger | None = None, source: str | None = None) -> None:
-        """Log the summary: a warning when rows were skipped or truncated, info otherwise."""
+        """Log the summary: a warning when rows were skipped, truncated or noted, info otherwise."""
         logger = logger or _LOGGER
         level = logging.WARNING if (self.skipped or self.truncated or self.noted) else logging.INFO
         logger.log(level, "%s", self.summary(source))
