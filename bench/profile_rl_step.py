@@ -176,23 +176,54 @@ def phase_table(steps: list[dict[str, float]]) -> str:
 
 
 def matmul_profile(args, cli_argv: list[str]) -> dict:
-    """Matrix products' self time and FLOPs per timed step, from torch.profiler over the timed steps."""
+    """Matrix products' self time and FLOPs per timed step, from torch.profiler over the timed steps; the
+    product shapes that took the most time; the other ops with the most self time."""
     from torch.profiler import ProfilerActivity, profile
 
     clock = StepClock()
-    prof = profile(activities=[ProfilerActivity.CPU], with_flops=True)
+    prof = profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True)
     clock.on_step.append(lambda n: prof.start() if n == args.warmup_steps else None)
     run(args, cli_argv, clock)
     prof.stop()
     profiled = len(clock.steps) - args.warmup_steps
     events = prof.key_averages()
-    products = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    products = [e for e in events if e.key in PRODUCTS]
     seconds = sum(e.self_cpu_time_total for e in products) / 1e6 / profiled
     flops = sum(e.flops for e in products) / profiled
     total = sum(e.self_cpu_time_total for e in events) / 1e6 / profiled
     others = sorted((e for e in events if e not in products), key=lambda e: -e.self_cpu_time_total)[:10]
     top = [(e.key, e.self_cpu_time_total / 1e6 / profiled, e.count / profiled) for e in others]
-    return {"matmul_s": seconds, "gflop": flops / 1e9, "profiled_cpu_s": total, "top_others": top}
+    shapes = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm")]
+    shapes = sorted(shapes, key=lambda e: -e.self_cpu_time_total)[:8]
+    by_shape = [(_mkn(e.key, e.input_shapes), e.count / profiled, e.self_cpu_time_total / 1e6 / profiled,
+                 e.flops / profiled) for e in shapes]
+    return {"matmul_s": seconds, "gflop": flops / 1e9, "profiled_cpu_s": total, "top_others": top,
+            "by_shape": [row for row in by_shape if row[0] is not None]}
+
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def _mkn(op: str, shapes: list) -> tuple[int, int, int] | None:
+    """(M, K, N) of an mm ([[M, K], [K, N]]) or addmm ([bias, [M, K], [K, N], ...]) from the profiler's shapes."""
+    a, b = (shapes[0], shapes[1]) if op == "aten::mm" else (shapes[1], shapes[2])
+    return (a[0], a[1], b[1]) if len(a) == 2 and len(b) == 2 else None
+
+
+def alone_rate(m: int, k: int, n: int) -> float:
+    """GFLOP/s of one [M, K] x [K, N] fp32 product run by itself, over and over (operands in cache)."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(5):
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 0.05:
+            torch.mm(a, b)
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def compare_compiled_blocks(args, cli_argv: list[str]) -> dict[str, list[float]]:
@@ -274,6 +305,12 @@ def main(argv=None) -> int:
     print("| op | ms/step | calls/step |\n|---|---:|---:|")
     for key, seconds, calls in products["top_others"]:
         print(f"| {key} | {seconds * 1e3:.1f} | {calls:.0f} |")
+    print("\nThe products that took the most time, in the step and alone (the same shape as a contiguous "
+          "[M, K] x [K, N] product, repeated with its operands in cache):\n")
+    print("| M x K x N | calls/step | ms/step | GFLOP/s in the step | GFLOP/s alone |\n|---|---:|---:|---:|---:|")
+    for (m, k, n), calls, seconds, flops in products["by_shape"]:
+        print(f"| {m} x {k} x {n} | {calls:.0f} | {seconds * 1e3:.1f} | {flops / seconds / 1e9:.0f} | "
+              f"{alone_rate(m, k, n):.0f} |")
 
     if args.compare_compiled_blocks:
         blocks = compare_compiled_blocks(args, cli_argv)

@@ -48,3 +48,9 @@ def test_phase_table_shares_are_of_the_mean_step(profile):
     assert "| generation | 200.0 | 10% |" in table
     assert "| other (reward, collation, advantages, logging) | 800.0 | 40% |" in table
     assert "**step** (median 2000.0) | **2000.0**" in table
+
+
+def test_product_shapes_read_from_the_profilers_input_shapes(profile):
+    assert profile._mkn("aten::mm", [[519, 256], [256, 1024]]) == (519, 256, 1024)
+    assert profile._mkn("aten::addmm", [[1024], [519, 256], [256, 1024], [], []]) == (519, 256, 1024)
+    assert profile._mkn("aten::mm", [[2, 3, 4], [4, 5]]) is None  # not a 2-D product: left out of the table
