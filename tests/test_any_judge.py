@@ -105,6 +105,22 @@ def test_position_biased_judge_gives_exactly_half(files):
     assert (m["wins"], m["ties"], m["losses"]) == (0, N_PROMPTS, 0)
 
 
+def test_a_pairwise_function_given_as_fn_is_pointed_to_pairfn(files, tmp_path, capsys):
+    as_scorer = files["longer"].replace("pairfn:", "fn:")
+    args = ["eval", "--policy", f"base={files['base']}", "--policy", f"short={files['short']}", "--prompts",
+            str(files["root"] / "prompts.jsonl"), "--output-dir", str(tmp_path / "ev"), "--max-new-tokens", "4"]
+    assert main([*args, "--judge", as_scorer]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has a required parameter 'second'" in err and "\n" not in err
+    assert err.endswith(f"; if longer(prompt, first, second) compares two responses, it is a pairwise judge: "
+                        f"--judge {files['longer']}")
+    assert not (tmp_path / "ev").exists()  # refused before any sampling
+    # a scoring function of (prompts, responses, column) whose column is missing gets no such hint
+    (tmp_path / "score.py").write_text("def by_answer(prompts, responses, answer):\n    return [0.0] * len(responses)\n")
+    assert main([*args, "--judge", f"fn:{tmp_path / 'score.py'}:by_answer"]) == 2
+    err = capsys.readouterr().err
+    assert "required parameter 'answer'" in err and "pairfn" not in err
+
 # ------------------------------------------------------------------------------------------------- RL
 
 

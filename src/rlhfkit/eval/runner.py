@@ -39,6 +39,7 @@ from ..judges.spec import (
     is_pairwise_spec,
     judge_from_flags,
     load_judge,
+    pairwise_hint,
 )
 from ..models.loading import check_model_path
 from ..rollout.generate import SamplingConfig
@@ -202,8 +203,14 @@ def evaluate_policies(
     if isinstance(verifier, str):
         verifier = load_judge(verifier, base_tokenizer, device)
     # an fn: judge's (and verifier's) columns, before sampling
-    check_reward_columns([j for j in (None if pairwise else judge, verifier) if j is not None], columns,
-                         f"--prompts {prompts_source}")
+    try:
+        check_reward_columns([j for j in (None if pairwise else judge, verifier) if j is not None], columns,
+                             f"--prompts {prompts_source}")
+    except ConfigError as exc:
+        hint = pairwise_hint(judge_name, getattr(judge, "fn", None))
+        if not hint:
+            raise
+        raise ConfigError(f"{exc}{hint}") from None
     rm = ModelReward(reward_model, base_tokenizer, device=device, batch_size=batch_size) if reward_model else None
     ref_model = None
     if reference:

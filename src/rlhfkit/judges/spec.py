@@ -17,6 +17,7 @@ uses them bare (``--template``), ``rlhfkit eval`` with a ``judge-`` prefix (``--
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -103,6 +104,26 @@ def load_judge(spec: str, policy_tokenizer: Any, device: torch.device | str = "c
     if text and Path(text).expanduser().is_dir():
         return ModelReward(text, policy_tokenizer, device=device)
     raise ConfigError(f"judge '{text}': expected {JUDGE_SPECS}")
+
+
+def pairwise_hint(spec: str, fn: Callable[..., Any] | None) -> str:
+    """When a scoring ``fn:`` judge's function looks pairwise (three or more positional parameters, the first
+    two not the scoring convention's ``prompts, responses``, so the third was taken for a column that is not
+    there): the ``pairfn:`` spec to use instead; else ''."""
+    text = str(spec).strip()
+    if fn is None or text.lower().startswith(PAIRWISE_KINDS) or ".py:" not in text:
+        return ""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ""
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    # fn(prompts, responses, column): the scoring convention, its names plural (lists of the batch)
+    if len(positional) < 3 or positional[0].name == "prompts" or positional[1].name in ("responses", "completions"):
+        return ""
+    target = text[3:] if text.lower().startswith("fn:") else text
+    return (f"; if {getattr(fn, '__name__', 'it')}({', '.join(p.name for p in positional[:3])}) compares two "
+            f"responses, it is a pairwise judge: --judge pairfn:{target}")
 
 
 def build_judge(spec: str, *, template: str | None = None, principles: str = "", base_url: str | None = None,
