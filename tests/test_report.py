@@ -261,6 +261,25 @@ def test_missing_or_empty_directory_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "empty" / "report.html").exists()
 
 
+def test_output_never_replaces_a_file_that_is_not_a_report(tmp_path, capsys):
+    run = tmp_path / "run"
+    _write_jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
+    _write_json(run / "summary.json", {"steps": 2})
+    summary = (run / "summary.json").read_bytes()
+    # --output RUN/summary.json (a slip): refused in one line, the run's summary left as it was
+    assert main(["report", str(run), "--output", str(run / "summary.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"rlhfkit report: error: {run / 'summary.json'} exists and is not an rlhfkit report; it is left " \
+                  "as it is: choose another --output"
+    assert (run / "summary.json").read_bytes() == summary
+    assert main(["report", str(run), "-o", str(run)]) == 2 and "is a folder" in capsys.readouterr().err
+    # an earlier report (the default path, or any file it wrote) is rewritten
+    first = build_report(run)
+    assert build_report(run) == first and build_report(run, first) == first
+    elsewhere = build_report(run, tmp_path / "out" / "r.html")
+    assert build_report(run, elsewhere) == elsewhere
+
+
 def test_malformed_lines_are_counted_and_skipped_and_odd_keys_still_render(tmp_path, caplog):
     from rlhfkit.report.figures import eval_bars
     from rlhfkit.report.runs import load

@@ -259,8 +259,9 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, summary_
     the pipeline summary shown in the overview."""
     from plotly.offline import get_plotlyjs
 
-    data = load(run_dir, summary_file)
     out = Path(output) if output is not None else Path(run_dir) / "report.html"
+    _check_replaceable(out)
+    data = load(run_dir, summary_file)
     taken: set[str] = {"overview", "hacking", "compare", "notes"}
     anchors = {run.name: slug(f"run-{run.name}", taken) for run in data.runs}
     eval_anchors = [slug(f"eval-{e.name}", taken) for e in data.evaluations]
@@ -303,6 +304,18 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, summary_
     except OSError as exc:
         raise RlhfkitError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """Only an earlier report is written over: ``--output RUN/summary.json`` (a slip) must not replace the run's
+    summary, nor any other file, with a page of HTML."""
+    if out.is_dir():
+        raise RlhfkitError(f"{out} is a folder; --output takes the HTML file to write (e.g. {out / 'report.html'})")
+    if out.is_file():
+        with open(out, "rb") as fh:
+            if b"<title>rlhfkit report" not in fh.read(4096):
+                raise RlhfkitError(f"{out} exists and is not an rlhfkit report; it is left as it is: choose "
+                                   "another --output")
 
 
 def main(argv: Sequence[str]) -> int:
