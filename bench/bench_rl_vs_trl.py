@@ -139,9 +139,18 @@ def run_trl(spec: dict) -> dict:
     }
 
 
-def run_rlhfkit(spec: dict) -> dict:
-    from rlhfkit.cli import main as cli
+def write_inputs(work: Path, seed: int) -> tuple[Path, Path, list[str]]:
+    """The bench's prompts file (200 'Write a sentence about <word>.') and reward file, written to ``work``."""
+    words = base._word_list()
+    prompts = [f"Write a sentence about {w}." for w in random.Random(seed).sample(words, min(200, len(words)))]
+    prompts_file, reward_file = work / "prompts.jsonl", work / "reward.py"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    reward_file.write_text(REWARD_SOURCE)
+    return prompts_file, reward_file, prompts
 
+
+def rlhfkit_argv(spec: dict) -> list[str]:
+    """The ``rlhfkit <cmd>`` arguments of one run of ``spec`` (a row of ALGOS with the run's settings)."""
     argv = [spec["cmd"], "--model", spec["model_dir"], "--dataset", spec["prompts_file"],
             "--output-dir", spec["output_dir"], "--max-steps", str(spec["steps"]),
             "--prompts-per-step", str(spec["prompts"]), "--num-generations", str(spec["group"]),
@@ -157,6 +166,13 @@ def run_rlhfkit(spec: dict) -> dict:
         argv.append("--compile-decode")
     elif spec["library"] == "rlhfkit-eager":
         argv.append("--no-compile-decode")
+    return argv
+
+
+def run_rlhfkit(spec: dict) -> dict:
+    from rlhfkit.cli import main as cli
+
+    argv = rlhfkit_argv(spec)
     rc = cli(argv)
     if rc != 0:
         raise RuntimeError(f"rlhfkit {' '.join(argv)} exited with {rc}")
@@ -662,13 +678,7 @@ def main(argv=None) -> int:
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     tok = AutoTokenizer.from_pretrained(model_dir)
-    words = base._word_list()
-    prompts = [
-        f"Write a sentence about {w}." for w in random.Random(args.seed).sample(words, min(200, len(words)))
-    ]
-    prompts_file, reward_file = work / "prompts.jsonl", work / "reward.py"
-    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    reward_file.write_text(REWARD_SOURCE)
+    prompts_file, reward_file, prompts = write_inputs(work, args.seed)
     lengths = [len(tok(p).input_ids) for p in prompts]
     trl_version = None
     if "trl" in args.libraries:

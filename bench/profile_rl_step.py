@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import random
 import statistics
 import sys
 import tempfile
@@ -61,26 +59,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def workdir(work: Path | None = None, seed: int = 42) -> tuple[Path, Path]:
-    """The RL bench's prompts and reward function, written to ``work`` (default: a new temporary folder)."""
-    work = work or Path(tempfile.mkdtemp(prefix="rlhfkit-profile-"))
-    words = base._word_list()
-    prompts = [f"Write a sentence about {w}." for w in random.Random(seed).sample(words, min(200, len(words)))]
-    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    (work / "reward.py").write_text(rl.REWARD_SOURCE)
-    return work / "prompts.jsonl", work / "reward.py"
+    """The RL bench's prompts and reward files, written to ``work`` (default: a new temporary folder)."""
+    prompts, reward, _ = rl.write_inputs(work or Path(tempfile.mkdtemp(prefix="rlhfkit-profile-")), seed)
+    return prompts, reward
 
 
 def cli_args(args, prompts: Path, reward: Path, out: Path) -> list[str]:
-    spec = rl.ALGOS[args.algo]
-    return [args.algo, "--model", args.model_dir, "--dataset", str(prompts), "--output-dir", str(out),
-            "--max-steps", str(args.steps), "--prompts-per-step", str(spec["prompts"]),
-            "--num-generations", str(spec["group"]), "--max-new-tokens", "64", "--temperature", "1.0",
-            "--per-device-batch-size", "8", "--gradient-accumulation-steps", "1", "--ppo-epochs", "1",
-            "--num-minibatches", "1", "--learning-rate", "1e-6", "--lr-scheduler-type", "constant",
-            "--kl-coef", str(spec["beta"]), "--reward-fn", f"{reward}:reward", "--seed", "42",
-            "--num-threads", str(args.threads), "--precision", "fp32", "--logging-steps", "1", "--save-steps",
-            "0", "--sample-steps", "0", "--report-to", "none", "--no-progress-bar", "--no-eval-on-start",
-            "--overwrite"]  # fmt: skip
+    """The RL bench's rlhfkit command for ``--algo`` (its defaults), ``--steps`` steps long."""
+    spec = {**rl.ALGOS[args.algo], "library": "rlhfkit", "model_dir": args.model_dir, "prompts_file": str(prompts),
+            "reward_file": str(reward), "output_dir": str(out), "steps": args.steps, "max_new_tokens": 64,
+            "batch": 8, "lr": 1e-6, "seed": 42, "threads": args.threads}
+    return rl.rlhfkit_argv(spec)
 
 
 class StepClock:

@@ -3,22 +3,13 @@ the phases never add up to more than the step they are part of."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench_scripts import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def profile():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("profile_rl_step", BENCH / "profile_rl_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("profile_rl_step")
 
 
 def test_phases_of_a_real_grpo_run_add_up_within_each_step(profile, tiny_model_dir, tmp_path):

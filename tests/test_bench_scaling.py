@@ -3,24 +3,17 @@ torch's FLOP counter sees in a real forward + backward, and its table and plot r
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench_scripts import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_scaling", BENCH / "bench_scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("bench_scaling")
 
 
 def _counted(model, ids, backward: bool) -> tuple[float, float]:
