@@ -167,6 +167,8 @@ def test_tiny_model_never_writes_over_a_folder_that_holds_files(tmp_path, capsys
     assert (out / "model.safetensors").read_bytes() != weights
     assert main(["tiny-model", str(out), "--output-dir", str(tmp_path / "other")]) == 2  # two folders
     assert main(["tiny-model"]) == 2
+    (tmp_path / "file").write_text("mine")
+    assert main(["tiny-model", str(tmp_path / "file")]) == 2 and (tmp_path / "file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("steps", [0, -5])

@@ -51,6 +51,8 @@ def tiny_model_main(argv: Sequence[str]) -> int:
     out_dir = a.out_dir or a.output_dir
     if not out_dir:
         p.error("the output folder is required: rlhfkit tiny-model OUT_DIR")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"{out_dir} is a file; the tiny model is written to a folder")
     held = sorted(Path(out_dir).iterdir()) if Path(out_dir).is_dir() else []
     if held and not a.overwrite:  # a trained model there would be replaced by random weights
         raise ConfigError(f"{out_dir} already holds {len(held)} files or folders ({', '.join(h.name for h in held[:3])}"

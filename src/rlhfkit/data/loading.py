@@ -314,8 +314,8 @@ def _from_rows(rows: list[tuple[int, Any]], source: str, lines: bool = False) ->
                 failed.append((line, key, detail, column_exc))
         if failed:  # the earliest bad row, whichever column it is in: what the user fixes first
             line, key, detail, column_exc = min(failed, key=lambda f: (f[0] is None, f[0] or 0))
-            others = f"; also column{'s' if len(failed) > 2 else ''} " + ", ".join(
-                repr(f[1]) for f in failed if f[1] != key) if len(failed) > 1 else ""
+            rest = [repr(f[1]) for f in failed if f[1] != key]
+            others = f"; also column{'s' if len(rest) > 1 else ''} {', '.join(rest)}" if rest else ""
             raise DataError(f"values of inconsistent types{detail} ({one_line(column_exc, 120)}){others}",
                             source=source, row=line, field=key) from None
         raise DataError(f"cannot build a table: {one_line(exc)}", source=source) from None
