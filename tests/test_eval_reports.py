@@ -193,6 +193,18 @@ def test_eval_rm_end_to_end(rm_files, capsys):
     assert lb["chosen_shorter"]["n"] + lb["chosen_longer"]["n"] + lb["same_length"]["n"] == len(pairs)
 
 
+def test_eval_rm_rows_without_a_subset_are_their_own_subset_not_the_string_none(rm_files, tmp_path):
+    root, rm, rows = rm_files
+    mixed = [{**r, "subset": None} if i in (2, 5) else r for i, r in enumerate(rows[:6])]
+    mixed.append({**rows[0], "subset": "None"})  # a subset literally named None stays apart
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    main(["--reward-model", rm, "--pairs", str(path), "--output-dir", str(tmp_path / "out"), "--n-boot", "50"])
+    report = json.loads((tmp_path / "out" / "rm_report.json").read_text())
+    assert {name: s["n"] for name, s in report["subsets"].items()} == {"chat": 2, "(missing)": 2, "safety": 2,
+                                                                       "None": 1}
+
+
 def test_eval_rm_bad_input(rm_files):
     root, rm, _ = rm_files
     missing = root / "nope.jsonl"

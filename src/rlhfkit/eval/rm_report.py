@@ -179,6 +179,9 @@ def score_preferences(reward_model: Any, ds: Any, source: str, max_length: int |
             "skipped": report.num_skipped, "lines": lines}
 
 
+MISSING_SUBSET = "(missing)"
+
+
 def _check_columns(columns: Sequence[str], source: str, subset_column: str | None) -> str | None:
     """A one-line ConfigError naming the file and the missing field; returns the subset column to use."""
     cols = [c for c in columns if not c.startswith("__")]
@@ -214,7 +217,8 @@ def rm_report(reward_model: Any, pairs: str, *, subset_column: str | None = None
     ds = load_rows(str(pairs), split=split, columns=columns, purpose="eval", split_flag="--split", config=config,
                    config_flag="--pairs-config")
     column = _check_columns(ds.column_names, str(pairs), subset_column)
-    values = [str(v) for v in ds[column]] if column else [""] * len(ds)
+    # a row without a subset value is reported as its own subset, not as the string "None"
+    values = [MISSING_SUBSET if v is None else str(v) for v in ds[column]] if column else [""] * len(ds)
     records: list[dict[str, Any]] = []
     skipped = 0
     for name in dict.fromkeys(values):  # one prepare per subset: skipped rows cannot shift a row's subset
