@@ -317,10 +317,25 @@ def test_responses_lists_scoring_function_and_cli(tmp_path, capsys):
 
     ds = load_rows(str(out2))
     assert detect_format(ds.column_names, allowed=PREFERENCE_FORMATS) is DataFormat.PREFERENCE_EXPLICIT
+    # a row with fewer than two responses has no pair: left out and counted, as training data skips it; a
+    # file of nothing else is a one-line error, and a response that is not a list still names its row
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text(json.dumps({"prompt": "p", "responses": ["only one"]}) + "\n")
+    assert main(["judge", str(lone), "--judge", f"fn:{fn_file}:score", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"rlhfkit judge: error: {lone}: no row has two responses to compare " \
+                                              "(1 rows)"
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(src.read_text() + lone.read_text() + json.dumps({"prompt": "r", "responses": []}) + "\n")
+    for spec, out3 in ((f"fn:{fn_file}:score", "m1.jsonl"), (f"pairfn:{fn_file}:prefer", "m2.jsonl")):
+        assert main(["judge", str(mixed), "--judge", spec, "--out", str(tmp_path / out3)]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["rows_with_fewer_than_two_responses"] == 2 and summary["pairs"] == 4
+        assert [(r["chosen"], r["rejected"]) for r in _lines(tmp_path / out3)] == \
+            [(r["chosen"], r["rejected"]) for r in rows]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "p", "responses": ["only one"]}) + "\n")
-    assert main(["judge", str(bad), "--judge", f"fn:{fn_file}:score", "--out", str(tmp_path / "x.jsonl")]) == 2
-    assert "row 1, field 'responses'" in capsys.readouterr().err
+    bad.write_text(json.dumps({"prompt": "p", "responses": "not a list"}) + "\n")
+    assert main(["judge", str(bad), "--judge", f"fn:{fn_file}:score", "--out", str(tmp_path / "y.jsonl")]) == 2
+    assert "row 1, field 'responses': expected a list of responses, got str" in capsys.readouterr().err
 
 
 def test_scoring_judges_label_many_rows_per_call_with_the_same_verdicts(tmp_path):

@@ -96,8 +96,11 @@ def pairs_of_row(row: Mapping[str, Any], index: int, source: str, rownum: int) -
     if responses is None:
         raise DataError("expected responses (a list), response_a/response_b or chosen/rejected", source=source,
                         row=rownum, field="responses")
-    if not isinstance(responses, list) or len(responses) < 2:
-        raise DataError("expected a list of at least 2 responses", source=source, row=rownum, field="responses")
+    if not isinstance(responses, list):
+        raise DataError(f"expected a list of responses, got {type(responses).__name__}", source=source, row=rownum,
+                        field="responses")
+    if len(responses) < 2:  # nothing to compare: counted and left out (label_rows), as training data does
+        return []
     scores: list[float] | None = None
     best: int | None = None
     if isinstance(ref_value, list):
@@ -157,6 +160,8 @@ def _judge_rows(judge: PairwiseJudge, prompts: list[Any], tasks: list[list[dict[
         return [_judge_row(judge, p, t) for p, t in zip(prompts, tasks)]
     assert isinstance(judge, ScoringJudge)
     flat = [(p, pair) for p, pairs in zip(prompts, tasks) for pair in pairs]
+    if not flat:  # rows with fewer than two responses only
+        return [[] for _ in tasks]
     try:
         scores = judge.score_many([p for p, _ in flat for _ in (0, 1)],
                                   [x for _, pair in flat for x in (pair["a"], pair["b"])])
@@ -316,6 +321,12 @@ def label_rows(rows: list[Mapping[str, Any]], judge: PairwiseJudge, out: str | P
     out.parent.mkdir(parents=True, exist_ok=True)
     numbers = row_numbers or list(range(1, len(rows) + 1))
     tasks = [pairs_of_row(row, i, source, numbers[i]) for i, row in enumerate(rows)]  # bad input fails first
+    lone = [numbers[i] for i, pairs in enumerate(tasks) if not pairs]
+    if len(lone) == len(rows):
+        raise DataError(f"no row has two responses to compare ({len(rows)} rows)", source=source)
+    if lone:
+        logger.warning("%s: %d row(s) with fewer than 2 responses left out (first: row %d)", source, len(lone),
+                       lone[0])
     fingerprint = fingerprint or hashlib.sha256(json.dumps([list(map(dict, rows)), judge.name, soft, margin_scale],
                                                            default=str).encode()).hexdigest()
     header = {"version": JOURNAL_VERSION, "fingerprint": fingerprint, "judge": judge.name, "soft": soft,
@@ -413,6 +424,7 @@ def label_rows(rows: list[Mapping[str, Any]], judge: PairwiseJudge, out: str | P
     summary["resumed_from_row"] = start
     summary["out"] = str(out)
     summary["unlabelled_file"] = str(paths["unlabelled"])
+    summary["rows_with_fewer_than_two_responses"] = len(lone)
     malformed = getattr(judge, "malformed_replies", None)
     if malformed is not None:
         summary["malformed_replies_this_run"] = malformed
