@@ -20,7 +20,7 @@ import torch
 from scoring_texts import ENDED, PROMPTS, RESPONSES
 from toy import ServerThread
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.models.tiny import build_tiny_model
 from rlhfkit.rollout.reward_server import (
     RequestError,
@@ -227,7 +227,8 @@ def test_ppo_trains_against_the_served_cli_reward_model(rm_dir, tiny_model_dir, 
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
            "RLHFKIT_REWARD_API_KEY": "k3y"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit", "serve-rm", str(rm_dir), "--port", str(port),
+    # --model, as the trainers take it (the positional MODEL works the same)
+    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit", "serve-rm", "--model", str(rm_dir), "--port", str(port),
                              "--device", "cpu", "--batch-size", "4"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -263,3 +264,15 @@ def test_ppo_trains_against_the_served_cli_reward_model(rm_dir, tiny_model_dir, 
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_serve_rm_takes_its_model_once_either_way(rm_dir, capsys):
+    from rlhfkit.rollout.reward_server import main
+
+    for argv, words in (([], "the reward model is required"),
+                        ([str(rm_dir), "--model", str(rm_dir) + "-other"], "two models")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--port 70000 is not a TCP port"):  # parsed; then its own checks
+        main(["--model", str(rm_dir), "--port", "70000"])

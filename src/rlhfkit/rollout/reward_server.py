@@ -290,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Serve a reward model over HTTP for `rlhfkit ppo --reward-url "
                                             "http://HOST:PORT/score`: POST /score {prompts, responses[, ended]} "
                                             "-> {scores}; GET /health.")
-    p.add_argument("model", help="reward model: a folder or hub id (sequence classification, 1 output)")
+    p.add_argument("model", nargs="?", help="reward model: a folder or hub id (sequence classification, 1 output)")
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same, as the trainers take it")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward; concurrent requests are "
@@ -302,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     a = p.parse_args(list(argv) if argv is not None else None)
+    if a.model and a.model_flag and a.model != a.model_flag:
+        p.error(f"two models: {a.model} and --model {a.model_flag}")
+    a.model = a.model or a.model_flag
+    if not a.model:
+        p.error("the reward model is required: rlhfkit serve-rm MODEL")
     if a.batch_size < 1 or a.max_items < 1:
         raise ConfigError("--batch-size and --max-items must be >= 1")
     if not 0 <= a.port < 65536:
