@@ -20,7 +20,7 @@ import torch
 from scoring_texts import ENDED, PROMPTS, RESPONSES
 from toy import ServerThread
 
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.tiny import build_tiny_model
 from rlhfkit.rollout.reward_server import (
     RequestError,
@@ -267,12 +267,12 @@ def test_ppo_trains_against_the_served_cli_reward_model(rm_dir, tiny_model_dir, 
 
 
 def test_serve_rm_takes_its_model_once_either_way(rm_dir, capsys):
-    from rlhfkit.rollout.reward_server import main
+    from rlhfkit.cli import main
 
     for argv, words in (([], "the reward model is required"),
-                        ([str(rm_dir), "--model", str(rm_dir) + "-other"], "two models")):
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2 and words in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="--port 70000 is not a TCP port"):  # parsed; then its own checks
-        main(["--model", str(rm_dir), "--port", "70000"])
+                        ([str(rm_dir), "--model", str(rm_dir) + "-other"], "two models"),
+                        (["--model", str(rm_dir), "--port", "70000"], "--port 70000 is not a TCP port"),
+                        (["--model", str(rm_dir), "--batch-szie", "4"], "unrecognized arguments: --batch-szie")):
+        assert main(["serve-rm", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("rlhfkit serve-rm: error: ") and words in err and "\n" not in err

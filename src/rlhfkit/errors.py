@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
+
 
 class RlhfkitError(Exception):
     """Base class for user-facing errors: the message is one line that says what to fix."""
@@ -30,3 +33,15 @@ class ConfigError(RlhfkitError):
 
 class ModelError(RlhfkitError):
     """A model or tokenizer cannot be used as asked (e.g. mismatched tokenizers)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose mistakes are one-line ConfigErrors (the CLI prints them, exit 2), not usage
+    text; ``error_prefix`` starts each message (a subcommand's name)."""
+
+    def __init__(self, *args: Any, error_prefix: str = "", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.error_prefix = error_prefix
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{self.error_prefix}{message}")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, OneLineParser
 from .registry import Trainer
 
 __all__ = ["EarlierSummary", "OneLineParser", "build_parser", "check_before_loading", "closest", "coerce_options", "config_from_options",
@@ -162,13 +162,6 @@ def _to_bool(text: str | bool) -> bool:
     if text.lower() in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not '{text}'")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argparse parser whose mistakes are one-line ConfigErrors (the CLI prints them, exit 2)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(message)
 
 
 def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: Any) -> None:

@@ -10,16 +10,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OneLineParser
 
 __all__ = ["OneLineParser", "option_names", "options_namespace", "parse_policies", "policies_of"]
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Mistakes in the flags are one-line ConfigErrors (the CLI prints them), not usage text."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(message)
 
 
 def parse_policies(values: Sequence[str]) -> dict[str, str]:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OneLineParser
 from ..eval.stats import bootstrap_mean_ci, win_rate
 from .agreement import MEASURES, krippendorff_alpha, records_of
 from .db import Database, Item
@@ -268,16 +268,10 @@ def format_human_eval_table(report: dict[str, Any], ai: dict[str, Any] | None = 
     return "\n".join(text)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Mistakes in the flags are one-line ConfigErrors (the CLI prints them), not usage text."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(f"human-eval: {message}")
-
-
 def main(argv: Sequence[str]) -> int:
     """``rlhfkit label human-eval``: print the table; with ``--output-dir`` also write human_eval.json."""
-    p = _OneLineParser(prog="rlhfkit label human-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineParser(prog="rlhfkit label human-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      error_prefix="human-eval: ",
                        description="Per-policy human win rate vs a baseline, Likert mean and success rate (bootstrap "
                                    "intervals over items), labeller agreement; beside an 'rlhfkit eval' run.")
     p.add_argument("--db", default="labels.db", help="SQLite file or SQLAlchemy URL")

@@ -35,7 +35,7 @@ import torch
 from fastapi import FastAPI, Request  # the `app` extra; this module is imported only by `serve-rm`
 from fastapi.responses import JSONResponse, Response
 
-from ..errors import ConfigError, RlhfkitError
+from ..errors import ConfigError, OneLineParser, RlhfkitError
 from .rewards import API_KEY_ENV, ModelReward, ScoringBatch
 
 logger = logging.getLogger("rlhfkit")
@@ -286,10 +286,10 @@ def load_served_reward(model: str, device: str | torch.device = "auto", batch_si
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rlhfkit serve-rm", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Serve a reward model over HTTP for `rlhfkit ppo --reward-url "
-                                            "http://HOST:PORT/score`: POST /score {prompts, responses[, ended]} "
-                                            "-> {scores}; GET /health.")
+    p = OneLineParser(prog="rlhfkit serve-rm", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      description="Serve a reward model over HTTP for `rlhfkit ppo --reward-url "
+                                  "http://HOST:PORT/score`: POST /score {prompts, responses[, ended]} "
+                                  "-> {scores}; GET /health.")
     p.add_argument("model", nargs="?", help="reward model: a folder or hub id (sequence classification, 1 output)")
     p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same, as the trainers take it")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
