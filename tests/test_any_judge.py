@@ -105,6 +105,26 @@ def test_position_biased_judge_gives_exactly_half(files):
     assert (m["wins"], m["ties"], m["losses"]) == (0, N_PROMPTS, 0)
 
 
+def test_eval_output_dir_never_replaces_a_training_runs_samples(files, tmp_path, capsys):
+    run = tmp_path / "grpo-run"
+    run.mkdir()
+    (run / "samples.jsonl").write_text('{"step": 1, "prompt": "p", "response": "r"}\n')
+    args = ["eval", "--policy", f"base={files['base']}", "--policy", f"short={files['short']}", "--prompts",
+            str(files["root"] / "prompts.jsonl"), "--judge", files["longer"], "--max-new-tokens", "4"]
+    assert main([*args, "--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"rlhfkit eval: error: --output-dir {run} holds samples.jsonl with no eval.json beside it (not " \
+                  "written by this command; a training run's?); choose another folder"
+    assert (run / "samples.jsonl").read_text() == '{"step": 1, "prompt": "p", "response": "r"}\n'
+    # the prompts file itself is never an output either
+    prompts_dir = tmp_path / "p"
+    prompts_dir.mkdir()
+    (prompts_dir / "samples.jsonl").write_text((files["root"] / "prompts.jsonl").read_text())
+    (prompts_dir / "eval.json").write_text("{}")
+    assert main([*args[:6], str(prompts_dir / "samples.jsonl"), *args[7:], "--output-dir", str(prompts_dir)]) == 2
+    assert "would replace the input" in capsys.readouterr().err
+
+
 def test_a_pairwise_function_given_as_fn_is_pointed_to_pairfn(files, tmp_path, capsys):
     as_scorer = files["longer"].replace("pairfn:", "fn:")
     args = ["eval", "--policy", f"base={files['base']}", "--policy", f"short={files['short']}", "--prompts",

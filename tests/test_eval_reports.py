@@ -205,6 +205,30 @@ def test_eval_rm_rows_without_a_subset_are_their_own_subset_not_the_string_none(
                                                                        "None": 1}
 
 
+def test_eval_rm_never_writes_over_its_input_or_files_it_did_not_write(rm_files, tmp_path, capsys):
+    root, rm, rows = rm_files
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "pairs.jsonl").write_text((root / "pairs.jsonl").read_text())
+    before = (data / "pairs.jsonl").read_bytes()
+    # the input pairs.jsonl sits where the report's pairs.jsonl would go
+    with pytest.raises(ConfigError, match="would replace the input"):
+        main(["--reward-model", rm, "--pairs", str(data / "pairs.jsonl"), "--output-dir", str(data)])
+    assert (data / "pairs.jsonl").read_bytes() == before and not (data / "rm_report.json").exists()
+    # someone else's pairs.jsonl (no rm_report.json beside it)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "pairs.jsonl").write_text("mine\n")
+    with pytest.raises(ConfigError, match="holds pairs.jsonl with no rm_report.json"):
+        main(["--reward-model", rm, "--pairs", str(root / "pairs.jsonl"), "--output-dir", str(other)])
+    assert (other / "pairs.jsonl").read_text() == "mine\n"
+    # an earlier report of this command is replaced: running it again asks for that
+    out = tmp_path / "out"
+    for _ in range(2):
+        main(["--reward-model", rm, "--pairs", str(root / "pairs.jsonl"), "--output-dir", str(out), "--n-boot", "20"])
+    assert len((out / "pairs.jsonl").read_text().splitlines()) == len(rows)
+
+
 def test_eval_rm_bad_input(rm_files):
     root, rm, _ = rm_files
     missing = root / "nope.jsonl"

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,24 @@ def check_output_dir(config: Any) -> RunFolder:
                           "continue it from its last checkpoint, --overwrite to replace it, or choose another folder")
     raise ConfigError(f"--output-dir {out} holds an unfinished run with no checkpoint ({folder.names()}{at}); "
                       "pass --overwrite to start it again, or choose another folder")
+
+
+def check_report_outputs(out: str | Path, report: str, others: Sequence[str],
+                         inputs: Sequence[str | Path] = ()) -> None:
+    """Before a command writes its ``report`` file and ``others`` into folder ``out``: a one-line ConfigError
+    rather than write over one of its own ``inputs`` (``--pairs d/pairs.jsonl --output-dir d``), or over any of
+    ``others`` with no ``report`` beside it (they belong to something else: a training run's samples.jsonl).
+    An earlier run of the same command (its report there) is replaced, as running it again asks."""
+    out = Path(out)
+    given = {Path(p).resolve() for p in inputs if isinstance(p, (str, Path)) and Path(p).is_file()}
+    for name in (report, *others):
+        if (out / name).is_file() and (out / name).resolve() in given:
+            raise ConfigError(f"--output-dir {out}: writing {name} there would replace the input {out / name}; "
+                              "choose another folder")
+    taken = [name for name in others if (out / name).exists()]
+    if taken and not (out / report).is_file():
+        raise ConfigError(f"--output-dir {out} holds {', '.join(taken)} with no {report} beside it (not written by "
+                          "this command; a training run's?); choose another folder")
 
 
 def _written_by_rlhfkit(path: Path) -> bool:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.run_folder import check_report_outputs
 from ..errors import ConfigError
 from .cli_options import OneLineParser
 from .stats import win_rate
@@ -214,6 +215,8 @@ def rm_report(reward_model: Any, pairs: str, *, subset_column: str | None = None
     path = Path(str(pairs)).expanduser()
     if path.suffix and not path.exists():  # a file path, not a hub name: say which flag
         raise ConfigError(f"--pairs {pairs}: file not found")
+    if output_dir is not None:  # before any scoring: never over the input pairs or another command's files
+        check_report_outputs(output_dir, "rm_report.json", ["pairs.jsonl"], [pairs])
     ds = load_rows(str(pairs), split=split, columns=columns, purpose="eval", split_flag="--split", config=config,
                    config_flag="--pairs-config")
     column = _check_columns(ds.column_names, str(pairs), subset_column)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.run_folder import check_report_outputs
 from ..errors import ConfigError
 from ..judges.base import PairwiseJudge
 from ..judges.spec import (
@@ -188,6 +189,9 @@ def evaluate_policies(
     rows = _clean_rows(prompts, prompts_source)
     if tools is not None:  # a bad --tools fails now; the tools' worker forks before any model is loaded
         start_tool_worker(tools.spec)
+    if output_dir is not None:  # before any sampling: never over the prompts file or another command's files
+        check_report_outputs(output_dir, "eval.json", ["samples.jsonl"],
+                             [p for p in (prompts, prompts_source) if isinstance(p, str)])
     if isinstance(pairs, str):  # a missing file should fail now, not after all the sampling
         from ..data import load_rows
 
