@@ -96,30 +96,32 @@ def flop_shape(model_dir: Path) -> dict:
     }
 
 
+def matmul_rate(m: int, k: int, n: int) -> float:
+    """Best fp32 GFLOP/s of one [m, k] x [k, n] torch.matmul repeated with its operands in cache (the best of
+    5 timings of ~2e10 FLOPs each)."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.matmul(a, b)
+    reps = max(1, int(2e10 / (2 * m * k * n)))
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def matmul_ceiling(threads: int) -> float:
     """Best fp32 GFLOP/s of torch.matmul on this machine with ``threads`` threads (square and
-    transformer-shaped products; the best of 5 timings of each)."""
+    transformer-shaped products, :func:`matmul_rate` each)."""
     import torch
 
     torch.set_num_threads(threads)
-    best = 0.0
-    for m, k, n in (
-        (1024, 1024, 1024),
-        (2048, 2048, 2048),
-        (4096, 768, 3072),
-        (4096, 3072, 768),
-        (4096, 512, 2048),
-        (2048, 768, 16384),
-    ):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        torch.matmul(a, b)
-        reps = max(1, int(2e10 / (2 * m * k * n)))
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.matmul(a, b)
-            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
-    return best
+    shapes = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 768, 3072), (4096, 3072, 768), (4096, 512, 2048),
+              (2048, 768, 16384))
+    return max(matmul_rate(m, k, n) for m, k, n in shapes)
 
 
 def flops_per_token(stage: str, shape: dict, t_eff: float) -> float:

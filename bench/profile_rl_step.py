@@ -199,22 +199,6 @@ def _mkn(op: str, shapes: list) -> tuple[int, int, int] | None:
     return (a[0], a[1], b[1]) if len(a) == 2 and len(b) == 2 else None
 
 
-def alone_rate(m: int, k: int, n: int) -> float:
-    """GFLOP/s of one [M, K] x [K, N] fp32 product run by itself, over and over (operands in cache)."""
-    import torch
-
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(5):
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 0.05:
-            torch.mm(a, b)
-            reps += 1
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
-    return best
-
-
 def compare_compiled_blocks(args, cli_argv: list[str]) -> dict[str, list[float]]:
     """Step times of alternating blocks: eager, then torch.compile of the Llama MLP / RMSNorm / RoPE."""
     import torch
@@ -299,7 +283,7 @@ def main(argv=None) -> int:
     print("| M x K x N | calls/step | ms/step | GFLOP/s in the step | GFLOP/s alone |\n|---|---:|---:|---:|---:|")
     for (m, k, n), calls, seconds, flops in products["by_shape"]:
         print(f"| {m} x {k} x {n} | {calls:.0f} | {seconds * 1e3:.1f} | {flops / seconds / 1e9:.0f} | "
-              f"{alone_rate(m, k, n):.0f} |")
+              f"{bench_scaling.matmul_rate(m, k, n):.0f} |")
 
     if args.compare_compiled_blocks:
         blocks = compare_compiled_blocks(args, cli_argv)
